@@ -1,0 +1,98 @@
+/*
+ * parity_bridge.h: the stable C ABI between parity (Python, cffi ABI mode) and one llama.h generation.
+ *
+ * The same parity_bridge.cpp compiles against mainline llama.cpp and against bitnet.cpp's 2024 fork; the
+ * differences are detected at configure time (CMakeLists.txt) and handled inside the .cpp, so Python
+ * never mirrors a llama.h struct. Every function returns a status code (PARITY_OK on success) and, on
+ * failure, writes a NUL-terminated message into the caller's `err` buffer. Bad input never aborts.
+ *
+ * The block between CDEF-BEGIN and CDEF-END is read verbatim by parity/bridge.py as the cffi cdef: keep it
+ * free of preprocessor directives and C++.
+ */
+#ifndef PARITY_BRIDGE_H
+#define PARITY_BRIDGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CDEF-BEGIN */
+enum {
+    PARITY_OK = 0,
+    PARITY_E_INVALID = 1,   /* bad argument: NULL pointer, negative count, token id out of range */
+    PARITY_E_LOAD = 2,      /* the model or context could not be created */
+    PARITY_E_DECODE = 3,    /* llama_decode failed */
+    PARITY_E_BUFFER = 4,    /* an output buffer is too small: the needed size is reported */
+    PARITY_E_TOKENIZE = 5,  /* tokenization failed */
+    PARITY_E_UNSUPPORTED = 6
+};
+
+typedef struct parity_model parity_model;
+
+typedef struct {
+    int32_t n_ctx;        /* context size in tokens (> 0) */
+    int32_t n_threads;    /* threads for single-token and batch evaluation (> 0) */
+    int32_t n_batch;      /* logical batch: the longest sequence one evaluation accepts */
+    int32_t n_ubatch;     /* physical batch */
+    int32_t type_k;       /* ggml_type of the K cache: 0 = F32, 1 = F16 */
+    int32_t type_v;       /* ggml_type of the V cache */
+    int32_t flash_attn;   /* 0 off, 1 on, -1 auto (mainline only) */
+    uint32_t seed;        /* recorded; passed to the context where the API still takes one */
+    int32_t vocab_only;   /* 1: load only the vocabulary (tokenizer checks) */
+} parity_params;
+
+typedef struct {
+    int32_t n_vocab;
+    int32_t n_ctx_train;
+    int32_t n_ctx;
+    int32_t n_embd;
+    int32_t n_layer;
+    int32_t bos;
+    int32_t eos;
+    int32_t add_bos;
+    char architecture[64];
+} parity_info;
+
+int parity_api_generation(void);            /* 1 = bitnet.cpp fork (2024 llama.h), 2 = mainline */
+const char * parity_system_info(void);      /* llama_print_system_info() */
+void parity_set_log_level(int level);       /* 0 silent, 1 errors, 2 warnings, 3 info, 4 debug */
+
+int parity_open(const char * path, const parity_params * params, parity_model ** out, char * err, size_t err_len);
+void parity_close(parity_model * m);
+int parity_model_info(parity_model * m, parity_info * out, char * err, size_t err_len);
+/* Copies the GGUF metadata value of `key` (e.g. "tokenizer.chat_template"); *n_out gets its full length,
+ * -1 when the key is absent. */
+int parity_meta_str(parity_model * m, const char * key, char * buf, size_t buf_len, int32_t * n_out,
+                    char * err, size_t err_len);
+
+int parity_tokenize(parity_model * m, const char * text, int32_t text_len, int32_t add_special,
+                    int32_t parse_special, int32_t * out, int32_t cap, int32_t * n_out, char * err, size_t err_len);
+/* The text of one token, special tokens rendered. */
+int parity_token_piece(parity_model * m, int32_t token, char * buf, int32_t cap, int32_t * n_out,
+                       char * err, size_t err_len);
+int parity_detokenize(parity_model * m, const int32_t * tokens, int32_t n_tokens, char * buf, int32_t cap,
+                      int32_t * n_out, char * err, size_t err_len);
+
+/* Logits for every position of `tokens`, evaluated in ONE llama_decode from an empty cache.
+ * out_logits holds n_tokens * n_vocab floats, row-major by position. */
+int parity_eval(parity_model * m, const int32_t * tokens, int32_t n_tokens, float * out_logits,
+                char * err, size_t err_len);
+/* Logits evaluating one token per llama_decode (positions 0..n-1), from an empty cache. */
+int parity_eval_stepwise(parity_model * m, const int32_t * tokens, int32_t n_tokens, float * out_logits,
+                         char * err, size_t err_len);
+/* Greedy continuation: decode the prompt in one batch, then n_new single-token decodes taking the argmax. */
+int parity_greedy(parity_model * m, const int32_t * prompt, int32_t n_prompt, int32_t n_new, int32_t * out_tokens,
+                  char * err, size_t err_len);
+
+/* ggml's own dequantizer for `type` (to_float of its type traits): for bit-exact tests of parity's. */
+int parity_dequantize(int32_t type, const void * src, int64_t n_elements, float * dst, char * err, size_t err_len);
+/* CDEF-END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PARITY_BRIDGE_H */
