@@ -11,6 +11,7 @@ Test hook: PARITY_FAULT_INJECT=abort:<method> makes the worker call abort() when
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -219,10 +220,8 @@ class Worker:
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 self.kill()
         for stream in (self._in, self._out, self._log):
-            try:
+            with contextlib.suppress(OSError):
                 stream.close()
-            except OSError:
-                pass
 
 
 class RemoteModel:

@@ -1,0 +1,143 @@
+"""The `parity` command. Exit codes: 0 pass, 1 divergence, 2 usage/tokenizer/backend, 3 network,
+4 permission, 5 build, 6 repair recursion (DESIGN.md, "Contracts")."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from parity import __version__
+from parity.errors import ParityError
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    # default=None everywhere: "not given" lets [tool.parity] and PARITY_* env supply the value.
+    p.add_argument("--model-gguf", metavar="PATH", help="GGUF model to check (default: the embedded default model)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json for HF tokenizers (default: the model's own)")
+    p.add_argument("--variant", choices=("f32", "f16", "q8_0"), help="default-model variant (default f32)")
+    p.add_argument("--prompt", help='user prompt (default "What is 2+2?")')
+    p.add_argument("--max-tokens", type=int, help="tokens generated greedily after the prompt (default 4)")
+    p.add_argument("--cos-tol", type=float, help="a position passes when cosine >= this (default 0.999)")
+    p.add_argument("--mse-tol", type=float, help="... and MSE <= this (default 0.01)")
+    p.add_argument("--format", choices=("text", "json"), help="summary format on stdout (default text)")
+    p.add_argument("--prompt-template", choices=("auto", "raw", "instruct", "llama3-chat"),
+                   help="prompt template (default auto: from the GGUF chat template, then path hints, then instruct)")
+    p.add_argument("--system-prompt", help="system prompt for templates that have one")
+    p.add_argument("--out-dir", metavar="DIR", help="where receipts and worker logs go (default .parity)")
+    p.add_argument("--no-repair", dest="repair", action="store_const", const=False,
+                   help="fail (exit 2) instead of building a missing backend (the default when CI is set)")
+    p.add_argument("--verbose", action="store_const", const=True, help="show llama.cpp's log and build output")
+    p.add_argument("--dump-ids", action="store_const", const=True, help="print the token ids of each tokenizer")
+    p.add_argument("--threads", type=int, help="threads for the C++ backends (default 2)")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="numpy engine precision (default float32)")
+    p.add_argument("--timeout", type=float, help="seconds a backend call may take before the worker is killed")
+
+
+_RUN_KEYS = ("model_gguf", "tokenizer", "variant", "prompt", "max_tokens", "cos_tol", "mse_tol", "format",
+             "prompt_template", "system_prompt", "out_dir", "repair", "verbose", "dump_ids", "threads", "dtype",
+             "timeout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also the source of `parity --help`)."""
+    parser = argparse.ArgumentParser(prog="parity", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"parity {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_run = sub.add_parser("run", help="numpy engine vs llama.cpp on one prompt (the main job; nox -s parity)")
+    _add_run_flags(p_run)
+    p_run.add_argument("--backend", action="append", dest="backends", metavar="NAME",
+                       help="reference backend lane (repeatable; default llama)")
+
+    p_setup = sub.add_parser("setup-cpp", help="fetch and build a pinned backend and its bridge (nox -s setup_cpp)")
+    p_setup.add_argument("--backend", default="llama", help="backend from lock/backends.toml (default llama)")
+    p_setup.add_argument("--source", metavar="PATH", help="local source tree instead of the pinned download")
+    p_setup.add_argument("--jobs", type=int, help="parallel build jobs (default: CPU count)")
+    p_setup.add_argument("--verbose", action="store_true", help="stream build output")
+
+    p_gen = sub.add_parser("generate-model", help="write the embedded default model (GGUF + tokenizer.json)")
+    p_gen.add_argument("--variant", choices=("f32", "f16", "q8_0"), default="f32")
+    p_gen.add_argument("-o", "--out-dir", required=True, metavar="DIR")
+
+    p_rec = sub.add_parser("receipts", help="receipt tools")
+    rsub = p_rec.add_subparsers(dest="receipts_command", required=True, metavar="ACTION")
+    p_verify = rsub.add_parser("verify", help="validate receipts against the shipped JSON Schema (v1 and v2)")
+    p_verify.add_argument("files", nargs="+", metavar="FILE")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from parity import config, run, summary
+
+    opts = config.resolve({k: getattr(args, k) for k in _RUN_KEYS})
+    shared, results = run.run(opts, args.backends or ["llama"])
+    code = run.exit_code(results)
+    print(summary.render(opts.format, shared, results, code))
+    return code
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from parity import backends, build
+
+    spec = backends.get_spec(args.backend)
+    override = backends.source_override(spec, args.source)
+    p = build.ensure_built(spec, override, verbose=args.verbose, jobs=args.jobs)
+    print(p.bridge_path)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from parity import modelgen
+
+    m = modelgen.generate(args.variant, Path(args.out_dir))
+    print(f"{m.gguf_path}  sha256 {m.gguf_sha256}")
+    print(f"{m.tokenizer_path}  sha256 {m.tokenizer_sha256}")
+    return 0
+
+
+def cmd_receipts_verify(args: argparse.Namespace) -> int:
+    from parity import receipts
+
+    bad = 0
+    for f in args.files:
+        try:
+            r = receipts.load(Path(f))
+            print(f"ok    {f}  (version {r['version']}, backend {r['backend']})")
+        except ParityError as exc:
+            bad += 1
+            print(f"FAIL  {exc}")
+    return 2 if bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: one line per error, traceback only with --debug; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers: dict[str, Any] = {
+        "run": cmd_run,
+        "setup-cpp": cmd_setup,
+        "generate-model": cmd_generate,
+        "receipts": cmd_receipts_verify,
+    }
+    debug = args.debug or bool(os.environ.get("PARITY_DEBUG"))
+    try:
+        code: int = handlers[args.command](args)
+        return code
+    except ParityError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"parity: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("parity: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

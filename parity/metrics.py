@@ -1,0 +1,106 @@
+"""Per-position comparison of two logit matrices (ours = implementation under test, ref = C++ backend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+TOPK = 5
+TOP1_MARGIN = 0.05  # top-1 agreement counts only where the reference's top-1 logit leads by this much
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)  # (n, 1)
+    z = x - m  # (n, V)
+    out: np.ndarray = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))  # (n, V)
+    return out
+
+
+def position_rows(ours: np.ndarray, ref: np.ndarray, tokens: list[int]) -> list[dict[str, Any]]:
+    """One row per position: cosine, L2, MSE, max-abs, KL(ref || ours), top-k agreement and top-1 margin."""
+    if ours.shape != ref.shape:
+        raise ValueError(f"logit shapes differ: {ours.shape} vs {ref.shape}")
+    a = ours.astype(np.float64)  # (n, V)
+    b = ref.astype(np.float64)  # (n, V)
+    diff = a - b  # (n, V)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-300)  # (n,)
+    lp_a, lp_b = _log_softmax(a), _log_softmax(b)  # (n, V)
+    kl = (np.exp(lp_b) * (lp_b - lp_a)).sum(-1)  # (n,)
+    rows = []
+    for i in range(a.shape[0]):
+        top_a = np.argsort(-a[i], kind="stable")[:TOPK]
+        top_b = np.argsort(-b[i], kind="stable")[:TOPK]
+        sorted_b = np.sort(b[i])
+        p_b = np.exp(lp_b[i])
+        p_sorted = np.sort(p_b)
+        rows.append(
+            {
+                "pos": i,
+                "token_id": int(tokens[i]),
+                "cosine": float(cos[i]),
+                "l2": float(np.linalg.norm(diff[i])),
+                "mse": float(np.mean(diff[i] ** 2)),
+                "max_abs": float(np.max(np.abs(diff[i]))),
+                "kl": float(max(kl[i], 0.0)),
+                "top1_agree": bool(top_a[0] == top_b[0]),
+                "topk_agree": float(len(set(top_a.tolist()) & set(top_b.tolist())) / TOPK),
+                "ref_top1_margin": float(sorted_b[-1] - sorted_b[-2]),
+                "ref_top1_prob_margin": float(p_sorted[-1] - p_sorted[-2]),
+                "top5_ours": [int(t) for t in top_a],
+                "top5_ref": [int(t) for t in top_b],
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A lane passes when every position has cosine >= cos_tol and MSE <= mse_tol."""
+
+    cos_tol: float
+    mse_tol: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"cos_tol": self.cos_tol, "mse_tol": self.mse_tol, "top1_margin": TOP1_MARGIN}
+
+
+def summarize(rows: list[dict[str, Any]], th: Thresholds) -> dict[str, Any]:
+    """Aggregate rows; find the first divergent position."""
+    first = None
+    for r in rows:
+        if r["cosine"] < th.cos_tol or r["mse"] > th.mse_tol:
+            first = {
+                "pos": r["pos"],
+                "cosine": r["cosine"],
+                "mse": r["mse"],
+                "token_id": r["token_id"],
+                "ours_top1": r["top5_ours"][0],
+                "ref_top1": r["top5_ref"][0],
+            }
+            break
+    decisive = [r for r in rows if r["ref_top1_margin"] > TOP1_MARGIN]
+    return {
+        "all_passed": first is None,
+        "first_divergence": first,
+        "positions": len(rows),
+        "min_cosine": min(r["cosine"] for r in rows),
+        "mean_cosine": float(np.mean([r["cosine"] for r in rows])),
+        "max_abs": max(r["max_abs"] for r in rows),
+        "mean_mse": float(np.mean([r["mse"] for r in rows])),
+        "mean_kl": float(np.mean([r["kl"] for r in rows])),
+        "max_kl": max(r["kl"] for r in rows),
+        "top1_agreement": float(np.mean([r["top1_agree"] for r in rows])),
+        "top1_agreement_decisive": float(np.mean([r["top1_agree"] for r in decisive])) if decisive else 1.0,
+        "decisive_positions": len(decisive),
+        "mean_topk_agreement": float(np.mean([r["topk_agree"] for r in rows])),
+    }
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """First index where two token sequences differ (or where one ends), None when equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))

@@ -1,0 +1,278 @@
+"""The main job: one implementation under test (numpy engine) against C++ reference lanes.
+
+template -> tokenize (tokenizer.json and each backend) -> token parity (exit 2) -> numpy engine once ->
+one lane per backend (worker process) -> per-position metrics -> receipt per lane -> summary -> exit code.
+Everything that can be wrong with the input is checked before any lane starts, so bad input writes no
+receipt. A lane whose worker crashes is reported as an error (exit 1), never as a pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity import backends, build, metrics, receipts
+from parity.bridge import BackendParams
+from parity.config import RunOptions
+from parity.errors import (
+    BackendUnavailable,
+    ParityError,
+    PermissionDenied,
+    RepairRecursion,
+    UsageError,
+    WorkerError,
+)
+from parity.runner import log
+from parity.tokenization import HFTokenizer, check_token_parity, format_prompt, gguf_config_hash, resolve_template
+from parity.worker import RemoteModel, Worker
+
+REPAIR_GUARD_ENV = "PARITY_REPAIRING"
+
+
+@dataclass
+class Shared:
+    """What every lane shares: computed once."""
+
+    model_path: Path
+    model_sha256: str
+    architecture: str
+    template: str
+    formatted_prompt: str
+    prompt_ids: list[int]
+    generated: list[int]
+    logits: np.ndarray
+    authority: dict[str, Any]
+    n_ctx_train: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+
+@dataclass
+class LaneResult:
+    """The outcome of one lane."""
+
+    backend: str
+    status: str  # pass | diverged | error
+    receipt_path: Path | None
+    summary: dict[str, Any] | None
+    error: str | None = None
+    greedy: dict[str, Any] | None = None
+    commit: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+def default_model(variant: str) -> tuple[Path, Path]:
+    """The embedded default model of `variant`, generated (and verified against the lock) on first use."""
+    from parity import modelgen, paths
+
+    m = modelgen.materialize(variant, paths.cache_dir() / "models" / "default")
+    return m.gguf_path, m.tokenizer_path
+
+
+def preflight(backend: str, opts: RunOptions) -> build.BuildPlan:
+    """Make sure `backend` is built; repair (build it) when allowed, else fail with the fixing command."""
+    spec = backends.get_spec(backend)
+    override = backends.source_override(spec)
+    p = build.plan(spec, override)
+    if build.is_built(p):
+        return p
+    fix = f"nox -s setup_cpp -- --backend {backend}"
+    if not opts.repair:
+        why = "CI is set" if os.environ.get("CI") else "--no-repair was given"
+        raise BackendUnavailable(f"the {backend} backend is not built and auto-repair is off ({why})", fix=fix)
+    if os.environ.get(REPAIR_GUARD_ENV) == backend:
+        raise RepairRecursion(f"repairing {backend} re-entered itself", fix=f"run `{fix}` by hand and read its output")
+    log(f"{backend}: not built; repairing (building it now; pass --no-repair to fail instead)")
+    os.environ[REPAIR_GUARD_ENV] = backend
+    try:
+        return build.ensure_built(spec, override, verbose=opts.verbose)
+    finally:
+        os.environ.pop(REPAIR_GUARD_ENV, None)
+
+
+def _pad(n: int, multiple: int = 64) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def lane_params(opts: RunOptions, n_tokens: int) -> BackendParams:
+    """The most precise configuration: F32 KV cache, flash attention off, fixed threads, one batch."""
+    n_ctx = _pad(n_tokens)
+    return BackendParams(n_ctx=n_ctx, n_threads=opts.threads, n_batch=n_ctx, n_ubatch=n_ctx, type_k=0, type_v=0,
+                         flash_attn=0, seed=opts.seed)
+
+
+def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
+    """Validate input, preflight backends, tokenize, check token parity, run the numpy engine once."""
+    from parity.engine_numpy import NumpyEngine
+    from parity.gguf_file import open_gguf
+
+    t0 = time.perf_counter()
+    if opts.model_gguf:
+        model_path = Path(opts.model_gguf).expanduser().resolve()
+        tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else None
+    else:
+        model_path, default_tok = default_model(opts.variant)
+        tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
+    gguf = open_gguf(model_path)  # missing / non-GGUF / truncated -> exit 2 before anything runs
+    engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture -> exit 2
+    hf = HFTokenizer.load(tok_path) if tok_path else None
+    plans = {b: preflight(b, opts) for b in lane_backends}
+    seconds = {"load": time.perf_counter() - t0}
+
+    chat_template = gguf.get("tokenizer.chat_template")
+    template = resolve_template(opts.prompt_template, chat_template if isinstance(chat_template, str) else None, model_path)
+    formatted = format_prompt(template, opts.prompt, opts.system_prompt)
+
+    # Tokenize with every backend (vocab only) and compare with the external tokenizer.
+    t1 = time.perf_counter()
+    backend_ids: dict[str, list[int]] = {}
+    for b, p in plans.items():
+        with Worker(b, p.bridge_path, log_dir=Path(opts.out_dir) / "logs", log_level=3 if opts.verbose else 1,
+                    timeout=opts.timeout) as w:
+            vm = RemoteModel(w, str(model_path), BackendParams(vocab_only=1))
+            ids = vm.tokenize(formatted, True, True)
+            if hf is not None:
+                ours = hf.encode(formatted)
+                if opts.dump_ids:
+                    log(f"tokenizer.json ids: {ours}")
+                    log(f"{b} ids: {ids}")
+
+                def piece(t: int, vm: RemoteModel = vm) -> str:
+                    return vm.piece(t).decode("utf-8", "replace")
+
+                check_token_parity(ours, ids, backend=b, ours_str=hf.token_str, theirs_str=piece)
+            backend_ids[b] = ids
+    first = next(iter(backend_ids.values()))
+    for b, ids in backend_ids.items():  # backends must agree with each other too
+        check_token_parity(first, ids, backend=b, ours_str=str, theirs_str=str)
+    if hf is not None:
+        prompt_ids = hf.encode(formatted)
+        authority = hf.authority(len(prompt_ids))
+    else:
+        prompt_ids = first
+        authority = {"source": "gguf_embedded", "path": str(model_path), "file_hash": gguf.sha256(),
+                     "config_hash": gguf_config_hash(gguf.metadata), "token_count": len(prompt_ids)}
+    seconds["tokenize"] = time.perf_counter() - t1
+
+    n_total = len(prompt_ids) + opts.max_tokens
+    if n_total > engine.n_ctx_train:
+        raise UsageError(
+            f"prompt ({len(prompt_ids)} tokens) + --max-tokens {opts.max_tokens} = {n_total} exceeds the model's "
+            f"context of {engine.n_ctx_train} tokens",
+            fix="shorten --prompt or lower --max-tokens",
+        )
+    t2 = time.perf_counter()
+    generated = engine.greedy(prompt_ids, opts.max_tokens) if opts.max_tokens else []
+    logits = engine.logits(prompt_ids + generated)
+    seconds["numpy_engine"] = time.perf_counter() - t2
+    shared = Shared(model_path, gguf.sha256(), engine.architecture, template, formatted, prompt_ids, generated, logits,
+                    authority, engine.n_ctx_train, seconds)
+    return shared, plans
+
+
+def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions, out_dir: Path) -> LaneResult:
+    """Evaluate the shared sequence in `backend`, compare, and write the lane's receipt."""
+    info = build.read_receipt(p)
+    params = lane_params(opts, len(shared.sequence))
+    th = metrics.Thresholds(opts.cos_tol, opts.mse_tol)
+    base = _receipt_base(backend, p, info, shared, opts, params, th)
+    t0 = time.perf_counter()
+    try:
+        with Worker(backend, p.bridge_path, log_dir=out_dir / "logs", log_level=3 if opts.verbose else 1,
+                    timeout=opts.timeout) as w:
+            rm = RemoteModel(w, str(shared.model_path), params)
+            base["backend_info"]["api_generation"] = w.hello["api_generation"]
+            base["backend_info"]["system_info"] = w.hello["system_info"]
+            ref_logits = rm.eval(shared.sequence)
+            theirs = rm.greedy(shared.prompt_ids, opts.max_tokens) if opts.max_tokens else []
+            rm.close()
+    except WorkerError as exc:
+        base.update(status="error", error=str(exc), rows=[], positions=0,
+                    summary={"all_passed": False, "first_divergence": None, "mean_mse": None, "mean_kl": None})
+        path = out_dir / f"receipt_{backend}.json"
+        receipts.write(path, base)
+        return LaneResult(backend, "error", path, None, error=str(exc), commit=p.commit)
+    rows = metrics.position_rows(shared.logits, ref_logits, shared.sequence)
+    summary = metrics.summarize(rows, th)
+    diff_at = metrics.first_difference(shared.generated, theirs)
+    greedy = {"ours": shared.generated, "theirs": theirs, "first_difference": diff_at}
+    status = "pass" if summary["all_passed"] else "diverged"
+    base.update(status=status, error=None, rows=rows, positions=len(rows), summary=summary, greedy=greedy)
+    base["seconds"] = {**{k: round(v, 4) for k, v in shared.seconds.items()}, "lane": round(time.perf_counter() - t0, 4)}
+    path = out_dir / f"receipt_{backend}.json"
+    receipts.write(path, base)
+    return LaneResult(backend, status, path, summary, greedy=greedy, commit=p.commit)
+
+
+def _receipt_base(backend: str, p: build.BuildPlan, info: dict[str, Any], shared: Shared, opts: RunOptions,
+                  params: BackendParams, th: metrics.Thresholds) -> dict[str, Any]:
+    return {
+        "version": receipts.RECEIPT_VERSION,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": backend,
+        "model": {"path": str(shared.model_path), "sha256": shared.model_sha256, "architecture": shared.architecture},
+        "model_sha256": shared.model_sha256,
+        "backend_info": {
+            "name": backend,
+            "commit": p.commit,
+            "source_kind": p.source_kind,
+            "source_fingerprint": p.source_fingerprint,
+            "cmake": info.get("cmake", {}),
+            "compiler": info.get("compiler", {}),
+            "bridge": str(p.bridge_path),
+        },
+        "implementation": {"name": "numpy", "dtype": opts.dtype},
+        "run_config": {**params.to_dict(), "threads": params.n_threads, "eval_shape": "batch"},
+        "options": opts.to_dict(),
+        "tokenizer_authority": shared.authority,
+        "prompt": opts.prompt,
+        "prompt_template": shared.template,
+        "formatted_prompt": shared.formatted_prompt,
+        "token_ids": shared.sequence,
+        "prompt_tokens": len(shared.prompt_ids),
+        "generated_tokens": len(shared.generated),
+        "determinism_seed": opts.seed,
+        "thresholds": th.to_dict(),
+    }
+
+
+def ensure_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot write to --out-dir {out_dir}", fix="choose a writable directory") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot use --out-dir {out_dir}: {exc.strerror}", fix="choose another directory") from exc
+
+
+def run(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, list[LaneResult]]:
+    """Prepare once, then run every lane to completion (a failed lane never stops the others)."""
+    out_dir = Path(opts.out_dir)
+    ensure_out_dir(out_dir)
+    shared, plans = prepare(opts, lane_backends)
+    results = []
+    for b in lane_backends:
+        try:
+            results.append(run_lane(b, plans[b], shared, opts, out_dir))
+        except ParityError as exc:
+            results.append(LaneResult(b, "error", None, None, error=str(exc), commit=plans[b].commit))
+    return shared, results
+
+
+def exit_code(results: list[LaneResult]) -> int:
+    """0 when every lane passes, 1 when any lane diverged or failed."""
+    return 0 if results and all(r.passed for r in results) else 1

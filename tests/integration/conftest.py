@@ -1,0 +1,33 @@
+"""Integration fixtures: a real llama.cpp build (once per session, cached in cache/) and real models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parity import backends, build
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def llama_plan() -> build.BuildPlan:
+    """Build (or find) the pinned llama.cpp and its bridge. The first run downloads the sdist from PyPI."""
+    spec = backends.get_spec("llama")
+    return build.ensure_built(spec, backends.source_override(spec))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m parity ...` as a user would, capturing both streams."""
+    full_env = dict(os.environ)
+    full_env.pop("PARITY_FAULT_INJECT", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "parity", *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,
+        timeout=900,
+    )

@@ -1,0 +1,167 @@
+"""The main job end to end on the embedded default model: real numpy engine, real llama.cpp lane."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from parity import build, receipts
+
+from .conftest import run_cli
+
+pytestmark = [pytest.mark.compile, pytest.mark.model]
+
+
+def _run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
+    proc = run_cli("run", "--out-dir", str(tmp_path), "--format", "json", *args, env=env)
+    summary = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    return proc.returncode, summary, proc.stderr
+
+
+def _receipt(tmp_path: Path) -> dict[str, Any]:
+    return receipts.load(tmp_path / "receipt_llama.json")
+
+
+def test_default_f32_matches_llama_cpp(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    code, summary, err = _run(tmp_path)
+    assert code == 0, err
+    r = _receipt(tmp_path)
+    s = r["summary"]
+    assert r["status"] == "pass" and s["all_passed"]
+    assert s["max_abs"] <= 1e-4, s  # F32 weights, F32 KV cache, flash attention off
+    assert s["top1_agreement_decisive"] == 1.0
+    assert r["run_config"]["type_k"] == 0 and r["run_config"]["type_v"] == 0 and r["run_config"]["flash_attn"] == 0
+    assert r["greedy"]["first_difference"] is None
+    assert r["tokenizer_authority"]["source"] == "external"
+    assert r["positions"] == r["prompt_tokens"] + 4 == len(r["token_ids"])
+    assert summary["overall"]["exit_code"] == 0 and summary["lanes"]["llama"]["status"] == "pass"
+
+
+def test_default_f16_variant(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    code, _, err = _run(tmp_path, "--variant", "f16")
+    assert code == 0, err
+    s = _receipt(tmp_path)["summary"]
+    assert 1 - s["min_cosine"] <= 1e-6 and s["mean_kl"] <= 1e-5, s
+
+
+def test_default_q8_0_variant(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    code, _, err = _run(tmp_path, "--variant", "q8_0")
+    assert code == 0, err
+    s = _receipt(tmp_path)["summary"]
+    assert 1 - s["min_cosine"] <= 1e-3 and s["mean_kl"] <= 5e-3, s
+
+
+def test_text_summary_layout(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    proc = run_cli("run", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for part in ("Tokenizer Authority", "Lane llama", "status        PASS", "Overall Status: PASS", "receipt_llama.json"):
+        assert part in out, out
+
+
+def test_impossible_tolerance_diverges_with_exit_1(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    code, summary, _ = _run(tmp_path, "--variant", "q8_0", "--cos-tol", "0.9999999999")
+    assert code == 1
+    r = _receipt(tmp_path)
+    assert r["status"] == "diverged" and r["summary"]["first_divergence"]["pos"] >= 0
+    assert summary["lanes"]["llama"]["first_divergence"] is not None
+
+
+def test_worker_abort_is_a_failed_lane(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    code, summary, err = _run(tmp_path, env={"PARITY_FAULT_INJECT": "abort:eval"})
+    assert code == 1, err
+    assert "Traceback" not in err
+    lane = summary["lanes"]["llama"]
+    assert lane["status"] == "error" and "SIGABRT" in lane["error"]
+    r = _receipt(tmp_path)
+    assert r["status"] == "error" and not r["summary"]["all_passed"]
+
+
+def test_mismatched_tokenizer_exits_2_before_logits(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    from parity.run import default_model
+
+    _, tok = default_model("f32")
+    data = json.loads(tok.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]  # swap two merged tokens' ids: same shape, wrong ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    code, _, err = _run(out, "--tokenizer", str(bad), "--prompt", "the weather is " + a.replace("Ġ", " ") + b)
+    assert code == 2, err
+    assert "token mismatch" in err and "position" in err
+    assert not (out / "receipt_llama.json").exists()
+
+
+def _gguf_with_arch(path: Path, arch: str) -> Path:
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    from parity.run import default_model
+
+    model, _ = default_model("f32")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello, I am not a model\n" * 20)
+    return [
+        (["--model-gguf", str(tmp_path / "missing.gguf")], "not found"),
+        (["--model-gguf", str(truncated)], "truncated"),
+        (["--model-gguf", str(text)], "not a GGUF file"),
+        (["--model-gguf", str(_gguf_with_arch(tmp_path / "rwkv.gguf", "rwkv6"))], "unsupported architecture"),
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", "word " * 400], "exceeds the model's context"),
+        (["--cos-tol", "1.5"], "--cos-tol"),
+    ]
+
+
+def test_bad_input_one_line_exit_2_no_receipt(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    for i, (args, expected) in enumerate(_bad_inputs(tmp_path)):
+        out = tmp_path / f"out{i}"
+        proc = run_cli("run", "--out-dir", str(out), *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("parity: error:")]
+        assert len(lines) == 1 and expected in lines[0], (args, proc.stderr)
+        assert "fix:" in lines[0], lines[0]
+        assert "Traceback" not in proc.stderr
+        assert not list(out.glob("receipt_*.json")), args
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    proc = run_cli("--debug", "run", "--model-gguf", str(tmp_path / "missing.gguf"))
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_no_repair_and_ci_fail_with_the_fix_command(tmp_path: Path) -> None:
+    empty_cache = {"PARITY_CACHE": str(tmp_path / "empty-cache")}
+    for extra_args, env in (([ "--no-repair"], {}), ([], {"CI": "true"})):
+        out = tmp_path / ("o" + str(len(env)))
+        proc = run_cli("run", "--out-dir", str(out), *extra_args, env={**empty_cache, **env})
+        assert proc.returncode == 2, proc.stderr
+        assert "not built" in proc.stderr and "nox -s setup_cpp" in proc.stderr
+        assert not list(out.glob("receipt_*.json"))
+
+
+def test_receipts_verify_command(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    code, _, err = _run(tmp_path)
+    assert code == 0, err
+    ok = run_cli("receipts", "verify", str(tmp_path / "receipt_llama.json"))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"version": 2}')
+    bad = run_cli("receipts", "verify", str(broken))
+    assert bad.returncode == 2 and "FAIL" in bad.stdout
