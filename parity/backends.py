@@ -144,7 +144,7 @@ def source_override(spec: BackendSpec, cli_source: str | None = None) -> Path | 
 def describe_source(spec: BackendSpec, override: Path | None) -> tuple[str, str, str]:
     """(kind, commit, fingerprint) of the source that *would* be used, without downloading anything."""
     if override is not None:
-        commit, fp = _local_fingerprint(override)
+        commit, fp = _local_fingerprint(override, ignore=set(spec.prepare_copy.values()))
         return "local", commit, fp
     if spec.default_source == "pypi_sdist" and spec.sdist is not None:
         return "pypi_sdist", spec.commit, f"sdist:{spec.sdist.sha256}"
@@ -163,8 +163,13 @@ def acquire(spec: BackendSpec, override: Path | None, *, verbose: bool = False) 
     return SourceTree(_acquire_git(spec, verbose=verbose), kind, commit, fp)
 
 
-def _local_fingerprint(root: Path) -> tuple[str, str]:
-    """Identify a local tree: its git HEAD plus uncommitted changes, or a stat walk when it is no checkout."""
+def _local_fingerprint(root: Path, ignore: set[str] | None = None) -> tuple[str, str]:
+    """Identify a local tree: its git HEAD plus uncommitted changes, or a stat walk when it is no checkout.
+
+    `ignore` lists files parity itself writes into the tree before building (prepare_copy targets), so
+    preparing a tree does not change its identity.
+    """
+    ignore = ignore or set()
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
@@ -185,8 +190,11 @@ def _local_fingerprint(root: Path) -> tuple[str, str]:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in (".git", "build") and not d.startswith("build-"))
             for fn in sorted(filenames):
+                rel = os.path.relpath(os.path.join(dirpath, fn), root)
+                if rel in ignore:
+                    continue
                 st = os.stat(os.path.join(dirpath, fn))
-                h.update(f"{os.path.relpath(os.path.join(dirpath, fn), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return "unknown (local tree)", "local-stat:" + h.hexdigest()[:32]
 
 

@@ -41,6 +41,9 @@ class RunOptions:
     seed: int = 0
     timeout: float = 600.0
     dump_ids: bool = False
+    dump_cpp_ids: bool = False
+    metrics: str = "mse,kl,topk"
+    parallel: bool = False
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the flag and the fix."""
@@ -58,6 +61,9 @@ class RunOptions:
             raise UsageError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         if self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        from parity.metrics import parse_metrics
+
+        parse_metrics(self.metrics)
         if self.variant not in ("f32", "f16", "q8_0"):
             raise UsageError(f"--variant must be f32, f16 or q8_0, got {self.variant!r}")
 

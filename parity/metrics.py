@@ -18,8 +18,27 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def position_rows(ours: np.ndarray, ref: np.ndarray, tokens: list[int]) -> list[dict[str, Any]]:
-    """One row per position: cosine, L2, MSE, max-abs, KL(ref || ours), top-k agreement and top-1 margin."""
+METRICS = ("mse", "kl", "topk")
+
+
+def parse_metrics(spec: str) -> frozenset[str]:
+    """`--metrics mse,kl,topk`: cosine, L2, MSE and max-abs are always computed; KL and top-k on request."""
+    names = frozenset(m.strip() for m in spec.split(",") if m.strip())
+    unknown = names - set(METRICS)
+    if unknown or not names:
+        from parity.errors import UsageError
+
+        raise UsageError(f"--metrics {spec!r}: unknown metric(s) {sorted(unknown)}", fix=f"use a comma list of {', '.join(METRICS)}")
+    return names
+
+
+def position_rows(
+    ours: np.ndarray, ref: np.ndarray, tokens: list[int], metrics: frozenset[str] = frozenset(METRICS)
+) -> list[dict[str, Any]]:
+    """One row per position: cosine, L2, MSE, max-abs, KL(ref || ours), top-k agreement and top-1 margin.
+
+    KL is null unless "kl" is in `metrics`, top-k agreement null unless "topk" is (top-5 ids are always kept).
+    """
     if ours.shape != ref.shape:
         raise ValueError(f"logit shapes differ: {ours.shape} vs {ref.shape}")
     a = ours.astype(np.float64)  # (n, V)
@@ -43,9 +62,9 @@ def position_rows(ours: np.ndarray, ref: np.ndarray, tokens: list[int]) -> list[
                 "l2": float(np.linalg.norm(diff[i])),
                 "mse": float(np.mean(diff[i] ** 2)),
                 "max_abs": float(np.max(np.abs(diff[i]))),
-                "kl": float(max(kl[i], 0.0)),
+                "kl": float(max(kl[i], 0.0)) if "kl" in metrics else None,
                 "top1_agree": bool(top_a[0] == top_b[0]),
-                "topk_agree": float(len(set(top_a.tolist()) & set(top_b.tolist())) / TOPK),
+                "topk_agree": float(len(set(top_a.tolist()) & set(top_b.tolist())) / TOPK) if "topk" in metrics else None,
                 "ref_top1_margin": float(sorted_b[-1] - sorted_b[-2]),
                 "ref_top1_prob_margin": float(p_sorted[-1] - p_sorted[-2]),
                 "top5_ours": [int(t) for t in top_a],
@@ -89,12 +108,12 @@ def summarize(rows: list[dict[str, Any]], th: Thresholds) -> dict[str, Any]:
         "mean_cosine": float(np.mean([r["cosine"] for r in rows])),
         "max_abs": max(r["max_abs"] for r in rows),
         "mean_mse": float(np.mean([r["mse"] for r in rows])),
-        "mean_kl": float(np.mean([r["kl"] for r in rows])),
-        "max_kl": max(r["kl"] for r in rows),
+        "mean_kl": float(np.mean([r["kl"] for r in rows])) if rows[0]["kl"] is not None else None,
+        "max_kl": max(r["kl"] for r in rows) if rows[0]["kl"] is not None else None,
         "top1_agreement": float(np.mean([r["top1_agree"] for r in rows])),
         "top1_agreement_decisive": float(np.mean([r["top1_agree"] for r in decisive])) if decisive else 1.0,
         "decisive_positions": len(decisive),
-        "mean_topk_agreement": float(np.mean([r["topk_agree"] for r in rows])),
+        "mean_topk_agreement": float(np.mean([r["topk_agree"] for r in rows])) if rows[0]["topk_agree"] is not None else None,
     }
 
 

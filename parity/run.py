@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,18 @@ def _pad(n: int, multiple: int = 64) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def lane_params(opts: RunOptions, n_tokens: int) -> BackendParams:
-    """The most precise configuration: F32 KV cache, flash attention off, fixed threads, one batch."""
+# The most precise configuration each backend accepts (ggml types: 0 = F32, 1 = F16).
+# bitnet.cpp's fork rejects a V cache other than F16 unless flash attention is on, and flash attention with
+# an F32 KV cache segfaults in llama_decode; K F32 + V F16 with flash attention off works (FIELD-NOTES).
+PRECISE_KV = {"llama": (0, 0, 0), "bitnet": (0, 1, 0)}
+
+
+def lane_params(backend: str, opts: RunOptions, n_tokens: int) -> BackendParams:
+    """Context parameters for a lane: most precise KV cache, flash attention off, fixed threads, one batch."""
     n_ctx = _pad(n_tokens)
-    return BackendParams(n_ctx=n_ctx, n_threads=opts.threads, n_batch=n_ctx, n_ubatch=n_ctx, type_k=0, type_v=0,
-                         flash_attn=0, seed=opts.seed)
+    type_k, type_v, flash = PRECISE_KV.get(backend, (0, 0, 0))
+    return BackendParams(n_ctx=n_ctx, n_threads=opts.threads, n_batch=n_ctx, n_ubatch=n_ctx, type_k=type_k,
+                         type_v=type_v, flash_attn=flash, seed=opts.seed)
 
 
 def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
@@ -142,6 +150,8 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
                     timeout=opts.timeout) as w:
             vm = RemoteModel(w, str(model_path), BackendParams(vocab_only=1))
             ids = vm.tokenize(formatted, True, True)
+            if opts.dump_cpp_ids:
+                log(f"{b} ids: {ids}")
             if hf is not None:
                 ours = hf.encode(formatted)
                 if opts.dump_ids:
@@ -184,7 +194,7 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
 def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions, out_dir: Path) -> LaneResult:
     """Evaluate the shared sequence in `backend`, compare, and write the lane's receipt."""
     info = build.read_receipt(p)
-    params = lane_params(opts, len(shared.sequence))
+    params = lane_params(backend, opts, len(shared.sequence))
     th = metrics.Thresholds(opts.cos_tol, opts.mse_tol)
     base = _receipt_base(backend, p, info, shared, opts, params, th)
     t0 = time.perf_counter()
@@ -203,7 +213,7 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
         path = out_dir / f"receipt_{backend}.json"
         receipts.write(path, base)
         return LaneResult(backend, "error", path, None, error=str(exc), commit=p.commit)
-    rows = metrics.position_rows(shared.logits, ref_logits, shared.sequence)
+    rows = metrics.position_rows(shared.logits, ref_logits, shared.sequence, metrics.parse_metrics(opts.metrics))
     summary = metrics.summarize(rows, th)
     diff_at = metrics.first_difference(shared.generated, theirs)
     greedy = {"ours": shared.generated, "theirs": theirs, "first_difference": diff_at}
@@ -264,13 +274,18 @@ def run(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, list[LaneRe
     out_dir = Path(opts.out_dir)
     ensure_out_dir(out_dir)
     shared, plans = prepare(opts, lane_backends)
-    results = []
-    for b in lane_backends:
+
+    def one(b: str) -> LaneResult:
         try:
-            results.append(run_lane(b, plans[b], shared, opts, out_dir))
+            return run_lane(b, plans[b], shared, opts, out_dir)
         except ParityError as exc:
-            results.append(LaneResult(b, "error", None, None, error=str(exc), commit=plans[b].commit))
-    return shared, results
+            return LaneResult(b, "error", None, None, error=str(exc), commit=plans[b].commit)
+
+    if opts.parallel and len(lane_backends) > 1:
+        # Each lane's C++ work happens in its own worker process; threads here only wait on them.
+        with ThreadPoolExecutor(max_workers=len(lane_backends)) as pool:
+            return shared, list(pool.map(one, lane_backends))
+    return shared, [one(b) for b in lane_backends]
 
 
 def exit_code(results: list[LaneResult]) -> int:

@@ -28,13 +28,18 @@ def _models_dir(plan: build.BuildPlan) -> Path:
 def test_tokenizer_vectors_of_the_pinned_source(llama_plan: build.BuildPlan, vocab: str) -> None:
     """llama.cpp's own .inp/.out test vectors, through our bridge (tests tokenize in the worker)."""
     d = _models_dir(llama_plan)
-    inp = (d / f"ggml-vocab-{vocab}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
-    out = (d / f"ggml-vocab-{vocab}.gguf.out").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    # Parsed as llama.cpp's tests/test-tokenizer-0.cpp does: inputs split on the separator, one output line each.
+    raw = (d / f"ggml-vocab-{vocab}.gguf.inp").read_text(encoding="utf-8")
+    sep = "\n__ggml_vocab_test__\n"
+    inp = raw.split(sep)
+    if raw.endswith(sep):
+        inp.pop()
+    out = (d / f"ggml-vocab-{vocab}.gguf.out").read_text(encoding="utf-8").splitlines()
     assert len(inp) == len(out) and len(inp) > 10
     with Worker("llama", llama_plan.bridge_path) as w:
         m = RemoteModel(w, str(d / f"ggml-vocab-{vocab}.gguf"), BackendParams(vocab_only=1))
         for text, expected in zip(inp, out, strict=True):
-            want = [int(t) for t in expected.split()]
+            want = [int(t) for t in expected.strip().split()]
             assert m.tokenize(text, False, False) == want, repr(text)
 
 
@@ -105,7 +110,7 @@ def test_dequantizers_bit_exact_with_ggml(llama_plan: build.BuildPlan, type_name
     qt, raw, n = _random_blocks(type_name, 8, rng)
     with Worker("llama", llama_plan.bridge_path) as w:
         theirs = w.call("dequantize", qt, raw, n)
-    t = TensorInfo(name="t", ggml_type=qt, shape=(1, n), data=np.frombuffer(raw, dtype=np.uint8))
+    t = TensorInfo(name="t", ggml_type=qt, shape=(1, n), data=np.frombuffer(raw, dtype=np.uint8), offset=0, n_bytes=len(raw))
     ours = dequant.dequantize(t).reshape(-1)
     assert ours.dtype == np.float32
     assert np.array_equal(ours.view(np.uint32), np.asarray(theirs, np.float32).view(np.uint32)), type_name
