@@ -47,14 +47,23 @@ def parity(session: nox.Session) -> None:
     session.run("parity", "run", *session.posargs)
 
 
+@nox.session(python=PYTHON, requires=["setup_cpp"])
+def parity_both(session: nox.Session) -> None:
+    """numpy engine vs bitnet.cpp and llama.cpp, two lanes (PARITY_BITNET_SRC=checkout; `parity parity-both --help`)."""
+    _install_once(session, *BUILD_DEPS, "-e", ".")
+    session.run("parity", "parity-both", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (builds llama.cpp once into cache/; bitnet.cpp/network tests deselected in CI)."""
     _install_once(session, *BUILD_DEPS, "-e", ".[test]")
     args = list(session.posargs)
     if os.environ.get("CI") and not any(a == "-m" for a in args):
-        session.log(f"CI: deselecting tests marked bitnet_cpp or network (-m '{CI_DESELECT}'): no bitnet.cpp "
-                    "source and no internet here; pytest reports how many were deselected")
+        session.log(
+            f"CI: deselecting tests marked bitnet_cpp or network (-m '{CI_DESELECT}'): no bitnet.cpp "
+            "source and no internet here; pytest reports how many were deselected"
+        )
         args = ["-m", CI_DESELECT, *args]
     session.run("pytest", *args)
 

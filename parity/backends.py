@@ -86,7 +86,9 @@ def load_lock(path: Path | None = None) -> dict[str, BackendSpec]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise UsageError(f"backend lock not found: {path}", fix="run from a parity checkout or set PARITY_ROOT") from exc
+        raise UsageError(
+            f"backend lock not found: {path}", fix="run from a parity checkout or set PARITY_ROOT"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path} is not valid TOML: {exc}") from exc
     specs: dict[str, BackendSpec] = {}
@@ -94,7 +96,9 @@ def load_lock(path: Path | None = None) -> dict[str, BackendSpec]:
         try:
             specs[name] = _spec(name, entry)
         except KeyError as exc:
-            raise UsageError(f"{path}: backend '{name}' lacks key {exc}", fix="restore lock/backends.toml from git") from exc
+            raise UsageError(
+                f"{path}: backend '{name}' lacks key {exc}", fix="restore lock/backends.toml from git"
+            ) from exc
     return specs
 
 
@@ -137,7 +141,9 @@ def source_override(spec: BackendSpec, cli_source: str | None = None) -> Path | 
     p = Path(raw).expanduser().resolve()
     if not (p / "CMakeLists.txt").is_file():
         how = f"--source or {spec.override_env}"
-        raise UsageError(f"{how} points at {p}, which has no CMakeLists.txt", fix=f"point {how} at a {spec.name} source tree")
+        raise UsageError(
+            f"{how} points at {p}, which has no CMakeLists.txt", fix=f"point {how} at a {spec.name} source tree"
+        )
     return p
 
 
@@ -181,7 +187,9 @@ def _local_fingerprint(root: Path, ignore: set[str] | None = None) -> tuple[str,
             check=True,
         ).stdout
         if root != Path(
-            subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True
+            ).stdout.strip()
         ):
             raise subprocess.CalledProcessError(1, "git")  # a subdirectory of another repo: not its own checkout
         return head, "local-git:" + head + ":" + hashlib.sha256(dirty.encode()).hexdigest()[:16]
@@ -213,7 +221,9 @@ def _acquire_sdist(spec: BackendSpec, sd: SdistSource) -> Path:
             try:
                 n = safe_extract(archive, tmp / "src", member_prefix=sd.subdir + "/", strip=sd.subdir + "/")
                 if n == 0 or not (tmp / "src" / "CMakeLists.txt").is_file():
-                    raise UsageError(f"{archive} has no {sd.subdir}/CMakeLists.txt", fix="check the lock's subdir entry")
+                    raise UsageError(
+                        f"{archive} has no {sd.subdir}/CMakeLists.txt", fix="check the lock's subdir entry"
+                    )
                 if dest.exists():
                     shutil.rmtree(dest)
                 tmp.rename(dest)
@@ -234,10 +244,14 @@ def _obtain_archive(sd: SdistSource) -> Path:
     if mirror:
         candidate = Path(mirror) / sd.filename
         if not candidate.is_file():
-            raise UsageError(f"PARITY_SDIST_DIR={mirror} has no {sd.filename}", fix=f"copy {sd.filename} there or unset it")
+            raise UsageError(
+                f"PARITY_SDIST_DIR={mirror} has no {sd.filename}", fix=f"copy {sd.filename} there or unset it"
+            )
         got = sha256_file(candidate)
         if got != sd.sha256:
-            raise UsageError(f"{candidate} has SHA-256 {got}, the lock pins {sd.sha256}", fix="replace it with the pinned file")
+            raise UsageError(
+                f"{candidate} has SHA-256 {got}, the lock pins {sd.sha256}", fix="replace it with the pinned file"
+            )
         return candidate
     index = os.environ.get("PARITY_PYPI_INDEX", DEFAULT_PYPI_INDEX).rstrip("/")
     url = _sdist_url(index, sd)
@@ -254,7 +268,10 @@ def _sdist_url(index: str, sd: SdistSource) -> str:
         resp.raise_for_status()
         files = resp.json()["files"]
     except (requests.RequestException, ValueError, KeyError) as exc:
-        raise NetworkError(f"cannot read the package index {page}: {exc}", fix="check the network or set PARITY_SDIST_DIR / PARITY_PYPI_INDEX") from exc
+        raise NetworkError(
+            f"cannot read the package index {page}: {exc}",
+            fix="check the network or set PARITY_SDIST_DIR / PARITY_PYPI_INDEX",
+        ) from exc
     for f in files:
         if f.get("filename") == sd.filename:
             listed = f.get("hashes", {}).get("sha256")
@@ -284,7 +301,10 @@ def _download(url: str, target: Path, sha256: str, attempts: int = 4) -> None:
                     os.fsync(f.fileno())
             if h.hexdigest() != sha256:
                 partial.unlink(missing_ok=True)
-                raise UsageError(f"{url} has SHA-256 {h.hexdigest()}, the lock pins {sha256}", fix="check the mirror; the lock is authoritative")
+                raise UsageError(
+                    f"{url} has SHA-256 {h.hexdigest()}, the lock pins {sha256}",
+                    fix="check the mirror; the lock is authoritative",
+                )
             os.replace(partial, target)
             return
         except requests.RequestException as exc:
@@ -294,7 +314,9 @@ def _download(url: str, target: Path, sha256: str, attempts: int = 4) -> None:
                 delay = 2.0**attempt
                 log(f"download failed ({exc}); retrying in {delay:.0f} s")
                 time.sleep(delay)
-    raise NetworkError(f"download of {url} failed after {attempts} attempts: {last}", fix="check the network or set PARITY_SDIST_DIR")
+    raise NetworkError(
+        f"download of {url} failed after {attempts} attempts: {last}", fix="check the network or set PARITY_SDIST_DIR"
+    )
 
 
 def _acquire_git(spec: BackendSpec, *, verbose: bool) -> Path:
@@ -321,7 +343,10 @@ def _acquire_git(spec: BackendSpec, *, verbose: bool) -> Path:
             shutil.rmtree(dest, ignore_errors=True)
             out = getattr(exc, "output", "") or str(exc)
             if any(s in out for s in ("Could not resolve host", "unable to access", "Connection", "timed out")):
-                raise NetworkError(f"cannot clone {spec.git_url}: network unavailable", fix=f"set {spec.override_env} to a local checkout") from exc
+                raise NetworkError(
+                    f"cannot clone {spec.git_url}: network unavailable",
+                    fix=f"set {spec.override_env} to a local checkout",
+                ) from exc
             raise
         atomic_write_text(marker, f'{{"git_url": "{spec.git_url}", "commit": "{spec.commit}"}}\n')
     return dest / "src"

@@ -94,9 +94,7 @@ def train(text: str, vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_
     """
     n_learned = vocab_size - 256 - len(special_tokens)
     if n_learned < 0:
-        raise ValueError(
-            f"vocab_size {vocab_size} is smaller than 256 byte symbols + {len(special_tokens)} specials"
-        )
+        raise ValueError(f"vocab_size {vocab_size} is smaller than 256 byte symbols + {len(special_tokens)} specials")
     word_counts = Counter(pre_tokenize(text))
     # Sorted so that every later iteration visits words in a fixed order.
     words: list[tuple[str, ...]] = [tuple(word) for word in sorted(word_counts)]

@@ -14,7 +14,14 @@ import numpy as np
 from parity import paths
 
 ERR_LEN = 4096
-_CODES = {1: "invalid argument", 2: "load failure", 3: "decode failure", 4: "buffer too small", 5: "tokenize failure", 6: "unsupported"}
+_CODES = {
+    1: "invalid argument",
+    2: "load failure",
+    3: "decode failure",
+    4: "buffer too small",
+    5: "tokenize failure",
+    6: "unsupported",
+}
 
 
 class BridgeError(Exception):
@@ -140,7 +147,9 @@ class BridgeModel:
             out = ffi.new("int32_t[]", cap)
             n = ffi.new("int32_t *")
             err = self.b._err()
-            rc = self.b.lib.parity_tokenize(self.h, data, len(data), int(add_special), int(parse_special), out, cap, n, err, ERR_LEN)
+            rc = self.b.lib.parity_tokenize(
+                self.h, data, len(data), int(add_special), int(parse_special), out, cap, n, err, ERR_LEN
+            )
             if rc == 4:  # buffer too small: retry with the size it asked for
                 cap = n[0]
                 continue

@@ -70,7 +70,9 @@ def _compiler_version(cxx: str) -> str:
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise BackendUnavailable(f"C++ compiler {cxx} not usable: {exc}", fix="install a C++ compiler (apt-get install g++ / clang)") from exc
+        raise BackendUnavailable(
+            f"C++ compiler {cxx} not usable: {exc}", fix="install a C++ compiler (apt-get install g++ / clang)"
+        ) from exc
     return out.splitlines()[0].strip() if out else cxx
 
 
@@ -235,14 +237,21 @@ def bridge_command(p: BuildPlan, wheel_dir: Path) -> list[str]:
 def _build_bridge(p: BuildPlan, *, verbose: bool) -> None:
     p.bridge_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="parity-wheel-") as tmp:
-        out = run(bridge_command(p, Path(tmp)), cwd=paths.project_root(), verbose=verbose, log_file=p.bridge_dir / "bridge.log")
+        out = run(
+            bridge_command(p, Path(tmp)),
+            cwd=paths.project_root(),
+            verbose=verbose,
+            log_file=p.bridge_dir / "bridge.log",
+        )
         wheel = Path(tmp) / out.strip().splitlines()[-1]
         member = f"parity_bridge_lib/libparity_bridge_{p.backend}.so"
         try:
             with zipfile.ZipFile(wheel) as zf:
                 data = zf.read(member)
         except (KeyError, FileNotFoundError, zipfile.BadZipFile) as exc:
-            raise BuildError(f"scikit-build-core produced no {member} in {wheel.name}", fix="see " + str(p.bridge_dir / "bridge.log")) from exc
+            raise BuildError(
+                f"scikit-build-core produced no {member} in {wheel.name}", fix="see " + str(p.bridge_dir / "bridge.log")
+            ) from exc
     tmp_so = p.bridge_path.with_suffix(".so.tmp")
     tmp_so.write_bytes(data)
     os.chmod(tmp_so, 0o755)

@@ -18,25 +18,43 @@ from parity.errors import ParityError
 def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
     # default=None everywhere: "not given" lets [tool.parity] and PARITY_* env supply the value.
     p.add_argument("--model-gguf", metavar="PATH", help="GGUF model to check (default: the embedded default model)")
-    p.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer.json for HF tokenizers (default: the default model's; else the GGUF's own vocabulary)")
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenizer.json for HF tokenizers (default: the default model's; else the GGUF's own vocabulary)",
+    )
     p.add_argument("--prompt", help='user prompt (default "What is 2+2?")')
     p.add_argument("--max-tokens", type=int, help="tokens generated greedily after the prompt (default 4)")
     p.add_argument("--cos-tol", type=float, help="a position passes when cosine >= this (default 0.999)")
     p.add_argument("--format", choices=("text", "json"), help="summary format on stdout (default text)")
-    p.add_argument("--prompt-template", choices=("auto", "raw", "instruct", "llama3-chat"),
-                   help="prompt template (default auto: GGUF chat template markers, then path hints, then instruct)")
+    p.add_argument(
+        "--prompt-template",
+        choices=("auto", "raw", "instruct", "llama3-chat"),
+        help="prompt template (default auto: GGUF chat template markers, then path hints, then instruct)",
+    )
     p.add_argument("--system-prompt", help="system prompt for templates that have one")
     p.add_argument("--out-dir", metavar="DIR", help="where receipts and worker logs go (default .parity)")
-    p.add_argument("--no-repair", dest="repair", action="store_const", const=False,
-                   help="fail (exit 2) instead of building a missing backend (the default when CI is set)")
+    p.add_argument(
+        "--no-repair",
+        dest="repair",
+        action="store_const",
+        const=False,
+        help="fail (exit 2) instead of building a missing backend (the default when CI is set)",
+    )
     p.add_argument("--verbose", action="store_const", const=True, help="show llama.cpp's log and build output")
     p.add_argument("--dump-ids", action="store_const", const=True, help="print the token ids of the tokenizer.json")
     p.add_argument("--dump-cpp-ids", action="store_const", const=True, help="print the token ids of each C++ backend")
-    p.add_argument("--metrics", metavar="LIST",
-                   help=f"comma list of mse,kl,topk (cosine, L2, max-abs always; default {default_metrics})")
-    p.add_argument("--parallel", action="store_const", const=True,
-                   help="run the lanes at once (receipts identical to a sequential run except timings)")
+    p.add_argument(
+        "--metrics",
+        metavar="LIST",
+        help=f"comma list of mse,kl,topk (cosine, L2, max-abs always; default {default_metrics})",
+    )
+    p.add_argument(
+        "--parallel",
+        action="store_const",
+        const=True,
+        help="run the lanes at once (receipts identical to a sequential run except timings)",
+    )
 
 
 def _add_run_only_flags(p: argparse.ArgumentParser) -> None:
@@ -45,12 +63,32 @@ def _add_run_only_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="threads for the C++ backends (default 2)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="numpy engine precision (default float32)")
     p.add_argument("--timeout", type=float, help="seconds a backend call may take before the worker is killed")
-    p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
-                   help="reference backend lane (repeatable; default llama)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        dest="backends",
+        metavar="NAME",
+        help="reference backend lane (repeatable; default llama)",
+    )
 
 
-_COMMON_KEYS = ("model_gguf", "tokenizer", "prompt", "max_tokens", "cos_tol", "format", "prompt_template",
-                "system_prompt", "out_dir", "repair", "verbose", "dump_ids", "dump_cpp_ids", "metrics", "parallel")
+_COMMON_KEYS = (
+    "model_gguf",
+    "tokenizer",
+    "prompt",
+    "max_tokens",
+    "cos_tol",
+    "format",
+    "prompt_template",
+    "system_prompt",
+    "out_dir",
+    "repair",
+    "verbose",
+    "dump_ids",
+    "dump_cpp_ids",
+    "metrics",
+    "parallel",
+)
 _RUN_KEYS = (*_COMMON_KEYS, "variant", "mse_tol", "threads", "dtype", "timeout")
 
 
@@ -65,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_flags(p_run, "mse,kl,topk")
     _add_run_only_flags(p_run)
 
-    p_both = sub.add_parser("parity-both", help="numpy engine vs bitnet.cpp AND llama.cpp, two lanes (nox -s parity_both)")
+    p_both = sub.add_parser(
+        "parity-both", help="numpy engine vs bitnet.cpp AND llama.cpp, two lanes (nox -s parity_both)"
+    )
     _add_common_flags(p_both, "mse")
 
     p_setup = sub.add_parser("setup-cpp", help="fetch and build a pinned backend and its bridge (nox -s setup_cpp)")

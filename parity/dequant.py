@@ -33,9 +33,7 @@ def _blocks(data: npt.NDArray[Any], qtype: GGMLQuantizationType) -> U8Array:
     raw = _as_bytes(data)
     type_size = GGML_QUANT_SIZES[qtype][1]
     if raw.size % type_size != 0:
-        raise ValueError(
-            f"{raw.size} bytes is not a whole number of {qtype.name} blocks of {type_size} bytes"
-        )
+        raise ValueError(f"{raw.size} bytes is not a whole number of {qtype.name} blocks of {type_size} bytes")
     return raw.reshape(-1, type_size)
 
 
@@ -183,8 +181,7 @@ def dequantize(t: TensorInfo) -> F32Array:
     values = fn(t.data)  # (n_elements,)
     if values.size != t.n_elements:
         raise ModelFormatError(
-            f"tensor '{t.name}' ({t.type_name}, shape {t.shape}) holds {values.size} values, "
-            f"expected {t.n_elements}",
+            f"tensor '{t.name}' ({t.type_name}, shape {t.shape}) holds {values.size} values, expected {t.n_elements}",
             fix="re-download or regenerate the model",
         )
     return values.reshape(t.shape)

@@ -182,8 +182,7 @@ def _int_key(f: GGUFFile, key: str, default: int | None = None) -> int:
         # llama.cpp accepts per-layer arrays; a llama model with equal entries is the same model
         if not value or any(v != value[0] for v in value):
             raise ModelFormatError(
-                f"{f.path}: '{key}' varies per layer ({value}), "
-                "which the numpy llama engine does not support",
+                f"{f.path}: '{key}' varies per layer ({value}), which the numpy llama engine does not support",
                 fix="use a model with the same value in every layer",
             )
         value = value[0]
@@ -231,9 +230,7 @@ def llama_params(f: GGUFFile) -> LlamaParams:
     )
 
 
-def _tensor(
-    f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType, required: bool = True
-) -> Array | None:
+def _tensor(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType, required: bool = True) -> Array | None:
     """Dequantize one tensor to `dtype` after checking its shape against the hyperparameters."""
     t = f.tensors.get(name)
     if t is None:
@@ -362,9 +359,7 @@ class NumpyEngine:
 
     def __init__(self, model: GGUFFile | str | os.PathLike[str], *, dtype: str = "float32") -> None:
         if dtype not in DTYPES:
-            raise UsageError(
-                f"unsupported numpy engine dtype '{dtype}'", fix=f"use one of {', '.join(DTYPES)}"
-            )
+            raise UsageError(f"unsupported numpy engine dtype '{dtype}'", fix=f"use one of {', '.join(DTYPES)}")
         self.gguf = model if isinstance(model, GGUFFile) else open_gguf(model)
         self.architecture = self.gguf.architecture
         self.dtype = dtype
@@ -380,15 +375,11 @@ class NumpyEngine:
     def _check_tokens(self, tokens: Sequence[int], n_extra: int = 0) -> Array:
         ids = np.asarray(tokens)
         if ids.ndim != 1:
-            raise UsageError(
-                f"token ids must be a flat sequence, got shape {ids.shape}", fix="pass a list of ints"
-            )
+            raise UsageError(f"token ids must be a flat sequence, got shape {ids.shape}", fix="pass a list of ints")
         if ids.size == 0:
             raise UsageError("no tokens to evaluate", fix="pass a non-empty list of token ids")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise UsageError(
-                f"token ids must be integers, got {ids.dtype}", fix="pass a list of int token ids"
-            )
+            raise UsageError(f"token ids must be integers, got {ids.dtype}", fix="pass a list of int token ids")
         bad = np.flatnonzero((ids < 0) | (ids >= self.n_vocab))
         if bad.size:
             i = int(bad[0])

@@ -36,7 +36,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except PermissionError as exc:
-        raise PermissionDenied(f"cannot write in {path.parent}: {exc.strerror}", fix="choose a writable directory") from exc
+        raise PermissionDenied(
+            f"cannot write in {path.parent}: {exc.strerror}", fix="choose a writable directory"
+        ) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -83,7 +85,9 @@ def safe_extract(archive: Path, dest: Path, *, member_prefix: str = "", strip: s
             if not rel or any(p == ".git" for p in PurePosixPath(rel).parts):
                 continue
             if m.isdev() or m.islnk():
-                raise UsageError(f"refusing archive member {name!r} in {archive}: hard links and devices are not allowed")
+                raise UsageError(
+                    f"refusing archive member {name!r} in {archive}: hard links and devices are not allowed"
+                )
             if m.issym():
                 target = PurePosixPath(rel).parent / m.linkname
                 if PurePosixPath(m.linkname).is_absolute() or not _normalised_within(target):
@@ -121,10 +125,16 @@ def file_lock(path: Path, *, what: str, timeout: float = 3600.0) -> Iterator[Non
         try:
             lock.acquire(timeout=timeout)
         except Timeout as exc:
-            raise ParityError(f"timed out after {timeout:.0f} s waiting for the lock on {what}", fix=f"remove {path} if no parity process is running") from exc
+            raise ParityError(
+                f"timed out after {timeout:.0f} s waiting for the lock on {what}",
+                fix=f"remove {path} if no parity process is running",
+            ) from exc
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise PermissionDenied(f"cannot create lock file {path}: {exc.strerror}", fix="choose a writable cache directory (PARITY_CACHE)") from exc
+            raise PermissionDenied(
+                f"cannot create lock file {path}: {exc.strerror}",
+                fix="choose a writable cache directory (PARITY_CACHE)",
+            ) from exc
         raise
     try:
         yield

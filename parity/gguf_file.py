@@ -140,8 +140,7 @@ class _CheckedReader(GGUFReader):
             rel = int(offset_tensor[0])
             if rel % self.alignment != 0:
                 raise ModelFormatError(
-                    f"{self._path}: tensor '{name}' data offset {rel} "
-                    f"is not aligned to {self.alignment} bytes",
+                    f"{self._path}: tensor '{name}' data offset {rel} is not aligned to {self.alignment} bytes",
                     fix=_REDOWNLOAD,
                 )
             n_bytes = math.prod(ne) * type_size // block_size  # Python ints: corrupt dims cannot overflow
@@ -159,11 +158,7 @@ def _decode_field(field: ReaderField) -> Any:
     """Turn a gguf-py field into plain Python values (str, int, float, bool, or lists of them)."""
     if not field.types:
         return None
-    if (
-        field.types[0] == GGUFValueType.ARRAY
-        and len(field.types) == 2
-        and field.types[1] != GGUFValueType.STRING
-    ):
+    if field.types[0] == GGUFValueType.ARRAY and len(field.types) == 2 and field.types[1] != GGUFValueType.STRING:
         # One vectorised conversion instead of gguf-py's per-element tolist(): token score and
         # token type arrays have one entry per vocabulary item.
         if not field.data:
@@ -187,8 +182,7 @@ class GGUFFile:
                 self.metadata[key] = _decode_field(field)
             except UnicodeDecodeError as exc:
                 raise ModelFormatError(
-                    f"{path}: metadata key '{key}' at offset {field.offset} "
-                    f"is not valid UTF-8 ({exc.reason})",
+                    f"{path}: metadata key '{key}' at offset {field.offset} is not valid UTF-8 ({exc.reason})",
                     fix=_REDOWNLOAD,
                 ) from None
         self.tensors: dict[str, TensorInfo] = {
@@ -251,8 +245,7 @@ def _check_header(path: Path, size: int) -> None:
     if head[:4] != GGUF_MAGIC:
         raise ModelFormatError(
             f"{path} is not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})",
-            fix="pass a .gguf model; convert safetensors/PyTorch checkpoints "
-            "with llama.cpp's convert_hf_to_gguf.py",
+            fix="pass a .gguf model; convert safetensors/PyTorch checkpoints with llama.cpp's convert_hf_to_gguf.py",
         )
     (version,) = struct.unpack("<I", head[4:8])
     if version in SUPPORTED_VERSIONS:
@@ -263,8 +256,7 @@ def _check_header(path: Path, size: int) -> None:
             fix="convert the model again without --bigendian",
         )
     raise ModelFormatError(
-        f"{path} has GGUF version {version}; "
-        f"supported versions are {', '.join(map(str, SUPPORTED_VERSIONS))}",
+        f"{path} has GGUF version {version}; supported versions are {', '.join(map(str, SUPPORTED_VERSIONS))}",
         fix="convert the model with a current llama.cpp",
     )
 

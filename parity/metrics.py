@@ -28,7 +28,9 @@ def parse_metrics(spec: str) -> frozenset[str]:
     if unknown or not names:
         from parity.errors import UsageError
 
-        raise UsageError(f"--metrics {spec!r}: unknown metric(s) {sorted(unknown)}", fix=f"use a comma list of {', '.join(METRICS)}")
+        raise UsageError(
+            f"--metrics {spec!r}: unknown metric(s) {sorted(unknown)}", fix=f"use a comma list of {', '.join(METRICS)}"
+        )
     return names
 
 
@@ -64,7 +66,9 @@ def position_rows(
                 "max_abs": float(np.max(np.abs(diff[i]))),
                 "kl": float(max(kl[i], 0.0)) if "kl" in metrics else None,
                 "top1_agree": bool(top_a[0] == top_b[0]),
-                "topk_agree": float(len(set(top_a.tolist()) & set(top_b.tolist())) / TOPK) if "topk" in metrics else None,
+                "topk_agree": float(len(set(top_a.tolist()) & set(top_b.tolist())) / TOPK)
+                if "topk" in metrics
+                else None,
                 "ref_top1_margin": float(sorted_b[-1] - sorted_b[-2]),
                 "ref_top1_prob_margin": float(p_sorted[-1] - p_sorted[-2]),
                 "top5_ours": [int(t) for t in top_a],
@@ -113,7 +117,9 @@ def summarize(rows: list[dict[str, Any]], th: Thresholds) -> dict[str, Any]:
         "top1_agreement": float(np.mean([r["top1_agree"] for r in rows])),
         "top1_agreement_decisive": float(np.mean([r["top1_agree"] for r in decisive])) if decisive else 1.0,
         "decisive_positions": len(decisive),
-        "mean_topk_agreement": float(np.mean([r["topk_agree"] for r in rows])) if rows[0]["topk_agree"] is not None else None,
+        "mean_topk_agreement": float(np.mean([r["topk_agree"] for r in rows]))
+        if rows[0]["topk_agree"] is not None
+        else None,
     }
 
 

@@ -89,6 +89,8 @@ def preflight(backend: str, opts: RunOptions) -> build.BuildPlan:
     if build.is_built(p):
         return p
     fix = f"nox -s setup_cpp -- --backend {backend}"
+    if spec.default_source == "git":
+        fix += f" (offline: set {spec.override_env} to a local {backend} checkout)"
     if not opts.repair:
         why = "CI is set" if os.environ.get("CI") else "--no-repair was given"
         raise BackendUnavailable(f"the {backend} backend is not built and auto-repair is off ({why})", fix=fix)
@@ -116,8 +118,16 @@ def lane_params(backend: str, opts: RunOptions, n_tokens: int) -> BackendParams:
     """Context parameters for a lane: most precise KV cache, flash attention off, fixed threads, one batch."""
     n_ctx = _pad(n_tokens)
     type_k, type_v, flash = PRECISE_KV.get(backend, (0, 0, 0))
-    return BackendParams(n_ctx=n_ctx, n_threads=opts.threads, n_batch=n_ctx, n_ubatch=n_ctx, type_k=type_k,
-                         type_v=type_v, flash_attn=flash, seed=opts.seed)
+    return BackendParams(
+        n_ctx=n_ctx,
+        n_threads=opts.threads,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        type_k=type_k,
+        type_v=type_v,
+        flash_attn=flash,
+        seed=opts.seed,
+    )
 
 
 def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
@@ -139,15 +149,22 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
     seconds = {"load": time.perf_counter() - t0}
 
     chat_template = gguf.get("tokenizer.chat_template")
-    template = resolve_template(opts.prompt_template, chat_template if isinstance(chat_template, str) else None, model_path)
+    template = resolve_template(
+        opts.prompt_template, chat_template if isinstance(chat_template, str) else None, model_path
+    )
     formatted = format_prompt(template, opts.prompt, opts.system_prompt)
 
     # Tokenize with every backend (vocab only) and compare with the external tokenizer.
     t1 = time.perf_counter()
     backend_ids: dict[str, list[int]] = {}
     for b, p in plans.items():
-        with Worker(b, p.bridge_path, log_dir=Path(opts.out_dir) / "logs", log_level=3 if opts.verbose else 1,
-                    timeout=opts.timeout) as w:
+        with Worker(
+            b,
+            p.bridge_path,
+            log_dir=Path(opts.out_dir) / "logs",
+            log_level=3 if opts.verbose else 1,
+            timeout=opts.timeout,
+        ) as w:
             vm = RemoteModel(w, str(model_path), BackendParams(vocab_only=1))
             ids = vm.tokenize(formatted, True, True)
             if opts.dump_cpp_ids:
@@ -171,8 +188,13 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
         authority = hf.authority(len(prompt_ids))
     else:
         prompt_ids = first
-        authority = {"source": "gguf_embedded", "path": str(model_path), "file_hash": gguf.sha256(),
-                     "config_hash": gguf_config_hash(gguf.metadata), "token_count": len(prompt_ids)}
+        authority = {
+            "source": "gguf_embedded",
+            "path": str(model_path),
+            "file_hash": gguf.sha256(),
+            "config_hash": gguf_config_hash(gguf.metadata),
+            "token_count": len(prompt_ids),
+        }
     seconds["tokenize"] = time.perf_counter() - t1
 
     n_total = len(prompt_ids) + opts.max_tokens
@@ -186,8 +208,19 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
     generated = engine.greedy(prompt_ids, opts.max_tokens) if opts.max_tokens else []
     logits = engine.logits(prompt_ids + generated)
     seconds["numpy_engine"] = time.perf_counter() - t2
-    shared = Shared(model_path, gguf.sha256(), engine.architecture, template, formatted, prompt_ids, generated, logits,
-                    authority, engine.n_ctx_train, seconds)
+    shared = Shared(
+        model_path,
+        gguf.sha256(),
+        engine.architecture,
+        template,
+        formatted,
+        prompt_ids,
+        generated,
+        logits,
+        authority,
+        engine.n_ctx_train,
+        seconds,
+    )
     return shared, plans
 
 
@@ -199,8 +232,9 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
     base = _receipt_base(backend, p, info, shared, opts, params, th)
     t0 = time.perf_counter()
     try:
-        with Worker(backend, p.bridge_path, log_dir=out_dir / "logs", log_level=3 if opts.verbose else 1,
-                    timeout=opts.timeout) as w:
+        with Worker(
+            backend, p.bridge_path, log_dir=out_dir / "logs", log_level=3 if opts.verbose else 1, timeout=opts.timeout
+        ) as w:
             rm = RemoteModel(w, str(shared.model_path), params)
             base["backend_info"]["api_generation"] = w.hello["api_generation"]
             base["backend_info"]["system_info"] = w.hello["system_info"]
@@ -208,8 +242,13 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
             theirs = rm.greedy(shared.prompt_ids, opts.max_tokens) if opts.max_tokens else []
             rm.close()
     except WorkerError as exc:
-        base.update(status="error", error=str(exc), rows=[], positions=0,
-                    summary={"all_passed": False, "first_divergence": None, "mean_mse": None, "mean_kl": None})
+        base.update(
+            status="error",
+            error=str(exc),
+            rows=[],
+            positions=0,
+            summary={"all_passed": False, "first_divergence": None, "mean_mse": None, "mean_kl": None},
+        )
         path = out_dir / f"receipt_{backend}.json"
         receipts.write(path, base)
         return LaneResult(backend, "error", path, None, error=str(exc), commit=p.commit)
@@ -219,14 +258,24 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
     greedy = {"ours": shared.generated, "theirs": theirs, "first_difference": diff_at}
     status = "pass" if summary["all_passed"] else "diverged"
     base.update(status=status, error=None, rows=rows, positions=len(rows), summary=summary, greedy=greedy)
-    base["seconds"] = {**{k: round(v, 4) for k, v in shared.seconds.items()}, "lane": round(time.perf_counter() - t0, 4)}
+    base["seconds"] = {
+        **{k: round(v, 4) for k, v in shared.seconds.items()},
+        "lane": round(time.perf_counter() - t0, 4),
+    }
     path = out_dir / f"receipt_{backend}.json"
     receipts.write(path, base)
     return LaneResult(backend, status, path, summary, greedy=greedy, commit=p.commit)
 
 
-def _receipt_base(backend: str, p: build.BuildPlan, info: dict[str, Any], shared: Shared, opts: RunOptions,
-                  params: BackendParams, th: metrics.Thresholds) -> dict[str, Any]:
+def _receipt_base(
+    backend: str,
+    p: build.BuildPlan,
+    info: dict[str, Any],
+    shared: Shared,
+    opts: RunOptions,
+    params: BackendParams,
+    th: metrics.Thresholds,
+) -> dict[str, Any]:
     return {
         "version": receipts.RECEIPT_VERSION,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

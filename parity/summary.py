@@ -63,7 +63,10 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
         s = r.summary or {}
         out += ["", f"Lane {r.backend}  (commit {r.commit[:12]})", f"  status        {r.status.upper()}"]
         if r.error:
-            out += [f"  error         {line}" if i == 0 else f"                {line}" for i, line in enumerate(r.error.splitlines())]
+            out += [
+                f"  error         {line}" if i == 0 else f"                {line}"
+                for i, line in enumerate(r.error.splitlines())
+            ]
         if s:
             fd = s["first_divergence"]
             out.append(
@@ -72,9 +75,7 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
                 else f"  first div.    position {fd['pos']}: cosine {fd['cosine']:.8f}, MSE {fd['mse']:.3g}, "
                 f"token {fd['token_id']} (ours top-1 {fd['ours_top1']}, theirs {fd['ref_top1']})"
             )
-            out.append(
-                f"  cosine        min {_g(s['min_cosine'], '.10f')}  mean {_g(s['mean_cosine'], '.10f')}"
-            )
+            out.append(f"  cosine        min {_g(s['min_cosine'], '.10f')}  mean {_g(s['mean_cosine'], '.10f')}")
             out.append(
                 f"  error         mean MSE {_g(s['mean_mse'], '.3g')}  max |Δ| {_g(s['max_abs'], '.3g')}  mean KL"
                 f" {_g(s['mean_kl'], '.3g')}  top-1 {100 * s['top1_agreement_decisive']:.0f}% "

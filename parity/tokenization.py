@@ -23,7 +23,9 @@ TEMPLATES = ("auto", "raw", "instruct", "llama3-chat")
 
 def canonical_hash(tokens: Sequence[str], merges: Sequence[str], special_ids: Sequence[int]) -> str:
     """SHA-256 of the canonical tokenizer description."""
-    body = json.dumps({"tokens": list(tokens), "merges": list(merges), "special": sorted(special_ids)}, ensure_ascii=False)
+    body = json.dumps(
+        {"tokens": list(tokens), "merges": list(merges), "special": sorted(special_ids)}, ensure_ascii=False
+    )
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
@@ -46,7 +48,9 @@ class HFTokenizer:
             tok = Tokenizer.from_file(str(path))
             data = json.loads(path.read_text(encoding="utf-8"))
         except Exception as exc:
-            raise UsageError(f"{path} is not a valid HF tokenizer.json: {exc}", fix="export one with the model's tokenizer") from exc
+            raise UsageError(
+                f"{path} is not a valid HF tokenizer.json: {exc}", fix="export one with the model's tokenizer"
+            ) from exc
         return cls(path, tok, _hf_config_hash(data), sha256_file(path))
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:

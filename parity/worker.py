@@ -113,8 +113,15 @@ def serve(lib_path: str, log_level: int) -> None:
 class Worker:
     """A worker process serving one backend's bridge. Use as a context manager."""
 
-    def __init__(self, backend: str, lib_path: Path, *, log_dir: Path | None = None, log_level: int = 1,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        backend: str,
+        lib_path: Path,
+        *,
+        log_dir: Path | None = None,
+        log_level: int = 1,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         self.backend = backend
         self.timeout = timeout
         if log_dir is not None:
@@ -142,7 +149,9 @@ class Worker:
     def __enter__(self) -> Worker:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     @property
@@ -189,8 +198,10 @@ class Worker:
                 raise self._death(during)
             if time.monotonic() > deadline:
                 self.kill()
-                raise WorkerError(f"{self.backend} worker timed out after {self.timeout:.0f} s during {during}",
-                                  fix="raise the timeout or check the model size")
+                raise WorkerError(
+                    f"{self.backend} worker timed out after {self.timeout:.0f} s during {during}",
+                    fix="raise the timeout or check the model size",
+                )
         if reply[0] == "ok":
             return reply[1]
         _, _kind, message = reply

@@ -28,6 +28,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     if env:
         full_env.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "parity", *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,
+        [sys.executable, "-m", "parity", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
         timeout=900,
     )

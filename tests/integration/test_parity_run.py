@@ -58,7 +58,13 @@ def test_text_summary_layout(llama_plan: build.BuildPlan, tmp_path: Path) -> Non
     proc = run_cli("run", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for part in ("Tokenizer Authority", "Lane llama", "status        PASS", "Overall Status: PASS", "receipt_llama.json"):
+    for part in (
+        "Tokenizer Authority",
+        "Lane llama",
+        "status        PASS",
+        "Overall Status: PASS",
+        "receipt_llama.json",
+    ):
         assert part in out, out
 
 
@@ -148,7 +154,7 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 def test_no_repair_and_ci_fail_with_the_fix_command(tmp_path: Path) -> None:
     empty_cache = {"PARITY_CACHE": str(tmp_path / "empty-cache")}
-    for extra_args, env in (([ "--no-repair"], {}), ([], {"CI": "true"})):
+    for extra_args, env in ((["--no-repair"], {}), ([], {"CI": "true"})):
         out = tmp_path / ("o" + str(len(env)))
         proc = run_cli("run", "--out-dir", str(out), *extra_args, env={**empty_cache, **env})
         assert proc.returncode == 2, proc.stderr

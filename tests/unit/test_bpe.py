@@ -111,9 +111,7 @@ def test_hf_encoding_matches_merges_and_round_trips(corpus: str, vocab: bpe.BpeV
     tok = Tokenizer.from_str(bpe.tokenizer_json(vocab))
     bos = vocab.token_id(bpe.BOS)
     encoding = tok.encode(corpus)
-    expected = [
-        vocab.token_id(piece) for word in bpe.pre_tokenize(corpus) for piece in bpe.segment(vocab, word)
-    ]
+    expected = [vocab.token_id(piece) for word in bpe.pre_tokenize(corpus) for piece in bpe.segment(vocab, word)]
     assert encoding.ids == [bos, *expected]
     assert tok.decode(encoding.ids) == corpus
     assert tok.encode(corpus, add_special_tokens=False).ids == expected

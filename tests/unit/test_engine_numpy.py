@@ -19,9 +19,7 @@ Weights = dict[str, npt.NDArray[np.float32]]
 N_VOCAB, N_EMBD, N_FF, N_CTX, EPS, BASE = 96, 64, 128, 32, 1e-5, 10000.0
 
 
-def make_weights(
-    seed: int, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2, tied: bool = False
-) -> Weights:
+def make_weights(seed: int, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2, tied: bool = False) -> Weights:
     """Random llama weights in numpy (out, in) order, scaled so logits spread over a few units."""
     rng = np.random.default_rng(seed)
     hd = N_EMBD // n_head
@@ -268,12 +266,8 @@ def test_tied_and_untied_output(tmp_path: Path) -> None:
     assert not np.allclose(untied.logits(PROMPT), tied.logits(PROMPT))
 
 
-@pytest.mark.parametrize(
-    "wtype", [gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0], ids=["f16", "q8_0"]
-)
-def test_f16_and_q8_0_equal_f32_model_with_the_same_values(
-    tmp_path: Path, wtype: gguf.GGMLQuantizationType
-) -> None:
+@pytest.mark.parametrize("wtype", [gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0], ids=["f16", "q8_0"])
+def test_f16_and_q8_0_equal_f32_model_with_the_same_values(tmp_path: Path, wtype: gguf.GGMLQuantizationType) -> None:
     w = make_weights(6)
     quant = NumpyEngine(write_llama(tmp_path / "q.gguf", w, wtype=wtype), dtype="float32")
     assert quant.gguf.tensors["blk.0.attn_q.weight"].ggml_type == wtype
@@ -339,9 +333,7 @@ def test_missing_and_misshapen_tensors(tmp_path: Path) -> None:
         NumpyEngine(write_llama(tmp_path / "a.gguf", w))
     w = make_weights(9)
     w["blk.0.attn_k.weight"] = w["blk.0.attn_q.weight"]  # 4 heads' worth where 2 KV heads are declared
-    with pytest.raises(
-        ModelFormatError, match=r"tensor 'blk.0.attn_k.weight' has shape \(64, 64\), expected"
-    ):
+    with pytest.raises(ModelFormatError, match=r"tensor 'blk.0.attn_k.weight' has shape \(64, 64\), expected"):
         NumpyEngine(write_llama(tmp_path / "b.gguf", w))
 
 

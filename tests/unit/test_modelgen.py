@@ -44,9 +44,7 @@ def repo_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(modelgen.LOCK_ENV, raising=False)
 
 
-def test_generating_twice_gives_identical_bytes(
-    generated: dict[str, modelgen.GeneratedModel], tmp_path: Path
-) -> None:
+def test_generating_twice_gives_identical_bytes(generated: dict[str, modelgen.GeneratedModel], tmp_path: Path) -> None:
     for variant, first in generated.items():
         second = modelgen.generate(variant, tmp_path / variant)
         assert second.gguf_path.read_bytes() == first.gguf_path.read_bytes()
@@ -227,9 +225,7 @@ def test_materialize_reuses_then_repairs(tmp_path: Path, repo_lock: None) -> Non
     assert not [p for p in (tmp_path / "q8_0").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_materialize_rejects_bytes_that_differ_from_the_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_materialize_rejects_bytes_that_differ_from_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     document = json.loads(REPO_LOCK.read_text(encoding="utf-8"))
     for entry in document["models"]:
         if entry["name"] == "default-f16":

@@ -22,7 +22,9 @@ def v1() -> dict[str, Any]:
         "prompt": "hi",
         "positions": 1,
         "thresholds": {"cos_tol": 0.999},
-        "rows": [{"pos": 0, "mse": 0.0, "max_abs": 0.0, "kl": 0.0, "topk_agree": 1.0, "top5_ours": [1], "top5_ref": [1]}],
+        "rows": [
+            {"pos": 0, "mse": 0.0, "max_abs": 0.0, "kl": 0.0, "topk_agree": 1.0, "top5_ours": [1], "top5_ref": [1]}
+        ],
         "summary": {"all_passed": True, "first_divergence": None, "mean_mse": 0.0, "mean_kl": 0.0},
     }
 
@@ -34,14 +36,28 @@ def v2() -> dict[str, Any]:
         model={"path": "m.gguf", "sha256": H},
         status="pass",
         error=None,
-        tokenizer_authority={"source": "external", "path": "t.json", "file_hash": H, "config_hash": H, "token_count": 3},
+        tokenizer_authority={
+            "source": "external",
+            "path": "t.json",
+            "file_hash": H,
+            "config_hash": H,
+            "token_count": 3,
+        },
         prompt_template="instruct",
         formatted_prompt="### Instruction:\nhi",
         determinism_seed=0,
         model_sha256=H,
         backend_info={"name": "llama", "commit": "abc"},
-        run_config={"threads": 2, "n_ctx": 64, "n_batch": 64, "n_ubatch": 64, "type_k": 0, "type_v": 0,
-                    "flash_attn": 0, "eval_shape": "batch"},
+        run_config={
+            "threads": 2,
+            "n_ctx": 64,
+            "n_batch": 64,
+            "n_ubatch": 64,
+            "type_k": 0,
+            "type_v": 0,
+            "flash_attn": 0,
+            "eval_shape": "batch",
+        },
         token_ids=[1, 2, 3],
     )
     return r

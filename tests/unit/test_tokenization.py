@@ -18,7 +18,9 @@ from parity.tokenization import (
 
 def test_first_difference_names_position_ids_and_strings() -> None:
     with pytest.raises(TokenizerMismatch) as e:
-        check_token_parity([1, 1, 5], [1, 5, 6], backend="llama", ours_str=lambda t: f"s{t}", theirs_str=lambda t: f"t{t}")
+        check_token_parity(
+            [1, 1, 5], [1, 5, 6], backend="llama", ours_str=lambda t: f"s{t}", theirs_str=lambda t: f"t{t}"
+        )
     msg = str(e.value)
     assert "position 1" in msg and "gives 1 ('s1')" in msg and "gives 5 ('t5')" in msg
     assert e.value.exit_code == 2
@@ -65,15 +67,33 @@ def test_format_prompt() -> None:
 def _tokenizer_json(path: Path) -> Path:
     data = {
         "version": "1.0",
-        "added_tokens": [{"id": 4, "content": "<s>", "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True}],
+        "added_tokens": [
+            {
+                "id": 4,
+                "content": "<s>",
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        ],
         "normalizer": None,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {"a": 0, "b": 1, "ab": 2, "c": 3}, "merges": ["a b"]},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {"a": 0, "b": 1, "ab": 2, "c": 3},
+            "merges": ["a b"],
+        },
     }
     path.write_text(json.dumps(data))
     return path
@@ -81,8 +101,11 @@ def _tokenizer_json(path: Path) -> Path:
 
 def test_config_hash_equal_for_hf_and_gguf_forms(tmp_path: Path) -> None:
     hf = HFTokenizer.load(_tokenizer_json(tmp_path / "tokenizer.json"))
-    meta = {"tokenizer.ggml.tokens": ["a", "b", "ab", "c", "<s>"], "tokenizer.ggml.merges": ["a b"],
-            "tokenizer.ggml.token_type": [1, 1, 1, 1, 3]}
+    meta = {
+        "tokenizer.ggml.tokens": ["a", "b", "ab", "c", "<s>"],
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.token_type": [1, 1, 1, 1, 3],
+    }
     assert hf.config_hash == gguf_config_hash(meta)
     meta["tokenizer.ggml.merges"] = []
     assert hf.config_hash != gguf_config_hash(meta)
