@@ -28,6 +28,9 @@ from parity.fsutil import atomic_write_text, file_lock, safe_extract, sha256_fil
 from parity.runner import Timer, log, run
 
 DEFAULT_PYPI_INDEX = "https://pypi.org/simple"
+# Files a backend's own CMake run writes into its source tree (llama.cpp's common/build-info.cpp in 2024
+# trees): they must not change the tree's identity, or every build would invalidate its own cache key.
+GENERATED_IN_TREE = frozenset({"build-info.cpp"})
 CHUNK = 1 << 20
 
 
@@ -68,6 +71,10 @@ class BackendSpec:
     submodules: tuple[GitSubmodule, ...] = ()
     # Files copied inside the source tree before configuring (bitnet.cpp's LUT kernel header).
     prepare_copy: dict[str, str] = field(default_factory=dict)
+    # "cmake": `cmake --install`; "collect": copy the static libraries from the build tree and the headers
+    # from `include_dirs` (bitnet.cpp's install rules reference a header that does not exist).
+    install: str = "cmake"
+    include_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,8 @@ def _spec(name: str, e: dict[str, Any]) -> BackendSpec:
         sdist=sdist,
         submodules=subs,
         prepare_copy=dict(e.get("prepare_copy", {})),
+        install=e.get("install", "cmake"),
+        include_dirs=tuple(e.get("include_dirs", ())),
     )
 
 
@@ -199,7 +208,7 @@ def _local_fingerprint(root: Path, ignore: set[str] | None = None) -> tuple[str,
             dirnames[:] = sorted(d for d in dirnames if d not in (".git", "build") and not d.startswith("build-"))
             for fn in sorted(filenames):
                 rel = os.path.relpath(os.path.join(dirpath, fn), root)
-                if rel in ignore:
+                if rel in ignore or fn in GENERATED_IN_TREE:
                     continue
                 st = os.stat(os.path.join(dirpath, fn))
                 h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

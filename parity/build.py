@@ -182,14 +182,34 @@ def _init_cache(p: BuildPlan, prefix: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cmake_commands(p: BuildPlan, src: Path, jobs: int) -> list[list[str]]:
-    """The exact configure / build / install commands for libllama (asserted by unit tests)."""
+def cmake_commands(p: BuildPlan, src: Path, jobs: int, install: str = "cmake") -> list[list[str]]:
+    """The exact configure / build (/ install) commands for libllama (asserted by unit tests)."""
     build = p.lib_dir / "build"
-    return [
+    cmds = [
         ["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-C", str(p.lib_dir / "init-cache.cmake")],
         ["cmake", "--build", str(build), "--parallel", str(jobs)],
-        ["cmake", "--install", str(build)],
     ]
+    if install == "cmake":
+        cmds.append(["cmake", "--install", str(build)])
+    return cmds
+
+
+def collect_install(build_dir: Path, src: Path, include_dirs: tuple[str, ...], prefix: Path) -> None:
+    """Install by copying: every static library of the build tree, and llama.h/ggml*.h from include_dirs."""
+    (prefix / "lib").mkdir(parents=True, exist_ok=True)
+    (prefix / "include").mkdir(parents=True, exist_ok=True)
+    libs = sorted(build_dir.rglob("*.a"))
+    if not libs:
+        raise BuildError(f"no static libraries under {build_dir}", fix="see the build log beside it")
+    for lib in libs:
+        shutil.copy2(lib, prefix / "lib" / lib.name)
+    for rel in include_dirs:
+        for header in sorted((src / rel).glob("*.h")):
+            shutil.copy2(header, prefix / "include" / header.name)
+    if not (prefix / "include" / "llama.h").is_file():
+        raise BuildError(
+            f"llama.h not found in {', '.join(include_dirs)} of {src}", fix="check include_dirs in the lock"
+        )
 
 
 def _build_lib(spec: backends.BackendSpec, p: BuildPlan, src: Path, *, verbose: bool, jobs: int | None) -> float:
@@ -209,9 +229,14 @@ def _build_lib(spec: backends.BackendSpec, p: BuildPlan, src: Path, *, verbose: 
     jobs = jobs or os.cpu_count() or 2
     t0 = time.perf_counter()
     labels = ("configure", "build", "install")
-    for label, cmd in zip(labels, cmake_commands(p, src, jobs), strict=True):
+    for label, cmd in zip(
+        labels, cmake_commands(p, src, jobs, spec.install), strict=False
+    ):  # no install step for "collect"
         with Timer(f"{spec.name}: libllama {label}"):
             run(cmd, verbose=verbose, log_file=p.lib_dir / f"{label}.log")
+    if spec.install == "collect":
+        with Timer(f"{spec.name}: libllama install (collect)"):
+            collect_install(p.lib_dir / "build", src, spec.include_dirs, prefix)
     seconds = time.perf_counter() - t0
     atomic_write_json(done, {"seconds": round(seconds, 2), "prefix": str(prefix)})
     return seconds

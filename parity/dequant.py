@@ -86,6 +86,63 @@ def dequantize_q4_0(data: npt.NDArray[Any]) -> F32Array:
     return y.reshape(-1)
 
 
+def dequantize_q4_1(data: npt.NDArray[Any]) -> F32Array:
+    """Q4_1: mirrors `dequantize_row_q4_1` (ggml-quants.c): y[j] = lo * d + m, y[j + 16] = hi * d + m.
+
+    Block (20 bytes): f16 d, f16 m, uint8 qs[16] (element j in the low nibble, j + 16 in the high one).
+    """
+    blocks = _blocks(data, GGMLQuantizationType.Q4_1)  # (nb, 20)
+    d = _f16(blocks[:, 0:2])  # (nb, 1)
+    m = _f16(blocks[:, 2:4])  # (nb, 1)
+    qs = blocks[:, 4:]  # (nb, 16)
+    x0 = (qs & 0x0F).astype(np.float32)  # (nb, 16)
+    x1 = (qs >> 4).astype(np.float32)  # (nb, 16)
+    return np.concatenate([x0 * d + m, x1 * d + m], axis=1).reshape(-1)  # (nb*32,)
+
+
+def _q5_high_bits(qh: U8Array) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """The fifth bits of a Q5 block as 0/16, for elements j and j + 16 (j = 0..15).
+
+    Mirrors `xh_0 = ((qh >> (j + 0)) << 4) & 0x10` and `xh_1 = ((qh >> (j + 12))) & 0x10` with qh the
+    block's four bytes read as a little-endian uint32: element j takes bit j, element j + 16 bit j + 16.
+    """
+    bits = np.ascontiguousarray(qh).view("<u4").astype(np.int64)  # (nb, 1)
+    j = np.arange(16)  # (16,)
+    xh_0 = ((bits >> j) << 4) & 0x10  # (nb, 16)
+    xh_1 = (bits >> (j + 12)) & 0x10  # (nb, 16)
+    return xh_0.astype(np.int32), xh_1.astype(np.int32)
+
+
+def dequantize_q5_0(data: npt.NDArray[Any]) -> F32Array:
+    """Q5_0: mirrors `dequantize_row_q5_0` (ggml-quants.c): y = (q - 16) * d with 5-bit q.
+
+    Block (22 bytes): f16 d, uint8 qh[4] (the fifth bit of each of the 32 elements), uint8 qs[16]
+    (low nibble: element j, high nibble: element j + 16).
+    """
+    blocks = _blocks(data, GGMLQuantizationType.Q5_0)  # (nb, 22)
+    d = _f16(blocks[:, 0:2])  # (nb, 1)
+    xh_0, xh_1 = _q5_high_bits(blocks[:, 2:6])  # (nb, 16) each
+    qs = blocks[:, 6:].astype(np.int32)  # (nb, 16)
+    x0 = ((qs & 0x0F) | xh_0) - 16  # (nb, 16)
+    x1 = ((qs >> 4) | xh_1) - 16  # (nb, 16)
+    return np.concatenate([x0.astype(np.float32) * d, x1.astype(np.float32) * d], axis=1).reshape(-1)
+
+
+def dequantize_q5_1(data: npt.NDArray[Any]) -> F32Array:
+    """Q5_1: mirrors `dequantize_row_q5_1` (ggml-quants.c): y = q * d + m with 5-bit q.
+
+    Block (24 bytes): f16 d, f16 m, uint8 qh[4], uint8 qs[16], laid out as in Q5_0.
+    """
+    blocks = _blocks(data, GGMLQuantizationType.Q5_1)  # (nb, 24)
+    d = _f16(blocks[:, 0:2])  # (nb, 1)
+    m = _f16(blocks[:, 2:4])  # (nb, 1)
+    xh_0, xh_1 = _q5_high_bits(blocks[:, 4:8])  # (nb, 16) each
+    qs = blocks[:, 8:].astype(np.int32)  # (nb, 16)
+    x0 = ((qs & 0x0F) | xh_0).astype(np.float32)  # (nb, 16)
+    x1 = ((qs >> 4) | xh_1).astype(np.float32)  # (nb, 16)
+    return np.concatenate([x0 * d + m, x1 * d + m], axis=1).reshape(-1)  # (nb*32,)
+
+
 def _scale_min_k4(scales: U8Array) -> tuple[F32Array, F32Array]:
     """Mirrors `get_scale_min_k4` for j = 0..7: six-bit scales and mins packed into 12 bytes.
 
@@ -156,6 +213,9 @@ DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[npt.NDArray[Any]], F32Array]]
     GGMLQuantizationType.BF16: dequantize_bf16,
     GGMLQuantizationType.Q8_0: dequantize_q8_0,
     GGMLQuantizationType.Q4_0: dequantize_q4_0,
+    GGMLQuantizationType.Q4_1: dequantize_q4_1,
+    GGMLQuantizationType.Q5_0: dequantize_q5_0,
+    GGMLQuantizationType.Q5_1: dequantize_q5_1,
     GGMLQuantizationType.Q4_K: dequantize_q4_k,
     GGMLQuantizationType.Q6_K: dequantize_q6_k,
 }

@@ -95,19 +95,25 @@ def softmax(x: Array, axis: int = -1) -> Array:
     return p
 
 
-def attention(q: Array, k: Array, v: Array, scale: float | np.floating[Any]) -> Array:
-    """Causal grouped-query attention over one sequence at positions 0..n-1.
+def causal_mask(n: int) -> Array:
+    """(n, n) bool [query, key]: True where the key may be attended to, i.e. key <= query."""
+    return np.tril(np.ones((n, n), dtype=bool))  # (n, n)
+
+
+def attention(q: Array, k: Array, v: Array, scale: float | np.floating[Any], allowed: Array | None = None) -> Array:
+    """Grouped-query attention over one sequence at positions 0..n-1, causal unless `allowed` says otherwise.
 
     q is (n, h, hd), k and v are (n, hk, hd); query head j reads KV head j // (h / hk), as ggml's
-    broadcasting mul_mat does. As in ggml_soft_max_ext, the scale multiplies q.k, not q.
+    broadcasting mul_mat does. As in ggml_soft_max_ext, the scale multiplies q.k, not q. `allowed` is an
+    (n, n) bool [query, key] mask (e.g. a sliding window); masked keys get -inf, as in llama.cpp's KQ mask.
     """
     n, h, hd = q.shape
     group = h // k.shape[1]
     k = np.repeat(k, group, axis=1)  # (n, h, hd)
     v = np.repeat(v, group, axis=1)  # (n, h, hd)
     scores = q.transpose(1, 0, 2) @ k.transpose(1, 2, 0)  # (h, n, n): [head, query, key]
-    future = np.triu(np.ones((n, n), dtype=bool), k=1)  # (n, n): key after query
-    scores = np.where(future, -np.inf, scores * scale)  # (h, n, n)
+    keep = causal_mask(n) if allowed is None else allowed  # (n, n)
+    scores = np.where(keep, scores * scale, -np.inf)  # (h, n, n)
     probs = softmax(scores, axis=-1)  # (h, n, n)
     out = probs @ v.transpose(1, 0, 2)  # (h, n, hd)
     return out.transpose(1, 0, 2).reshape(n, h * hd)  # (n, h*hd)
@@ -176,36 +182,28 @@ class LlamaWeights:
     rope_freqs: Array | None  # (n_rot/2,) llama3 frequency factors
 
 
-def _int_key(f: GGUFFile, key: str, default: int | None = None) -> int:
+def int_key(f: GGUFFile, key: str, default: int | None = None) -> int:
+    """An integer hyperparameter; `default` when absent, or required when no default is given.
+
+    llama.cpp accepts per-layer arrays for some keys; an array with equal entries is the same model.
+    """
     value = f.get(key, default) if default is not None else f.require(key)
     if isinstance(value, list):
-        # llama.cpp accepts per-layer arrays; a llama model with equal entries is the same model
         if not value or any(v != value[0] for v in value):
             raise ModelFormatError(
-                f"{f.path}: '{key}' varies per layer ({value}), which the numpy llama engine does not support",
+                f"{f.path}: '{key}' varies per layer ({value}), which the numpy engine does not support",
                 fix="use a model with the same value in every layer",
             )
         value = value[0]
     return int(value)
 
 
-def llama_params(f: GGUFFile) -> LlamaParams:
-    """Read llama hyperparameters with llama.cpp's defaults (llama-model.cpp, load_hparams)."""
+def rope_freq_scale(f: GGUFFile) -> float:
+    """The trained RoPE frequency scale, 1 / `rope.scaling.factor` (llama-model.cpp, load_hparams).
+
+    Only unscaled and linearly scaled RoPE are implemented; YaRN and LongRoPE are rejected.
+    """
     arch = f.architecture
-    n_embd = _int_key(f, f"{arch}.embedding_length")
-    n_head = _int_key(f, f"{arch}.attention.head_count")
-    head_dim = _int_key(f, f"{arch}.attention.key_length", n_embd // n_head)
-    n_rot = _int_key(f, f"{arch}.rope.dimension_count", head_dim)
-    if n_rot != head_dim:
-        raise ModelFormatError(
-            f"{f.path}: '{arch}.rope.dimension_count' is {n_rot} but the head dimension is {head_dim}",
-            fix="llama.cpp rejects this model too ('invalid n_rot'); check the converter",
-        )
-    if _int_key(f, f"{arch}.attention.value_length", head_dim) != head_dim:
-        raise ModelFormatError(
-            f"{f.path}: '{arch}.attention.value_length' differs from the key length {head_dim}",
-            fix="llama.cpp's llama graph requires equal key and value head sizes; check the converter",
-        )
     scaling = str(f.get(f"{arch}.rope.scaling.type", "linear"))
     if scaling not in ("none", "linear"):
         raise ModelFormatError(
@@ -213,30 +211,52 @@ def llama_params(f: GGUFFile) -> LlamaParams:
             fix="use a model without YaRN/LongRoPE scaling",
         )
     factor = float(f.get(f"{arch}.rope.scaling.factor", f.get(f"{arch}.rope.scale_linear", 0.0)))
+    return 1.0 if factor == 0.0 else 1.0 / factor
+
+
+def llama_params(f: GGUFFile) -> LlamaParams:
+    """Read llama hyperparameters with llama.cpp's defaults (llama-model.cpp, load_hparams)."""
+    arch = f.architecture
+    n_embd = int_key(f, f"{arch}.embedding_length")
+    n_head = int_key(f, f"{arch}.attention.head_count")
+    head_dim = int_key(f, f"{arch}.attention.key_length", n_embd // n_head)
+    n_rot = int_key(f, f"{arch}.rope.dimension_count", head_dim)
+    if n_rot != head_dim:
+        raise ModelFormatError(
+            f"{f.path}: '{arch}.rope.dimension_count' is {n_rot} but the head dimension is {head_dim}",
+            fix="llama.cpp rejects this model too ('invalid n_rot'); check the converter",
+        )
+    if int_key(f, f"{arch}.attention.value_length", head_dim) != head_dim:
+        raise ModelFormatError(
+            f"{f.path}: '{arch}.attention.value_length' differs from the key length {head_dim}",
+            fix="llama.cpp's llama graph requires equal key and value head sizes; check the converter",
+        )
     n_vocab = f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else 0
     return LlamaParams(
         n_vocab=n_vocab,
         n_embd=n_embd,
-        n_layer=_int_key(f, f"{arch}.block_count"),
-        n_ff=_int_key(f, f"{arch}.feed_forward_length"),
+        n_layer=int_key(f, f"{arch}.block_count"),
+        n_ff=int_key(f, f"{arch}.feed_forward_length"),
         n_head=n_head,
-        n_head_kv=_int_key(f, f"{arch}.attention.head_count_kv", n_head),
+        n_head_kv=int_key(f, f"{arch}.attention.head_count_kv", n_head),
         head_dim=head_dim,
         n_rot=n_rot,
         rms_eps=float(f.require(f"{arch}.attention.layer_norm_rms_epsilon")),
         rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
-        rope_freq_scale=1.0 if factor == 0.0 else 1.0 / factor,
-        n_ctx_train=_int_key(f, f"{arch}.context_length"),
+        rope_freq_scale=rope_freq_scale(f),
+        n_ctx_train=int_key(f, f"{arch}.context_length"),
     )
 
 
-def _tensor(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType, required: bool = True) -> Array | None:
+def load_tensor(
+    f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType, required: bool = True
+) -> Array | None:
     """Dequantize one tensor to `dtype` after checking its shape against the hyperparameters."""
     t = f.tensors.get(name)
     if t is None:
         if required:
             raise ModelFormatError(
-                f"{f.path}: tensor '{name}' is missing", fix="the file is not a complete llama model"
+                f"{f.path}: tensor '{name}' is missing", fix=f"the file is not a complete {f.architecture} model"
             )
         return None
     if t.shape != shape:
@@ -247,8 +267,9 @@ def _tensor(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType, re
     return dequantize(t).astype(dtype, copy=False)
 
 
-def _req(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType) -> Array:
-    arr = _tensor(f, name, shape, dtype)
+def require_tensor(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType) -> Array:
+    """`load_tensor` for a tensor that must be present."""
+    arr = load_tensor(f, name, shape, dtype)
     assert arr is not None  # required=True raises instead of returning None
     return arr
 
@@ -262,41 +283,41 @@ def load_llama(f: GGUFFile, dtype: FloatType) -> LlamaWeights:
             f"{f.path}: head_count {p.n_head} is not a multiple of head_count_kv {p.n_head_kv}",
             fix="check the attention head counts in the metadata",
         )
-    token_embd = _req(f, "token_embd.weight", (p.n_vocab, d), dtype)
+    token_embd = require_tensor(f, "token_embd.weight", (p.n_vocab, d), dtype)
     layers = []
     for i in range(p.n_layer):
         b = f"blk.{i}."
         biases: dict[str, Array] = {}
         for kind, size in (("attn_q", q_out), ("attn_k", kv_out), ("attn_v", kv_out), ("attn_output", d)):
-            bias = _tensor(f, f"{b}{kind}.bias", (size,), dtype, required=False)
+            bias = load_tensor(f, f"{b}{kind}.bias", (size,), dtype, required=False)
             if bias is not None:
                 biases[kind] = bias
         for kind, size in (("ffn_gate", f_), ("ffn_up", f_), ("ffn_down", d)):
-            bias = _tensor(f, f"{b}{kind}.bias", (size,), dtype, required=False)
+            bias = load_tensor(f, f"{b}{kind}.bias", (size,), dtype, required=False)
             if bias is not None:
                 biases[kind] = bias
         layers.append(
             LlamaLayer(
-                attn_norm=_req(f, b + "attn_norm.weight", (d,), dtype),
-                wq=_req(f, b + "attn_q.weight", (q_out, d), dtype),
-                wk=_req(f, b + "attn_k.weight", (kv_out, d), dtype),
-                wv=_req(f, b + "attn_v.weight", (kv_out, d), dtype),
-                wo=_req(f, b + "attn_output.weight", (d, q_out), dtype),
-                ffn_norm=_req(f, b + "ffn_norm.weight", (d,), dtype),
-                w_gate=_req(f, b + "ffn_gate.weight", (f_, d), dtype),
-                w_up=_req(f, b + "ffn_up.weight", (f_, d), dtype),
-                w_down=_req(f, b + "ffn_down.weight", (d, f_), dtype),
+                attn_norm=require_tensor(f, b + "attn_norm.weight", (d,), dtype),
+                wq=require_tensor(f, b + "attn_q.weight", (q_out, d), dtype),
+                wk=require_tensor(f, b + "attn_k.weight", (kv_out, d), dtype),
+                wv=require_tensor(f, b + "attn_v.weight", (kv_out, d), dtype),
+                wo=require_tensor(f, b + "attn_output.weight", (d, q_out), dtype),
+                ffn_norm=require_tensor(f, b + "ffn_norm.weight", (d,), dtype),
+                w_gate=require_tensor(f, b + "ffn_gate.weight", (f_, d), dtype),
+                w_up=require_tensor(f, b + "ffn_up.weight", (f_, d), dtype),
+                w_down=require_tensor(f, b + "ffn_down.weight", (d, f_), dtype),
                 biases=biases,
             )
         )
-    output = _tensor(f, "output.weight", (p.n_vocab, d), dtype, required=False)
+    output = load_tensor(f, "output.weight", (p.n_vocab, d), dtype, required=False)
     return LlamaWeights(
         params=p,
         token_embd=token_embd,
         layers=layers,
-        output_norm=_req(f, "output_norm.weight", (d,), dtype),
+        output_norm=require_tensor(f, "output_norm.weight", (d,), dtype),
         output=token_embd if output is None else output,  # tied embeddings, as llama.cpp does
-        rope_freqs=_tensor(f, "rope_freqs.weight", (p.n_rot // 2,), dtype, required=False),
+        rope_freqs=load_tensor(f, "rope_freqs.weight", (p.n_rot // 2,), dtype, required=False),
     )
 
 
@@ -348,8 +369,18 @@ def _build_llama(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
     return forward, weights.params.n_vocab, weights.params.n_ctx_train
 
 
+def _build_gemma3(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
+    # imported here because parity.arch_gemma3 builds on this module's operations
+    from parity.arch_gemma3 import build_gemma3
+
+    return build_gemma3(f, dtype)
+
+
 # One builder per architecture: (gguf, dtype) -> (forward, n_vocab, n_ctx_train).
-ARCHITECTURES: dict[str, Callable[[GGUFFile, FloatType], tuple[Forward, int, int]]] = {"llama": _build_llama}
+ARCHITECTURES: dict[str, Callable[[GGUFFile, FloatType], tuple[Forward, int, int]]] = {
+    "llama": _build_llama,
+    "gemma3": _build_gemma3,
+}
 
 
 class NumpyEngine:

@@ -61,7 +61,8 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
     ]
     for r in results:
         s = r.summary or {}
-        out += ["", f"Lane {r.backend}  (commit {r.commit[:12]})", f"  status        {r.status.upper()}"]
+        commit = r.commit[:12] if all(c in "0123456789abcdef" for c in r.commit) else r.commit
+        out += ["", f"Lane {r.backend}  (commit {commit})", f"  status        {r.status.upper()}"]
         if r.error:
             out += [
                 f"  error         {line}" if i == 0 else f"                {line}"
