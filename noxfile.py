@@ -55,6 +55,13 @@ def parity_both(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def fetch_models(session: nox.Session) -> None:
+    """Fetch the models pinned in lock/models.lock.json into ~/.cache/parity/models (`parity fetch-models --help`)."""
+    _install_once(session, *BUILD_DEPS, "-e", ".")
+    session.run("parity", "fetch-models", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (builds llama.cpp once into cache/; bitnet.cpp/network tests deselected in CI)."""
     _install_once(session, *BUILD_DEPS, "-e", ".[test]")

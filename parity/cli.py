@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from parity import __version__
+from parity import __version__, fetch
 from parity.errors import ParityError
 
 
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--variant", choices=("f32", "f16", "q8_0"), default="f32")
     p_gen.add_argument("-o", "--out-dir", required=True, metavar="DIR")
 
+    fetch.add_parser(sub)
+
     p_rec = sub.add_parser("receipts", help="receipt tools")
     rsub = p_rec.add_subparsers(dest="receipts_command", required=True, metavar="ACTION")
     p_verify = rsub.add_parser("verify", help="validate receipts against the shipped JSON Schema (v1 and v2)")
@@ -188,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Any] = {
         "run": cmd_run,
         "parity-both": cmd_parity_both,
+        "fetch-models": fetch.run,
         "setup-cpp": cmd_setup,
         "generate-model": cmd_generate,
         "receipts": cmd_receipts_verify,

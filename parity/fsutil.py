@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -121,7 +122,7 @@ def file_lock(path: Path, *, what: str, timeout: float = 3600.0) -> Iterator[Non
     try:
         lock.acquire(timeout=1.0)
     except Timeout:
-        print(f"waiting for another parity process holding the lock on {what} ({path}) ...", flush=True)
+        print(f"waiting for another parity process holding the lock on {what} ({path}) ...", file=sys.stderr, flush=True)
         try:
             lock.acquire(timeout=timeout)
         except Timeout as exc:
