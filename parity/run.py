@@ -195,6 +195,9 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
             "config_hash": gguf_config_hash(gguf.metadata),
             "token_count": len(prompt_ids),
         }
+    # Which tokenizers produced exactly these ids, and whether the external vocabulary is the model's own.
+    authority["checked_against"] = sorted(backend_ids)
+    authority["gguf_config_hash"] = gguf_config_hash(gguf.metadata)
     seconds["tokenize"] = time.perf_counter() - t1
 
     n_total = len(prompt_ids) + opts.max_tokens

@@ -37,6 +37,8 @@ def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, A
         "lanes": lanes,
         "overall": {
             "status": "pass" if code == 0 else "fail",
+            "tokenizer_consistent": True,  # a run only gets here when every tokenizer gave the same ids
+            "tokenizer_checked_against": shared.authority.get("checked_against", []),
             "lanes_passed": sum(r.passed for r in results),
             "lanes": len(results),
             "exit_code": code,
@@ -92,7 +94,17 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
         if r.receipt_path:
             out.append(f"  receipt       {r.receipt_path}")
     status = "PASS" if code == 0 else "FAIL"
-    out += ["", f"Overall Status: {status} - {sum(r.passed for r in results)}/{len(results)} lanes pass (exit {code})"]
+    checked = ", ".join(a.get("checked_against", []))
+    same_vocab = (
+        "same vocabulary as the GGUF"
+        if a.get("gguf_config_hash") == a["config_hash"]
+        else "vocabulary hash differs from the GGUF's"
+    )
+    out += [
+        "",
+        f"Overall Status: {status} - {sum(r.passed for r in results)}/{len(results)} lanes pass (exit {code})",
+        f"  tokenizer     consistent: {a['source']} tokenizer and {checked} gave identical ids ({same_vocab})",
+    ]
     return "\n".join(out)
 
 
