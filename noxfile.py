@@ -54,6 +54,13 @@ def parity_both(session: nox.Session) -> None:
     session.run("parity", "parity-both", *session.posargs)
 
 
+@nox.session(python=PYTHON, requires=["setup_cpp"])
+def parity_windows(session: nox.Session) -> None:
+    """Stepwise parity in windows: llama.cpp vs numpy vs an external command, 120 steps (`parity windows --help`)."""
+    _install_once(session, *BUILD_DEPS, "-e", ".")
+    session.run("parity", "windows", *(session.posargs or ["resume", "--config", "examples/windows/llm.toml"]))
+
+
 @nox.session(python=PYTHON)
 def fetch_models(session: nox.Session) -> None:
     """Fetch the models pinned in lock/models.lock.json into ~/.cache/parity/models (`parity fetch-models --help`)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from parity import __version__, fetch
 from parity.errors import ParityError
+from parity.workflow import cli as windows_cli
 
 
 def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
@@ -58,7 +59,32 @@ def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
 
 
 def _add_run_only_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", choices=("f32", "f16", "q8_0"), help="default-model variant (default f32)")
+    p.add_argument(
+        "--variant",
+        choices=(
+            "f32",
+            "f16",
+            "q8_0",
+            "ternary",
+            "ternary-f32",
+            "ternary-f16",
+            "ternary-i2_s",
+            "ternary-tq2_0",
+            "ternary-tq1_0",
+        ),
+        help="default-model variant (default f32); ternary: the ternary bitnet model, each lane in its backend's native "
+        "format (bitnet I2_S, llama TQ2_0); ternary-<format>: every lane on that one file",
+    )
+    p.add_argument(
+        "--eval-shape",
+        choices=("batch", "stepwise"),
+        help="how lanes evaluate the sequence: one decode (batch, default) or one token per decode (stepwise)",
+    )
+    p.add_argument(
+        "--numerics",
+        choices=("exact", "mirror"),
+        help="numpy on the dequantized weights (exact, default) or at the lane engine's rounding points (mirror; bitnet)",
+    )
     p.add_argument("--mse-tol", type=float, help="a position passes when MSE <= this too (default 0.01)")
     p.add_argument("--threads", type=int, help="threads for the C++ backends (default 2)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="numpy engine precision (default float32)")
@@ -89,7 +115,7 @@ _COMMON_KEYS = (
     "metrics",
     "parallel",
 )
-_RUN_KEYS = (*_COMMON_KEYS, "variant", "mse_tol", "threads", "dtype", "timeout")
+_RUN_KEYS = (*_COMMON_KEYS, "variant", "mse_tol", "threads", "dtype", "timeout", "eval_shape", "numerics")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("-o", "--out-dir", required=True, metavar="DIR")
 
     fetch.add_parser(sub)
+    windows_cli.add_parser(sub)
 
     p_rec = sub.add_parser("receipts", help="receipt tools")
     rsub = p_rec.add_subparsers(dest="receipts_command", required=True, metavar="ACTION")
@@ -191,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run,
         "parity-both": cmd_parity_both,
         "fetch-models": fetch.run,
+        "windows": windows_cli.run,
         "setup-cpp": cmd_setup,
         "generate-model": cmd_generate,
         "receipts": cmd_receipts_verify,

@@ -1,0 +1,14 @@
+"""Stepwise parity of N implementations, window by window (`parity windows run|resume|status|report`).
+
+A run checks steps [start, end) in windows of W steps. Per window, the reference implementation computes its
+steps first; every alternate then computes the same steps (for LLM engines teacher-forced on the reference's
+tokens) and is compared field by field. Verified windows are never recomputed: the run's state is a JSON file,
+written atomically with backup generations, validated on load, guarded by a lock.
+
+Modules: `config` (the implementations TOML), `compare` (per-field tolerances), `impls` (numpy, llama,
+bitnet engines and the external-command protocol), `state` (persisted state, recovery, lock), `runner`
+(windows, resume, regression), `reports` (divergence reports, archives), `status` (Markdown + HTML page),
+`cli` (the `windows` subcommand).
+"""
+
+from __future__ import annotations

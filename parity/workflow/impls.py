@@ -1,0 +1,501 @@
+"""Implementations that take part in a windows run: built-in LLM engines and external commands.
+
+Every implementation answers one question: "give me your step records for steps [start, start + count)".
+A step record is a JSON object. For the LLM engines one step is one decode step and its record is
+
+    {"step": i, "position": p, "token": t, "top_ids": [...], "top_logits": [...], "logits_digest": "sha256:..."}
+
+plus the full logit row as a numpy array under "logits" (kept in memory for comparison, never written to
+traces). Step i is the prediction made at position p = len(prompt) - 1 + i, i.e. after the prompt and the
+reference's first i chosen tokens. `token` is the argmax (lowest id on exact ties) of the float32 row,
+`top_ids`/`top_logits` the top-k by logit, and `logits_digest` the SHA-256 of the row as little-endian
+IEEE float32 bytes (rows computed in float64 are rounded to float32 first): an exact fingerprint for
+"bit-identical to last time", not a cross-engine comparison.
+
+The reference computes its window autoregressively from its own choices; alternates are teacher-forced on
+the reference's tokens, so one alternate call evaluates prefix + window in one pass and keeps the window's
+rows. An implementation that cannot answer (fails to build, crashes, times out, exits non-zero, breaks the
+protocol) yields a WindowOutput with `error` set: it did not take part in that window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from parity.errors import ParityError, UsageError
+from parity.fsutil import sha256_file
+from parity.workflow.config import DEFAULT_COMMAND_TIMEOUT, DEFAULT_TOP_K, ImplSpec, WindowsConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+
+PROTOCOL_VERSION = 1
+STDERR_TAIL = 3
+KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL for a command that overran its timeout
+
+
+class Unavailable(Exception):
+    """An implementation could not produce a window (the message is recorded as the reason)."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every implementation of a run receives, resolved once per process."""
+
+    config: WindowsConfig
+    run_dir: Path
+    llm: bool
+    input: dict[str, Any]  # the [input] table as external commands receive it (resolved for LLM runs)
+    prompt_ids: tuple[int, ...] = ()
+    model_path: Path | None = None
+    top_k: int = DEFAULT_TOP_K
+    n_positions: int = 0  # prompt + steps: the context the engines must hold
+    digest: str = ""  # SHA-256 of the resolved input (and model file): a resumed run must match it
+
+    @property
+    def config_dir(self) -> Path:
+        return self.config.path.parent
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def resolve_context(cfg: WindowsConfig, run_dir: Path, end: int) -> RunContext:
+    """Resolve the run's input: for an LLM run the model, tokenizer and prompt ids (checked against the context)."""
+    if not cfg.llm:
+        inp = dict(cfg.input)
+        return RunContext(cfg, run_dir, False, inp, digest=hashlib.sha256(_canonical(inp).encode()).hexdigest())
+    from parity.engine_numpy import int_key
+    from parity.gguf_file import open_gguf
+    from parity.run import default_model
+    from parity.tokenization import HFTokenizer, format_prompt, resolve_template
+
+    inp = dict(cfg.input)
+    base = cfg.path.parent
+    if "model" in inp:
+        model_path = (base / str(inp["model"])).expanduser().resolve()
+        tok_path = (base / str(inp["tokenizer"])).expanduser().resolve() if "tokenizer" in inp else None
+    else:
+        model_path, default_tok = default_model(str(inp.get("variant", "f32")))
+        tok_path = (base / str(inp["tokenizer"])).expanduser().resolve() if "tokenizer" in inp else default_tok
+    gguf = open_gguf(model_path)
+    n_ctx = int_key(gguf, f"{gguf.architecture}.context_length")
+    if "prompt_ids" in inp:
+        prompt_ids = [int(t) for t in inp["prompt_ids"]]
+        formatted = None
+    else:
+        if tok_path is None:
+            raise UsageError(
+                f"{cfg.path}: [input] prompt needs a tokenizer for {model_path.name}",
+                fix="set [input] tokenizer = PATH to its tokenizer.json, or give prompt_ids",
+            )
+        chat = gguf.get("tokenizer.chat_template")
+        template = resolve_template(
+            str(inp.get("template", "auto")), chat if isinstance(chat, str) else None, model_path
+        )
+        sys_prompt = inp.get("system_prompt")
+        formatted = format_prompt(template, str(inp["prompt"]), str(sys_prompt) if sys_prompt else None)
+        prompt_ids = HFTokenizer.load(tok_path).encode(formatted)
+    if len(prompt_ids) + end > n_ctx:
+        raise UsageError(
+            f"{cfg.path}: prompt ({len(prompt_ids)} tokens) + {end} steps exceeds the context of "
+            f"{model_path.name} ({n_ctx} positions)",
+            fix=f"lower [run] steps to at most {n_ctx - len(prompt_ids)} or shorten the prompt",
+        )
+    top_k = int(inp.get("top_k", DEFAULT_TOP_K))
+    resolved = {
+        **{k: v for k, v in inp.items() if k not in ("model", "tokenizer")},
+        "model": str(model_path),
+        "model_sha256": sha256_file(model_path),
+        "tokenizer": str(tok_path) if tok_path else None,
+        "formatted_prompt": formatted,
+        "prompt_ids": prompt_ids,
+        "top_k": top_k,
+    }
+    digest_src = {k: v for k, v in resolved.items() if k not in ("model", "tokenizer")}
+    return RunContext(
+        cfg,
+        run_dir,
+        True,
+        resolved,
+        tuple(prompt_ids),
+        model_path,
+        top_k,
+        len(prompt_ids) + end,
+        hashlib.sha256(_canonical(digest_src).encode()).hexdigest(),
+    )
+
+
+def logits_digest(row: np.ndarray) -> str:
+    """SHA-256 of a logit row as little-endian float32 bytes: `sha256:<hex>`."""
+    import numpy as np
+
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(row, dtype="<f4").tobytes()).hexdigest()
+
+
+def step_record(step: int, position: int, row: np.ndarray, top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
+    """The record of one decode step from its logit row (see the module docstring for the fields)."""
+    import numpy as np
+
+    r32 = np.ascontiguousarray(row, dtype=np.float32)  # (V,)
+    top = np.argsort(-r32, kind="stable")[:top_k]  # (k,): stable, so exact ties rank the lower id first
+    return {
+        "step": step,
+        "position": position,
+        "token": int(top[0]),
+        "top_ids": [int(i) for i in top],
+        "top_logits": [float(r32[i]) for i in top],
+        "logits_digest": logits_digest(r32),
+        "logits": r32,
+    }
+
+
+def persistable(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without in-memory arrays (full logit rows stay out of traces; the digest stands for them)."""
+    np = sys.modules.get("numpy")  # without numpy loaded, no value can be an array
+    if np is None:
+        return dict(record)
+    return {k: v for k, v in record.items() if not isinstance(v, np.ndarray)}
+
+
+@dataclass
+class WindowOutput:
+    """An implementation's answer for one window: its records, or why it could not take part."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Implementation:
+    """Base class: `run_window` never raises for an implementation's own failure, it reports it."""
+
+    def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
+        self.spec = spec
+        self.ctx = ctx
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    def run_window(self, start: int, count: int, tokens: Sequence[int], trace_dir: Path) -> WindowOutput:
+        """Records for steps [start, start + count); `tokens` are the reference's tokens known so far."""
+        t0 = time.perf_counter()
+        try:
+            out = WindowOutput(self._window(start, count, list(tokens), trace_dir))
+        except (Unavailable, ParityError) as exc:
+            out = WindowOutput(error=str(exc))
+        out.seconds = time.perf_counter() - t0
+        if out.ok and self.role == "reference":
+            out.error = self._check_reference(start, count, out.records)
+        return out
+
+    def _check_reference(self, start: int, count: int, records: list[dict[str, Any]]) -> str | None:
+        # Alternates are compared against these records and (LLM) teacher-forced on their tokens, so a
+        # reference that answers short or without tokens cannot anchor the window.
+        if len(records) != count:
+            return (
+                f"reference {self.name} emitted {len(records)} of {count} steps for window [{start}, {start + count})"
+            )
+        if self.ctx.llm:
+            for r in records:
+                tok = r.get("token")
+                if not isinstance(tok, int) or isinstance(tok, bool):
+                    return f"reference {self.name}: step {r.get('step')} has no integer 'token' (needed for teacher forcing)"
+        return None
+
+    def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release processes and memory (idempotent)."""
+
+
+class NumpyImpl(Implementation):
+    """parity's numpy engine, in process. The reference decodes step by step (no KV cache: each step is a
+    full forward pass of prompt + tokens so far); an alternate evaluates prefix + window in one pass."""
+
+    def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
+        super().__init__(spec, ctx)
+        self._engine: Any = None
+
+    def _open(self) -> Any:
+        if self._engine is None:
+            from parity.engine_numpy import NumpyEngine
+
+            assert self.ctx.model_path is not None
+            self._engine = NumpyEngine(self.ctx.model_path, dtype=str(self.spec.options.get("dtype", "float32")))
+        return self._engine
+
+    def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
+        engine = self._open()
+        prompt = list(self.ctx.prompt_ids)
+        k = self.ctx.top_k
+        if self.role == "reference":
+            seq = prompt + tokens[:start]
+            out = []
+            for j in range(count):
+                row = engine.logits(seq)[-1]  # (V,)
+                rec = step_record(start + j, len(seq) - 1, row, k)
+                out.append(rec)
+                seq.append(rec["token"])
+            return out
+        first = len(prompt) - 1 + start
+        rows = engine.logits(prompt + tokens[: start + count - 1])[first : first + count]  # (count, V)
+        return [step_record(start + j, first + j, rows[j], k) for j in range(len(rows))]
+
+
+class BridgeImpl(Implementation):
+    """llama.cpp or bitnet.cpp through parity's bridge in a worker process (built on first use).
+
+    The reference proposes a window with the backend's KV-cached greedy decode, then confirms it with one
+    batched decode of prefix + proposal: if a row's argmax disagrees with the proposal (a near-tie between
+    the two evaluation shapes), the window continues from the batched row's choice. An alternate evaluates
+    prefix + window in one decode.
+    """
+
+    def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
+        super().__init__(spec, ctx)
+        self._worker: Any = None
+        self._model: Any = None
+        self._fatal: str | None = None  # a build/load failure is not retried every window
+        self._starts = 0
+
+    def _open(self) -> Any:
+        if self._fatal:
+            raise Unavailable(self._fatal)
+        if self._model is not None:
+            return self._model
+        from parity import config as parity_config
+        from parity import run as parity_run
+        from parity.worker import RemoteModel, Worker
+
+        backend = self.spec.kind
+        cli: dict[str, Any] = {"threads": self.spec.options.get("threads"), "timeout": self.spec.options.get("timeout")}
+        try:
+            opts = parity_config.resolve(cli)
+            plan = parity_run.preflight(backend, opts)
+        except ParityError as exc:
+            self._fatal = f"{self.name} ({backend}) is unavailable: {exc}"
+            raise Unavailable(self._fatal) from exc
+        # One log directory per worker start: a restarted worker must not truncate the log of the one that
+        # crashed (Worker opens its log for writing).
+        self._starts += 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        log_dir = self.ctx.run_dir / "logs" / f"{self.name}-{stamp}-{os.getpid()}-{self._starts}"
+        self._worker = Worker(backend, plan.bridge_path, log_dir=log_dir, timeout=opts.timeout)
+        try:
+            params = parity_run.lane_params(backend, opts, self.ctx.n_positions)
+            self._model = RemoteModel(self._worker, str(self.ctx.model_path), params)
+        except ParityError:
+            self.close()
+            raise
+        return self._model
+
+    def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
+        try:
+            return self._compute(start, count, tokens)
+        except ParityError:
+            self.close()  # a crashed worker is replaced on the next window
+            raise
+
+    def _compute(self, start: int, count: int, tokens: list[int]) -> list[dict[str, Any]]:
+        import numpy as np
+
+        model = self._open()
+        prompt = list(self.ctx.prompt_ids)
+        k = self.ctx.top_k
+        if self.role != "reference":
+            first = len(prompt) - 1 + start
+            rows = np.asarray(model.eval(prompt + tokens[: start + count - 1]))[first : first + count]
+            return [step_record(start + j, first + j, rows[j], k) for j in range(len(rows))]
+        seq = prompt + tokens[:start]
+        out: list[dict[str, Any]] = []
+        while len(out) < count:
+            remaining = count - len(out)
+            proposal = list(model.greedy(seq, remaining))
+            rows = np.asarray(model.eval(seq + proposal[:-1]))[len(seq) - 1 :]  # (remaining, V)
+            for j in range(remaining):
+                rec = step_record(start + len(out), len(seq) - 1, rows[j], k)
+                out.append(rec)
+                seq = [*seq, rec["token"]]
+                if rec["token"] != proposal[j]:
+                    break  # later rows were computed on the proposal's token, not this one
+        return out
+
+    def close(self) -> None:
+        if self._worker is not None:
+            with contextlib.suppress(ParityError, OSError):
+                self._worker.close()
+        self._worker = None
+        self._model = None
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+class CommandImpl(Implementation):
+    """An external command speaking the windows protocol (README.md, section Stepwise parity, "External command protocol").
+
+    It gets `--start S --count N` appended to its argv, the window request as one JSON object on stdin and
+    PARITY_WINDOW_* variables in its environment; it prints one JSON object per step on stdout. Its stderr
+    goes to the window's trace directory. A run uses subprocess directly rather than parity.runner.run
+    because the protocol needs stdin, a timeout and a process-group kill, and a failure is an outcome to
+    record, not an error to raise.
+    """
+
+    def _argv(self, start: int, count: int) -> list[str]:
+        subst = {"{python}": sys.executable, "{config_dir}": str(self.ctx.config_dir)}
+        argv = []
+        for a in self.spec.options["command"]:
+            for key, value in subst.items():
+                a = a.replace(key, value)
+            argv.append(a)
+        if self.spec.options.get("append_args", True):
+            argv += ["--start", str(start), "--count", str(count)]
+        return argv
+
+    def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
+        opts = self.spec.options
+        timeout = float(opts.get("timeout", DEFAULT_COMMAND_TIMEOUT))
+        scratch = self.ctx.run_dir / "scratch" / self.name
+        scratch.mkdir(parents=True, exist_ok=True)
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        request = {
+            "protocol": PROTOCOL_VERSION,
+            "implementation": self.name,
+            "role": self.role,
+            "start": start,
+            "count": count,
+            "end": start + count,
+            "input": self.ctx.input,
+            "tokens": tokens,
+            "params": dict(opts.get("params", {})),
+        }
+        env = dict(os.environ)
+        env.update(
+            {
+                "PARITY_PROTOCOL": str(PROTOCOL_VERSION),
+                "PARITY_WINDOW_START": str(start),
+                "PARITY_WINDOW_COUNT": str(count),
+                "PARITY_WINDOW_END": str(start + count),
+                "PARITY_IMPL": self.name,
+                "PARITY_ROLE": self.role,
+                "PARITY_RUN_DIR": str(self.ctx.run_dir),
+                "PARITY_SCRATCH_DIR": str(scratch),
+                "PARITY_CONFIG_DIR": str(self.ctx.config_dir),
+            }
+        )
+        env.update({str(k): str(v) for k, v in dict(opts.get("env", {})).items()})
+        cwd = (self.ctx.config_dir / str(opts["cwd"])).resolve() if "cwd" in opts else self.ctx.config_dir
+        argv = self._argv(start, count)
+        where = f"window [{start}, {start + count})"
+        stderr_path = trace_dir / f"{self.name}.stderr"
+        with open(stderr_path, "wb") as err:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,  # a timeout kills the command's whole process group
+                )
+            except OSError as exc:
+                raise Unavailable(f"{self.name}: cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+            try:
+                stdout, _ = proc.communicate(json.dumps(request).encode("utf-8"), timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._kill_group(proc)
+                raise Unavailable(f"{self.name} timed out after {timeout:g} s on {where} (killed)") from None
+        tail = self._stderr_tail(stderr_path)
+        if proc.returncode != 0:
+            how = (
+                f"was killed by {_signal_name(proc.returncode)}"
+                if proc.returncode < 0
+                else f"exited with code {proc.returncode}"
+            )
+            raise Unavailable(f"{self.name} {how} on {where}" + (f"; stderr: {tail}" if tail else ""))
+        return self._parse(stdout, start, where)
+
+    def _parse(self, stdout: bytes, start: int, where: str) -> list[dict[str, Any]]:
+        try:
+            text = stdout.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Unavailable(f"{self.name}: protocol error on {where}: stdout is not UTF-8 ({exc})") from exc
+        records: list[dict[str, Any]] = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise Unavailable(
+                    f"{self.name}: protocol error on {where}: stdout line {n} is not JSON ({exc.msg}): {line[:80]!r}"
+                ) from exc
+            if not isinstance(rec, dict):
+                raise Unavailable(f"{self.name}: protocol error on {where}: stdout line {n} is not a JSON object")
+            want = start + len(records)
+            if rec.get("step") != want:
+                raise Unavailable(
+                    f"{self.name}: protocol error on {where}: stdout line {n} has step {rec.get('step')!r}, expected {want}"
+                )
+            records.append(rec)
+        return records
+
+    @staticmethod
+    def _stderr_tail(path: Path) -> str:
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in lines[-STDERR_TAIL:] if line.strip())
+
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+        for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.communicate(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+KIND_CLASSES: dict[str, type[Implementation]] = {
+    "numpy": NumpyImpl,
+    "llama": BridgeImpl,
+    "bitnet": BridgeImpl,
+    "command": CommandImpl,
+}
+
+
+def create(spec: ImplSpec, ctx: RunContext) -> Implementation:
+    """The implementation object for a spec (nothing is built or started until its first window)."""
+    return KIND_CLASSES[spec.kind](spec, ctx)
