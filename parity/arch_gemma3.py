@@ -1,14 +1,15 @@
 """Gemma 3 for the numpy reference engine, following llama.cpp's `gemma3` graph (src/models/gemma3.cpp).
 
 Differences from llama, all taken from that graph and from `llama_model_gemma3::load_arch_hparams`:
-- embeddings are multiplied by sqrt(n_embd) (as a float32 `sqrtf`);
+- embeddings are multiplied by sqrt(n_embd) (`sqrtf` in llama.cpp, the engine dtype here);
 - Q and K are RMS-normed per head (`attn_q_norm`, `attn_k_norm`) before NEOX-mode RoPE, which rotates
   the pairs (x[i], x[i + n_rot/2]) instead of adjacent pairs;
 - Q is multiplied by the attention scale after RoPE and the softmax scale is 1; the scale is
   1/sqrt(head_dim), except for the 62-layer (27B) model, which uses 1/sqrt(n_embd / n_head);
 - the attention and FFN outputs are RMS-normed again (`post_attention_norm`, `post_ffw_norm`) before
   their residual adds; the norm weights already include Gemma's "+1" (the converter folds it in);
-- the FFN is GELU(gate) * up with the tanh approximation of GELU;
+- the FFN is GELU(gate) * up with the tanh approximation of GELU (computed exactly here; ggml's CPU
+  backend reads it from an f16 table, worth ~2e-3 in the logits of an all-F32 model, see `gelu_tanh`);
 - layers alternate between sliding-window ("local") and full ("global") attention. With a window n_swa,
   a local layer's query at position p sees keys at positions k with p - n_swa < k <= p (llama.cpp masks
   a key when p - k >= n_swa) and uses RoPE base `rope.freq_base_swa` (default 10000) with no frequency
@@ -23,6 +24,7 @@ Shapes: n = tokens, d = n_embd, h = query heads, hk = KV heads, hd = head dim, f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,19 +175,15 @@ def _swa_layers(f: GGUFFile, n_layer: int, n_swa: int) -> tuple[bool, ...]:
     """Which layers use the sliding window: llama_model_base::load_swa_pattern with period 6 by default.
 
     The pattern key is either a per-layer array (nonzero = sliding) or a period P, where layer il slides
-    unless il % P == P - 1 (P = 0: every layer slides). Without a window no layer slides.
+    unless il % P == P - 1 (P = 0: every layer slides; P = 1: none). Without a window no layer slides.
     """
     if n_swa <= 0:
         return (False,) * n_layer
     pattern = f.get(f"{f.architecture}.attention.sliding_window_pattern", SWA_PERIOD_DEFAULT)
     if isinstance(pattern, list):
-        if len(pattern) > n_layer:
-            raise ModelFormatError(
-                f"{f.path}: 'attention.sliding_window_pattern' has {len(pattern)} entries for {n_layer} layers",
-                fix="the metadata does not match the model; re-convert it",
-            )
-        # llama.cpp leaves layers past the array's end at their initial value, full attention
-        return tuple(bool(v) for v in pattern) + (False,) * (n_layer - len(pattern))
+        # like llama.cpp: entries past the last layer are ignored, layers past the array's end stay global
+        flags = tuple(bool(v) for v in pattern[:n_layer])
+        return flags + (False,) * (n_layer - len(flags))
     period = int(pattern)
     return tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
 
@@ -239,8 +237,7 @@ def gemma3_params(f: GGUFFile) -> Gemma3Params:
         rope_base_swa=float(f.get(f"{arch}.rope.freq_base_swa", ROPE_BASE_SWA_DEFAULT)),
         n_swa=max(n_swa, 0),
         is_swa=_swa_layers(f, n_layer, n_swa),
-        # 1.0f / std::sqrt(float(...)) in llama.cpp: a float32 value, kept as such
-        attn_scale=float(np.float32(1.0) / np.sqrt(np.float32(scale_dim))),
+        attn_scale=1.0 / math.sqrt(scale_dim),  # rounded to the engine dtype where it is applied
         final_logit_softcap=float(f.get(f"{arch}.final_logit_softcapping", 0.0)),
         n_ctx_train=int_key(f, f"{arch}.context_length"),
     )

