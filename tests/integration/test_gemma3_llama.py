@@ -15,7 +15,6 @@ above that noise floor (measured: min cosine 0.990-0.998, mean KL 4-7e-3, max KL
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
