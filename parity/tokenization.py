@@ -37,9 +37,17 @@ class HFTokenizer:
     tok: Any
     config_hash: str
     file_hash: str
+    source: str = "external"  # external | auto_discovered | gguf_embedded
 
     @classmethod
-    def load(cls, path: Path) -> HFTokenizer:
+    def from_text(cls, text: str, *, source: str, path: Path, file_hash: str) -> HFTokenizer:
+        """A tokenizer from tokenizer.json text (e.g. exported from a GGUF); `path`/`file_hash` name its origin."""
+        from tokenizers import Tokenizer
+
+        return cls(path, Tokenizer.from_str(text), _hf_config_hash(json.loads(text)), file_hash, source)
+
+    @classmethod
+    def load(cls, path: Path, source: str = "external") -> HFTokenizer:
         from tokenizers import Tokenizer
 
         if not path.is_file():
@@ -51,7 +59,7 @@ class HFTokenizer:
             raise UsageError(
                 f"{path} is not a valid HF tokenizer.json: {exc}", fix="export one with the model's tokenizer"
             ) from exc
-        return cls(path, tok, _hf_config_hash(data), sha256_file(path))
+        return cls(path, tok, _hf_config_hash(data), sha256_file(path), source)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special).ids)
@@ -62,7 +70,7 @@ class HFTokenizer:
 
     def authority(self, token_count: int) -> dict[str, Any]:
         return {
-            "source": "external",
+            "source": self.source,
             "path": str(self.path),
             "file_hash": self.file_hash,
             "config_hash": self.config_hash,
