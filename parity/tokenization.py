@@ -84,7 +84,13 @@ def _hf_config_hash(data: dict[str, Any]) -> str:
     for added in data.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    # A SentencePiece vocabulary (byte_fallback BPE in HF) has no merges in its GGUF: HF's are derived from the
+    # scores, so they are left out on both sides and the hash covers tokens and special ids.
+    merges = (
+        []
+        if model.get("byte_fallback")
+        else [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    )
     special = [a["id"] for a in data.get("added_tokens", []) if a.get("special")]
     return canonical_hash(tokens, merges, special)
 
