@@ -44,6 +44,8 @@ class RunOptions:
     dump_cpp_ids: bool = False
     metrics: str = "mse,kl,topk"
     parallel: bool = False
+    eval_shape: str = "batch"  # batch: one decode of the whole sequence; stepwise: one token per decode
+    numerics: str = "exact"  # exact: dequantized weights; mirror: the lane engine's rounding points
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the flag and the fix."""
@@ -64,8 +66,14 @@ class RunOptions:
         from parity.metrics import parse_metrics
 
         parse_metrics(self.metrics)
-        if self.variant not in ("f32", "f16", "q8_0"):
-            raise UsageError(f"--variant must be f32, f16 or q8_0, got {self.variant!r}")
+        from parity.numerics import check_mode
+        from parity.ternary_model import RUN_VARIANTS
+
+        if self.variant not in ("f32", "f16", "q8_0", *RUN_VARIANTS):
+            raise UsageError(
+                f"--variant must be f32, f16, q8_0 or a ternary model ({', '.join(RUN_VARIANTS)}), got {self.variant!r}"
+            )
+        check_mode(self.numerics, self.eval_shape)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,12 +8,14 @@ layouts are those of `ggml-common.h`; all multi-byte fields are little-endian.
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from parity import ternary
 from parity.errors import ModelFormatError
 from parity.gguf_file import TensorInfo
 
@@ -207,7 +209,9 @@ def dequantize_q6_k(data: npt.NDArray[Any]) -> F32Array:
     return y.reshape(-1)
 
 
-DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[npt.NDArray[Any]], F32Array]] = {
+# Keyed by IntEnum members (gguf-py's types, plus parity.ternary.ForkType for bitnet.cpp's I2_S), which hash
+# like their integer ids.
+DEQUANTIZERS: dict[IntEnum, Callable[[npt.NDArray[Any]], F32Array]] = {
     GGMLQuantizationType.F32: dequantize_f32,
     GGMLQuantizationType.F16: dequantize_f16,
     GGMLQuantizationType.BF16: dequantize_bf16,
@@ -218,6 +222,9 @@ DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[npt.NDArray[Any]], F32Array]]
     GGMLQuantizationType.Q5_1: dequantize_q5_1,
     GGMLQuantizationType.Q4_K: dequantize_q4_k,
     GGMLQuantizationType.Q6_K: dequantize_q6_k,
+    GGMLQuantizationType.TQ1_0: ternary.dequantize_tq1_0,
+    GGMLQuantizationType.TQ2_0: ternary.dequantize_tq2_0,
+    ternary.ForkType.I2_S: ternary.dequantize_i2_s,
 }
 
 
@@ -228,10 +235,8 @@ def supported_types() -> list[str]:
 
 def dequantize(t: TensorInfo) -> F32Array:
     """Dequantize a tensor to a new float32 array of shape `t.shape` (numpy order)."""
-    try:
-        fn = DEQUANTIZERS.get(GGMLQuantizationType(t.ggml_type))
-    except ValueError:  # an id gguf-py does not know at all
-        fn = None
+    # IntEnum keys hash and compare like their ids, so the plain id finds gguf-py's and the fork's types alike
+    fn: Callable[[npt.NDArray[Any]], F32Array] | None = DEQUANTIZERS.get(t.ggml_type)  # type: ignore[call-overload]
     if fn is None:
         raise ModelFormatError(
             f"tensor '{t.name}' has type {t.type_name}, which parity cannot dequantize "

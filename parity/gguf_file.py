@@ -19,8 +19,9 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from gguf.gguf_reader import GGUFReader, ReaderField
+from gguf.gguf_reader import GGUFReader, ReaderField, ReaderTensor
 
+from parity import ternary
 from parity.errors import ModelFormatError, UsageError
 
 GGUF_MAGIC = b"GGUF"
@@ -59,6 +60,8 @@ class TensorInfo:
 
 
 def _type_name(ggml_type: int) -> str:
+    if ggml_type == ternary.ForkType.I2_S:
+        return "I2_S"
     try:
         return GGMLQuantizationType(ggml_type).name
     except ValueError:
@@ -117,17 +120,21 @@ class _CheckedReader(GGUFReader):
         return super()._get_field_parts(orig_offs, raw_type)
 
     def _build_tensors(self, start_offs: int, fields: list[ReaderField]) -> None:
+        fork_only: list[ReaderTensor] = []  # bitnet.cpp's I2_S (type 36): gguf-py has no size for it
         for field in fields:
             _name_len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
             name = bytes(name_data).decode("utf-8", errors="replace")
             type_id = int(raw_dtype[0])
+            if type_id == ternary.ForkType.I2_S:
+                fork_only.append(self._i2_s_tensor(start_offs, field, name))
+                continue
             try:
                 qtype = GGMLQuantizationType(type_id)
             except ValueError:
                 raise ModelFormatError(
                     f"{self._path}: tensor '{name}' has ggml type {type_id}, which gguf-py cannot read",
-                    fix="convert the model with mainline llama.cpp "
-                    "(fork-only types such as bitnet.cpp's I2_S are unsupported)",
+                    fix="convert the model with mainline llama.cpp or bitnet.cpp's I2_S "
+                    "(other fork-only types such as TL1/TL2 are unsupported)",
                 ) from None
             block_size, type_size = GGML_QUANT_SIZES[qtype]
             ne = [int(d) for d in dims]
@@ -151,7 +158,38 @@ class _CheckedReader(GGUFReader):
                     f"but the file has {self._file_size}",
                     fix=_REDOWNLOAD,
                 )
-        super()._build_tensors(start_offs, fields)
+        super()._build_tensors(start_offs, [f for f in fields if int(f.parts[4][0]) != ternary.ForkType.I2_S])
+        self.tensors = [*self.tensors, *fork_only]
+
+    def _i2_s_tensor(self, start_offs: int, field: ReaderField, name: str) -> ReaderTensor:
+        """A raw-byte view of an I2_S tensor: n/4 code bytes + 32 (scale, padding), the fork's ggml_nbytes."""
+        dims = field.parts[3]
+        n = math.prod(int(d) for d in dims)
+        if not dims.size or int(dims[0]) % ternary.QK_I2_S != 0:
+            raise ModelFormatError(
+                f"{self._path}: I2_S tensor '{name}' has row length {int(dims[0]) if dims.size else 0}, "
+                f"not a multiple of {ternary.QK_I2_S}",
+                fix=_REDOWNLOAD,
+            )
+        n_bytes = ternary.i2_s_nbytes(n)
+        rel = int(field.parts[5][0])
+        end = start_offs + rel + n_bytes
+        if rel % self.alignment != 0 or end > self._file_size:
+            raise ModelFormatError(
+                f"{self._path}: I2_S tensor '{name}' at data offset {rel} ({n_bytes} bytes) is misaligned "
+                f"or runs past the end of the file ({self._file_size} bytes)",
+                fix=_REDOWNLOAD,
+            )
+        return ReaderTensor(
+            name=name,
+            tensor_type=ternary.ForkType.I2_S,  # type: ignore[arg-type]  # an id gguf-py does not know
+            shape=dims,
+            n_elements=n,
+            n_bytes=n_bytes,
+            data_offset=start_offs + rel,
+            data=self._get(start_offs + rel, np.uint8, n_bytes),
+            field=field,
+        )
 
 
 def _decode_field(field: ReaderField) -> Any:

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from parity.errors import (
 from parity.runner import log
 from parity.tokenization import HFTokenizer, check_token_parity, format_prompt, gguf_config_hash, resolve_template
 from parity.worker import RemoteModel, Worker
+
+if TYPE_CHECKING:
+    from parity.gguf_file import GGUFFile
 
 REPAIR_GUARD_ENV = "PARITY_REPAIRING"
 
@@ -50,6 +53,8 @@ class Shared:
     authority: dict[str, Any]
     n_ctx_train: int
     seconds: dict[str, float] = field(default_factory=dict)
+    # The file each lane loads when it is not `model_path` (the ternary family: each backend's native format).
+    lane_models: dict[str, Path] = field(default_factory=dict)
 
     @property
     def sequence(self) -> list[int]:
@@ -104,6 +109,25 @@ def preflight(backend: str, opts: RunOptions) -> build.BuildPlan:
         os.environ.pop(REPAIR_GUARD_ENV, None)
 
 
+def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> HFTokenizer | None:
+    """The tokenizer authority: --tokenizer (external), a tokenizer.json beside the model (auto_discovered),
+    else the vocabulary embedded in the GGUF exported to HF tokenizers (gguf_embedded). None only when the
+    GGUF's vocabulary type cannot be exported; then llama.cpp's own ids are the authority."""
+    from parity.tokenizer_export import export_metadata
+
+    if tok_path is not None:
+        return HFTokenizer.load(tok_path)
+    beside = model_path.parent / "tokenizer.json"
+    if beside.is_file():
+        return HFTokenizer.load(beside, source="auto_discovered")
+    try:
+        text = export_metadata(gguf.metadata, str(model_path))
+    except UsageError as exc:
+        log(f"tokenizer: cannot export the GGUF vocabulary ({exc}); using llama.cpp's ids as the authority")
+        return None
+    return HFTokenizer.from_text(text, source="gguf_embedded", path=model_path, file_hash=gguf.sha256())
+
+
 def _pad(n: int, multiple: int = 64) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
@@ -136,15 +160,29 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
     from parity.gguf_file import open_gguf
 
     t0 = time.perf_counter()
+    lane_models: dict[str, Path] = {}  # lanes that load another file than numpy (the ternary family)
     if opts.model_gguf:
         model_path = Path(opts.model_gguf).expanduser().resolve()
         tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else None
+    elif opts.variant.startswith("ternary"):
+        from parity import paths, ternary_model
+
+        model_path, default_tok, lane_models = ternary_model.run_models(
+            opts.variant,
+            paths.cache_dir() / "models" / "ternary",
+            lane_backends,
+            verbose=opts.verbose,
+            repair=opts.repair,
+        )
+        tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
     else:
         model_path, default_tok = default_model(opts.variant)
         tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
     gguf = open_gguf(model_path)  # missing / non-GGUF / truncated -> exit 2 before anything runs
     engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture -> exit 2
-    hf = HFTokenizer.load(tok_path) if tok_path else None
+    lane_models = {b: lane for b, lane in lane_models.items() if lane != model_path}
+    _check_lane_formats(opts, lane_backends, gguf, lane_models)  # unsupported model format -> exit 2
+    hf = resolve_tokenizer(model_path, tok_path, gguf)
     plans = {b: preflight(b, opts) for b in lane_backends}
     seconds = {"load": time.perf_counter() - t0}
 
@@ -165,7 +203,7 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
             log_level=3 if opts.verbose else 1,
             timeout=opts.timeout,
         ) as w:
-            vm = RemoteModel(w, str(model_path), BackendParams(vocab_only=1))
+            vm = RemoteModel(w, str(lane_models.get(b, model_path)), BackendParams(vocab_only=1))
             ids = vm.tokenize(formatted, True, True)
             if opts.dump_cpp_ids:
                 log(f"{b} ids: {ids}")
@@ -223,8 +261,26 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
         authority,
         engine.n_ctx_train,
         seconds,
+        lane_models,
     )
     return shared, plans
+
+
+def _check_lane_formats(
+    opts: RunOptions, lane_backends: list[str], gguf: GGUFFile, lane_models: dict[str, Path]
+) -> None:
+    """Refuse, before any lane runs, a lane whose backend cannot load its file's tensor types (exit 2)."""
+    from parity import ternary
+    from parity.gguf_file import open_gguf
+
+    for b in lane_backends:
+        f = open_gguf(lane_models[b]) if b in lane_models else gguf
+        ternary.require_loadable(b, f.path, {name: t.ggml_type for name, t in f.tensors.items()})
+    if opts.numerics != "exact" and gguf.architecture != "bitnet":
+        raise UsageError(
+            f"--numerics {opts.numerics} is implemented for the bitnet architecture, not {gguf.architecture!r}",
+            fix="use --numerics exact",
+        )
 
 
 def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions, out_dir: Path) -> LaneResult:
@@ -233,15 +289,29 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
     params = lane_params(backend, opts, len(shared.sequence))
     th = metrics.Thresholds(opts.cos_tol, opts.mse_tol)
     base = _receipt_base(backend, p, info, shared, opts, params, th)
+    lane_model = shared.lane_models.get(backend, shared.model_path)
+    ours, base["numerics"] = _lane_numerics(backend, lane_model, shared, opts, params)
+    if lane_model != shared.model_path:
+        from parity import ternary_model
+        from parity.fsutil import sha256_file
+
+        lane_sha = sha256_file(lane_model)
+        base["model"] = {"path": str(lane_model), "sha256": lane_sha, "architecture": shared.architecture}
+        base["model_sha256"] = lane_sha
+        base["implementation"]["model"] = {"path": str(shared.model_path), "sha256": shared.model_sha256}
+        base["model"]["quantized_by"] = ternary_model.provenance(lane_model)
     t0 = time.perf_counter()
     try:
         with Worker(
             backend, p.bridge_path, log_dir=out_dir / "logs", log_level=3 if opts.verbose else 1, timeout=opts.timeout
         ) as w:
-            rm = RemoteModel(w, str(shared.model_path), params)
+            rm = RemoteModel(w, str(lane_model), params)
             base["backend_info"]["api_generation"] = w.hello["api_generation"]
             base["backend_info"]["system_info"] = w.hello["system_info"]
-            ref_logits = rm.eval(shared.sequence)
+            ref_logits = rm.eval(shared.sequence) if opts.eval_shape == "batch" else rm.eval_stepwise(shared.sequence)
+            if opts.numerics != "exact":  # measure how far the engine's other evaluation shape lands from this one
+                other = rm.eval_stepwise(shared.sequence) if opts.eval_shape == "batch" else rm.eval(shared.sequence)
+                base["numerics"]["engine_shape_gap"] = numerics_gap(ref_logits, other, opts.eval_shape)
             theirs = rm.greedy(shared.prompt_ids, opts.max_tokens) if opts.max_tokens else []
             rm.close()
     except WorkerError as exc:
@@ -255,7 +325,7 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
         path = out_dir / f"receipt_{backend}.json"
         receipts.write(path, base)
         return LaneResult(backend, "error", path, None, error=str(exc), commit=p.commit)
-    rows = metrics.position_rows(shared.logits, ref_logits, shared.sequence, metrics.parse_metrics(opts.metrics))
+    rows = metrics.position_rows(ours, ref_logits, shared.sequence, metrics.parse_metrics(opts.metrics))
     summary = metrics.summarize(rows, th)
     diff_at = metrics.first_difference(shared.generated, theirs)
     greedy = {"ours": shared.generated, "theirs": theirs, "first_difference": diff_at}
@@ -268,6 +338,34 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
     path = out_dir / f"receipt_{backend}.json"
     receipts.write(path, base)
     return LaneResult(backend, status, path, summary, greedy=greedy, commit=p.commit)
+
+
+def numerics_gap(ref: Any, other: Any, shape: str) -> dict[str, Any]:
+    """The engine against itself in the other evaluation shape: what mirroring the wrong shape would cost."""
+    from parity.numerics import compare
+
+    return {"other_shape": "stepwise" if shape == "batch" else "batch", **compare(np.asarray(other), np.asarray(ref))}
+
+
+def _lane_numerics(
+    backend: str, lane_model: Path, shared: Shared, opts: RunOptions, params: BackendParams
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The numpy logits this lane is compared with, and the receipt's description of how they were computed."""
+    from parity import numerics
+
+    num = numerics.for_lane(opts.numerics, backend, opts.eval_shape, params.type_k, params.type_v)
+    if not num.mirroring:
+        return shared.logits, num.describe() | {"dtype": opts.dtype}
+    from parity.arch_bitnet import mirrored_logits
+    from parity.engine_numpy import DTYPES
+    from parity.gguf_file import open_gguf
+
+    f = open_gguf(lane_model)
+    types = {name: t.ggml_type for name, t in f.tensors.items()}
+    t0 = time.perf_counter()
+    ours = mirrored_logits(f, shared.sequence, num, DTYPES[opts.dtype])
+    shared.seconds[f"numpy_mirror_{backend}"] = time.perf_counter() - t0
+    return ours, num.describe(types) | {"dtype": opts.dtype, "note": numerics.gap_note(num, types)}
 
 
 def _receipt_base(
@@ -295,7 +393,7 @@ def _receipt_base(
             "bridge": str(p.bridge_path),
         },
         "implementation": {"name": "numpy", "dtype": opts.dtype},
-        "run_config": {**params.to_dict(), "threads": params.n_threads, "eval_shape": "batch"},
+        "run_config": {**params.to_dict(), "threads": params.n_threads, "eval_shape": opts.eval_shape},
         "options": opts.to_dict(),
         "tokenizer_authority": shared.authority,
         "prompt": opts.prompt,

@@ -47,6 +47,9 @@ def same_bits(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
     [
         (Q.Q8_0, dequant.dequantize_q8_0),
         (Q.Q4_0, dequant.dequantize_q4_0),
+        (Q.Q4_1, dequant.dequantize_q4_1),
+        (Q.Q5_0, dequant.dequantize_q5_0),
+        (Q.Q5_1, dequant.dequantize_q5_1),
         (Q.BF16, dequant.dequantize_bf16),
     ],
 )
@@ -148,13 +151,64 @@ def test_q4_0_and_q8_0_match_c_transliteration() -> None:
     assert same_bits(dequant.dequantize_q4_0(q4), np.array(exp4, dtype=np.float32))
 
 
+def c_dequantize_row_q4_1(block: npt.NDArray[np.uint8]) -> list[np.float32]:
+    """A line-by-line transliteration of dequantize_row_q4_1 for one block, with float32 scalars."""
+    f32 = np.float32
+    d, m, qs = f32(block[0:2].view("<f2")[0]), f32(block[2:4].view("<f2")[0]), block[4:20]
+    y = [f32(0.0)] * 32
+    for j in range(16):
+        y[j] = f32(int(qs[j]) & 0x0F) * d + m
+        y[j + 16] = f32(int(qs[j]) >> 4) * d + m
+    return y
+
+
+def c_dequantize_row_q5(block: npt.NDArray[np.uint8], with_min: bool) -> list[np.float32]:
+    """dequantize_row_q5_0 (with_min False) / dequantize_row_q5_1 (True) for one block, line by line."""
+    f32 = np.float32
+    d = f32(block[0:2].view("<f2")[0])
+    m = f32(block[2:4].view("<f2")[0]) if with_min else f32(0.0)
+    off = 4 if with_min else 2
+    qh = int(block[off : off + 4].view("<u4")[0])  # memcpy(&qh, x[i].qh, sizeof(qh)) on little-endian
+    qs = block[off + 4 : off + 20]
+    y = [f32(0.0)] * 32
+    for j in range(16):
+        xh_0 = ((qh >> (j + 0)) << 4) & 0x10
+        xh_1 = (qh >> (j + 12)) & 0x10
+        x0 = (int(qs[j]) & 0x0F) | xh_0
+        x1 = (int(qs[j]) >> 4) | xh_1
+        if with_min:
+            y[j], y[j + 16] = f32(x0) * d + m, f32(x1) * d + m
+        else:
+            y[j], y[j + 16] = f32(x0 - 16) * d, f32(x1 - 16) * d
+    return y
+
+
+def test_legacy_quants_match_c_transliteration_on_random_blocks() -> None:
+    q41 = random_blocks(16, 20, (0, 2))
+    expected = np.array([v for b in q41 for v in c_dequantize_row_q4_1(b)], dtype=np.float32)
+    assert same_bits(dequant.dequantize_q4_1(q41), expected)
+    q50 = random_blocks(16, 22, (0,))
+    expected = np.array([v for b in q50 for v in c_dequantize_row_q5(b, with_min=False)], dtype=np.float32)
+    assert same_bits(dequant.dequantize_q5_0(q50), expected)
+    q51 = random_blocks(16, 24, (0, 2))
+    expected = np.array([v for b in q51 for v in c_dequantize_row_q5(b, with_min=True)], dtype=np.float32)
+    assert same_bits(dequant.dequantize_q5_1(q51), expected)
+    # every fifth bit is used: all-ones qh lifts each value by exactly 16 steps of d
+    q50[:, 2:6] = 0xFF
+    lifted = dequant.dequantize_q5_0(q50).reshape(16, 32)
+    q50[:, 2:6] = 0x00
+    base = dequant.dequantize_q5_0(q50).reshape(16, 32)
+    d = q50[:, 0:2].copy().view("<f2").astype(np.float32)  # (16, 1)
+    assert np.array_equal(lifted, base + np.float32(16.0) * d)
+
+
 def test_dequantize_tensor_from_file(tmp_path: Path) -> None:
     x = random_rows(4, 64)
     path = tmp_path / "q.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tensor("f32.weight", x)
     w.add_tensor("f16.weight", x.astype(np.float16))
-    for qtype in (Q.Q8_0, Q.Q4_0, Q.BF16):
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.BF16):
         w.add_tensor(f"{qtype.name}.weight", gguf.quants.quantize(x, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -163,7 +217,7 @@ def test_dequantize_tensor_from_file(tmp_path: Path) -> None:
     f = open_gguf(path)
     assert same_bits(dequant.dequantize(f.tensors["f32.weight"]), x)
     assert same_bits(dequant.dequantize(f.tensors["f16.weight"]), x.astype(np.float16).astype(np.float32))
-    for qtype in (Q.Q8_0, Q.Q4_0, Q.BF16):
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.BF16):
         t = f.tensors[f"{qtype.name}.weight"]
         out = dequant.dequantize(t)
         assert out.shape == (4, 64)
@@ -172,15 +226,17 @@ def test_dequantize_tensor_from_file(tmp_path: Path) -> None:
 
 
 def test_unsupported_types_are_named() -> None:
-    raw = np.zeros(22, dtype=np.uint8)
+    raw = np.zeros(84, dtype=np.uint8)  # one Q2_K super-block
     with pytest.raises(ModelFormatError) as exc:
-        dequant.dequantize(TensorInfo("blk.0.attn_q.weight", int(Q.Q5_0), (32,), raw, 0, 22))
+        dequant.dequantize(TensorInfo("blk.0.attn_q.weight", int(Q.Q2_K), (256,), raw, 0, 84))
     text = str(exc.value)
-    assert "tensor 'blk.0.attn_q.weight' has type Q5_0" in text
-    assert "supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K" in text and "\n" not in text
-    with pytest.raises(ModelFormatError, match="has type type 36"):
-        dequant.dequantize(TensorInfo("w", 36, (32,), raw, 0, 22))
-    assert dequant.supported_types() == ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K"]
+    assert "tensor 'blk.0.attn_q.weight' has type Q2_K" in text
+    assert "supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K" in text and "\n" not in text
+    with pytest.raises(ModelFormatError, match="has type type 99"):  # an id no ggml generation uses
+        dequant.dequantize(TensorInfo("w", 99, (32,), raw, 0, 22))
+    # the mainline types in table order; other modules (ternary formats) may register more after them
+    mainline = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K"]
+    assert dequant.supported_types()[: len(mainline)] == mainline
 
 
 def test_size_mismatch_is_reported() -> None:

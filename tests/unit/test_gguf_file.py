@@ -183,13 +183,13 @@ def test_unknown_tensor_type_is_named(tmp_path: Path, sample: Path) -> None:
     # tensor info: u64 name length, name, u32 n_dims, u64 dims[n_dims], u32 type, u64 offset
     type_pos = data.index(name) + len(name) + 4 + 8 * 2
     assert struct.unpack_from("<I", data, type_pos)[0] == gguf.GGMLQuantizationType.F16
-    struct.pack_into("<I", data, type_pos, 36)  # I2_S, bitnet.cpp only
-    odd = tmp_path / "i2s.gguf"
+    struct.pack_into("<I", data, type_pos, 38)  # TL1, bitnet.cpp only (36 = I2_S is read by parity.ternary)
+    odd = tmp_path / "tl1.gguf"
     odd.write_bytes(bytes(data))
     with pytest.raises(ModelFormatError) as exc:
         open_gguf(odd)
     text = one_line_error(exc)
-    assert "tensor 'half.weight' has ggml type 36" in text
+    assert "tensor 'half.weight' has ggml type 38" in text
 
 
 def test_corrupt_length_field_names_the_offset(tmp_path: Path, sample: Path) -> None:
