@@ -122,7 +122,9 @@ def file_lock(path: Path, *, what: str, timeout: float = 3600.0) -> Iterator[Non
     try:
         lock.acquire(timeout=1.0)
     except Timeout:
-        print(f"waiting for another parity process holding the lock on {what} ({path}) ...", file=sys.stderr, flush=True)
+        print(
+            f"waiting for another parity process holding the lock on {what} ({path}) ...", file=sys.stderr, flush=True
+        )
         try:
             lock.acquire(timeout=timeout)
         except Timeout as exc:

@@ -18,7 +18,12 @@ from parity.errors import UsageError
 
 
 def _add_location(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, metavar="FILE", help="implementations file (TOML; see README.md, section Stepwise parity)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="implementations file (TOML; see README.md, section Stepwise parity)",
+    )
     p.add_argument(
         "--run-dir",
         type=Path,

@@ -335,7 +335,9 @@ def parse(text: str, path: Path) -> WindowsConfig:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{where} is not valid TOML: {exc}", fix="fix the syntax (see README.md, section Stepwise parity)") from exc
+        raise UsageError(
+            f"{where} is not valid TOML: {exc}", fix="fix the syntax (see README.md, section Stepwise parity)"
+        ) from exc
     _reject_unknown(data, _TOP_KEYS, where)
     run = _parse_run(data.get("run", {}), where)
     inp = data.get("input", {})
