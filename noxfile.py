@@ -68,6 +68,13 @@ def fetch_models(session: nox.Session) -> None:
     session.run("parity", "fetch-models", *session.posargs)
 
 
+@nox.session(python=PYTHON, requires=["setup_cpp"], default=False)
+def bench(session: nox.Session) -> None:
+    """Throughput of numpy / llama.cpp (/ bitnet.cpp), cross-checked with llama-bench, gated on baselines/."""
+    _install_once(session, *BUILD_DEPS, "-e", ".")
+    session.run("parity", "bench", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (builds llama.cpp once into cache/; bitnet.cpp/network tests deselected in CI)."""

@@ -6,6 +6,7 @@
 //   PARITY_HAS_MEMORY_API            llama_get_memory + llama_memory_clear (else llama_kv_cache_clear)
 //   PARITY_HAS_CTX_SEED              llama_context_params.seed (2024 API)
 //   PARITY_HAS_TYPE_TRAITS_PTR       ggml_get_type_traits() returning a pointer (else ggml_internal_...)
+//   PARITY_HAS_THREADPOOL            ggml_threadpool_new + llama_attach_threadpool (persistent worker threads)
 // Nothing here may throw across the C boundary or abort on bad input: arguments are validated first and
 // every entry point catches C++ exceptions.
 
@@ -13,6 +14,9 @@
 
 #include "ggml.h"
 #include "llama.h"
+#if defined(PARITY_HAS_THREADPOOL) && __has_include("ggml-cpu.h")
+#include "ggml-cpu.h"  // mainline moved the CPU threadpool API here
+#endif
 
 #include <cstdarg>
 #include <cstdio>
@@ -26,6 +30,9 @@ struct parity_model {
     llama_context * ctx = nullptr;
     parity_params params{};
     int32_t n_vocab = 0;
+#ifdef PARITY_HAS_THREADPOOL
+    ggml_threadpool * threadpool = nullptr;
+#endif
 };
 
 namespace {
@@ -266,6 +273,17 @@ int parity_open(const char * path, const parity_params * params, parity_model **
                            "worker log",
                            p.n_ctx, p.type_k, p.type_v, p.flash_attn);
         }
+#ifdef PARITY_HAS_THREADPOOL
+        // Without an attached pool llama.cpp creates and joins its threads on every decode, which costs
+        // far more than a small model's compute. poll = 0: idle threads sleep instead of spinning, so they
+        // do not compete with the engine under test for the cores between calls.
+        ggml_threadpool_params tpp = ggml_threadpool_params_default(p.n_threads);
+        tpp.poll = 0;
+        m->threadpool = ggml_threadpool_new(&tpp);
+        if (m->threadpool != nullptr) {
+            llama_attach_threadpool(m->ctx, m->threadpool, m->threadpool);
+        }
+#endif
     }
     *out = m;
     return PARITY_OK;
@@ -279,6 +297,11 @@ void parity_close(parity_model * m) {
     if (m->ctx != nullptr) {
         llama_free(m->ctx);
     }
+#ifdef PARITY_HAS_THREADPOOL
+    if (m->threadpool != nullptr) {
+        ggml_threadpool_free(m->threadpool);  // after the context that used it
+    }
+#endif
     if (m->model != nullptr) {
 #ifdef PARITY_HAS_MODEL_LOAD_FROM_FILE
         llama_model_free(m->model);

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from parity import __version__, fetch, tokenizer_export
+from parity import __version__, bench, fetch, tokenizer_export
 from parity.errors import ParityError
 from parity.workflow import cli as windows_cli
 
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_parser(sub)
     windows_cli.add_parser(sub)
     tokenizer_export.add_parser(sub)
+    bench.add_parser(sub)
 
     p_rec = sub.add_parser("receipts", help="receipt tools")
     rsub = p_rec.add_subparsers(dest="receipts_command", required=True, metavar="ACTION")
@@ -221,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fetch-models": fetch.run,
         "windows": windows_cli.run,
         "tokenizer": tokenizer_export.run,
+        "bench": bench.run,
         "setup-cpp": cmd_setup,
         "generate-model": cmd_generate,
         "receipts": cmd_receipts_verify,

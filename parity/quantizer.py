@@ -66,7 +66,9 @@ def quantizer_plan(p: build.BuildPlan) -> QuantizerPlan:
         )
     return QuantizerPlan(
         lib=p,
-        tool_dir=paths.cache_dir() / f"{p.backend}-{p.lib_key}-quantize",
+        # The same build tree as parity.build_tools' llama-bench (identical options for mainline): a second
+        # tool target then compiles only its own sources instead of the whole library again.
+        tool_dir=paths.cache_dir() / f"{p.backend}-{p.lib_key}-tools",
         cmake={**p.cmake, **EXTRA_CMAKE[p.backend]},
     )
 
@@ -116,7 +118,7 @@ def ensure_quantizer(backend: str, *, verbose: bool = False, jobs: int | None = 
     if is_built(qp):
         log(f"{backend}: llama-quantize up to date ({qp.binary})")
         return qp
-    with file_lock(paths.cache_dir() / f".{backend}.quantize.lock", what=f"the {backend} llama-quantize build"):
+    with file_lock(paths.cache_dir() / f".{backend}.tools.lock", what=f"the {backend} tools build (llama-quantize)"):
         if is_built(qp):
             return qp
         src = backends.acquire(spec, override, verbose=verbose)

@@ -115,7 +115,7 @@ def test_quantize_command_keeps_the_embedding_f16_and_one_thread(
     )
     monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
     qp = quantizer.quantizer_plan(lib)
-    assert qp.tool_dir == tmp_path / "bitnet-key-quantize" and qp.cmake["LLAMA_BUILD_EXAMPLES"] == "ON"
+    assert qp.tool_dir == tmp_path / "bitnet-key-tools" and qp.cmake["LLAMA_BUILD_EXAMPLES"] == "ON"
     cmd = quantizer.quantize_command(qp, Path("in.gguf"), Path("out.gguf"), "I2_S", threads=1)
     assert cmd[1:] == [
         "--token-embedding-type",

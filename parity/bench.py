@@ -1,0 +1,482 @@
+"""`parity bench`: throughput of every implementation on every model, baselines, and a regression gate.
+
+What is timed (per implementation, after one warm-up of each figure, R interleaved repetitions):
+  pp  prompt processing: ONE evaluation of all P prompt positions (one batch, logits of the last position,
+      as llama-bench's pp test does): numpy `NumpyEngine.greedy(prompt, 1)`, C++ `RemoteModel.greedy(prompt, 1)`.
+  tg  token generation: G greedy steps from a single token at depth 0, one token per evaluation (as
+      llama-bench's tg test): `greedy([t0], G)`.
+C++ engines are timed around the worker round trip (no bridge ABI change); the round trip of a trivial
+call is recorded as `rpc_overhead_ms`, and the llama-bench cross-check bounds the whole harness overhead.
+Repetitions are interleaved across implementations (rep 1 of each, then rep 2 ...), so ratios such as
+numpy ÷ llama.cpp are measured under the same machine load. Statistics and the gate rule: parity.bench_gate.
+
+Cross-check (llama.cpp only, unless --no-llama-bench): llama.cpp's own llama-bench, built from the same pinned
+source (parity.build_tools), runs once per repetition round (`-r 1`, between our rounds) in two
+configurations: `matched` (its context of prompt + generated tokens as batch sizes, flash attention off, an
+F16 KV cache because this llama-bench cannot select F32) against a second llama.cpp lane of ours with
+exactly those settings, and
+`default` (llama-bench's defaults), reported beside our precise F32-KV lane. The upper quartiles of the
+matched pp repetitions must agree within 10 % + noise (exit 1 otherwise).
+
+Exit codes: 0 pass, no baseline yet, or baseline written; 1 gate failure, cross-check disagreement, or an
+implementation failing while measured; 2 usage / backend unavailable; 5 build failure (llama-bench).
+
+Test-only: PARITY_BENCH_SLOWDOWN=<impl>:<seconds>[,<impl>:<seconds>] sleeps inside that implementation's
+timed region, so the gate can be shown to fail. It is recorded in the receipt and announced on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from parity import backends, bench_gate, bench_lanes, build, build_tools
+from parity.errors import ParityError, UsageError
+from parity.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from parity.runner import log
+
+if TYPE_CHECKING:
+    from parity.bridge import BackendParams
+
+BENCH_VERSION = 1
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "bench.schema.json"
+IMPLS = ("numpy", "llama", "bitnet")
+XCHECK_LABEL = bench_lanes.IMPL_LABELS[3]  # our llama.cpp lane in the configuration llama-bench can also express
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Resolved `parity bench` settings (recorded in the receipt)."""
+
+    models: tuple[str, ...] = ("default-f32",)
+    impls: tuple[str, ...] = ()  # empty: numpy, llama, and bitnet when its build is present
+    prompt_tokens: int = 64
+    gen_tokens: int = 16
+    reps: int = 5
+    threads: int = 2
+    out_dir: str = ".parity/bench"
+    baseline: bool = False
+    llama_bench: bool = True
+    format: str = "text"
+    verbose: bool = False
+
+    def validate(self) -> None:
+        """Reject values that cannot work, naming the flag."""
+        for flag, value in (("--prompt-tokens", self.prompt_tokens), ("--gen-tokens", self.gen_tokens)):
+            if value < 1:
+                raise UsageError(f"{flag} must be >= 1, got {value}")
+        if self.reps < 1:
+            raise UsageError(f"--reps must be >= 1, got {self.reps}", fix="e.g. --reps 5")
+        if self.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        unknown = [i for i in self.impls if i not in IMPLS]
+        if unknown:
+            raise UsageError(f"unknown --impl {unknown[0]!r}", fix=f"use one of {', '.join(IMPLS)}")
+
+
+# ------------------------------------------------------------------------------------------------ schema
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The bench receipt JSON Schema."""
+    data: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return data
+
+
+def validation_errors(receipt: Any) -> list[str]:
+    """Human-readable schema violations of a bench receipt (empty when valid)."""
+    from jsonschema import Draft202012Validator
+
+    v = Draft202012Validator(schema())
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in v.iter_errors(receipt)]
+
+
+def write_receipt(path: Path, receipt: dict[str, Any]) -> None:
+    """Validate, then write atomically; a receipt violating its schema is a bug and is never written."""
+    errors = validation_errors(receipt)
+    if errors:
+        raise AssertionError(f"internal error: bench receipt {path.name} violates the schema: {errors[:3]}")
+    atomic_write_json(path, receipt)
+
+
+# ------------------------------------------------------------------------------------------- environment
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to benchmark."""
+
+    name: str
+    path: Path
+    sha256: str
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "size_bytes": self.size_bytes}
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """`default-<variant>` (embedded model), a GGUF path, or a parity.fetch lock name (e.g. gemma3-270m-q4_k_m)."""
+    from parity.run import default_model
+
+    if spec in ("default", "default-f32", "default-f16", "default-q8_0"):
+        path, _tok = default_model(spec.removeprefix("default-") if spec != "default" else "f32")
+        name = "default-f32" if spec == "default" else spec
+    elif Path(spec).expanduser().is_file():
+        path, name = Path(spec).expanduser().resolve(), Path(spec).stem
+    elif "/" in spec or spec.endswith(".gguf"):
+        raise UsageError(f"--model {spec}: no such file", fix="pass an existing GGUF path or a model name")
+    else:
+        try:
+            from parity import fetch
+        except ImportError as exc:
+            raise UsageError(f"--model {spec}: not a file, and parity.fetch is unavailable", fix="pass a path") from exc
+        path, name = fetch.model_path(spec), spec
+    return ModelRef(name, path, sha256_file(path), path.stat().st_size)
+
+
+# -------------------------------------------------------------------------------------------- the run
+
+
+def select_impls(opts: BenchOptions) -> dict[str, build.BuildPlan | None]:
+    """Implementations to run and their build plans: llama is built if missing, bitnet only used if built."""
+    chosen = list(dict.fromkeys(opts.impls)) or ["numpy", "llama", "bitnet"]
+    plans: dict[str, build.BuildPlan | None] = {}
+    for impl in chosen:
+        if impl == "numpy":
+            plans[impl] = None
+            continue
+        spec = backends.get_spec(impl)
+        optional = impl == "bitnet" and not opts.impls  # used when present, never built implicitly
+        try:
+            override = backends.source_override(spec)
+            p = build.plan(spec, override)
+        except ParityError as exc:
+            if not optional:
+                raise
+            log(f"bench: skipping bitnet.cpp ({exc})")
+            continue
+        if not build.is_built(p):
+            if optional:
+                log(f"bench: bitnet.cpp is not built ({spec.override_env} unset or stale build); skipping it")
+                continue
+            if impl == "bitnet" or os.environ.get("CI"):
+                from parity.errors import BackendUnavailable
+
+                raise BackendUnavailable(
+                    f"the {impl} backend is not built", fix=f"nox -s setup_cpp -- --backend {impl}"
+                )
+            p = build.ensure_built(spec, override, verbose=opts.verbose)
+        plans[impl] = p
+    return plans
+
+
+def bench_model(
+    model: ModelRef,
+    plans: dict[str, build.BuildPlan | None],
+    opts: BenchOptions,
+    slowdown: dict[str, float],
+    tools: build_tools.ToolsPlan | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Results of every implementation on one model, plus extras: architecture, samples, cross-check lane,
+    and llama-bench's figures (run between our repetitions when `tools` is given)."""
+    from parity.run import lane_params
+
+    out_dir = Path(opts.out_dir)
+    log_dir = out_dir / "logs"
+    params: dict[str, BackendParams] = {}
+    for impl, p in plans.items():
+        if p is not None:
+            params[impl] = lane_params(impl, _run_options(opts), opts.prompt_tokens + opts.gen_tokens)
+    results = {impl: _result(model, impl) for impl in plans}
+    lanes: list[bench_lanes.Lane] = []
+    wanted = list(plans.items())
+    if "llama" in plans and tools is not None:
+        wanted.append((XCHECK_LABEL, plans["llama"]))
+        # llama-bench's context: n_ctx = prompt + generated tokens, KV F16 (it cannot select F32), FA off
+        n = opts.prompt_tokens + opts.gen_tokens
+        params[XCHECK_LABEL] = dataclasses.replace(
+            params["llama"], n_ctx=n, n_batch=n, n_ubatch=n, type_k=1, type_v=1, flash_attn=0
+        )
+    extra: dict[str, Any] = {"architecture": None, "xcheck": None, "llama_bench": []}
+    for label, p in wanted:
+        try:
+            if p is None:
+                lane = bench_lanes.open_numpy(model.path)
+            else:
+                impl = "llama" if label == XCHECK_LABEL else label
+                lane = bench_lanes.open_cpp(label, impl, p, model.path, params[label], log_dir)
+        except ParityError as exc:
+            if label in results:
+                results[label].update(status="unavailable", reason=str(exc).splitlines()[0])
+            log(f"bench: {label} cannot load {model.name}: {str(exc).splitlines()[0]}")
+            continue
+        extra["architecture"] = extra["architecture"] or lane.architecture
+        lanes.append(lane)
+    runner: build_tools.LlamaBenchRunner | None = None
+    if tools is not None and any(lane.label == XCHECK_LABEL for lane in lanes):
+        runner = build_tools.LlamaBenchRunner(
+            tools, model.path, opts.prompt_tokens, opts.gen_tokens, opts.threads, params[XCHECK_LABEL].to_dict()
+        )
+    lb_errors: list[ParityError] = []
+
+    def between() -> None:
+        if runner is not None and not lb_errors:
+            try:
+                runner.run_once()
+            except ParityError as exc:  # raised after our lanes are closed
+                lb_errors.append(exc)
+
+    try:
+        samples = (
+            bench_lanes.measure(lanes, opts.prompt_tokens, opts.gen_tokens, opts.reps, slowdown, between)
+            if lanes
+            else {}
+        )
+    except ParityError as exc:
+        for lane in lanes:
+            if lane.label in results:
+                results[lane.label].update(status="error", reason=str(exc).splitlines()[0])
+        samples = {}
+    finally:
+        for lane in lanes:
+            try:
+                lane.record.update(lane.close())
+            except ParityError as exc:
+                lane.record.update(peak_rss_bytes=None, rss_method=f"unavailable: {exc}")
+    for lane in lanes:
+        record = {**lane.record, "slowdown_s": slowdown.get(lane.label, 0.0)}
+        figures = {m: bench_gate.summarize(s) for m, s in samples.get(lane.label, {}).items() if s}
+        if lane.label == XCHECK_LABEL:
+            extra["xcheck"] = {**record, **figures} if figures else None
+            continue
+        results[lane.label].update(record)
+        if figures and results[lane.label]["status"] == "ok":
+            results[lane.label].update(figures)
+        elif results[lane.label]["status"] == "ok":
+            results[lane.label].update(status="error", reason="no samples were measured")
+    if lb_errors:
+        raise lb_errors[0]
+    if runner is not None:
+        extra["llama_bench"] = runner.results(out_dir, model.name)
+    extra["samples"] = samples
+    return list(results.values()), extra
+
+
+def _result(model: ModelRef, impl: str) -> dict[str, Any]:
+    return {"model_sha256": model.sha256, "impl": impl, "status": "ok", "reason": None, "pp": None, "tg": None}
+
+
+def _run_options(opts: BenchOptions) -> Any:
+    from parity.config import RunOptions
+
+    return RunOptions(threads=opts.threads)
+
+
+def ratios(model: ModelRef, samples: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """Same-run ratios impl ÷ llama.cpp per metric, from per-repetition pairs."""
+    out: list[dict[str, Any]] = []
+    if "llama" not in samples:
+        return out
+    for impl in ("numpy", "bitnet"):
+        for metric in bench_gate.METRICS:
+            if impl in samples and samples[impl][metric] and samples["llama"][metric]:
+                qs = bench_gate.ratio_samples(samples[impl][metric], samples["llama"][metric])
+                out.append(
+                    {
+                        "model_sha256": model.sha256,
+                        "name": f"{impl}/llama",
+                        "metric": metric,
+                        "stats": bench_gate.summarize(qs),
+                    }
+                )
+    return out
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Measure everything, cross-check with llama-bench, gate against the baseline; returns the receipt."""
+    opts.validate()
+    out_dir = Path(opts.out_dir)
+    from parity.run import ensure_out_dir
+
+    ensure_out_dir(out_dir)
+    slowdown = bench_lanes.parse_slowdown(os.environ.get(bench_lanes.SLOWDOWN_ENV))
+    if slowdown:
+        log(f"bench: TEST-ONLY {bench_lanes.SLOWDOWN_ENV} adds {slowdown} seconds to each timed region")
+    models = [resolve_model(m) for m in dict.fromkeys(opts.models)]
+    plans = select_impls(opts)
+    tools: build_tools.ToolsPlan | None = None
+    if "llama" in plans and opts.llama_bench:
+        spec = backends.get_spec("llama")
+        tools = build_tools.ensure_llama_bench(spec, backends.source_override(spec), verbose=opts.verbose)
+    receipt: dict[str, Any] = {
+        "kind": "parity-bench",
+        "version": BENCH_VERSION,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": bench_lanes.machine_info(),
+        "settings": {
+            "prompt_tokens": opts.prompt_tokens,
+            "gen_tokens": opts.gen_tokens,
+            "reps": opts.reps,
+            "warmup_reps": 1,
+            "threads": opts.threads,
+            "numpy_dtype": "float32",
+            "threshold": bench_gate.THRESHOLD,
+            "slowdown_s": slowdown,
+        },
+        "models": [],
+        "results": [],
+        "ratios": [],
+        "llama_bench": [],
+        "cross_check": [],
+    }
+    with bench_lanes.blas_threads(opts.threads) as blas:
+        receipt["settings"]["numpy_blas_threads"] = blas
+        for model in models:
+            bench_one(receipt, model, plans, opts, slowdown, tools)
+    if tools is not None:
+        receipt["settings"]["llama_bench_binary"] = str(tools.binary)
+    return receipt
+
+
+def bench_one(
+    receipt: dict[str, Any],
+    model: ModelRef,
+    plans: dict[str, build.BuildPlan | None],
+    opts: BenchOptions,
+    slowdown: dict[str, float],
+    tools: build_tools.ToolsPlan | None,
+) -> None:
+    """Benchmark one model and add its figures to the receipt."""
+    log(f"bench: {model.name} ({model.path}) x {', '.join(plans)}: {opts.reps} reps")
+    results, extra = bench_model(model, plans, opts, slowdown, tools)
+    receipt["models"].append({**model.to_dict(), "architecture": extra["architecture"]})
+    receipt["results"] += results
+    receipt["ratios"] += ratios(model, extra["samples"])
+    runs = extra["llama_bench"]
+    receipt["llama_bench"] += [{"model_sha256": model.sha256, **r} for r in runs]
+    if extra["xcheck"] is not None and runs:
+        receipt["cross_check"] += build_tools.cross_check(model.sha256, extra["xcheck"], runs)
+
+
+def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
+    """Write the receipt (and the baseline), apply the gate, write the report; return the exit code."""
+    from parity import bench_report
+
+    out_dir = Path(opts.out_dir)
+    errors = [r for r in receipt["results"] if r["status"] == "error"]
+    xfail = [c for c in receipt["cross_check"] if c["status"] == "FAIL"]
+    gate: dict[str, Any] = {"baseline": None, "note": "", "threshold": bench_gate.THRESHOLD, "rows": []}
+    if opts.baseline:
+        directory = bench_gate.baseline_dir()
+        path = directory / bench_gate.baseline_name(time.strftime("%Y%m%d"), receipt["machine"]["slug"])
+        gate.update(baseline=str(path), note=f"baseline written: {path}")
+        status = "baseline-written"
+    else:
+        path_found, note = bench_gate.find_baseline(receipt)
+        gate["note"] = note
+        if path_found is None:
+            gate["note"] += "; create one with `parity bench --baseline` (same flags)"
+            status = "no-baseline"
+        else:
+            rows = bench_gate.compare(bench_gate.load_baseline(path_found), receipt)
+            gate.update(baseline=str(path_found), rows=[r.to_dict() for r in rows])
+            status = "fail" if bench_gate.gate_failed(rows) else "pass"
+    failed = status == "fail" or bool(errors) or bool(xfail)
+    receipt["gate"] = gate
+    receipt["status"] = status
+    receipt["exit_code"] = 1 if failed else 0
+    write_receipt(out_dir / "bench.json", receipt)
+    if opts.baseline:
+        write_receipt(Path(gate["baseline"]), receipt)
+    atomic_write_text(out_dir / "report.html", bench_report.render_html(receipt))
+    print(json.dumps(receipt, indent=2) if opts.format == "json" else bench_report.render_text(receipt))
+    return int(receipt["exit_code"])
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Register `parity bench`; dispatch the parsed arguments to `run`."""
+    p = subparsers.add_parser(
+        "bench",
+        help="throughput of numpy / llama.cpp / bitnet.cpp, cross-checked with llama-bench, gated on a baseline",
+        description=(
+            "Measure prompt processing and token generation (tokens/s) of each implementation on each model, "
+            "cross-check llama.cpp with its own llama-bench, and compare with the newest matching baseline. "
+            "Exit codes: 0 pass (or no baseline yet / baseline written), 1 a throughput or same-run ratio dropped "
+            "more than 10%% beyond the measured noise, the llama-bench cross-check disagreed, or an implementation "
+            "failed; 2 usage error or backend unavailable; 5 build failure."
+        ),
+    )
+    p.add_argument("--baseline", action="store_true", help="write this run as the baseline for this machine")
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME_OR_PATH",
+        help="default-f32 (default), default-f16, default-q8_0, a lock name such as gemma3-270m-q4_k_m, "
+        "or a GGUF path; repeatable",
+    )
+    p.add_argument("--impl", action="append", dest="impls", choices=IMPLS, help="implementation (repeatable)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prompt processing (default 64)")
+    p.add_argument("--gen-tokens", type=int, default=16, help="greedy steps for token generation (default 16)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="threads for the C++ engines and llama-bench (default 2)")
+    p.add_argument("--out-dir", default=".parity/bench", metavar="DIR", help="receipt, report.html, logs")
+    p.add_argument("--no-llama-bench", action="store_true", help="skip the llama-bench cross-check (and its build)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout (default text)")
+    p.add_argument("--verbose", action="store_true", help="stream build output")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """BenchOptions from parsed `parity bench` arguments."""
+    return BenchOptions(
+        models=tuple(args.models or ("default-f32",)),
+        impls=tuple(args.impls or ()),
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        reps=args.reps,
+        threads=args.threads,
+        out_dir=args.out_dir,
+        baseline=args.baseline,
+        llama_bench=not args.no_llama_bench,
+        format=args.format,
+        verbose=args.verbose,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `parity bench`; returns the exit code."""
+    opts = options_from_args(args)
+    return finish(run_bench(opts), opts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry (`python -m parity.bench`) until the command is wired into parity.cli."""
+    parser = argparse.ArgumentParser(prog="parity")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    try:
+        return run(parser.parse_args(argv))
+    except ParityError as exc:
+        print(f"parity: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

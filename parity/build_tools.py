@@ -1,0 +1,361 @@
+"""llama.cpp's own `llama-bench`: built from the SAME pinned source as libllama, run, and parsed.
+
+This is the cross-check of `parity bench`: our timing of the llama.cpp lane must agree with llama.cpp's own
+benchmark tool on the same model, threads and context settings.
+
+The tool needs LLAMA_BUILD_COMMON and LLAMA_BUILD_TOOLS, which the library build leaves off, so it gets its
+own build directory beside the library's: cache/<backend>-<lib_key>-tools/. The library key already covers
+the source fingerprint, the CMake options, the compiler and the CPU, so the tools build is valid exactly
+when the library build is. Only the `llama-bench` target is built (static libraries, like the main build).
+A receipt (tools.json) is written last and marks the entry complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from parity import backends, bench_gate, build, paths
+from parity.errors import BuildError, UsageError
+from parity.fsutil import atomic_write_json, atomic_write_text, file_lock
+from parity.runner import Timer, log, run
+
+TOOLS_RECEIPT_VERSION = 1
+TARGET = "llama-bench"
+# What the tools build adds to the library's options: llama-bench links llama-common.
+TOOLS_CMAKE = {"LLAMA_BUILD_COMMON": "ON", "LLAMA_BUILD_TOOLS": "ON"}
+
+
+@dataclass(frozen=True)
+class ToolsPlan:
+    """Where llama-bench for one library plan is built, and with which options."""
+
+    lib: build.BuildPlan
+    tools_dir: Path
+    cmake: dict[str, str]
+
+    @property
+    def build_dir(self) -> Path:
+        return self.tools_dir / "build"
+
+    @property
+    def binary(self) -> Path:
+        return self.build_dir / "bin" / TARGET
+
+    @property
+    def receipt_path(self) -> Path:
+        return self.tools_dir / "tools.json"
+
+
+def tools_plan(p: build.BuildPlan) -> ToolsPlan:
+    """The tools build that belongs to library plan `p` (same source, options plus TOOLS_CMAKE)."""
+    return ToolsPlan(
+        lib=p,
+        tools_dir=paths.cache_dir() / f"{p.backend}-{p.lib_key}-tools",
+        cmake={**p.cmake, **TOOLS_CMAKE},
+    )
+
+
+def is_built(tp: ToolsPlan) -> bool:
+    """True when llama-bench and its receipt exist for exactly this plan."""
+    return tp.binary.is_file() and tp.receipt_path.is_file()
+
+
+def init_cache(tp: ToolsPlan) -> str:
+    """CMake init-cache script of the tools build (options in a file, as in parity.build)."""
+    lines = [f'set({k} "{v}" CACHE STRING "" FORCE)' for k, v in sorted(tp.cmake.items())]
+    lines += [
+        f'set(CMAKE_C_COMPILER "{tp.lib.cc}" CACHE FILEPATH "" FORCE)',
+        f'set(CMAKE_CXX_COMPILER "{tp.lib.cxx}" CACHE FILEPATH "" FORCE)',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def commands(tp: ToolsPlan, src: Path, jobs: int) -> list[list[str]]:
+    """The exact configure / build commands (asserted by unit tests)."""
+    return [
+        ["cmake", "-S", str(src), "-B", str(tp.build_dir), "-G", "Ninja", "-C", str(tp.tools_dir / "init-cache.cmake")],
+        ["cmake", "--build", str(tp.build_dir), "--target", TARGET, "--parallel", str(jobs)],
+    ]
+
+
+def read_receipt(tp: ToolsPlan) -> dict[str, Any]:
+    """The receipt of a completed tools build."""
+    data: dict[str, Any] = json.loads(tp.receipt_path.read_text(encoding="utf-8"))
+    return data
+
+
+def find_llama_bench(spec: backends.BackendSpec, override: Path | None = None) -> ToolsPlan | None:
+    """The built llama-bench for the pinned source, or None (never builds)."""
+    tp = tools_plan(build.plan(spec, override))
+    return tp if is_built(tp) else None
+
+
+def ensure_llama_bench(
+    spec: backends.BackendSpec, override: Path | None = None, *, verbose: bool = False, jobs: int | None = None
+) -> ToolsPlan:
+    """Build llama-bench from the backend's pinned source unless an identical build is cached."""
+    if spec.name != "llama":
+        raise BuildError(
+            f"llama-bench is built only for the mainline llama backend, not {spec.name!r}", fix="use --backend llama"
+        )
+    t0 = time.perf_counter()
+    tp = tools_plan(build.plan(spec, override))
+    if is_built(tp):
+        log(f"{spec.name}: llama-bench up to date ({tp.binary})")
+        return tp
+    with file_lock(paths.cache_dir() / f".{spec.name}.tools.lock", what=f"the {spec.name} llama-bench build"):
+        if is_built(tp):
+            return tp
+        src = backends.acquire(spec, override, verbose=verbose)
+        tp.tools_dir.mkdir(parents=True, exist_ok=True)
+        (tp.tools_dir / "init-cache.cmake").write_text(init_cache(tp), encoding="utf-8")
+        jobs = jobs or os.cpu_count() or 2
+        for label, cmd in zip(("configure", "build"), commands(tp, src.path, jobs), strict=True):
+            with Timer(f"{spec.name}: llama-bench {label}"):
+                run(cmd, verbose=verbose, log_file=tp.tools_dir / f"{label}.log")
+        if not tp.binary.is_file():
+            raise BuildError(f"the build produced no {tp.binary}", fix=f"see {tp.tools_dir / 'build.log'}")
+        seconds = time.perf_counter() - t0
+        atomic_write_json(
+            tp.receipt_path,
+            {
+                "version": TOOLS_RECEIPT_VERSION,
+                "backend": spec.name,
+                "target": TARGET,
+                "binary": str(tp.binary),
+                "source": {
+                    "kind": src.kind,
+                    "path": str(src.path),
+                    "commit": src.commit,
+                    "fingerprint": src.fingerprint,
+                },
+                "cmake": tp.cmake,
+                "compiler": {"cc": tp.lib.cc, "cxx": tp.lib.cxx, "version": tp.lib.compiler_version},
+                "cpu": tp.lib.cpu,
+                "lib_key": tp.lib.lib_key,
+                "seconds": round(seconds, 2),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+    log(f"{spec.name}: llama-bench built in {time.perf_counter() - t0:.1f} s -> {tp.binary}")
+    return tp
+
+
+def clean(tp: ToolsPlan) -> None:
+    """Remove a tools build (e.g. after a failed configure left a broken cache)."""
+    shutil.rmtree(tp.tools_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- running llama-bench
+
+# The JSON fields of the pinned llama-bench version that parity reads, with their JSON types
+# (tools/llama-bench/llama-bench.cpp: test::get_fields() and json_printer).
+LLAMA_BENCH_FIELDS: dict[str, tuple[type, ...]] = {
+    "build_commit": (str,),
+    "build_number": (int,),
+    "cpu_info": (str,),
+    "model_filename": (str,),
+    "n_batch": (int,),
+    "n_ubatch": (int,),
+    "n_threads": (int,),
+    "type_k": (str,),
+    "type_v": (str,),
+    "flash_attn": (int,),
+    "n_prompt": (int,),
+    "n_gen": (int,),
+    "n_depth": (int,),
+    "avg_ns": (int,),
+    "stddev_ns": (int,),
+    "avg_ts": (int, float),
+    "stddev_ts": (int, float),
+    "samples_ns": (list,),
+    "samples_ts": (list,),
+}
+# ggml type ids (BackendParams.type_k/type_v) as llama-bench's -ctk/-ctv spell them. F32 is not among the
+# names this version accepts, so the cross-check lane runs with an F16 KV cache on both sides.
+GGML_TYPE_NAMES = {1: "f16", 8: "q8_0"}
+
+
+class LlamaBenchFormatError(UsageError):
+    """llama-bench's output is not the JSON of the pinned version (exit 2)."""
+
+
+def parse_llama_bench(text: str) -> list[dict[str, Any]]:
+    """The tests of `llama-bench -o json` output, each checked against LLAMA_BENCH_FIELDS.
+
+    Log lines around the JSON array (llama-bench writes progress to stderr, which the runner merges)
+    are ignored; anything else that differs from the pinned format raises LlamaBenchFormatError.
+    """
+    fix = "rebuild llama-bench from the pinned source (delete cache/llama-*-tools) or update LLAMA_BENCH_FIELDS"
+    start, end = text.find("[\n"), text.rfind("]")
+    if start < 0 or end < start:
+        raise LlamaBenchFormatError("llama-bench printed no JSON array (was -o json passed?)", fix=fix)
+    try:
+        tests = json.loads(text[start : end + 1])
+    except ValueError as exc:
+        raise LlamaBenchFormatError(f"llama-bench output is not valid JSON: {exc}", fix=fix) from exc
+    if not isinstance(tests, list) or not tests:
+        raise LlamaBenchFormatError("llama-bench printed an empty result list", fix=fix)
+    for i, t in enumerate(tests):
+        if not isinstance(t, dict):
+            raise LlamaBenchFormatError(f"llama-bench test {i} is not an object", fix=fix)
+        for key, types in LLAMA_BENCH_FIELDS.items():
+            if key not in t:
+                raise LlamaBenchFormatError(f"llama-bench test {i} lacks field {key!r}", fix=fix)
+            if not isinstance(t[key], types) or isinstance(t[key], bool):
+                raise LlamaBenchFormatError(
+                    f"llama-bench test {i} field {key!r} is {type(t[key]).__name__}, expected "
+                    + " or ".join(ty.__name__ for ty in types),
+                    fix=fix,
+                )
+        if (t["n_prompt"] > 0) == (t["n_gen"] > 0):
+            raise LlamaBenchFormatError(f"llama-bench test {i} is neither a pp nor a tg test", fix=fix)
+    return list(tests)
+
+
+def llama_bench_command(
+    binary: Path, model: Path, prompt_tokens: int, gen_tokens: int, reps: int, threads: int, extra: list[str]
+) -> list[str]:
+    """The llama-bench command line: JSON output, our prompt/generation lengths, repetitions and threads."""
+    return [
+        str(binary),
+        "-m",
+        str(model),
+        "-p",
+        str(prompt_tokens),
+        "-n",
+        str(gen_tokens),
+        "-r",
+        str(reps),
+        "-t",
+        str(threads),
+        "-o",
+        "json",
+        *extra,
+    ]
+
+
+def matched_flags(params: dict[str, int]) -> list[str]:
+    """llama-bench flags mirroring our cross-check lane: KV cache types, flash attention, batch sizes."""
+    kv = [GGML_TYPE_NAMES.get(params[k]) for k in ("type_k", "type_v")]
+    if None in kv:
+        raise UsageError(f"llama-bench cannot express KV cache types {params['type_k']}/{params['type_v']}")
+    fa = {0: "0", 1: "1", -1: "auto"}[params["flash_attn"]]
+    return [
+        "-ctk",
+        str(kv[0]),
+        "-ctv",
+        str(kv[1]),
+        "-fa",
+        fa,
+        "-b",
+        str(params["n_batch"]),
+        "-ub",
+        str(params["n_ubatch"]),
+    ]
+
+
+class LlamaBenchRunner:
+    """llama-bench on one model in two configurations, one repetition per call, to interleave with ours.
+
+    `matched` mirrors our cross-check lane (KV cache types, flash attention, batch sizes); `default` is
+    llama-bench's own defaults. Each call of `run_once` runs `llama-bench -r 1` once per configuration
+    (llama-bench warms up inside every invocation), so its samples are taken between our repetitions,
+    under the same machine load, instead of minutes later.
+    """
+
+    def __init__(
+        self, tp: ToolsPlan, model: Path, prompt_tokens: int, gen_tokens: int, threads: int, params: dict[str, int]
+    ) -> None:
+        self.commands = {
+            config: llama_bench_command(tp.binary, model, prompt_tokens, gen_tokens, 1, threads, extra)
+            for config, extra in (("matched", matched_flags(params)), ("default", []))
+        }
+        self.outputs: dict[str, list[str]] = {config: [] for config in self.commands}
+        self.tests: dict[str, list[list[dict[str, Any]]]] = {config: [] for config in self.commands}
+
+    def run_once(self) -> None:
+        """One llama-bench repetition (pp and tg) of each configuration."""
+        for config, cmd in self.commands.items():
+            output = run(cmd)
+            self.tests[config].append(parse_llama_bench(output))
+            self.outputs[config].append(output)
+
+    def results(self, out_dir: Path, model_name: str) -> list[dict[str, Any]]:
+        """One record per configuration: settings and pp/tg statistics over all invocations; raw output saved."""
+        records = []
+        for config, cmd in self.commands.items():
+            runs = self.tests[config]
+            if not runs:
+                continue
+            raw_path = out_dir / f"llama-bench_{bench_gate.slugify(model_name)}_{config}.txt"
+            atomic_write_text(raw_path, "".join(self.outputs[config]))
+            first = runs[0][0]
+            record: dict[str, Any] = {
+                "config": config,
+                "command": cmd,
+                "invocations": len(runs),
+                "output": str(raw_path),
+                "build_commit": first["build_commit"],
+                "build_number": first["build_number"],
+                "settings": {
+                    k: first[k] for k in ("n_threads", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn")
+                },
+                "pp": None,
+                "tg": None,
+            }
+            for metric in bench_gate.METRICS:
+                tests = [t for tests in runs for t in tests if (t["n_prompt"] > 0) == (metric == "pp")]
+                if tests:
+                    record[metric] = summarize_tests(tests)
+            records.append(record)
+        return records
+
+
+def summarize_tests(tests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Our statistics over the samples of several llama-bench invocations of one test, plus the mean of its
+    own avg_ts and the standard deviation of those averages (its stddev_ts is 0 with -r 1)."""
+    samples = [float(x) for t in tests for x in t["samples_ts"]]
+    avgs = [float(t["avg_ts"]) for t in tests]
+    return {
+        **bench_gate.summarize(samples),
+        "avg_ts": statistics.fmean(avgs),
+        "stddev_ts": statistics.stdev(avgs) if len(avgs) > 1 else float(tests[0]["stddev_ts"]),
+    }
+
+
+def cross_check(model_sha256: str, ours: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Our cross-check lane vs llama-bench `matched`: pp gated (10 % + noise, either way), tg reported.
+
+    The upper quartiles (q75) of both sides are compared: the question is whether both harnesses measure
+    the same engine speed, and on a shared machine other jobs mostly slow repetitions down (those fall
+    below q75), while one unusually fast repetition (seen: llama-bench's first invocation) does not move it
+    as it would move the maximum. Noise as in the gate (sum of MADs).
+    """
+    rows = []
+    matched = next((r for r in runs if r["config"] == "matched"), None)
+    for metric in bench_gate.METRICS:
+        if matched is None or matched.get(metric) is None or ours.get(metric) is None:
+            continue
+        theirs, mine = matched[metric], ours[metric]
+        v = bench_gate.judge_agreement(theirs["q75"], theirs["mad"], mine["q75"], mine["mad"])
+        rows.append(
+            {
+                "model_sha256": model_sha256,
+                "metric": metric,
+                "ours": mine,
+                "theirs": theirs,
+                "ours_config": ours["config"],
+                "change": v.change,
+                "allowed": v.allowed,
+                "status": ("pass" if v.passed else "FAIL") if metric == "pp" else "info",
+            }
+        )
+    return rows

@@ -1,0 +1,458 @@
+"""parity bench without running anything: statistics, the gate rule, baselines, llama-bench parsing, schema."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from parity import backends, bench, bench_gate, bench_lanes, bench_report, build, build_tools
+from parity.errors import UsageError
+
+DATA = Path(__file__).parent / "data"
+SAMPLE = DATA / "llama_bench_sample.json"
+SHA = "ab" * 32
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_summarize_median_range_spread() -> None:
+    s = bench_gate.summarize([100.0, 90.0, 110.0, 105.0, 95.0])
+    assert s["median"] == 100.0 and s["min"] == 90.0 and s["max"] == 110.0 and s["mean"] == 100.0
+    assert s["spread"] == pytest.approx(0.2) and s["mad"] == pytest.approx(0.05) and s["q75"] == 105.0
+    # one pre-empted repetition widens the range, not the MAD
+    assert bench_gate.summarize([100.0, 101.0, 99.0, 100.0, 5.0])["mad"] == pytest.approx(0.01)
+    assert s["stdev"] == pytest.approx(7.9057, rel=1e-4)
+    assert bench_gate.summarize([5.0])["spread"] == 0.0 and bench_gate.summarize([5.0])["stdev"] == 0.0
+    with pytest.raises(ValueError):
+        bench_gate.summarize([])
+
+
+def test_ratio_samples_pair_repetitions() -> None:
+    assert bench_gate.ratio_samples([10.0, 20.0], [5.0, 10.0]) == [2.0, 2.0]
+    with pytest.raises(ValueError, match="pair up"):
+        bench_gate.ratio_samples([1.0], [1.0, 2.0])
+
+
+# -------------------------------------------------------------------------------------------- gate rule
+
+
+def test_gate_passes_small_drop() -> None:
+    v = bench_gate.judge(100.0, 0.0, 95.0, 0.0)
+    assert v.passed and v.change == pytest.approx(-0.05) and v.allowed == pytest.approx(0.10)
+
+
+def test_gate_fails_beyond_threshold_when_quiet() -> None:
+    v = bench_gate.judge(100.0, 0.02, 85.0, 0.02)
+    assert not v.passed and v.noise == pytest.approx(0.04) and v.allowed == pytest.approx(0.14)
+
+
+def test_gate_passes_the_same_drop_within_noise() -> None:
+    # 15 % slower, but each run's relative MAD is 10 %: allowed 10 % + 10 % + 10 % = 30 %
+    v = bench_gate.judge(100.0, 0.1, 85.0, 0.1)
+    assert v.passed and v.allowed == pytest.approx(0.30)
+
+
+def test_gate_never_fails_a_speed_up() -> None:
+    assert bench_gate.judge(100.0, 0.0, 300.0, 0.0).passed
+
+
+def test_agreement_is_two_sided() -> None:
+    assert not bench_gate.judge_agreement(100.0, 0.0, 115.0, 0.0).passed
+    assert not bench_gate.judge_agreement(100.0, 0.0, 85.0, 0.0).passed
+    assert bench_gate.judge_agreement(100.0, 0.0, 108.0, 0.0).passed
+    assert bench_gate.judge_agreement(100.0, 0.05, 115.0, 0.05).passed
+
+
+def _stats(median: float, spread: float = 0.02) -> dict[str, Any]:
+    half = median * spread / 2
+    return bench_gate.summarize([median - half, median, median + half])
+
+
+def make_receipt(
+    numpy_pp: float = 1000.0,
+    llama_pp: float = 4000.0,
+    spread: float = 0.02,
+    slug: str = "test-cpu-2cpu",
+    timestamp: str = "2026-01-01T00:00:00Z",
+) -> dict[str, Any]:
+    """A complete, schema-valid receipt with synthetic figures (numpy and llama on one model)."""
+    np_pp = bench_gate.summarize([numpy_pp * f for f in (1 - spread / 2, 1.0, 1 + spread / 2)])
+    ll_pp = bench_gate.summarize([llama_pp * f for f in (1 - spread / 2, 1.0, 1 + spread / 2)])
+    ratio = bench_gate.summarize(bench_gate.ratio_samples(np_pp["samples"], ll_pp["samples"]))
+    return {
+        "kind": "parity-bench",
+        "version": 1,
+        "timestamp": timestamp,
+        "machine": {
+            "slug": slug,
+            "hostname": "h",
+            "cpu_model": "Test CPU",
+            "cpu_flags": ["avx2"],
+            "n_cpus": 2,
+            "platform": "Linux",
+            "python": "3.11.7",
+            "numpy_blas": {"numpy": "2.0", "blas": None, "threadpools": None, "env": {}},
+        },
+        "settings": {
+            "prompt_tokens": 64,
+            "gen_tokens": 16,
+            "reps": 3,
+            "warmup_reps": 1,
+            "threads": 2,
+            "numpy_dtype": "float32",
+            "threshold": 0.1,
+            "slowdown_s": {},
+            "numpy_blas_threads": {"threads": 2, "method": "threadpoolctl"},
+        },
+        "models": [{"name": "default-f32", "path": "/m.gguf", "sha256": SHA, "size_bytes": 1, "architecture": "llama"}],
+        "results": [
+            {"model_sha256": SHA, "impl": "numpy", "status": "ok", "reason": None, "pp": np_pp, "tg": _stats(100.0)},
+            {"model_sha256": SHA, "impl": "llama", "status": "ok", "reason": None, "pp": ll_pp, "tg": _stats(900.0)},
+        ],
+        "ratios": [{"model_sha256": SHA, "name": "numpy/llama", "metric": "pp", "stats": ratio}],
+        "llama_bench": [],
+        "cross_check": [],
+        "gate": {"baseline": None, "note": "", "threshold": 0.1, "rows": []},
+        "status": "no-baseline",
+        "exit_code": 0,
+    }
+
+
+def _row(rows: list[bench_gate.GateRow], kind: str, subject: str, metric: str = "pp") -> bench_gate.GateRow:
+    return next(r for r in rows if (r.kind, r.subject, r.metric) == (kind, subject, metric))
+
+
+def test_compare_identical_runs_pass() -> None:
+    rows = bench_gate.compare(make_receipt(), make_receipt())
+    assert rows and all(r.status == "pass" for r in rows) and not bench_gate.gate_failed(rows)
+
+
+def test_compare_fails_numpy_regression_beyond_noise() -> None:
+    rows = bench_gate.compare(make_receipt(), make_receipt(numpy_pp=700.0))
+    assert _row(rows, "throughput", "numpy").status == "FAIL"
+    assert _row(rows, "ratio", "numpy/llama").status == "FAIL"
+    assert _row(rows, "throughput", "llama").status == "pass"
+    assert bench_gate.gate_failed(rows)
+
+
+def test_compare_within_noise_passes() -> None:
+    rows = bench_gate.compare(make_receipt(spread=0.3), make_receipt(numpy_pp=850.0, spread=0.3))
+    assert _row(rows, "throughput", "numpy").status == "pass"
+
+
+def test_ratio_gate_catches_what_machine_noise_hides() -> None:
+    # The whole machine is 40 % slower (both absolute figures fail), but numpy relative to llama.cpp is intact.
+    rows = bench_gate.compare(make_receipt(), make_receipt(numpy_pp=600.0, llama_pp=2400.0))
+    assert _row(rows, "throughput", "numpy").status == "FAIL"
+    assert _row(rows, "ratio", "numpy/llama").status == "pass"
+    # numpy alone 20 % slower: the ratio fails too
+    rows = bench_gate.compare(make_receipt(), make_receipt(numpy_pp=800.0))
+    assert _row(rows, "ratio", "numpy/llama").status == "FAIL"
+
+
+def test_compare_reports_missing_and_new_figures() -> None:
+    base, cur = make_receipt(), make_receipt()
+    cur["results"][0].update(status="error", reason="worker crashed", pp=None, tg=None)
+    cur["ratios"] = []
+    rows = bench_gate.compare(base, cur)
+    assert _row(rows, "throughput", "numpy").status == "missing" and bench_gate.gate_failed(rows)
+    rows = bench_gate.compare(cur, base)
+    assert _row(rows, "throughput", "numpy").status == "new" and not bench_gate.gate_failed(rows)
+
+
+# -------------------------------------------------------------------------------------------- baselines
+
+
+def test_baseline_name_and_slug() -> None:
+    assert bench_gate.baseline_name("20260102", "amd-epyc-2cpu") == "20260102-amd-epyc-2cpu.json"
+    assert bench_gate.slugify("AMD EPYC 7B13 64-Core Processor-2cpu") == "amd-epyc-7b13-64-core-processor-2cpu"
+    with pytest.raises(ValueError):
+        bench_gate.baseline_name("2026-01-02", "x")
+
+
+def test_find_baseline_picks_newest_matching(tmp_path: Path) -> None:
+    older = make_receipt(timestamp="2026-01-01T00:00:00Z")
+    newer = make_receipt(timestamp="2026-01-05T00:00:00Z")
+    other_settings = make_receipt(timestamp="2026-01-09T00:00:00Z")
+    other_settings["settings"]["prompt_tokens"] = 32
+    other_machine = make_receipt(slug="other-cpu-8cpu", timestamp="2026-01-09T00:00:00Z")
+    for name, r in (
+        ("20260101-test-cpu-2cpu.json", older),
+        ("20260105-test-cpu-2cpu.json", newer),
+        ("20260109-test-cpu-2cpu.json", other_settings),
+        ("20260109-other-cpu-8cpu.json", other_machine),
+    ):
+        (tmp_path / name).write_text(json.dumps(r))
+    (tmp_path / "20260110-test-cpu-2cpu.json").write_text("not json")
+    path, note = bench_gate.find_baseline(make_receipt(), tmp_path)
+    assert path == tmp_path / "20260105-test-cpu-2cpu.json" and "2026-01-05" in note
+
+
+def test_find_baseline_explains_a_miss(tmp_path: Path) -> None:
+    path, note = bench_gate.find_baseline(make_receipt(), tmp_path / "none")
+    assert path is None and "no baseline for machine test-cpu-2cpu" in note
+    other = make_receipt()
+    other["results"] = other["results"][:1]
+    (tmp_path / "20260101-test-cpu-2cpu.json").write_text(json.dumps(other))
+    path, note = bench_gate.find_baseline(make_receipt(), tmp_path)
+    assert path is None and "none with the same settings, models and implementations" in note
+
+
+def test_finish_baseline_then_pass_then_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PARITY_BASELINE_DIR", str(tmp_path / "baselines"))
+    out = tmp_path / "out"
+    out.mkdir()
+    code = bench.finish(make_receipt(), bench.BenchOptions(out_dir=str(out), baseline=True))
+    written = list((tmp_path / "baselines").glob("*-test-cpu-2cpu.json"))
+    assert code == 0 and len(written) == 1 and "baseline written" in capsys.readouterr().out
+    assert bench.finish(make_receipt(), bench.BenchOptions(out_dir=str(out))) == 0
+    assert "bench: PASS (exit 0)" in capsys.readouterr().out
+    assert bench.finish(make_receipt(numpy_pp=500.0), bench.BenchOptions(out_dir=str(out))) == 1
+    text = capsys.readouterr().out
+    assert "FAIL" in text and "numpy/llama" in text and "regressed or missing vs the baseline" in text
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["status"] == "fail" and saved["exit_code"] == 1 and not bench.validation_errors(saved)
+    assert "<svg" in (out / "report.html").read_text()
+
+
+def test_finish_without_baseline_exits_0_and_says_how(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PARITY_BASELINE_DIR", str(tmp_path / "empty"))
+    assert bench.finish(make_receipt(), bench.BenchOptions(out_dir=str(tmp_path), format="json")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "no-baseline" and "parity bench --baseline" in printed["gate"]["note"]
+
+
+def test_finish_fails_on_an_implementation_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARITY_BASELINE_DIR", str(tmp_path / "empty"))
+    r = make_receipt()
+    r["results"][1].update(status="error", reason="llama worker was killed by signal SIGSEGV", pp=None, tg=None)
+    assert bench.finish(r, bench.BenchOptions(out_dir=str(tmp_path))) == 1
+
+
+# ----------------------------------------------------------------------------------- measurement, env
+
+
+def _fake_lane(label: str, calls: list[str]) -> bench_lanes.Lane:
+    def pp(ids: list[int], delay: float) -> float:
+        calls.append(f"{label}:pp:{len(ids)}:{delay}")
+        return 0.01 + delay
+
+    def tg(first: int, n: int, delay: float) -> float:
+        calls.append(f"{label}:tg:{n}:{delay}")
+        return 0.01 + delay
+
+    return bench_lanes.Lane(label, label, pp, tg, n_vocab=512, architecture="llama", close=dict)
+
+
+def test_measure_interleaves_and_applies_the_slowdown() -> None:
+    calls: list[str] = []
+    lanes = [_fake_lane("numpy", calls), _fake_lane("llama", calls)]
+    out = bench_lanes.measure(lanes, 8, 4, 2, {"numpy": 0.04}, lambda: calls.append("llama-bench"))
+    # a warm-up round, then per repetition each lane runs once untimed (hot caches) and once timed
+    warm = ["numpy:pp:8:0.0", "llama:pp:8:0.0"]
+    rep = ["numpy:pp:8:0.0", "numpy:pp:8:0.04", "llama:pp:8:0.0", "llama:pp:8:0.0", "llama-bench"]
+    assert calls[:12] == warm + rep + rep
+    rep_tg = ["numpy:tg:4:0.0", "numpy:tg:4:0.04", "llama:tg:4:0.0", "llama:tg:4:0.0"]
+    assert calls[12:] == ["numpy:tg:4:0.0", "llama:tg:4:0.0"] + rep_tg * 2
+    assert out["numpy"]["pp"] == [pytest.approx(8 / 0.05)] * 2 and out["llama"]["pp"] == [pytest.approx(800.0)] * 2
+    assert out["llama"]["tg"] == [pytest.approx(400.0)] * 2
+
+
+def test_timed_includes_the_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(bench_lanes.time, "sleep", slept.append)
+    assert bench_lanes.timed(lambda: None, 0.05) >= 0 and slept == [0.05]
+    assert bench_lanes.timed(lambda: None, 0.0) >= 0 and slept == [0.05]
+
+
+def test_blas_threads_are_limited_and_restored() -> None:
+    found = bench_lanes._openblas_setters()
+    if found is None:
+        pytest.skip("numpy is not linked against OpenBLAS here")
+    _setter, getter, _path = found
+    before = getter()
+    with bench_lanes.blas_threads(1) as info:
+        assert info["threads"] == 1 and getter() == 1
+    assert getter() == before
+
+
+def test_parse_slowdown() -> None:
+    assert bench_lanes.parse_slowdown("numpy:0.05") == {"numpy": 0.05}
+    assert bench_lanes.parse_slowdown("numpy:0.05, llama:1") == {"numpy": 0.05, "llama": 1.0}
+    assert bench_lanes.parse_slowdown(None) == {}
+    for bad in ("numpy", "gpu:1", "numpy:-1", "numpy:x"):
+        with pytest.raises(UsageError, match="PARITY_BENCH_SLOWDOWN"):
+            bench_lanes.parse_slowdown(bad)
+
+
+def test_cpu_info_parses_proc_cpuinfo() -> None:
+    text = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\n"
+    assert bench_lanes.cpu_info(text) == ("AMD EPYC 7B13", ["fpu", "avx2", "fma"])
+
+
+def test_prompt_ids_are_in_vocabulary() -> None:
+    ids = bench_lanes.prompt_ids(64, 512)
+    assert len(ids) == 64 and all(0 <= i < 512 for i in ids) and len(set(ids)) > 32
+
+
+def test_options_validate() -> None:
+    with pytest.raises(UsageError, match="--reps"):
+        bench.BenchOptions(reps=0).validate()
+    with pytest.raises(UsageError, match="--prompt-tokens"):
+        bench.BenchOptions(prompt_tokens=0).validate()
+
+
+def test_cli_flags() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            *("bench", "--model", "a.gguf", "--model", "gemma3-270m-q4_k_m", "--impl", "numpy", "--impl", "llama"),
+            *("--reps", "3", "--no-llama-bench", "--format", "json", "--baseline"),
+        ]
+    )
+    opts = bench.options_from_args(args)
+    assert opts.models == ("a.gguf", "gemma3-270m-q4_k_m") and opts.impls == ("numpy", "llama")
+    assert opts.reps == 3 and not opts.llama_bench and opts.baseline and opts.format == "json"
+    assert bench.options_from_args(parser.parse_args(["bench"])).models == ("default-f32",)
+
+
+# ------------------------------------------------------------------------------------------ llama-bench
+
+
+def test_parse_captured_llama_bench_output() -> None:
+    tests = build_tools.parse_llama_bench(SAMPLE.read_text())
+    assert [(t["n_prompt"], t["n_gen"]) for t in tests] == [(64, 0), (0, 16)]
+    assert tests[0]["build_number"] == 5 and tests[0]["type_k"] == "f16" and tests[0]["flash_attn"] == 0
+    pp = build_tools.summarize_tests(tests[:1])
+    assert pp["median"] > 0 and len(pp["samples"]) == 3 and pp["avg_ts"] == pytest.approx(tests[0]["avg_ts"])
+
+
+def test_parse_ignores_log_lines_around_the_json() -> None:
+    text = "load_backend: loaded CPU backend\n" + SAMPLE.read_text() + "\nsome trailing log\n"
+    assert len(build_tools.parse_llama_bench(text)) == 2
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.pop("avg_ts"), "lacks field 'avg_ts'"),
+        (lambda t: t.update(n_prompt="64"), "field 'n_prompt' is str"),
+        (lambda t: t.update(samples_ts=1.0), "field 'samples_ts' is float"),
+        (lambda t: t.update(n_gen=16), "neither a pp nor a tg test"),
+    ],
+)
+def test_parse_rejects_another_format(mutate: Any, message: str) -> None:
+    tests = json.loads(SAMPLE.read_text())
+    mutate(tests[0])
+    with pytest.raises(build_tools.LlamaBenchFormatError, match=message):
+        build_tools.parse_llama_bench(json.dumps(tests, indent=2))
+    with pytest.raises(build_tools.LlamaBenchFormatError, match="no JSON array"):
+        build_tools.parse_llama_bench("| model | size |\n")
+
+
+def test_llama_bench_command_lines() -> None:
+    cmd = build_tools.llama_bench_command(Path("/b/llama-bench"), Path("/m.gguf"), 64, 16, 5, 2, ["-fa", "0"])
+    assert " ".join(cmd) == "/b/llama-bench -m /m.gguf -p 64 -n 16 -r 5 -t 2 -o json -fa 0"
+    params = {"type_k": 1, "type_v": 1, "flash_attn": 0, "n_batch": 128, "n_ubatch": 128}
+    assert " ".join(build_tools.matched_flags(params)) == "-ctk f16 -ctv f16 -fa 0 -b 128 -ub 128"
+    with pytest.raises(UsageError, match="cannot express"):
+        build_tools.matched_flags({**params, "type_k": 0})
+
+
+@pytest.fixture()
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PARITY_THIRD_PARTY", str(tmp_path / "tp"))
+    monkeypatch.delenv("PARITY_LLAMA_SRC", raising=False)
+    return tmp_path
+
+
+def _tools_plan(fp: Any) -> build_tools.ToolsPlan:
+    fp.register([fp.any()], stdout="c++ (Debian 12.2.0-14) 12.2.0\n")  # `c++ --version`
+    return build_tools.tools_plan(build.plan(backends.get_spec("llama"), None))
+
+
+def test_tools_build_commands(fp: Any, isolated: Path) -> None:
+    tp = _tools_plan(fp)
+    assert tp.tools_dir == isolated / "cache" / f"llama-{tp.lib.lib_key}-tools"
+    assert tp.cmake["LLAMA_BUILD_TOOLS"] == "ON" and tp.cmake["LLAMA_BUILD_COMMON"] == "ON"
+    assert tp.cmake["BUILD_SHARED_LIBS"] == "OFF" and tp.cmake["GGML_NATIVE"] == "ON"
+    src = Path("/src")
+    b = str(tp.build_dir)
+    assert build_tools.commands(tp, src, 2) == [
+        ["cmake", "-S", "/src", "-B", b, "-G", "Ninja", "-C", str(tp.tools_dir / "init-cache.cmake")],
+        ["cmake", "--build", b, "--target", "llama-bench", "--parallel", "2"],
+    ]
+    assert 'set(LLAMA_BUILD_TOOLS "ON" CACHE STRING "" FORCE)' in build_tools.init_cache(tp)
+    assert not build_tools.is_built(tp)
+
+
+def test_llama_bench_runner_interleaves_and_cross_checks(fp: Any, isolated: Path) -> None:
+    tp = _tools_plan(fp)
+    sample = SAMPLE.read_text()
+    params = {"type_k": 1, "type_v": 1, "flash_attn": 0, "n_batch": 128, "n_ubatch": 128}
+    base = build_tools.llama_bench_command(tp.binary, Path("/m.gguf"), 64, 16, 1, 2, [])
+    fp.register(base + build_tools.matched_flags(params), stdout=sample, occurrences=2)
+    fp.register(base, stdout=sample, occurrences=2)
+    runner = build_tools.LlamaBenchRunner(tp, Path("/m.gguf"), 64, 16, 2, params)
+    runner.run_once()
+    runner.run_once()
+    runs = runner.results(isolated, "default-f32")
+    assert [(r["config"], r["invocations"]) for r in runs] == [("matched", 2), ("default", 2)]
+    assert runs[0]["command"] == base + build_tools.matched_flags(params) and runs[1]["command"] == base
+    assert runs[0]["settings"]["type_k"] == "f16" and runs[0]["build_commit"]
+    pp = runs[0]["pp"]
+    assert len(pp["samples"]) == 6 and pp["avg_ts"] == pytest.approx(json.loads(sample)[0]["avg_ts"])
+    assert (isolated / "llama-bench_default-f32_matched.txt").read_text() == sample * 2
+    theirs = pp["q75"]  # the upper quartiles are compared
+    ours = {"config": params, "pp": bench_gate.summarize([theirs * 0.97] * 3), "tg": runs[0]["tg"]}
+    rows = build_tools.cross_check(SHA, ours, runs)
+    assert [(r["metric"], r["status"]) for r in rows] == [("pp", "pass"), ("tg", "info")]
+    ours["pp"] = bench_gate.summarize([theirs * 0.5] * 3)
+    assert build_tools.cross_check(SHA, ours, runs)[0]["status"] == "FAIL"
+
+
+# ----------------------------------------------------------------------------------------- schema, report
+
+
+def test_schema_accepts_a_full_receipt_and_rejects_broken_ones(tmp_path: Path) -> None:
+    r = make_receipt()
+    assert bench.validation_errors(r) == []
+    bad = copy.deepcopy(r)
+    bad["results"][0]["impl"] = "gpu"
+    del bad["machine"]["slug"]
+    errors = bench.validation_errors(bad)
+    assert any("impl" in e for e in errors) and any("slug" in e for e in errors)
+    with pytest.raises(AssertionError, match="violates the schema"):
+        bench.write_receipt(tmp_path / "bench.json", bad)
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_load_baseline_rejects_non_receipts(tmp_path: Path) -> None:
+    p = tmp_path / "20260101-x.json"
+    p.write_text(json.dumps({"kind": "something else"}))
+    with pytest.raises(UsageError, match="not a valid bench baseline"):
+        bench_gate.load_baseline(p)
+
+
+def test_text_and_html_report() -> None:
+    r = make_receipt()
+    r["gate"]["rows"] = [row.to_dict() for row in bench_gate.compare(make_receipt(), make_receipt(numpy_pp=500.0))]
+    r.update(status="fail", exit_code=1)
+    text = bench_report.render_text(r)
+    assert "numpy/llama" in text and "fails below" in text
+    assert "bench: FAIL (exit 1): 2 figure(s) regressed or missing vs the baseline" in text
+    page = bench_report.render_html(r)
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2 and "default-f32 · numpy" in page
