@@ -7,7 +7,8 @@ The tool needs LLAMA_BUILD_COMMON and LLAMA_BUILD_TOOLS, which the library build
 own build directory beside the library's: cache/<backend>-<lib_key>-tools/. The library key already covers
 the source fingerprint, the CMake options, the compiler and the CPU, so the tools build is valid exactly
 when the library build is. Only the `llama-bench` target is built (static libraries, like the main build).
-A receipt (tools.json) is written last and marks the entry complete.
+A receipt (<target>.json) is written last and marks each tool complete. parity.quantizer builds
+llama-quantize in the same tree through ensure_tool().
 """
 
 from __future__ import annotations
@@ -39,26 +40,37 @@ class ToolsPlan:
     lib: build.BuildPlan
     tools_dir: Path
     cmake: dict[str, str]
+    target: str = TARGET
 
     @property
     def build_dir(self) -> Path:
         return self.tools_dir / "build"
 
     @property
+    def tool_dir(self) -> Path:
+        return self.tools_dir
+
+    @property
     def binary(self) -> Path:
-        return self.build_dir / "bin" / TARGET
+        # Both llama.h generations set CMAKE_RUNTIME_OUTPUT_DIRECTORY to <build>/bin.
+        return self.build_dir / "bin" / self.target
 
     @property
     def receipt_path(self) -> Path:
-        return self.tools_dir / "tools.json"
+        return self.tools_dir / f"{self.target}.json"
 
 
-def tools_plan(p: build.BuildPlan) -> ToolsPlan:
-    """The tools build that belongs to library plan `p` (same source, options plus TOOLS_CMAKE)."""
+def tools_plan(p: build.BuildPlan, target: str = TARGET, extra_cmake: dict[str, str] | None = None) -> ToolsPlan:
+    """The tools build that belongs to library plan `p` (same source, options plus `extra_cmake`).
+
+    Every tool of one backend (llama-bench, llama-quantize) shares this build tree, so a second tool compiles
+    only its own sources.
+    """
     return ToolsPlan(
         lib=p,
         tools_dir=paths.cache_dir() / f"{p.backend}-{p.lib_key}-tools",
-        cmake={**p.cmake, **TOOLS_CMAKE},
+        cmake={**p.cmake, **(TOOLS_CMAKE if extra_cmake is None else extra_cmake)},
+        target=target,
     )
 
 
@@ -81,7 +93,7 @@ def commands(tp: ToolsPlan, src: Path, jobs: int) -> list[list[str]]:
     """The exact configure / build commands (asserted by unit tests)."""
     return [
         ["cmake", "-S", str(src), "-B", str(tp.build_dir), "-G", "Ninja", "-C", str(tp.tools_dir / "init-cache.cmake")],
-        ["cmake", "--build", str(tp.build_dir), "--target", TARGET, "--parallel", str(jobs)],
+        ["cmake", "--build", str(tp.build_dir), "--target", tp.target, "--parallel", str(jobs)],
     ]
 
 
@@ -105,30 +117,47 @@ def ensure_llama_bench(
         raise BuildError(
             f"llama-bench is built only for the mainline llama backend, not {spec.name!r}", fix="use --backend llama"
         )
+    return ensure_tool(spec, override, TARGET, TOOLS_CMAKE, verbose=verbose, jobs=jobs)
+
+
+def ensure_tool(
+    spec: backends.BackendSpec,
+    override: Path | None,
+    target: str,
+    extra_cmake: dict[str, str],
+    *,
+    verbose: bool = False,
+    jobs: int | None = None,
+) -> ToolsPlan:
+    """Build CMake target `target` of the backend's pinned source in its tools tree unless already built."""
     t0 = time.perf_counter()
-    tp = tools_plan(build.plan(spec, override))
+    tp = tools_plan(build.plan(spec, override), target, extra_cmake)
     if is_built(tp):
-        log(f"{spec.name}: llama-bench up to date ({tp.binary})")
+        log(f"{spec.name}: {target} up to date ({tp.binary})")
         return tp
-    with file_lock(paths.cache_dir() / f".{spec.name}.tools.lock", what=f"the {spec.name} llama-bench build"):
+    with file_lock(paths.cache_dir() / f".{spec.name}.tools.lock", what=f"the {spec.name} tools build ({target})"):
         if is_built(tp):
             return tp
         src = backends.acquire(spec, override, verbose=verbose)
+        for rel, dest in spec.prepare_copy.items():  # bitnet.cpp's LUT header, as the library build does
+            dst = src.path / dest
+            if not dst.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.path / rel, dst)
         tp.tools_dir.mkdir(parents=True, exist_ok=True)
         (tp.tools_dir / "init-cache.cmake").write_text(init_cache(tp), encoding="utf-8")
         jobs = jobs or os.cpu_count() or 2
         for label, cmd in zip(("configure", "build"), commands(tp, src.path, jobs), strict=True):
-            with Timer(f"{spec.name}: llama-bench {label}"):
-                run(cmd, verbose=verbose, log_file=tp.tools_dir / f"{label}.log")
+            with Timer(f"{spec.name}: {target} {label}"):
+                run(cmd, verbose=verbose, log_file=tp.tools_dir / f"{target}-{label}.log")
         if not tp.binary.is_file():
-            raise BuildError(f"the build produced no {tp.binary}", fix=f"see {tp.tools_dir / 'build.log'}")
-        seconds = time.perf_counter() - t0
+            raise BuildError(f"the build produced no {tp.binary}", fix=f"see {tp.tools_dir / (target + '-build.log')}")
         atomic_write_json(
             tp.receipt_path,
             {
                 "version": TOOLS_RECEIPT_VERSION,
                 "backend": spec.name,
-                "target": TARGET,
+                "target": target,
                 "binary": str(tp.binary),
                 "source": {
                     "kind": src.kind,
@@ -140,11 +169,11 @@ def ensure_llama_bench(
                 "compiler": {"cc": tp.lib.cc, "cxx": tp.lib.cxx, "version": tp.lib.compiler_version},
                 "cpu": tp.lib.cpu,
                 "lib_key": tp.lib.lib_key,
-                "seconds": round(seconds, 2),
+                "seconds": round(time.perf_counter() - t0, 2),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
-    log(f"{spec.name}: llama-bench built in {time.perf_counter() - t0:.1f} s -> {tp.binary}")
+    log(f"{spec.name}: {target} built in {time.perf_counter() - t0:.1f} s -> {tp.binary}")
     return tp
 
 
