@@ -59,7 +59,10 @@ def test_baseline_then_pass_then_slowdown_fails(llama_plan: build.BuildPlan, tmp
     assert code == 0, err
     assert "no baseline for machine itest-machine" in out and "parity bench --baseline" in out
 
-    code, out, err = _bench(tmp_path / "base", baselines, "--baseline", "--no-llama-bench")
+    # numpy and llama.cpp only: bitnet.cpp joins by default wherever a build of it exists
+    code, out, err = _bench(
+        tmp_path / "base", baselines, "--baseline", "--no-llama-bench", "--impl", "numpy", "--impl", "llama"
+    )
     assert code == 0, out + err
     written = list(baselines.glob("*-itest-machine.json"))
     assert len(written) == 1 and f"baseline written: {written[0]}" in out
@@ -73,11 +76,13 @@ def test_baseline_then_pass_then_slowdown_fails(llama_plan: build.BuildPlan, tmp
     assert {q["name"] for q in r["ratios"]} == {"numpy/llama"}
     assert "<svg" in (tmp_path / "base" / "report.html").read_text()
 
-    code, out, err = _bench(tmp_path / "plain", baselines, "--no-llama-bench")
+    code, out, err = _bench(tmp_path / "plain", baselines, "--no-llama-bench", "--impl", "numpy", "--impl", "llama")
     assert code == 0, out + err
     assert "bench: PASS (exit 0)" in out and str(written[0]) in out
 
-    code, out, err = _bench(tmp_path / "slow", baselines, "--no-llama-bench", slowdown="numpy:0.05")
+    code, out, err = _bench(
+        tmp_path / "slow", baselines, "--no-llama-bench", "--impl", "numpy", "--impl", "llama", slowdown="numpy:0.05"
+    )
     assert code == 1, out + err
     assert "TEST-ONLY slowdown" in out
     failed = [line.split() for line in out.splitlines() if line.rstrip().endswith("FAIL")]
