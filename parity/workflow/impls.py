@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,7 @@ class WindowOutput:
         return self.error is None
 
 
-class Implementation:
+class Implementation(ABC):
     """Base class: `run_window` never raises for an implementation's own failure, it reports it."""
 
     def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
@@ -224,10 +225,11 @@ class Implementation:
                     return f"reference {self.name}: step {r.get('step')} has no integer 'token' (needed for teacher forcing)"
         return None
 
+    @abstractmethod
     def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The records of steps [start, start + count) of this implementation."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op default: most implementations hold nothing to release
         """Release processes and memory (idempotent)."""
 
 

@@ -184,10 +184,9 @@ def test_mirror_i2_s_bitnet_stepwise_and_the_batch_gap(i2_s_model: Path, tmp_pat
     assert _stats(batch)["mean_kl"] <= MIRROR_KL, _stats(batch)
 
 
-def test_mainline_refuses_i2_s_with_exit_2(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
-    i2_s = _root() / "i2_s" / "model.gguf"
-    if not i2_s.is_file():
-        pytest.skip("no I2_S file yet (made by the bitnet_cpp tests)")
+@pytest.mark.bitnet_cpp
+def test_mainline_refuses_i2_s_with_exit_2(llama_plan: build.BuildPlan, i2_s_model: Path, tmp_path: Path) -> None:
+    i2_s = i2_s_model
     proc = run_cli("run", "--model-gguf", str(i2_s), "--backend", "llama", "--out-dir", str(tmp_path))
     assert proc.returncode == 2, proc.stderr
     assert "unsupported model format" in proc.stderr and "I2_S" in proc.stderr

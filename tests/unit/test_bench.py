@@ -277,7 +277,7 @@ def test_timed_includes_the_delay(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_blas_threads_are_limited_and_restored() -> None:
     found = bench_lanes._openblas_setters()
     if found is None:
-        pytest.skip("numpy is not linked against OpenBLAS here")
+        pytest.fail("numpy is not linked against OpenBLAS here: install numpy's PyPI wheel (it bundles OpenBLAS)")
     _setter, getter, _path = found
     before = getter()
     with bench_lanes.blas_threads(1) as info:
