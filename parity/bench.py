@@ -35,13 +35,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from parity import backends, bench_gate, bench_lanes, build, build_tools
+from parity import backends, bench_gate, bench_lanes, build, build_tools, receipts
 from parity.errors import ParityError, UsageError
-from parity.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from parity.fsutil import atomic_write_text, sha256_file
 from parity.runner import log
 
 if TYPE_CHECKING:
@@ -86,27 +85,19 @@ class BenchOptions:
 # ------------------------------------------------------------------------------------------------ schema
 
 
-@cache
 def schema() -> dict[str, Any]:
     """The bench receipt JSON Schema."""
-    data: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    return data
+    return receipts.schema(SCHEMA_PATH)
 
 
 def validation_errors(receipt: Any) -> list[str]:
     """Human-readable schema violations of a bench receipt (empty when valid)."""
-    from jsonschema import Draft202012Validator
-
-    v = Draft202012Validator(schema())
-    return [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in v.iter_errors(receipt)]
+    return receipts.validation_errors(receipt, SCHEMA_PATH)
 
 
 def write_receipt(path: Path, receipt: dict[str, Any]) -> None:
     """Validate, then write atomically; a receipt violating its schema is a bug and is never written."""
-    errors = validation_errors(receipt)
-    if errors:
-        raise AssertionError(f"internal error: bench receipt {path.name} violates the schema: {errors[:3]}")
-    atomic_write_json(path, receipt)
+    receipts.write(path, receipt, SCHEMA_PATH)
 
 
 # ------------------------------------------------------------------------------------------- environment

@@ -15,25 +15,25 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "receipt.schema.json"
 
 
 @cache
-def schema() -> dict[str, Any]:
-    """The receipt JSON Schema."""
-    data: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+def schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    """A JSON Schema shipped in parity/schema/ (default: the lane receipt's)."""
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data
 
 
-def validation_errors(receipt: Any) -> list[str]:
+def validation_errors(receipt: Any, schema_path: Path = SCHEMA_PATH) -> list[str]:
     """Human-readable schema violations (empty when valid)."""
     from jsonschema import Draft202012Validator
 
-    v = Draft202012Validator(schema())
+    v = Draft202012Validator(schema(schema_path))
     return [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in v.iter_errors(receipt)]
 
 
-def write(path: Path, receipt: dict[str, Any]) -> None:
-    """Validate, then write atomically. A receipt that does not match the schema is a bug: never written."""
-    errors = validation_errors(receipt)
+def write(path: Path, receipt: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> None:
+    """Validate, then write atomically. A receipt that does not match its schema is a bug: never written."""
+    errors = validation_errors(receipt, schema_path)
     if errors:
-        raise AssertionError(f"internal error: receipt for {path.name} violates the schema: {errors[:3]}")
+        raise AssertionError(f"internal error: receipt {path.name} violates the schema {schema_path.name}: {errors[:3]}")
     atomic_write_json(path, receipt)
 
 
