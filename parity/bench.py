@@ -67,12 +67,15 @@ class BenchOptions:
     llama_bench: bool = True
     format: str = "text"
     verbose: bool = False
+    max_drop: float = bench_gate.THRESHOLD
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the flag."""
         for flag, value in (("--prompt-tokens", self.prompt_tokens), ("--gen-tokens", self.gen_tokens)):
             if value < 1:
                 raise UsageError(f"{flag} must be >= 1, got {value}")
+        if not 0.0 < self.max_drop < 1.0:
+            raise UsageError(f"--max-drop must be in (0, 1), got {self.max_drop}", fix="e.g. --max-drop 0.10")
         if self.reps < 1:
             raise UsageError(f"--reps must be >= 1, got {self.reps}", fix="e.g. --reps 5")
         if self.threads < 1:
@@ -325,7 +328,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "warmup_reps": 1,
             "threads": opts.threads,
             "numpy_dtype": "float32",
-            "threshold": bench_gate.THRESHOLD,
+            "threshold": opts.max_drop,
             "slowdown_s": slowdown,
         },
         "models": [],
@@ -370,7 +373,7 @@ def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
     out_dir = Path(opts.out_dir)
     errors = [r for r in receipt["results"] if r["status"] == "error"]
     xfail = [c for c in receipt["cross_check"] if c["status"] == "FAIL"]
-    gate: dict[str, Any] = {"baseline": None, "note": "", "threshold": bench_gate.THRESHOLD, "rows": []}
+    gate: dict[str, Any] = {"baseline": None, "note": "", "threshold": opts.max_drop, "rows": []}
     if opts.baseline:
         directory = bench_gate.baseline_dir()
         path = directory / bench_gate.baseline_name(time.strftime("%Y%m%d"), receipt["machine"]["slug"])
@@ -383,7 +386,7 @@ def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
             gate["note"] += "; create one with `parity bench --baseline` (same flags)"
             status = "no-baseline"
         else:
-            rows = bench_gate.compare(bench_gate.load_baseline(path_found), receipt)
+            rows = bench_gate.compare(bench_gate.load_baseline(path_found), receipt, opts.max_drop)
             gate.update(baseline=str(path_found), rows=[r.to_dict() for r in rows])
             status = "fail" if bench_gate.gate_failed(rows) else "pass"
     failed = status == "fail" or bool(errors) or bool(xfail)
@@ -432,6 +435,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--no-llama-bench", action="store_true", help="skip the llama-bench cross-check (and its build)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout (default text)")
     p.add_argument("--verbose", action="store_true", help="stream build output")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=bench_gate.THRESHOLD,
+        help="gate: fail when a figure drops more than this fraction beyond the measured noise (default 0.10)",
+    )
     return p
 
 
@@ -449,6 +458,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         llama_bench=not args.no_llama_bench,
         format=args.format,
         verbose=args.verbose,
+        max_drop=args.max_drop,
     )
 
 

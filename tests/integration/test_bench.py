@@ -76,12 +76,25 @@ def test_baseline_then_pass_then_slowdown_fails(llama_plan: build.BuildPlan, tmp
     assert {q["name"] for q in r["ratios"]} == {"numpy/llama"}
     assert "<svg" in (tmp_path / "base" / "report.html").read_text()
 
-    code, out, err = _bench(tmp_path / "plain", baselines, "--no-llama-bench", "--impl", "numpy", "--impl", "llama")
+    # A shared CI machine moves single figures by 20% between runs; the gate rule itself is unit-tested with exact
+    # numbers. Here a wide --max-drop keeps "unchanged code passes" robust, and the slowdown below is far beyond it.
+    code, out, err = _bench(
+        tmp_path / "plain", baselines, "--no-llama-bench", "--impl", "numpy", "--impl", "llama", "--max-drop", "0.6"
+    )
     assert code == 0, out + err
     assert "bench: PASS (exit 0)" in out and str(written[0]) in out
 
     code, out, err = _bench(
-        tmp_path / "slow", baselines, "--no-llama-bench", "--impl", "numpy", "--impl", "llama", slowdown="numpy:0.05"
+        tmp_path / "slow",
+        baselines,
+        "--no-llama-bench",
+        "--impl",
+        "numpy",
+        "--impl",
+        "llama",
+        "--max-drop",
+        "0.6",
+        slowdown="numpy:0.05",
     )
     assert code == 1, out + err
     assert "TEST-ONLY slowdown" in out

@@ -189,7 +189,7 @@ def test_a_missing_program_is_unavailable_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_the_documented_minimal_command_speaks_the_protocol(tmp_path: Path) -> None:
-    doc = (EXAMPLES.parents[1] / "docs" / "windows.md").read_text(encoding="utf-8")
+    doc = (EXAMPLES.parents[1] / "README.md").read_text(encoding="utf-8")
     after = doc[doc.index("The smallest command that speaks the protocol") :]
     code = after[after.index("```python\n") + len("```python\n") : after.index("```\n", after.index("```python"))]
     (tmp_path / "minimal.py").write_text(code, encoding="utf-8")
