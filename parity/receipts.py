@@ -33,7 +33,9 @@ def write(path: Path, receipt: dict[str, Any], schema_path: Path = SCHEMA_PATH) 
     """Validate, then write atomically. A receipt that does not match its schema is a bug: never written."""
     errors = validation_errors(receipt, schema_path)
     if errors:
-        raise AssertionError(f"internal error: receipt {path.name} violates the schema {schema_path.name}: {errors[:3]}")
+        raise AssertionError(
+            f"internal error: receipt {path.name} violates the schema {schema_path.name}: {errors[:3]}"
+        )
     atomic_write_json(path, receipt)
 
 
