@@ -34,13 +34,14 @@ import numpy.typing as npt
 from parity import ternary
 from parity.engine_numpy import (
     FloatType,
+    LlamaParams,
     attention,
     causal_mask,
     int_key,
+    llama_params,
     require_tensor,
     rms_norm,
     rope_cos_sin,
-    rope_freq_scale,
     silu,
     softmax,
 )
@@ -53,22 +54,8 @@ MATMULS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 TERNARY_TYPES = (int(ternary.ForkType.I2_S), 34, 35)  # I2_S, TQ1_0, TQ2_0
 
 
-@dataclass(frozen=True)
-class BitnetParams:
-    """Hyperparameters of a bitnet model, read as both engines read them (llama_model_loader defaults)."""
-
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_rot: int
-    rms_eps: float
-    rope_base: float
-    rope_freq_scale: float
-    n_ctx_train: int
+# Both engines read a bitnet model's hyperparameters exactly as they read llama's.
+BitnetParams = LlamaParams
 
 
 @dataclass(frozen=True)
@@ -96,7 +83,7 @@ class BitnetWeights:
 
 
 def bitnet_params(f: GGUFFile) -> BitnetParams:
-    """Hyperparameters (llama_model_loader / llm_load_hparams in both engines)."""
+    """Hyperparameters (llama_model_loader / llm_load_hparams in both engines): llama's, plus one bitnet rule."""
     arch = f.architecture
     n_embd = int_key(f, f"{arch}.embedding_length")
     n_head = int_key(f, f"{arch}.attention.head_count")
@@ -106,27 +93,7 @@ def bitnet_params(f: GGUFFile) -> BitnetParams:
             f"{f.path}: {n_head} heads x head dim {head_dim} != n_embd {n_embd}",
             fix="both engines create attn_q/attn_output as n_embd x n_embd for bitnet; fix the converter",
         )
-    n_rot = int_key(f, f"{arch}.rope.dimension_count", head_dim)
-    if n_rot != head_dim:
-        raise ModelFormatError(
-            f"{f.path}: '{arch}.rope.dimension_count' is {n_rot} but the head dimension is {head_dim}",
-            fix="llama.cpp rejects this model too ('invalid n_rot'); check the converter",
-        )
-    n_vocab = f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else 0
-    return BitnetParams(
-        n_vocab=n_vocab,
-        n_embd=n_embd,
-        n_layer=int_key(f, f"{arch}.block_count"),
-        n_ff=int_key(f, f"{arch}.feed_forward_length"),
-        n_head=n_head,
-        n_head_kv=int_key(f, f"{arch}.attention.head_count_kv", n_head),
-        head_dim=head_dim,
-        n_rot=n_rot,
-        rms_eps=float(f.require(f"{arch}.attention.layer_norm_rms_epsilon")),
-        rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
-        rope_freq_scale=rope_freq_scale(f),
-        n_ctx_train=int_key(f, f"{arch}.context_length"),
-    )
+    return llama_params(f)
 
 
 def expected_tensors(p: BitnetParams) -> dict[str, tuple[int, ...]]:
