@@ -71,7 +71,8 @@ def _compiler_version(cxx: str) -> str:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise BackendUnavailable(
-            f"C++ compiler {cxx} not usable: {exc}", fix="install a C++ compiler (apt-get install g++ / clang)"
+            f"C++ compiler {cxx} not usable: {exc}",
+            fix="apt-get install clang" if "clang" in Path(cxx).name else "install a C++ compiler (apt-get install g++)",
         ) from exc
     return out.splitlines()[0].strip() if out else cxx
 
@@ -233,7 +234,8 @@ def _build_lib(spec: backends.BackendSpec, p: BuildPlan, src: Path, *, verbose: 
         labels, cmake_commands(p, src, jobs, spec.install), strict=False
     ):  # no install step for "collect"
         with Timer(f"{spec.name}: libllama {label}"):
-            run(cmd, verbose=verbose, log_file=p.lib_dir / f"{label}.log")
+            shown = f"{spec.name}: building libllama" if label == "build" else None
+            run(cmd, verbose=verbose, log_file=p.lib_dir / f"{label}.log", progress=shown)
     if spec.install == "collect":
         with Timer(f"{spec.name}: libllama install (collect)"):
             collect_install(p.lib_dir / "build", src, spec.include_dirs, prefix)
@@ -267,6 +269,7 @@ def _build_bridge(p: BuildPlan, *, verbose: bool) -> None:
             cwd=paths.project_root(),
             verbose=verbose,
             log_file=p.bridge_dir / "bridge.log",
+            progress=f"{p.backend}: building bridge",
         )
         wheel = Path(tmp) / out.strip().splitlines()[-1]
         member = f"parity_bridge_lib/libparity_bridge_{p.backend}.so"

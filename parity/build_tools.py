@@ -149,7 +149,8 @@ def ensure_tool(
         jobs = jobs or os.cpu_count() or 2
         for label, cmd in zip(("configure", "build"), commands(tp, src.path, jobs), strict=True):
             with Timer(f"{spec.name}: {target} {label}"):
-                run(cmd, verbose=verbose, log_file=tp.tools_dir / f"{target}-{label}.log")
+                shown = f"{spec.name}: building {target}" if label == "build" else None
+                run(cmd, verbose=verbose, log_file=tp.tools_dir / f"{target}-{label}.log", progress=shown)
         if not tp.binary.is_file():
             raise BuildError(f"the build produced no {tp.binary}", fix=f"see {tp.tools_dir / (target + '-build.log')}")
         atomic_write_json(

@@ -2,21 +2,36 @@
 
 Every command is echoed, its output captured, and a failure raises an error that carries the command, the
 return code and the tail of the output, so a failed build says exactly what failed.
+
+A long build is not silent: with `progress=` the runner reads ninja's `[n/N]` status prefix from the output
+and shows "  building libllama [123/456] 27% 1m12s" - redrawn in place on a terminal, as a plain line every
+few seconds (and once at the end) otherwise. The full output still goes to the log file.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from parity.errors import BuildError, ParityError
 
 TAIL_LINES = 40
+# A terminal redraw costs little, but more than ~10 per second only flickers.
+PROGRESS_TTY_INTERVAL = 0.1
+# Log files and CI consoles keep every line, so one every few seconds is plenty.
+PROGRESS_PLAIN_INTERVAL = 5.0
+# ninja's default status format, set explicitly so a user's NINJA_STATUS cannot hide the progress.
+NINJA_STATUS = "[%f/%t] "
+_NINJA_PROGRESS = re.compile(r"^\[(\d+)/(\d+)\] ")
 
 
 class CommandError(BuildError):
@@ -43,6 +58,130 @@ def step(label: str, seconds: float) -> None:
     log(f"{label:<64}{seconds:>9.2f} s")
 
 
+def parse_ninja_progress(line: str) -> tuple[int, int] | None:
+    """(finished, total) from a ninja status line "[12/345] Building C object ...", else None."""
+    match = _NINJA_PROGRESS.match(line)
+    if match is None:
+        return None
+    done, total = int(match.group(1)), int(match.group(2))
+    return (done, total) if 0 <= done <= total and total > 0 else None
+
+
+def format_elapsed(seconds: float) -> str:
+    """Elapsed time, compact: "7s", "1m12s", "1h02m03s"."""
+    whole = max(0, int(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def build_progress_line(label: str, done: int | None, total: int | None, elapsed: float) -> str:
+    """ "  building libllama [123/456] 27% 1m12s" (no counts yet: "  building libllama 3s")."""
+    if done is None or total is None:
+        return f"  {label} {format_elapsed(elapsed)}"
+    return f"  {label} [{done}/{total}] {100 * done // total}% {format_elapsed(elapsed)}"
+
+
+class BuildProgress:
+    """The status line of one build, fed the build's output line by line.
+
+    On a TTY the line is redrawn in place (at most every `interval` s, default 0.1); otherwise a plain line is
+    printed at most every `interval` s (default 5) and always once at `close`. `tick` redraws without new
+    output, so a long compile step still shows the clock moving. `clock` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = tty if tty is not None else _isatty(self.stream)
+        self.interval = (
+            interval if interval is not None else (PROGRESS_TTY_INTERVAL if self.tty else PROGRESS_PLAIN_INTERVAL)
+        )
+        self.clock = clock
+        self.t0 = clock()
+        self._last = self.t0
+        self.done: int | None = None
+        self.total: int | None = None
+        self._drawn = False
+
+    def line(self, now: float | None = None) -> str:
+        """The current status line."""
+        elapsed = (self.clock() if now is None else now) - self.t0
+        return build_progress_line(self.label, self.done, self.total, elapsed)
+
+    def feed(self, line: str) -> None:
+        """One line of the build's output: take its `[n/N]` if it has one, then redraw if the interval passed."""
+        parsed = parse_ninja_progress(line)
+        if parsed is not None:
+            self.done, self.total = parsed
+        self.tick()
+
+    def tick(self) -> None:
+        """Redraw when `interval` seconds have passed since the last line drawn."""
+        now = self.clock()
+        if now - self._last >= self.interval:
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        self._last = now
+        if self.tty:
+            self.stream.write("\r" + self.line(now) + "\x1b[K")
+        else:
+            self.stream.write(self.line(now) + "\n")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """The final state: a last plain line, or on a TTY the terminal line cleared for the step summary."""
+        if self.tty:
+            if self._drawn:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+            self._drawn = False
+            return
+        self._draw(self.clock())
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _lines_with_ticks(stream: Iterable[str], interval: float) -> Iterator[str | None]:
+    """The lines of `stream`, with None whenever `interval` seconds pass without one (a reader thread)."""
+    q: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for line in stream:
+                q.put(line)
+        finally:
+            q.put(None)
+
+    threading.Thread(target=pump, name="runner-output", daemon=True).start()
+    while True:
+        try:
+            item = q.get(timeout=interval)
+        except queue.Empty:
+            yield None
+            continue
+        if item is None:
+            return
+        yield item
+
+
 def run(
     cmd: Sequence[str | os.PathLike[str]],
     *,
@@ -50,15 +189,22 @@ def run(
     env: Mapping[str, str] | None = None,
     verbose: bool = False,
     log_file: Path | None = None,
+    progress: str | BuildProgress | None = None,
 ) -> str:
     """Run `cmd`, echoing it; return its combined output or raise CommandError.
 
     With `verbose` the output streams to stderr as it comes; otherwise it is captured (and written to
-    `log_file` when given) and only shown on failure.
+    `log_file` when given) and only shown on failure. `progress` (a label such as "building libllama", or a
+    BuildProgress) shows ninja's `[n/N]` progress while the output is captured; every `cmake --build` passes
+    one. With `verbose` it is ignored: the streamed output already shows ninja's lines.
     """
     args = [os.fspath(c) for c in cmd]
     log(f"$ {shlex.join(args)}")
     full_env = dict(os.environ)
+    display: BuildProgress | None = None
+    if progress is not None and not verbose:
+        display = progress if isinstance(progress, BuildProgress) else BuildProgress(progress)
+        full_env["NINJA_STATUS"] = NINJA_STATUS
     if env:
         full_env.update(env)
     try:
@@ -77,10 +223,21 @@ def run(
         raise ParityError(f"cannot execute {args[0]}: {exc}") from exc
     chunks: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        chunks.append(line)
-        if verbose:
-            sys.stderr.write(line)
+    if display is None:
+        for line in proc.stdout:
+            chunks.append(line)
+            if verbose:
+                sys.stderr.write(line)
+    else:
+        try:
+            for item in _lines_with_ticks(proc.stdout, display.interval):
+                if item is not None:
+                    chunks.append(item)
+                    display.feed(item)
+                else:
+                    display.tick()
+        finally:
+            display.close()
     proc.wait()
     output = "".join(chunks)
     if log_file is not None:
