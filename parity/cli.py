@@ -31,7 +31,8 @@ def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
     p.add_argument(
         "--prompt-template",
         choices=("auto", "raw", "instruct", "llama3-chat"),
-        help="prompt template (default auto: GGUF chat template markers, then path hints, then instruct)",
+        help="prompt template (default auto: the model's own GGUF chat template rendered in a Jinja2 sandbox, "
+        "else path hints, else instruct)",
     )
     p.add_argument("--system-prompt", help="system prompt for templates that have one")
     p.add_argument("--out-dir", metavar="DIR", help="where receipts and worker logs go (default .parity)")

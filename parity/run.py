@@ -29,7 +29,7 @@ from parity.errors import (
     WorkerError,
 )
 from parity.runner import log
-from parity.tokenization import HFTokenizer, check_token_parity, format_prompt, gguf_config_hash, resolve_template
+from parity.tokenization import HFTokenizer, apply_template, check_token_parity, gguf_config_hash
 from parity.worker import RemoteModel, Worker
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ class Shared:
     seconds: dict[str, float] = field(default_factory=dict)
     # The file each lane loads when it is not `model_path` (the ternary family: each backend's native format).
     lane_models: dict[str, Path] = field(default_factory=dict)
+    # The model's own chat template when it was rendered: source, sha256, BOS/EOS strings, bos_stripped.
+    chat_template: dict[str, Any] | None = None
 
     @property
     def sequence(self) -> list[int]:
@@ -186,15 +188,12 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
     plans = {b: preflight(b, opts) for b in lane_backends}
     seconds = {"load": time.perf_counter() - t0}
 
-    chat_template = gguf.get("tokenizer.chat_template")
-    template = resolve_template(
-        opts.prompt_template, chat_template if isinstance(chat_template, str) else None, model_path
-    )
-    formatted = format_prompt(template, opts.prompt, opts.system_prompt)
-
     # Tokenize with every backend (vocab only) and compare with the external tokenizer.
     t1 = time.perf_counter()
     backend_ids: dict[str, list[int]] = {}
+    formatted: str | None = None
+    template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
+    chat_record: dict[str, Any] | None = None
     for b, p in plans.items():
         with Worker(
             b,
@@ -204,6 +203,15 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
             timeout=opts.timeout,
         ) as w:
             vm = RemoteModel(w, str(lane_models.get(b, model_path)), BackendParams(vocab_only=1))
+            if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
+                template, formatted, chat_record = apply_template(
+                    opts.prompt_template,
+                    opts.prompt,
+                    opts.system_prompt,
+                    gguf.metadata,
+                    model_path,
+                    add_bos=bool(vm.info()["add_bos"]),
+                )
             ids = vm.tokenize(formatted, True, True)
             if opts.dump_cpp_ids:
                 log(f"{b} ids: {ids}")
@@ -218,6 +226,7 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
 
                 check_token_parity(ours, ids, backend=b, ours_str=hf.token_str, theirs_str=piece)
             backend_ids[b] = ids
+    assert formatted is not None, "prepare() needs at least one backend"
     first = next(iter(backend_ids.values()))
     for b, ids in backend_ids.items():  # backends must agree with each other too
         check_token_parity(first, ids, backend=b, ours_str=str, theirs_str=str)
@@ -263,6 +272,7 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
         seconds,
         lane_models,
     )
+    shared.chat_template = chat_record
     return shared, plans
 
 
@@ -399,6 +409,7 @@ def _receipt_base(
         "prompt": opts.prompt,
         "prompt_template": shared.template,
         "formatted_prompt": shared.formatted_prompt,
+        "chat_template": shared.chat_template,
         "token_ids": shared.sequence,
         "prompt_tokens": len(shared.prompt_ids),
         "generated_tokens": len(shared.generated),

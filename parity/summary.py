@@ -32,6 +32,7 @@ def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, A
         "model": {"path": str(shared.model_path), "sha256": shared.model_sha256},
         "tokenizer_authority": shared.authority,
         "prompt_template": shared.template,
+        "chat_template": shared.chat_template,
         "prompt_tokens": len(shared.prompt_ids),
         "generated_tokens": len(shared.generated),
         "lanes": lanes,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from parity import chat_template
+from parity.chat_template import GGUF_TEMPLATE
 from parity.errors import TokenizerMismatch, UsageError
 from parity.fsutil import sha256_file
 
@@ -105,20 +107,37 @@ def gguf_config_hash(metadata: dict[str, Any]) -> str:
 
 
 def resolve_template(name: str, chat_template: str | None, model_path: Path) -> str:
-    """Pick the concrete template for `auto`: GGUF chat template markers, then path hints, then instruct."""
+    """Pick the concrete template for `auto`: the model's own chat template (GGUF_TEMPLATE) when it has
+    one, else path hints, else instruct."""
     if name not in TEMPLATES:
         raise UsageError(f"unknown prompt template '{name}'", fix=f"use one of: {', '.join(TEMPLATES)}")
     if name != "auto":
         return name
-    if chat_template:
-        if "<|start_header_id|>" in chat_template:
-            return "llama3-chat"
-        if "[INST]" in chat_template or "### Instruction" in chat_template:
-            return "instruct"
+    if chat_template and chat_template.strip():
+        return GGUF_TEMPLATE
     lowered = model_path.name.lower()
     if "llama-3" in lowered or "llama3" in lowered:
         return "llama3-chat"
     return "instruct"
+
+
+def apply_template(
+    name: str, prompt: str, system: str | None, metadata: Mapping[str, Any], model_path: Path, *, add_bos: bool
+) -> tuple[str, str, dict[str, Any] | None]:
+    """(template name, formatted prompt, receipt record of the chat template or None) for `--prompt-template`.
+
+    `auto` renders the GGUF's own chat template in the sandbox (parity.chat_template); `add_bos` says whether
+    the tokenizer adds a BOS itself, and then a leading BOS text is stripped from the render (llama.cpp's rule).
+    """
+    raw = metadata.get(chat_template.GGUF_KEY)
+    template = resolve_template(name, raw if isinstance(raw, str) else None, model_path)
+    chat = chat_template.from_gguf(metadata) if template == GGUF_TEMPLATE else None
+    if chat is None:
+        return template, format_prompt(template, prompt, system), None
+    text, stripped = chat_template.strip_bos(
+        chat.render(chat_template.messages_for(prompt, system)), chat.bos_token, add_bos
+    )
+    return template, text, chat.record(bos_stripped=stripped)
 
 
 def format_prompt(template: str, prompt: str, system: str | None = None) -> str:
@@ -134,6 +153,8 @@ def format_prompt(template: str, prompt: str, system: str | None = None) -> str:
             f"{sys_part}<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
         )
+    if template == GGUF_TEMPLATE:
+        raise UsageError("the model has no chat template", fix="use --prompt-template instruct|raw")
     raise UsageError(f"unknown prompt template '{template}'", fix=f"use one of: {', '.join(TEMPLATES)}")
 
 

@@ -81,7 +81,7 @@ def resolve_context(cfg: WindowsConfig, run_dir: Path, end: int) -> RunContext:
     from parity.engine_numpy import int_key
     from parity.gguf_file import open_gguf
     from parity.run import default_model
-    from parity.tokenization import HFTokenizer, format_prompt, resolve_template
+    from parity.tokenization import HFTokenizer, apply_template
 
     inp = dict(cfg.input)
     base = cfg.path.parent
@@ -102,13 +102,17 @@ def resolve_context(cfg: WindowsConfig, run_dir: Path, end: int) -> RunContext:
                 f"{cfg.path}: [input] prompt needs a tokenizer for {model_path.name}",
                 fix="set [input] tokenizer = PATH to its tokenizer.json, or give prompt_ids",
             )
-        chat = gguf.get("tokenizer.chat_template")
-        template = resolve_template(
-            str(inp.get("template", "auto")), chat if isinstance(chat, str) else None, model_path
-        )
+        hf = HFTokenizer.load(tok_path)
         sys_prompt = inp.get("system_prompt")
-        formatted = format_prompt(template, str(inp["prompt"]), str(sys_prompt) if sys_prompt else None)
-        prompt_ids = HFTokenizer.load(tok_path).encode(formatted)
+        _, formatted, _ = apply_template(
+            str(inp.get("template", "auto")),
+            str(inp["prompt"]),
+            str(sys_prompt) if sys_prompt else None,
+            gguf.metadata,
+            model_path,
+            add_bos=hf.encode("")[:1] == [gguf.get("tokenizer.ggml.bos_token_id")],  # the tokenizer adds BOS
+        )
+        prompt_ids = hf.encode(formatted)
     if len(prompt_ids) + end > n_ctx:
         raise UsageError(
             f"{cfg.path}: prompt ({len(prompt_ids)} tokens) + {end} steps exceeds the context of "

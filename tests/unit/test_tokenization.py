@@ -38,9 +38,9 @@ def test_equal_sequences_pass() -> None:
 @pytest.mark.parametrize(
     ("chat_template", "path", "expected"),
     [
-        ("{{ '<|start_header_id|>' }}", "m.gguf", "llama3-chat"),
-        ("[INST] {{ x }} [/INST]", "m.gguf", "instruct"),
-        ("### Instruction: {{ x }}", "m.gguf", "instruct"),
+        ("{{ '<|start_header_id|>' }}", "m.gguf", "gguf-chat-template"),  # the model's own template wins
+        ("[INST] {{ x }} [/INST]", "Meta-Llama-3-8B.gguf", "gguf-chat-template"),
+        ("  ", "Meta-Llama-3-8B.gguf", "llama3-chat"),
         (None, "Meta-Llama-3-8B.gguf", "llama3-chat"),
         (None, "something.gguf", "instruct"),
     ],
