@@ -113,6 +113,7 @@ class BuildProgress:
         self.done: int | None = None
         self.total: int | None = None
         self._drawn = False
+        self._text = ""
 
     def line(self, now: float | None = None) -> str:
         """The current status line."""
@@ -134,11 +135,15 @@ class BuildProgress:
 
     def _draw(self, now: float) -> None:
         self._last = now
+        text = self.line(now)
         if self.tty:
-            self.stream.write("\r" + self.line(now) + "\x1b[K")
+            if self._drawn and text == self._text:
+                return  # a terminal already shows it
+            self.stream.write("\r" + text + "\x1b[K")
         else:
-            self.stream.write(self.line(now) + "\n")
+            self.stream.write(text + "\n")
         self.stream.flush()
+        self._text = text
         self._drawn = True
 
     def close(self) -> None:

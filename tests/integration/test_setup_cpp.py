@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +36,22 @@ def test_second_setup_rebuilds_nothing(llama_plan: build.BuildPlan) -> None:
     assert proc.stdout.strip() == str(llama_plan.bridge_path)
     assert llama_plan.bridge_path.stat().st_mtime_ns == before
     print(f"second setup-cpp took {elapsed:.2f} s")
+
+
+def test_bridge_build_shows_ninja_progress(
+    llama_plan: build.BuildPlan, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real `cmake --build` (the bridge's, through scikit-build-core; seconds, libllama is not rebuilt) shows
+    ninja's [n/N] as progress lines when stderr is not a terminal, and still logs the full output."""
+    p = dataclasses.replace(llama_plan, bridge_dir=tmp_path / "bridge")
+    build._build_bridge(p, verbose=False)
+    err = capsys.readouterr().err
+    progress = [line for line in err.splitlines() if re.match(r"  llama: building bridge \[\d+/\d+\] \d+% \d", line)]
+    assert progress, err
+    assert progress[-1].startswith("  llama: building bridge [2/2] 100% ")  # the end is always shown
+    assert "Building CXX object" not in err  # the output itself went to the log, not the console
+    assert re.search(r"^\[1/2\] Building CXX object", (p.bridge_dir / "bridge.log").read_text(), re.M)
+    assert p.bridge_path.stat().st_size > 100_000
 
 
 def test_unknown_backend_is_a_usage_error() -> None:

@@ -115,3 +115,17 @@ def test_tty_that_never_drew_writes_nothing() -> None:
 
 def test_tty_is_detected_from_the_stream() -> None:
     assert BuildProgress("x", stream=io.StringIO()).tty is False  # StringIO.isatty() is False
+
+
+def test_tty_does_not_rewrite_an_unchanged_line() -> None:
+    clock, out = FakeClock(), io.StringIO()
+    bp = BuildProgress("building libllama", stream=out, tty=True, clock=clock)
+    clock.now += 0.2
+    bp.feed("[1/4] a\n")
+    for _ in range(5):  # ticks within the same second: the text does not change
+        clock.now += 0.12
+        bp.tick()
+    assert out.getvalue() == "\r  building libllama [1/4] 25% 0s\x1b[K"
+    clock.now += 0.5
+    bp.tick()
+    assert out.getvalue().endswith("\r  building libllama [1/4] 25% 1s\x1b[K")
