@@ -72,7 +72,9 @@ def _compiler_version(cxx: str) -> str:
     except (OSError, subprocess.CalledProcessError) as exc:
         raise BackendUnavailable(
             f"C++ compiler {cxx} not usable: {exc}",
-            fix="apt-get install clang" if "clang" in Path(cxx).name else "install a C++ compiler (apt-get install g++)",
+            fix="apt-get install clang"
+            if "clang" in Path(cxx).name
+            else "install a C++ compiler (apt-get install g++)",
         ) from exc
     return out.splitlines()[0].strip() if out else cxx
 

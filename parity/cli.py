@@ -27,6 +27,12 @@ def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
     p.add_argument("--prompt", help='user prompt (default "What is 2+2?")')
     p.add_argument("--max-tokens", type=int, help="tokens generated greedily after the prompt (default 4)")
     p.add_argument("--cos-tol", type=float, help="a position passes when cosine >= this (default 0.999)")
+    p.add_argument(
+        "--tie-margin",
+        type=float,
+        help="the greedy decode must match exactly, except a flip where the reference's top-2 probabilities "
+        "differ by less than this (a tie flip, reported; default 0.1)",
+    )
     p.add_argument("--format", choices=("text", "json"), help="summary format on stdout (default text)")
     p.add_argument(
         "--prompt-template",
@@ -105,6 +111,7 @@ _COMMON_KEYS = (
     "prompt",
     "max_tokens",
     "cos_tol",
+    "tie_margin",
     "format",
     "prompt_template",
     "system_prompt",

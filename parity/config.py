@@ -30,6 +30,7 @@ class RunOptions:
     max_tokens: int = 4
     cos_tol: float = 0.999
     mse_tol: float = 0.01
+    tie_margin: float = 0.1  # a greedy flip passes only where the reference's top-2 probabilities are closer
     format: str = "text"
     prompt_template: str = "auto"
     system_prompt: str | None = None
@@ -53,6 +54,8 @@ class RunOptions:
             raise UsageError(f"--cos-tol must be in (0, 1], got {self.cos_tol}", fix="e.g. --cos-tol 0.999")
         if self.mse_tol < 0:
             raise UsageError(f"--mse-tol must be >= 0, got {self.mse_tol}")
+        if not 0.0 <= self.tie_margin <= 1.0:
+            raise UsageError(f"--tie-margin must be in [0, 1], got {self.tie_margin}", fix="e.g. --tie-margin 0.1")
         if self.max_tokens < 0:
             raise UsageError(f"--max-tokens must be >= 0, got {self.max_tokens}")
         if not self.prompt:

@@ -128,7 +128,8 @@ def summarize(rows: list[dict[str, Any]], th: Thresholds) -> dict[str, Any]:
         "mean_kl": float(np.mean([r["kl"] for r in rows])) if rows[0]["kl"] is not None else None,
         "max_kl": max(r["kl"] for r in rows) if rows[0]["kl"] is not None else None,
         "top1_agreement": float(np.mean([r["top1_agree"] for r in rows])),
-        "top1_agreement_decisive": float(np.mean([r["top1_agree"] for r in decisive])) if decisive else 1.0,
+        # null, not 100%, when no position was decisive: agreement over nothing proves nothing
+        "top1_agreement_decisive": float(np.mean([r["top1_agree"] for r in decisive])) if decisive else None,
         "decisive_positions": len(decisive),
         "mean_topk_agreement": float(np.mean([r["topk_agree"] for r in rows]))
         if rows[0]["topk_agree"] is not None
@@ -142,3 +143,35 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def greedy_check(
+    ours: list[int], theirs: list[int], ref_logits: np.ndarray, n_prompt: int, tie_margin: float
+) -> dict[str, Any]:
+    """Compare two greedy continuations of the same prompt; the rule a lane's greedy decode is judged by.
+
+    `ref_logits` are the reference's logits over prompt + `ours` (row i predicts token i + 1), so row
+    n_prompt - 1 + k is the reference's distribution at step k given exactly the context both decodes shared
+    up to their first difference k. The verdict is "identical"; "tie_flip" when, at step k, the reference's
+    top-2 probabilities differ by less than `tie_margin` (rounding can decide a near-tie either way, so the
+    lane may still pass); else "mismatch", which fails the lane.
+    """
+    k = first_difference(ours, theirs)
+    out: dict[str, Any] = {
+        "ours": list(ours),
+        "theirs": list(theirs),
+        "first_difference": k,
+        "verdict": "identical",
+        "ref_prob_gap": None,
+        "tie_margin": tie_margin,
+    }
+    if k is None:
+        return out
+    row = np.asarray(ref_logits[n_prompt - 1 + k], dtype=np.float64)  # (V,)
+    p = np.exp(row - row.max())
+    p /= p.sum()
+    top2 = np.sort(p)[-2:] if p.shape[0] > 1 else np.array([0.0, p[0]])
+    gap = float(top2[1] - top2[0])
+    out["ref_prob_gap"] = gap
+    out["verdict"] = "tie_flip" if gap < tie_margin else "mismatch"
+    return out

@@ -55,6 +55,8 @@ class Shared:
     seconds: dict[str, float] = field(default_factory=dict)
     # The file each lane loads when it is not `model_path` (the ternary family: each backend's native format).
     lane_models: dict[str, Path] = field(default_factory=dict)
+    # Each backend's own ids for the formatted prompt (the token parity check compared them with prompt_ids).
+    backend_ids: dict[str, list[int]] = field(default_factory=dict)
     # The model's own chat template when it was rendered: source, sha256, BOS/EOS strings, bos_stripped.
     chat_template: dict[str, Any] | None = None
 
@@ -92,14 +94,22 @@ def preflight(backend: str, opts: RunOptions) -> build.BuildPlan:
     """Make sure `backend` is built; repair (build it) when allowed, else fail with the fixing command."""
     spec = backends.get_spec(backend)
     override = backends.source_override(spec)
-    p = build.plan(spec, override)
-    if build.is_built(p):
-        return p
     fix = f"nox -s setup_cpp -- --backend {backend}"
     if spec.default_source == "git":
         fix += f" (offline: set {spec.override_env} to a local {backend} checkout)"
+    why = "CI is set" if os.environ.get("CI") else "--no-repair was given"
+    try:
+        p = build.plan(spec, override)
+    except BackendUnavailable as exc:  # e.g. no compiler for it: it cannot have been built here either
+        if opts.repair:
+            raise
+        raise BackendUnavailable(
+            f"the {backend} backend is not built and auto-repair is off ({why}); building it needs: {exc.message}",
+            fix=f"{fix}, after: {exc.fix}" if exc.fix else fix,
+        ) from exc
+    if build.is_built(p):
+        return p
     if not opts.repair:
-        why = "CI is set" if os.environ.get("CI") else "--no-repair was given"
         raise BackendUnavailable(f"the {backend} backend is not built and auto-repair is off ({why})", fix=fix)
     if os.environ.get(REPAIR_GUARD_ENV) == backend:
         raise RepairRecursion(f"repairing {backend} re-entered itself", fix=f"run `{fix}` by hand and read its output")
@@ -271,6 +281,7 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
         engine.n_ctx_train,
         seconds,
         lane_models,
+        backend_ids,
     )
     shared.chat_template = chat_record
     return shared, plans
@@ -337,9 +348,9 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
         return LaneResult(backend, "error", path, None, error=str(exc), commit=p.commit)
     rows = metrics.position_rows(ours, ref_logits, shared.sequence, metrics.parse_metrics(opts.metrics))
     summary = metrics.summarize(rows, th)
-    diff_at = metrics.first_difference(shared.generated, theirs)
-    greedy = {"ours": shared.generated, "theirs": theirs, "first_difference": diff_at}
-    status = "pass" if summary["all_passed"] else "diverged"
+    # The greedy decode must match exactly, except a flip at a near-tie of the reference (metrics.greedy_check).
+    greedy = metrics.greedy_check(shared.generated, theirs, ref_logits, len(shared.prompt_ids), opts.tie_margin)
+    status = "pass" if summary["all_passed"] and greedy["verdict"] != "mismatch" else "diverged"
     base.update(status=status, error=None, rows=rows, positions=len(rows), summary=summary, greedy=greedy)
     base["seconds"] = {
         **{k: round(v, 4) for k, v in shared.seconds.items()},

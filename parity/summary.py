@@ -38,7 +38,7 @@ def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, A
         "lanes": lanes,
         "overall": {
             "status": "pass" if code == 0 else "fail",
-            "tokenizer_consistent": True,  # a run only gets here when every tokenizer gave the same ids
+            "tokenizer_consistent": tokenizer_consistent(shared),
             "tokenizer_checked_against": shared.authority.get("checked_against", []),
             "lanes_passed": sum(r.passed for r in results),
             "lanes": len(results),
@@ -49,6 +49,30 @@ def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, A
 
 def _g(x: Any, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def greedy_line(g: dict[str, Any], backend: str) -> str:
+    """The greedy verdict in words (metrics.greedy_check): identical, tie flip at step k (gap g), or MISMATCH."""
+    k = g["first_difference"]
+    if k is None:
+        return f"identical ({len(g['ours'])} tokens)"
+    what = "tie flip" if g.get("verdict") == "tie_flip" else "MISMATCH"
+    rel = "<" if what == "tie flip" else ">="
+    gap = g.get("ref_prob_gap")
+    gap_s = "n/a" if gap is None else f"{gap:.3g}"
+    return (
+        f"{what} at step {k} (gap {gap_s} {rel} tie margin {g.get('tie_margin')}): "
+        f"ours {g['ours']} vs {backend} {g['theirs']}"
+    )
+
+
+def tokenizer_consistent(shared: Shared) -> bool:
+    """True when every backend's tokenizer produced exactly the prompt ids the run used (False if none ran)."""
+    return bool(shared.backend_ids) and all(ids == shared.prompt_ids for ids in shared.backend_ids.values())
 
 
 def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
@@ -82,16 +106,11 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
             out.append(f"  cosine        min {_g(s['min_cosine'], '.10f')}  mean {_g(s['mean_cosine'], '.10f')}")
             out.append(
                 f"  error         mean MSE {_g(s['mean_mse'], '.3g')}  max |Δ| {_g(s['max_abs'], '.3g')}  mean KL"
-                f" {_g(s['mean_kl'], '.3g')}  top-1 {100 * s['top1_agreement_decisive']:.0f}% "
+                f" {_g(s['mean_kl'], '.3g')}  top-1 {_pct(s['top1_agreement_decisive'])} "
                 f"({s['decisive_positions']} decisive positions)"
             )
         if r.greedy is not None:
-            d = r.greedy["first_difference"]
-            out.append(
-                f"  greedy        identical ({len(r.greedy['ours'])} tokens)"
-                if d is None
-                else f"  greedy        first differs at step {d}: ours {r.greedy['ours']} vs {r.backend} {r.greedy['theirs']}"
-            )
+            out.append(f"  greedy        {greedy_line(r.greedy, r.backend)}")
         if r.receipt_path:
             out.append(f"  receipt       {r.receipt_path}")
     status = "PASS" if code == 0 else "FAIL"
@@ -104,7 +123,9 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
     out += [
         "",
         f"Overall Status: {status} - {sum(r.passed for r in results)}/{len(results)} lanes pass (exit {code})",
-        f"  tokenizer     consistent: {a['source']} tokenizer and {checked} gave identical ids ({same_vocab})",
+        f"  tokenizer     consistent: {a['source']} tokenizer and {checked} gave identical ids ({same_vocab})"
+        if tokenizer_consistent(shared)
+        else f"  tokenizer     NOT consistent: {a['source']} tokenizer vs {checked} ({same_vocab})",
     ]
     return "\n".join(out)
 

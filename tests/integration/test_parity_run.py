@@ -32,12 +32,13 @@ def test_default_f32_matches_llama_cpp(llama_plan: build.BuildPlan, tmp_path: Pa
     s = r["summary"]
     assert r["status"] == "pass" and s["all_passed"]
     assert s["max_abs"] <= 1e-4, s  # F32 weights, F32 KV cache, flash attention off
-    assert s["top1_agreement_decisive"] == 1.0
+    assert s["decisive_positions"] > 0 and s["top1_agreement_decisive"] == 1.0, s
     assert r["run_config"]["type_k"] == 0 and r["run_config"]["type_v"] == 0 and r["run_config"]["flash_attn"] == 0
-    assert r["greedy"]["first_difference"] is None
+    assert r["greedy"]["first_difference"] is None and r["greedy"]["verdict"] == "identical"
     assert r["tokenizer_authority"]["source"] == "external"
     assert r["positions"] == r["prompt_tokens"] + 4 == len(r["token_ids"])
     assert summary["overall"]["exit_code"] == 0 and summary["lanes"]["llama"]["status"] == "pass"
+    assert summary["overall"]["tokenizer_consistent"] is True
 
 
 def test_default_f16_variant(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
