@@ -524,26 +524,44 @@ int parity_greedy(parity_model * m, const int32_t * prompt, int32_t n_prompt, in
     PARITY_GUARD_END
 }
 
-int parity_dequantize(int32_t type, const void * src, int64_t n_elements, float * dst, char * err, size_t err_len) {
+int parity_dequantize(int32_t type, const void * src, size_t src_len, int64_t n_elements, float * dst,
+                      char * err, size_t err_len) {
     PARITY_GUARD_BEGIN
     if (src == nullptr || dst == nullptr || n_elements <= 0 || type < 0 || type >= GGML_TYPE_COUNT) {
         return set_err(err, err_len, PARITY_E_INVALID, "parity_dequantize: bad arguments (type %d, n %lld)", type,
                        static_cast<long long>(n_elements));
     }
     const ggml_type t = static_cast<ggml_type>(type);
-    if (n_elements % ggml_blck_size(t) != 0) {
-        return set_err(err, err_len, PARITY_E_INVALID, "%lld elements is not a multiple of the %s block size %lld",
-                       static_cast<long long>(n_elements), ggml_type_name(t),
-                       static_cast<long long>(ggml_blck_size(t)));
-    }
 #ifdef PARITY_HAS_TYPE_TRAITS_PTR
     const auto * traits = ggml_get_type_traits(t);
     auto to_float = traits != nullptr ? traits->to_float : nullptr;
 #else
     auto to_float = ggml_internal_get_type_traits(t).to_float;
 #endif
-    if (to_float == nullptr) {
-        return set_err(err, err_len, PARITY_E_UNSUPPORTED, "ggml has no dequantizer for type %s", ggml_type_name(t));
+    const int64_t block = ggml_blck_size(t);
+    const size_t type_size = ggml_type_size(t);
+    // Removed type ids keep a table entry with block size 0: refuse them before dividing by it.
+    if (to_float == nullptr || block <= 0 || type_size == 0) {
+        return set_err(err, err_len, PARITY_E_UNSUPPORTED, "ggml has no dequantizer for type %s (%d)",
+                       ggml_type_name(t), type);
+    }
+    if (n_elements % block != 0) {
+        return set_err(err, err_len, PARITY_E_INVALID, "%lld elements is not a multiple of the %s block size %lld",
+                       static_cast<long long>(n_elements), ggml_type_name(t), static_cast<long long>(block));
+    }
+    // ggml_row_size(t, n_elements), computed here so that an absurd n cannot overflow it.
+    const uint64_t n_blocks = static_cast<uint64_t>(n_elements / block);
+    if (n_blocks > SIZE_MAX / type_size) {
+        return set_err(err, err_len, PARITY_E_INVALID, "%lld %s elements do not fit in memory",
+                       static_cast<long long>(n_elements), ggml_type_name(t));
+    }
+    const size_t expected = static_cast<size_t>(n_blocks) * type_size;
+    if (src_len != expected) {
+        return set_err(err, err_len, PARITY_E_INVALID,
+                       "%lld elements of type %s take %llu bytes (%llu blocks of %llu), but the buffer holds %llu",
+                       static_cast<long long>(n_elements), ggml_type_name(t),
+                       static_cast<unsigned long long>(expected), static_cast<unsigned long long>(n_blocks),
+                       static_cast<unsigned long long>(type_size), static_cast<unsigned long long>(src_len));
     }
     to_float(src, dst, n_elements);
     return PARITY_OK;

@@ -87,8 +87,11 @@ int parity_eval_stepwise(parity_model * m, const int32_t * tokens, int32_t n_tok
 int parity_greedy(parity_model * m, const int32_t * prompt, int32_t n_prompt, int32_t n_new, int32_t * out_tokens,
                   char * err, size_t err_len);
 
-/* ggml's own dequantizer for `type` (to_float of its type traits): for bit-exact tests of parity's. */
-int parity_dequantize(int32_t type, const void * src, int64_t n_elements, float * dst, char * err, size_t err_len);
+/* ggml's own dequantizer for `type` (to_float of its type traits): for bit-exact tests of parity's.
+ * `src` holds `src_len` bytes, which must be exactly ggml_row_size(type, n_elements) (n_elements a multiple
+ * of the type's block size); anything else is PARITY_E_INVALID, never a read past the buffer. */
+int parity_dequantize(int32_t type, const void * src, size_t src_len, int64_t n_elements, float * dst,
+                      char * err, size_t err_len);
 /* CDEF-END */
 
 #ifdef __cplusplus

@@ -94,10 +94,15 @@ class Bridge:
         return BridgeModel(self, out[0], params)
 
     def dequantize(self, ggml_type: int, raw: bytes, n_elements: int) -> np.ndarray:
+        """ggml's own `to_float` of `n_elements` values of `ggml_type` stored in `raw` (its exact byte length)."""
+        if n_elements <= 0:
+            raise BridgeError(1, f"parity_dequantize: n_elements must be positive, got {n_elements}")
         dst = np.empty(n_elements, dtype=np.float32)
         err = self._err()
         src = self.ffi.from_buffer(raw)
-        rc = self.lib.parity_dequantize(ggml_type, src, n_elements, self.ffi.from_buffer("float[]", dst), err, ERR_LEN)
+        out = self.ffi.from_buffer("float[]", dst)
+        # len(src): the byte length of the buffer actually passed, so C can refuse a short one
+        rc = self.lib.parity_dequantize(ggml_type, src, len(src), n_elements, out, err, ERR_LEN)
         self.check(rc, err)
         return dst
 

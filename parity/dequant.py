@@ -3,6 +3,12 @@
 The arithmetic is float32 in the same order as the C code (e.g. Q4_K is `(d * sc) * q - (dmin * m)`),
 so results are bit-for-bit equal to the reference C loops compiled without FMA contraction. Block
 layouts are those of `ggml-common.h`; all multi-byte fields are little-endian.
+
+Checked, not just claimed: tests/integration/test_bridge.py enumerates DEQUANTIZERS and compares every mainline
+type bit for bit with ggml's own `to_float` of the pinned llama.cpp (through the bridge, random blocks with
+finite f16 scales). Two types have no C dequantizer to compare with: F32 (ggml reads it as it is; checked to be
+the raw values) and bitnet.cpp's I2_S (the pinned fork registers no `to_float`; checked against the fork's own
+quantizer output, which must decode to exactly its ternary source, in tests/integration/test_ternary_lanes.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from parity import build
@@ -76,46 +77,142 @@ def test_aborting_worker_becomes_an_error(llama_plan: build.BuildPlan, monkeypat
         w.call("dequantize", 8, b"\0" * 34, 32)
 
 
-def _random_blocks(type_name: str, n_blocks: int, rng: np.random.Generator) -> tuple[int, bytes, int]:
+# Byte offsets of the f16 scale fields in one block of each quantized type (ggml-common.h). Every other byte of
+# a block is valid with any bit pattern, so it is random; a scale is a random FINITE f16 (subnormals included).
+F16_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q8_0": (0,),  # d, qs[32]
+    "Q4_0": (0,),  # d, qs[16]
+    "Q4_1": (0, 2),  # d, m, qs[16]
+    "Q5_0": (0,),  # d, qh[4], qs[16]
+    "Q5_1": (0, 2),  # d, m, qh[4], qs[16]
+    "Q4_K": (0, 2),  # d, dmin, scales[12], qs[128]
+    "Q6_K": (208,),  # ql[128], qh[64], scales[16], d
+    "TQ1_0": (52,),  # qs[48], qh[4], d
+    "TQ2_0": (64,),  # qs[64], d
+}
+# ggml registers no to_float for F32 (its kernels read F32 data as it is): parity's F32 must be the raw values.
+NO_GGML_TO_FLOAT = {"F32"}
+
+
+def _engine_types(*, fork: bool) -> list[str]:
+    """Every type parity's numpy engine reads (parity.dequant.DEQUANTIZERS): a new type is tested automatically."""
+    from parity import dequant, ternary
+
+    return [t.name for t in dequant.DEQUANTIZERS if isinstance(t, ternary.ForkType) == fork]
+
+
+def _finite_f16_bits(rng: np.random.Generator, n: int) -> npt.NDArray[np.uint16]:
+    bits = rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
+    exp = (bits >> 10) & 0x1F
+    return np.where(exp == 0x1F, bits & ~np.uint16(0x4000), bits).astype(np.uint16)  # 0x7C00 -> 0x3C00 range
+
+
+def _random_blocks(type_name: str, rng: np.random.Generator) -> tuple[int, bytes, int]:
+    """(ggml type id, raw bytes, element count): random but valid data, at least 2048 values."""
     import gguf
 
     qt = gguf.GGMLQuantizationType[type_name]
     block, type_size = gguf.GGML_QUANT_SIZES[qt]
-    raw = rng.integers(0, 256, size=n_blocks * type_size, dtype=np.uint8)
-    # Keep every f16 scale finite: set the exponent bits of scale fields to a sane range.
-    if type_name in ("Q8_0", "Q4_0"):
-        for b in range(n_blocks):
-            raw[b * type_size : b * type_size + 2] = np.frombuffer(np.float16(rng.uniform(-1, 1)).tobytes(), np.uint8)
-    elif type_name == "Q4_K":
-        for b in range(n_blocks):
-            o = b * type_size
-            raw[o : o + 4] = np.frombuffer(np.array(rng.uniform(0, 1, 2), np.float16).tobytes(), np.uint8)
-    elif type_name == "Q6_K":
-        for b in range(n_blocks):
-            o = b * type_size + type_size - 2
-            raw[o : o + 2] = np.frombuffer(np.float16(rng.uniform(0, 1)).tobytes(), np.uint8)
-    elif type_name in ("F16", "BF16"):
-        vals = rng.normal(size=n_blocks * block).astype(np.float32)
-        raw = (
-            np.frombuffer(vals.astype(np.float16).tobytes(), np.uint8)
-            if type_name == "F16"
-            else (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    n_blocks = max(8, 2048 // block)
+    if type_name == "F32":
+        bits = rng.integers(0, 1 << 32, size=n_blocks, dtype=np.uint32)
+        bits = np.where((bits >> 23) & 0xFF == 0xFF, bits & ~np.uint32(1 << 30), bits).astype(np.uint32)
+        return int(qt), bits.tobytes(), n_blocks
+    if type_name == "F16":
+        return int(qt), _finite_f16_bits(rng, n_blocks).tobytes(), n_blocks
+    if type_name == "BF16":
+        bits = rng.integers(0, 1 << 16, size=n_blocks, dtype=np.uint16)
+        bits = np.where((bits >> 7) & 0xFF == 0xFF, bits & ~np.uint16(1 << 14), bits).astype(np.uint16)
+        return int(qt), bits.tobytes(), n_blocks
+    if type_name not in F16_FIELDS:
+        pytest.fail(
+            f"{type_name} is read by parity's engine but this test does not know its block layout: add the byte "
+            "offsets of its f16 fields to F16_FIELDS (ggml-common.h) so it is compared with ggml"
         )
+    raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    for off in F16_FIELDS[type_name]:
+        raw[:, off : off + 2] = _finite_f16_bits(rng, n_blocks).view(np.uint8).reshape(n_blocks, 2)
     return int(qt), raw.tobytes(), n_blocks * block
 
 
-@pytest.mark.parametrize("type_name", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K"])
-def test_dequantizers_bit_exact_with_ggml(llama_plan: build.BuildPlan, type_name: str) -> None:
+def _ours(qt: int, raw: bytes, n: int) -> npt.NDArray[np.float32]:
     from parity import dequant
     from parity.gguf_file import TensorInfo
 
-    rng = np.random.default_rng(7)
-    qt, raw, n = _random_blocks(type_name, 8, rng)
-    with Worker("llama", llama_plan.bridge_path) as w:
-        theirs = w.call("dequantize", qt, raw, n)
     t = TensorInfo(
         name="t", ggml_type=qt, shape=(1, n), data=np.frombuffer(raw, dtype=np.uint8), offset=0, n_bytes=len(raw)
     )
     ours = dequant.dequantize(t).reshape(-1)
     assert ours.dtype == np.float32
-    assert np.array_equal(ours.view(np.uint32), np.asarray(theirs, np.float32).view(np.uint32)), type_name
+    return ours
+
+
+def _same_bits(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> bool:
+    return bool(np.array_equal(np.asarray(a, np.float32).view(np.uint32), np.asarray(b, np.float32).view(np.uint32)))
+
+
+@pytest.mark.parametrize("type_name", _engine_types(fork=False))
+def test_dequantizers_bit_exact_with_ggml(llama_plan: build.BuildPlan, type_name: str) -> None:
+    """Every mainline type the numpy engine reads, against ggml's own to_float through the bridge."""
+    rng = np.random.default_rng(7)
+    qt, raw, n = _random_blocks(type_name, rng)
+    ours = _ours(qt, raw, n)
+    assert np.isfinite(ours).all(), type_name  # valid data: finite scales give finite values
+    with Worker("llama", llama_plan.bridge_path) as w:
+        if type_name in NO_GGML_TO_FLOAT:
+            with pytest.raises(WorkerError, match="no dequantizer"):
+                w.call("dequantize", qt, raw, n)
+            assert _same_bits(ours, np.frombuffer(raw, "<f4")), type_name
+            return
+        theirs = w.call("dequantize", qt, raw, n)
+    assert _same_bits(ours, theirs), type_name
+
+
+def test_dequantize_refuses_a_buffer_of_the_wrong_length(llama_plan: build.BuildPlan) -> None:
+    """parity_dequantize gets the byte length: a short buffer is a clear error, not a read past its end."""
+    rng = np.random.default_rng(3)
+    qt, raw, n = _random_blocks("Q4_1", rng)  # 2048 values: 64 blocks of 20 bytes
+    assert len(raw) == 1280
+    with Worker("llama", llama_plan.bridge_path) as w:
+        with pytest.raises(WorkerError, match=r"2048 elements of type q4_1 take 1280 bytes .* buffer holds 1279"):
+            w.call("dequantize", qt, raw[:-1], n)
+        with pytest.raises(WorkerError, match=r"take 1280 bytes .* buffer holds 1300"):
+            w.call("dequantize", qt, raw + b"\0" * 20, n)
+        with pytest.raises(WorkerError, match=r"take 1300 bytes .* buffer holds 1280"):
+            w.call("dequantize", qt, raw, n + 32)  # the element count claims more than the buffer holds
+        with pytest.raises(WorkerError, match="not a multiple of the q4_1 block size 32"):
+            w.call("dequantize", qt, raw, n - 1)
+        with pytest.raises(WorkerError, match="holds 0"):
+            w.call("dequantize", qt, b"", n)
+        with pytest.raises(WorkerError, match="n_elements must be positive"):
+            w.call("dequantize", qt, raw, 0)
+        # A removed type id keeps a table entry with block size 0: refused, not a division by zero.
+        with pytest.raises(WorkerError, match="no dequantizer"):
+            w.call("dequantize", 36, raw, n)
+        assert w.proc.poll() is None  # every refusal was reported, none killed the worker
+        assert _same_bits(w.call("dequantize", qt, raw, n), _ours(qt, raw, n))
+
+
+@pytest.mark.bitnet_cpp
+@pytest.mark.parametrize("type_name", _engine_types(fork=True))
+def test_fork_only_types_have_no_ggml_dequantizer(type_name: str) -> None:
+    """I2_S exists only in bitnet.cpp's fork, which registers no to_float for it (ggml.c type_traits).
+
+    So there is no C dequantizer to be bit-exact with: parity's I2_S reading is checked instead against what the
+    fork's own llama-quantize writes (test_ternary_lanes.py::test_bitnet_quantizer_output_reads_exactly) and the
+    fork's logits. If the fork ever gains a to_float for it, this test fails: then compare the two here.
+    """
+    from parity import backends, ternary
+
+    spec = backends.get_spec("bitnet")
+    override = backends.source_override(spec)
+    if override is None:
+        pytest.fail(
+            "this test needs a bitnet.cpp source: set PARITY_BITNET_SRC to a checkout of microsoft/BitNet at "
+            "c82b5e6 with 3rdparty/llama.cpp at 406a5036 (CI deselects it with -m 'not bitnet_cpp')"
+        )
+    plan = build.ensure_built(spec, override)
+    qt = int(ternary.ForkType[type_name])
+    raw = bytes(ternary.i2_s_nbytes(256))
+    with Worker("bitnet", plan.bridge_path) as w, pytest.raises(WorkerError, match="no dequantizer"):
+        w.call("dequantize", qt, raw, 256)
