@@ -31,7 +31,7 @@ def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
         "--tie-margin",
         type=float,
         help="the greedy decode must match exactly, except a flip where the reference's top-2 probabilities "
-        "differ by less than this (a tie flip, reported; default 0.1)",
+        "differ by less than this (a tie flip, reported; default 0.01)",
     )
     p.add_argument("--format", choices=("text", "json"), help="summary format on stdout (default text)")
     p.add_argument(

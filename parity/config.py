@@ -30,7 +30,7 @@ class RunOptions:
     max_tokens: int = 4
     cos_tol: float = 0.999
     mse_tol: float = 0.01
-    tie_margin: float = 0.1  # a greedy flip passes only where the reference's top-2 probabilities are closer
+    tie_margin: float = 0.01  # a greedy flip passes only where the reference's top-2 probabilities are closer
     format: str = "text"
     prompt_template: str = "auto"
     system_prompt: str | None = None

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from parity import build, receipts
+from parity import build, receipts, run
 
 from .conftest import run_cli
 
@@ -172,3 +172,51 @@ def test_receipts_verify_command(llama_plan: build.BuildPlan, tmp_path: Path) ->
     broken.write_text('{"version": 2}')
     bad = run_cli("receipts", "verify", str(broken))
     assert bad.returncode == 2 and "FAIL" in bad.stdout
+
+
+def _planted_greedy(tmp_path: Path, tie_margin: float) -> tuple[Any, Any, int, float]:
+    """A run whose numpy continuation takes the reference's second choice at its most decisive step.
+
+    The numpy logits are recomputed on the planted sequence, so the logits agree and only the greedy
+    decode differs: the lane's verdict then rests on the greedy rule alone (metrics.greedy_check).
+    """
+    import numpy as np
+
+    from parity import config, run
+    from parity.engine_numpy import NumpyEngine
+
+    opts = config.resolve({"out_dir": str(tmp_path), "tie_margin": tie_margin, "repair": False})
+    shared, plans = run.prepare(opts, ["llama"])
+    n = len(shared.prompt_ids)
+    engine = NumpyEngine(shared.model_path, dtype=opts.dtype)
+    probs = [np.sort(np.exp(r - r.max()) / np.exp(r - r.max()).sum())[-2:] for r in shared.logits[n - 1 : -1]]
+    gaps = [float(p[1] - p[0]) for p in probs]  # (steps,) top-1 minus top-2 probability per greedy step
+    k = int(np.argmax(gaps))
+    second = int(np.argsort(shared.logits[n - 1 + k])[-2])
+    shared.generated = [*shared.generated[:k], second]
+    shared.logits = engine.logits(shared.sequence)
+    return run.run_lane("llama", plans["llama"], shared, opts, tmp_path), shared, k, gaps[k]
+
+
+def test_planted_greedy_mismatch_at_a_decisive_step_fails_the_lane(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    from parity import summary
+
+    lane, shared, k, gap = _planted_greedy(tmp_path, 0.01)
+    assert gap > 0.01, f"the default prompt has no greedy step with a top-2 gap above 0.01 (best {gap})"
+    assert lane.summary is not None and lane.summary["all_passed"]  # the logits agree ...
+    assert lane.status == "diverged"  # ... and the greedy mismatch alone fails the lane
+    g = _receipt(tmp_path)["greedy"]
+    assert g["verdict"] == "mismatch" and g["first_difference"] == k and abs(g["ref_prob_gap"] - gap) < 1e-3
+    text = summary.as_text(shared, [lane], run.exit_code([lane]))
+    assert f"MISMATCH at step {k}" in text and "exit 1" in text
+
+
+def test_planted_tie_flip_passes_and_is_reported(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    from parity import summary
+
+    lane, shared, k, gap = _planted_greedy(tmp_path, 0.99)  # every flip below 0.99 counts as a tie
+    assert lane.status == "pass", lane
+    g = _receipt(tmp_path)["greedy"]
+    assert g["verdict"] == "tie_flip" and g["first_difference"] == k and g["ref_prob_gap"] < 0.99
+    text = summary.as_text(shared, [lane], run.exit_code([lane]))
+    assert f"tie flip at step {k} (gap {gap:.3g}" in text and "exit 0" in text
