@@ -7,6 +7,8 @@
 //   PARITY_HAS_CTX_SEED              llama_context_params.seed (2024 API)
 //   PARITY_HAS_TYPE_TRAITS_PTR       ggml_get_type_traits() returning a pointer (else ggml_internal_...)
 //   PARITY_HAS_THREADPOOL            ggml_threadpool_new + llama_attach_threadpool (persistent worker threads)
+//   PARITY_HAS_CHAT_TEMPLATE         llama_chat_apply_template(tmpl, ...) (mainline); with
+//   PARITY_HAS_CHAT_TEMPLATE_MODEL   instead, the 2024 form taking a model first (NULL: use `tmpl`)
 // Nothing here may throw across the C boundary or abort on bad input: arguments are validated first and
 // every entry point catches C++ exceptions.
 
@@ -519,6 +521,36 @@ int parity_greedy(parity_model * m, const int32_t * prompt, int32_t n_prompt, in
                 return rc;
             }
         }
+    }
+    return PARITY_OK;
+    PARITY_GUARD_END
+}
+
+int parity_chat_apply_template(const char * tmpl, const char * const * roles, const char * const * contents,
+                               int32_t n_msg, int32_t add_ass, char * buf, int32_t cap, int32_t * n_out, char * err,
+                               size_t err_len) {
+    PARITY_GUARD_BEGIN
+    if (tmpl == nullptr || n_out == nullptr || n_msg < 0 || cap < 0 || (buf == nullptr && cap > 0) ||
+        (n_msg > 0 && (roles == nullptr || contents == nullptr))) {
+        return set_err(err, err_len, PARITY_E_INVALID, "parity_chat_apply_template: bad arguments");
+    }
+    std::vector<llama_chat_message> chat(static_cast<size_t>(n_msg));
+    for (int32_t i = 0; i < n_msg; i++) {
+        if (roles[i] == nullptr || contents[i] == nullptr) {
+            return set_err(err, err_len, PARITY_E_INVALID, "message %d has a NULL role or content", i);
+        }
+        chat[static_cast<size_t>(i)] = llama_chat_message{roles[i], contents[i]};
+    }
+#if defined(PARITY_HAS_CHAT_TEMPLATE)
+    *n_out = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_ass != 0, buf, cap);
+#elif defined(PARITY_HAS_CHAT_TEMPLATE_MODEL)
+    *n_out = llama_chat_apply_template(nullptr, tmpl, chat.data(), chat.size(), add_ass != 0, buf, cap);
+#else
+    (void) add_ass;
+    return set_err(err, err_len, PARITY_E_UNSUPPORTED, "this llama.h has no llama_chat_apply_template");
+#endif
+    if (*n_out < 0) {
+        *n_out = -1;  // llama.cpp does not recognise the template
     }
     return PARITY_OK;
     PARITY_GUARD_END

@@ -87,6 +87,15 @@ int parity_eval_stepwise(parity_model * m, const int32_t * tokens, int32_t n_tok
 int parity_greedy(parity_model * m, const int32_t * prompt, int32_t n_prompt, int32_t n_new, int32_t * out_tokens,
                   char * err, size_t err_len);
 
+/* llama.cpp's built-in (non-Jinja) chat formatter, llama_chat_apply_template: the conversation roles[i] /
+ * contents[i] formatted with the template `tmpl` (Jinja source, detected by llama.cpp's heuristics, or a built-in
+ * name such as "chatml"); add_ass appends the assistant prefix. *n_out gets the full length in bytes (more than
+ * cap: call again with a larger buffer), or -1 when llama.cpp does not recognise the template.
+ * PARITY_E_UNSUPPORTED when the backend's llama.h has no llama_chat_apply_template. */
+int parity_chat_apply_template(const char * tmpl, const char * const * roles, const char * const * contents,
+                               int32_t n_msg, int32_t add_ass, char * buf, int32_t cap, int32_t * n_out,
+                               char * err, size_t err_len);
+
 /* ggml's own dequantizer for `type` (to_float of its type traits): for bit-exact tests of parity's.
  * `src` holds `src_len` bytes, which must be exactly ggml_row_size(type, n_elements) (n_elements a multiple
  * of the type's block size); anything else is PARITY_E_INVALID, never a read past the buffer. */

@@ -93,6 +93,28 @@ class Bridge:
         self.check(self.lib.parity_open(model_path.encode(), p, out, err, ERR_LEN), err)
         return BridgeModel(self, out[0], params)
 
+    def chat_apply_template(self, tmpl: str, messages: list[dict[str, str]], add_ass: bool = True) -> str | None:
+        """llama.cpp's built-in chat formatter (llama_chat_apply_template); None when it does not know `tmpl`."""
+        ffi = self.ffi
+        keep = [ffi.new("char[]", m[k].encode("utf-8")) for m in messages for k in ("role", "content")]
+        roles = ffi.new("const char *[]", keep[0::2] or [ffi.NULL])
+        contents = ffi.new("const char *[]", keep[1::2] or [ffi.NULL])
+        n = ffi.new("int32_t *")
+        cap = 2 * sum(len(m["content"]) + len(m["role"]) for m in messages) + 256
+        for _ in range(2):
+            buf = ffi.new("char[]", cap)
+            err = self._err()
+            rc = self.lib.parity_chat_apply_template(
+                tmpl.encode("utf-8"), roles, contents, len(messages), int(add_ass), buf, cap, n, err, ERR_LEN
+            )
+            self.check(rc, err)
+            if n[0] < 0:
+                return None
+            if n[0] <= cap:
+                return bytes(ffi.buffer(buf, n[0])).decode("utf-8", "replace")
+            cap = n[0] + 1
+        raise BridgeError(4, "chat template buffer negotiation failed")
+
     def dequantize(self, ggml_type: int, raw: bytes, n_elements: int) -> np.ndarray:
         """ggml's own `to_float` of `n_elements` values of `ggml_type` stored in `raw` (its exact byte length)."""
         if n_elements <= 0:

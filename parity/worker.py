@@ -94,6 +94,8 @@ def serve(lib_path: str, log_level: int) -> None:
                 result: Any = id(model)
             elif method == "dequantize":
                 result = bridge.dequantize(*args)
+            elif method == "chat_apply_template":
+                result = bridge.chat_apply_template(*args)
             else:
                 handle, *rest = args
                 model = models[handle]
