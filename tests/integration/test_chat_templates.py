@@ -282,3 +282,22 @@ def test_gemma_auto_renders_its_own_chat_template(llama_plan: build.BuildPlan, t
     assert summary["prompt_template"] == ct.GGUF_TEMPLATE and summary["chat_template"]["sha256"] == rec["sha256"]
     assert receipts.validation_errors(receipt) == []
     assert receipts.validation_errors({**receipt, "chat_template": {"source": "gguf", "sha256": "x"}})
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [("{{ ''.__class__.__mro__ }}", "unsafe"), ("{{ raise_exception('no chat here') }}", "no chat here")],
+)
+def test_a_failing_template_exits_2_with_the_fix(
+    llama_plan: build.BuildPlan, tmp_path: Path, template: str, says: str
+) -> None:
+    from parity.run import default_model
+
+    gguf_path, tok = default_model("f32")
+    model = _with_chat_template(gguf_path, tmp_path / "bad-template.gguf", template)
+    proc = run_cli("run", "--model-gguf", str(model), "--tokenizer", str(tok), "--out-dir", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr
+    assert "tokenizer.chat_template" in proc.stderr and "--prompt-template instruct|raw" in proc.stderr
+    assert not (tmp_path / "out" / "receipt_llama.json").exists()
