@@ -9,8 +9,12 @@ input and output to f16; the reference computes GELU exactly), while a window on
 by more than 0.5, which fixes the sliding-window inequality to llama.cpp's.
 
 On the real model llama.cpp quantizes the activations that feed each matrix multiply (Q8_0 for Q5_0/Q8_0
-weights, Q8_K for K-quants) and the numpy reference does not; the targets below are the issue's and sit
-above that noise floor (measured: min cosine 0.990-0.998, mean KL 4-7e-3, max KL <= 0.04).
+weights, Q8_K for K-quants) and the numpy reference does not. The statistical targets below are the issue's.
+Which top-1 flips count is calibrated in the same test: llama.cpp is evaluated twice on each sequence, in one
+batch and one token per decode (the same function in another evaluation order), and the numpy engine may
+flip a top-1 only where the reference's lead is within what llama.cpp's own two orders flip (times
+FLIP_FACTOR). That floor depends on the CPU (AVX2 and AVX-512 kernels round differently), so it is measured,
+never written down; `pytest -rA tests/integration/test_gemma3_llama.py` prints the figures.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 MIN_COSINE = 0.99
 MAX_MEAN_KL = 0.015
 MAX_KL = 0.1
-DECISIVE_PROB_MARGIN = 0.1  # top-1 must agree wherever llama.cpp's top-1 probability leads by more
+DECISIVE_PROB_MARGIN = 0.1  # top-1 must agree wherever llama.cpp's top-1 probability leads by more ...
+FLIP_FACTOR = 2.0  # ... or by more than twice the largest lead llama.cpp flips between its own evaluation orders
 
 PROMPTS = {
     "history": (
@@ -76,14 +81,18 @@ PROMPTS = {
 PRECISE = BackendParams(n_ctx=128, n_batch=128, n_ubatch=128, n_threads=2, type_k=0, type_v=0, flash_attn=0)
 
 
-def _llama_logits(lib: Path, model: Path, prompts: dict[str, Any]) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
-    """llama.cpp's token ids (text prompts) or the given ids (lists) and all-position logits, one decode each."""
+def _llama_logits(
+    lib: Path, model: Path, prompts: dict[str, Any], stepwise: bool = False
+) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
+    """llama.cpp's token ids (text prompts) or the given ids (lists) and all-position logits, one decode each
+    (or one decode per token with `stepwise`)."""
     out: dict[str, tuple[list[int], npt.NDArray[Any]]] = {}
     with Worker("llama", lib) as w:
         m = RemoteModel(w, str(model), PRECISE)
         for name, prompt in prompts.items():
             ids = m.tokenize(prompt, True, True) if isinstance(prompt, str) else list(prompt)
-            out[name] = (ids, np.asarray(m.eval(ids), dtype=np.float64))
+            logits = m.eval_stepwise(ids) if stepwise else m.eval(ids)
+            out[name] = (ids, np.asarray(logits, dtype=np.float64))
     return out
 
 
@@ -133,6 +142,22 @@ def gemma_reference(llama_plan: build.BuildPlan, gemma_path: Path) -> dict[str, 
     return _llama_logits(llama_plan.bridge_path, gemma_path, PROMPTS)
 
 
+@pytest.fixture(scope="module")
+def llama_self_flip_lead(
+    llama_plan: build.BuildPlan, gemma_path: Path, gemma_reference: dict[str, tuple[list[int], npt.NDArray[Any]]]
+) -> float:
+    """The largest probability lead at which llama.cpp's batch and one-token-per-decode evaluations of the
+    same sequences disagree on top-1, over every prompt (0 when they never do): this CPU's flip floor."""
+    stepwise = _llama_logits(
+        llama_plan.bridge_path, gemma_path, {n: ids for n, (ids, _) in gemma_reference.items()}, True
+    )
+    leads = [0.0]
+    for name, (ids, batch) in gemma_reference.items():
+        rows = metrics.position_rows(stepwise[name][1], batch, ids)
+        leads += [r["ref_top1_prob_margin"] for r in rows if not r["top1_agree"]]
+    return max(leads)
+
+
 @pytest.mark.model
 def test_gemma_hyperparameters_include_llama_cpp_defaults(gemma_engine: NumpyEngine) -> None:
     p = gemma3_params(gemma_engine.gguf)
@@ -142,25 +167,64 @@ def test_gemma_hyperparameters_include_llama_cpp_defaults(gemma_engine: NumpyEng
     assert (p.attn_scale, p.final_logit_softcap, gemma_engine.n_vocab) == (1 / 16, 0.0, 262144)
 
 
+def judge(ours: npt.NDArray[Any], ref: npt.NDArray[Any], ids: list[int], self_flip_lead: float) -> list[str]:
+    """What is wrong with `ours` against llama.cpp's `ref` (empty: nothing); the flip margin is calibrated.
+    The figures are printed too (`pytest -rA` shows them for passing tests)."""
+    rows = metrics.position_rows(ours, ref, ids)
+    kl = [float(r["kl"]) for r in rows]
+    margin = max(DECISIVE_PROB_MARGIN, FLIP_FACTOR * self_flip_lead)
+    decisive = [r for r in rows if r["ref_top1_prob_margin"] > margin]
+    flipped = [(r["pos"], round(r["ref_top1_prob_margin"], 3)) for r in decisive if not r["top1_agree"]]
+    report = (
+        f"n={len(ids)} min cos {min(r['cosine'] for r in rows):.5f}, mean KL {np.mean(kl):.2e}, max KL {max(kl):.3f}, "
+        f"max |d| {max(r['max_abs'] for r in rows):.3f}; llama.cpp flips itself up to lead {self_flip_lead:.3f}, so "
+        f"decisive = lead > {margin:.3f}: top-1 {len(decisive) - len(flipped)}/{len(decisive)}"
+    )
+    print(report)
+    problems = []
+    if min(r["cosine"] for r in rows) < MIN_COSINE:
+        problems.append(f"min cosine below {MIN_COSINE}")
+    if np.mean(kl) > MAX_MEAN_KL:
+        problems.append(f"mean KL above {MAX_MEAN_KL}")
+    if max(kl) > MAX_KL:
+        problems.append(f"max KL above {MAX_KL}")
+    if flipped:
+        problems.append(f"top-1 differs at decisive positions (pos, lead) {flipped}")
+    if len(decisive) < len(ids) // 3:  # real text: most positions have a clear favourite; else the check is vacuous
+        problems.append(f"only {len(decisive)} decisive positions")
+    return [f"{report}: {p}" for p in problems]
+
+
 @pytest.mark.compile
 @pytest.mark.model
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_gemma_numpy_matches_llama_cpp(
-    name: str, gemma_engine: NumpyEngine, gemma_reference: dict[str, tuple[list[int], npt.NDArray[Any]]]
+    name: str,
+    gemma_engine: NumpyEngine,
+    gemma_reference: dict[str, tuple[list[int], npt.NDArray[Any]]],
+    llama_self_flip_lead: float,
 ) -> None:
     ids, ref = gemma_reference[name]
     assert 40 <= len(ids) <= 80, f"prompt '{name}' has {len(ids)} tokens; the issue asks for 40-80"
-    rows = metrics.position_rows(gemma_engine.logits(ids), ref, ids)
-    kl = [float(r["kl"]) for r in rows]
-    decisive = [r for r in rows if r["ref_top1_prob_margin"] > DECISIVE_PROB_MARGIN]
-    flipped = [r["pos"] for r in decisive if not r["top1_agree"]]
-    report = (
-        f"{name}: n={len(ids)} min cos {min(r['cosine'] for r in rows):.5f}, mean KL {np.mean(kl):.2e}, "
-        f"max KL {max(kl):.3f}, decisive top-1 {len(decisive) - len(flipped)}/{len(decisive)}, "
-        f"max |d| {max(r['max_abs'] for r in rows):.3f}"
-    )
-    assert min(r["cosine"] for r in rows) >= MIN_COSINE, report
-    assert np.mean(kl) <= MAX_MEAN_KL, report
-    assert max(kl) <= MAX_KL, report
-    assert not flipped, f"{report}; top-1 differs at decisive positions {flipped}"
-    assert len(decisive) >= len(ids) // 3, report  # real text: most positions have a clear favourite
+    problems = judge(gemma_engine.logits(ids), ref, ids, llama_self_flip_lead)
+    assert not problems, f"{name}: {problems}"
+
+
+@pytest.mark.compile
+@pytest.mark.model
+def test_gemma_judge_fails_a_real_porting_bug(
+    gemma_engine: NumpyEngine,
+    gemma_reference: dict[str, tuple[list[int], npt.NDArray[Any]]],
+    llama_self_flip_lead: float,
+) -> None:
+    """The calibrated judge is not vacuous: the sliding-window layers given the global RoPE base (a classic
+    porting bug) fail it, while the same engine without the bug passes (test above)."""
+    import dataclasses
+
+    from parity.arch_gemma3 import gemma3_forward, load_gemma3
+
+    w = load_gemma3(gemma_engine.gguf, np.float32)
+    buggy = dataclasses.replace(w, params=dataclasses.replace(w.params, rope_base_swa=w.params.rope_base))
+    ids, ref = gemma_reference["history"]
+    problems = judge(gemma3_forward(buggy, np.asarray(ids)), ref, ids, llama_self_flip_lead)
+    assert any("top-1 differs at decisive positions" in p for p in problems), problems
