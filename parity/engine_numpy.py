@@ -66,7 +66,7 @@ def rope_cos_sin(
         angles[:, i] = dtype(freq_scale) * (theta / ff)  # (n,)
         theta = theta * theta_scale  # (n,)
     # cos/sin evaluated in float64 then rounded: numpy's float32 SIMD cos/sin differ from libm's cosf/sinf
-    # (which ggml calls) by 1 ulp for ~16% of angles, the rounded float64 result for ~1%
+    # (which ggml calls) by 1 ulp for many angles, the rounded float64 result for far fewer
     cos = np.cos(angles.astype(np.float64)).astype(dtype)  # (n, n_rot/2)
     sin = np.sin(angles.astype(np.float64)).astype(dtype)  # (n, n_rot/2)
     return cos, sin

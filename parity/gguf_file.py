@@ -106,7 +106,7 @@ class _CheckedReader(GGUFReader):
     def _get_field_parts(
         self, orig_offs: int, raw_type: int
     ) -> tuple[int, list[npt.NDArray[Any]], list[int], list[GGUFValueType]]:
-        # gguf-py parses a numeric array one element at a time (~0.7 s for a 32k-entry token score
+        # gguf-py parses a numeric array one element at a time (slow for a vocabulary-sized token score
         # array); one view of the whole array is the same data, laid out as a single part.
         if raw_type == GGUFValueType.ARRAY:
             raw_itype = self._get(orig_offs, np.uint32)

@@ -22,8 +22,8 @@ rounds what is stored, and the attention probabilities multiplied with an F16 V 
 Integer dot products are exact here and the float scalings after them follow the C order in float32: I2_S as
 the fork's `(sum - act_sum) / act_scale * scale`, TQ1_0/TQ2_0 lane by lane as their AVX2 kernels (an ulp there
 flips f16 V-cache roundings in bitnet.cpp, which later int8/Q8_K quantizations amplify). Other float sums
-(attention, F16 matmuls, softmax exp) are not bit-exact, so a rounding flips now and then: measured mean KL
-1e-12 to 3e-7 against ~2e-3 for `exact` on the ternary model.
+(attention, F16 matmuls, softmax exp) are not bit-exact, so a rounding flips now and then; compare the mean KL
+of `parity run --variant ternary --numerics mirror` with `--numerics exact` (both are in the receipts).
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def gap_note(num: Numerics, weight_types: dict[str, int]) -> str | None:
         "token at a time llamafile_sgemm refuses (n < 2) and ggml's vec_dot_f16 rounds the inputs and the attention "
         "probabilities to f16 first. Where matmul inputs are re-quantized (int8 rows for I2_S, Q8_K for TQ1_0/TQ2_0) "
         "that difference flips roundings and grows, so the engine's batch and one-token logits differ "
-        "(engine_shape_gap: mean KL ~1e-3 on parity's ternary model); this mirror follows the rounding points of "
+        "(measured in every mirror receipt as engine_shape_gap); this mirror follows the rounding points of "
         f"the {num.eval_shape} path. A mirror applying the one-token rules to the batch path lands at that gap "
         "instead of at the mirroring floor."
     )
