@@ -36,9 +36,10 @@ def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
     p.add_argument("--format", choices=("text", "json"), help="summary format on stdout (default text)")
     p.add_argument(
         "--prompt-template",
-        choices=("auto", "raw", "instruct", "llama3-chat"),
+        choices=("auto", "raw", "instruct", "llama3-chat", "gemma", "chatml"),
         help="prompt template (default auto: the model's own GGUF chat template rendered in a Jinja2 sandbox, "
-        "else path hints, else instruct)",
+        "else the format whose turn markers the vocabulary has (gemma, llama3-chat, chatml), else path hints, "
+        "else instruct)",
     )
     p.add_argument("--system-prompt", help="system prompt for templates that have one")
     p.add_argument("--out-dir", metavar="DIR", help="where receipts and worker logs go (default .parity)")
@@ -128,7 +129,9 @@ _RUN_KEYS = (*_COMMON_KEYS, "variant", "mse_tol", "threads", "dtype", "timeout",
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also the source of `parity --help`)."""
-    parser = argparse.ArgumentParser(prog="parity", description=__doc__.split("\n")[0] if __doc__ else None)
+    # the docstring's first paragraph (it wraps the exit-code list over two lines), not just its first line
+    description = " ".join(__doc__.split("\n\n")[0].split()) if __doc__ else None
+    parser = argparse.ArgumentParser(prog="parity", description=description)
     parser.add_argument("--version", action="version", version=f"parity {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -20,7 +20,14 @@ from parity.chat_template import GGUF_TEMPLATE
 from parity.errors import TokenizerMismatch, UsageError
 from parity.fsutil import sha256_file
 
-TEMPLATES = ("auto", "raw", "instruct", "llama3-chat")
+TEMPLATES = ("auto", "raw", "instruct", "llama3-chat", "gemma", "chatml")
+# `auto` for a model without a chat template: the turn markers its vocabulary defines name its format (the
+# named templates below equal llama.cpp's built-in formatters of the same name; tests/integration compares).
+VOCAB_MARKERS = (
+    (("<start_of_turn>", "<end_of_turn>"), "gemma"),
+    (("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "llama3-chat"),
+    (("<|im_start|>", "<|im_end|>"), "chatml"),
+)
 
 
 def canonical_hash(tokens: Sequence[str], merges: Sequence[str], special_ids: Sequence[int]) -> str:
@@ -106,15 +113,21 @@ def gguf_config_hash(metadata: dict[str, Any]) -> str:
     return canonical_hash(tokens, merges, special)
 
 
-def resolve_template(name: str, chat_template: str | None, model_path: Path) -> str:
+def resolve_template(name: str, chat_template: str | None, model_path: Path, vocab: Sequence[str] | None = None) -> str:
     """Pick the concrete template for `auto`: the model's own chat template (GGUF_TEMPLATE) when it has
-    one, else path hints, else instruct."""
+    one, else the format whose turn markers its vocabulary defines (VOCAB_MARKERS), else path hints, else
+    instruct."""
     if name not in TEMPLATES:
         raise UsageError(f"unknown prompt template '{name}'", fix=f"use one of: {', '.join(TEMPLATES)}")
     if name != "auto":
         return name
     if chat_template and chat_template.strip():
         return GGUF_TEMPLATE
+    if vocab is not None:
+        known = set(vocab)
+        for markers, template in VOCAB_MARKERS:
+            if all(m in known for m in markers):
+                return template
     lowered = model_path.name.lower()
     if "llama-3" in lowered or "llama3" in lowered:
         return "llama3-chat"
@@ -130,7 +143,9 @@ def apply_template(
     the tokenizer adds a BOS itself, and then a leading BOS text is stripped from the render (llama.cpp's rule).
     """
     raw = metadata.get(chat_template.GGUF_KEY)
-    template = resolve_template(name, raw if isinstance(raw, str) else None, model_path)
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = [t for t in tokens if isinstance(t, str)] if isinstance(tokens, list) else None
+    template = resolve_template(name, raw if isinstance(raw, str) else None, model_path, vocab)
     chat = chat_template.from_gguf(metadata) if template == GGUF_TEMPLATE else None
     if chat is None:
         return template, format_prompt(template, prompt, system), None
@@ -153,6 +168,12 @@ def format_prompt(template: str, prompt: str, system: str | None = None) -> str:
             f"{sys_part}<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
         )
+    if template == "gemma":  # llama.cpp's LLM_CHAT_TEMPLATE_GEMMA: the system text opens the first user turn
+        head = f"{system}\n\n" if system else ""
+        return f"<start_of_turn>user\n{head}{prompt}<end_of_turn>\n<start_of_turn>model\n"
+    if template == "chatml":
+        sys_part = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{sys_part}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     if template == GGUF_TEMPLATE:
         raise UsageError("the model has no chat template", fix="use --prompt-template instruct|raw")
     raise UsageError(f"unknown prompt template '{template}'", fix=f"use one of: {', '.join(TEMPLATES)}")

@@ -245,7 +245,7 @@ def test_gemma_auto_renders_its_own_chat_template(llama_plan: build.BuildPlan, t
     base = locked_gemma()
     from parity.gguf_file import open_gguf
 
-    assert open_gguf(base).get(ct.GGUF_KEY) is None  # the locked base model: auto falls back to instruct
+    assert open_gguf(base).get(ct.GGUF_KEY) is None  # the locked base model: see the next test
     model = _with_chat_template(base, tmp_path / "gemma-3-270m-chat.gguf", GEMMA3_CHAT_TEMPLATE)
     proc = run_cli(
         "run",
@@ -301,3 +301,41 @@ def test_a_failing_template_exits_2_with_the_fix(
     assert "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr
     assert "tokenizer.chat_template" in proc.stderr and "--prompt-template instruct|raw" in proc.stderr
     assert not (tmp_path / "out" / "receipt_llama.json").exists()
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("name", ["gemma", "chatml", "llama3-chat"])
+@pytest.mark.parametrize("system", [SYSTEM, None])
+def test_named_templates_equal_llama_cpp_builtins(llama_plan: build.BuildPlan, name: str, system: str | None) -> None:
+    """The named templates `auto` picks from vocabulary markers are llama.cpp's built-in formatters, exactly."""
+    from parity.tokenization import format_prompt
+
+    builtin = {"gemma": "gemma", "chatml": "chatml", "llama3-chat": "llama3"}[name]
+    with Worker("llama", llama_plan.bridge_path) as w:
+        theirs = w.call("chat_apply_template", builtin, ct.messages_for(USER, system), True)
+    assert format_prompt(name, USER, system) == theirs
+
+
+@pytest.mark.compile
+@pytest.mark.model
+def test_gemma_base_model_auto_uses_its_turn_markers(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    """The locked Gemma 3 270M has no chat template but its vocabulary defines <start_of_turn>/<end_of_turn>:
+    `auto` formats the prompt in the model's own turns, not in a format it never saw."""
+    proc = run_cli(
+        "run",
+        "--model-gguf",
+        str(locked_gemma()),
+        "--prompt-template",
+        "auto",
+        "--max-tokens",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--format",
+        "json",
+    )
+    assert proc.returncode in (0, 1), proc.stderr  # a Q4_K_M model may miss the default tolerance, never exit 2
+    receipt = json.loads((tmp_path / "receipt_llama.json").read_text())
+    assert receipt["prompt_template"] == "gemma" and receipt["chat_template"] is None
+    assert receipt["formatted_prompt"] == "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+    assert receipts.validation_errors(receipt) == []

@@ -52,7 +52,21 @@ def test_auto_template(chat_template: str | None, path: str, expected: str) -> N
 def test_explicit_template_wins_and_unknown_rejected() -> None:
     assert resolve_template("raw", "<|start_header_id|>", Path("x")) == "raw"
     with pytest.raises(UsageError, match="unknown prompt template"):
-        resolve_template("chatml", None, Path("x"))
+        resolve_template("vicuna", None, Path("x"))
+
+
+@pytest.mark.parametrize(
+    ("vocab", "chat_template", "expected"),
+    [
+        (["<bos>", "<start_of_turn>", "<end_of_turn>", "a"], None, "gemma"),  # a Gemma base GGUF: no template
+        (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], None, "llama3-chat"),
+        (["<|im_start|>", "<|im_end|>", "x"], None, "chatml"),
+        (["<|im_start|>", "x"], None, "instruct"),  # one marker alone names no format
+        (["<start_of_turn>", "<end_of_turn>"], "{{ messages }}", "gguf-chat-template"),  # its own template wins
+    ],
+)
+def test_auto_template_from_vocabulary_markers(vocab: list[str], chat_template: str | None, expected: str) -> None:
+    assert resolve_template("auto", chat_template, Path("m.gguf"), vocab) == expected
 
 
 def test_format_prompt() -> None:
