@@ -42,7 +42,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from urllib.request import url2pathname
 
 from parity.errors import NetworkError, ParityError, PermissionDenied, UsageError
-from parity.fsutil import atomic_write_json, file_lock
+from parity.fsutil import atomic_write_json, file_lock, new_file_mode
 from parity.progress import (
     DownloadPolicy,
     Mismatch,
@@ -615,6 +615,8 @@ def _fetch_file(item: LockedFile, final: Path, ctx: _Context, entry: ModelEntry)
                 ) from exc
             raise ParityError(f"cannot write {partial}: {exc}", fix="free disk space or choose another cache") from exc
         seconds = time.perf_counter() - t0
+        # A partial resumed from an earlier run keeps the mode it was created with; the file follows this umask.
+        os.chmod(partial, new_file_mode())
         os.replace(partial, final)
         _write_meta(final, item, source=source.label, seconds=seconds)
         step(f"fetched {item.filename} ({format_bytes(item.size_bytes)})", seconds)

@@ -6,9 +6,9 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -28,14 +28,69 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _read_umask() -> int:
+    """The process umask, without changing it: Linux reports it in /proc/self/status ("Umask:", kernel 4.7+)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only way to read it is to set it: done once, at import, before any thread of ours exists.
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+_IMPORT_UMASK = _read_umask()
+
+
+def current_umask() -> int:
+    """The umask new files get: read afresh on Linux (it may change at run time), else the one at import.
+
+    Never calls os.umask() after import: that call is process-global, and a thread creating a file between
+    setting and restoring it would get the wrong mode.
+    """
+    return _read_umask() if sys.platform.startswith("linux") else _IMPORT_UMASK
+
+
+def new_file_mode() -> int:
+    """Permission bits of a new regular file under the current umask (0o644 under 022, 0o600 under 077)."""
+    return 0o666 & ~current_umask()
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """Create `.<name>.<random>.tmp` beside `path` exclusively, mode 0o666 minus the umask (like open()).
+
+    tempfile.mkstemp would create it 0o600 whatever the umask; here the kernel applies the umask (and a default
+    ACL of the directory, if any), exactly as for a file created with open().
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write `data` to `path` via a temp file in the same directory, fsync, then rename.
 
-    Readers see either the old file or the new one, never a half-written one.
+    Readers see either the old file or the new one, never a half-written one. With `fsync=False` the rename is
+    still atomic but a power loss may cost the newest version (for files rebuilt often from other state).
+
+    Permissions: the file gets 0o666 minus the process umask (0o644 under the usual 022, 0o600 under 077),
+    like any file created with open(); that is the one knob for who may read parity's outputs. The mode of a
+    file being replaced is deliberately not carried over: every output is rebuilt by parity, not edited by
+    hand, so it follows the umask of the run that wrote it; that also repairs files left 0o600 by versions
+    that wrote through mkstemp. To keep outputs private, run with umask 077.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temp(path)
     except PermissionError as exc:
         raise PermissionDenied(
             f"cannot write in {path.parent}: {exc.strerror}", fix="choose a writable directory"
@@ -44,16 +99,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Atomic UTF-8 text write."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:
+    """Atomic UTF-8 text write (see atomic_write_bytes)."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -19,14 +19,13 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import time
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
 from parity.errors import UsageError
-from parity.fsutil import atomic_write_bytes
+from parity.fsutil import atomic_write_bytes, atomic_write_text
 
 STATE_VERSION = 1
 STATE_KIND = "parity-windows-state"
@@ -273,16 +272,8 @@ class StateStore:
 
 def replace_text(path: Path, text: str) -> None:
     """Atomic (rename) but not fsynced: for files rebuilt from the state after every window (status, index),
-    where a crash may cost the newest version but must never leave a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    where a crash may cost the newest version but must never leave a torn one. Mode: 0o666 minus the umask."""
+    atomic_write_text(path, text, fsync=False)
 
 
 def add_event(state: dict[str, Any], kind: str, message: str) -> None:
