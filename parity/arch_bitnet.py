@@ -87,7 +87,7 @@ def bitnet_params(f: GGUFFile) -> BitnetParams:
     arch = f.architecture
     n_embd = int_key(f, f"{arch}.embedding_length")
     n_head = int_key(f, f"{arch}.attention.head_count")
-    head_dim = int_key(f, f"{arch}.attention.key_length", n_embd // n_head)
+    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
     if head_dim * n_head != n_embd:
         raise ModelFormatError(
             f"{f.path}: {n_head} heads x head dim {head_dim} != n_embd {n_embd}",

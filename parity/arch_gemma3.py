@@ -36,9 +36,11 @@ from parity.engine_numpy import (
     Forward,
     attention,
     causal_mask,
+    float_key,
     int_key,
     linear,
     load_tensor,
+    n_vocab_of,
     require_tensor,
     rms_norm,
     rope_cos_sin,
@@ -180,19 +182,22 @@ def _swa_layers(f: GGUFFile, n_layer: int, n_swa: int) -> tuple[bool, ...]:
     """
     if n_swa <= 0:
         return (False,) * n_layer
-    pattern = f.get(f"{f.architecture}.attention.sliding_window_pattern", SWA_PERIOD_DEFAULT)
-    if isinstance(pattern, list):
+    key = f"{f.architecture}.attention.sliding_window_pattern"
+    if isinstance(f.get(key), list):
         # like llama.cpp: entries past the last layer are ignored, layers past the array's end stay global
-        flags = tuple(bool(v) for v in pattern[:n_layer])
+        entries = f.get(key)
+        if not all(isinstance(v, bool) for v in entries):  # llama.cpp writes bools; accept integers too
+            entries = f.get_array(key, int)
+        flags = tuple(bool(v) for v in entries[:n_layer])
         return flags + (False,) * (n_layer - len(flags))
-    period = int(pattern)
+    period = f.get_int(key, SWA_PERIOD_DEFAULT, min=0, gguf_types=("uint32",))
     return tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
 
 
 def _same_as(f: GGUFFile, key: str, value: int) -> None:
     """Reject files whose SWA layers would differ in shape from the global ones (not a Gemma 3 layout)."""
-    found = f.get(key)
-    if found is not None and int(found) != value:
+    found = f.get_int(key, -1, min=0, gguf_types=("uint32",)) if key in f.metadata else None
+    if found is not None and found != value:
         raise ModelFormatError(
             f"{f.path}: '{key}' is {found} but the global layers use {value}",
             fix="the numpy gemma3 engine needs the same head size and RoPE width in every layer",
@@ -205,7 +210,7 @@ def gemma3_params(f: GGUFFile) -> Gemma3Params:
     n_embd = int_key(f, f"{arch}.embedding_length")
     n_head = int_key(f, f"{arch}.attention.head_count")
     n_layer = int_key(f, f"{arch}.block_count")
-    head_dim = int_key(f, f"{arch}.attention.key_length", n_embd // n_head)
+    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
     n_rot = int_key(f, f"{arch}.rope.dimension_count", head_dim)
     if n_rot > head_dim or n_rot % 2:
         raise ModelFormatError(
@@ -220,11 +225,11 @@ def gemma3_params(f: GGUFFile) -> Gemma3Params:
     _same_as(f, f"{arch}.attention.key_length_swa", head_dim)
     _same_as(f, f"{arch}.attention.value_length_swa", head_dim)
     _same_as(f, f"{arch}.rope.dimension_count_swa", n_rot)
-    n_swa = int_key(f, f"{arch}.attention.sliding_window", 0)
+    n_swa = int_key(f, f"{arch}.attention.sliding_window", 0, min=0)
     # ref: gemma_pytorch config.py, quoted by llama.cpp: the 27B model scales by 1/sqrt(d_model / n_head)
-    scale_dim = n_embd // n_head if n_layer == N_LAYER_27B else head_dim
+    scale_dim = max(n_embd // n_head, 1) if n_layer == N_LAYER_27B else head_dim
     return Gemma3Params(
-        n_vocab=f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else 0,
+        n_vocab=n_vocab_of(f),
         n_embd=n_embd,
         n_layer=n_layer,
         n_ff=int_key(f, f"{arch}.feed_forward_length"),
@@ -232,14 +237,14 @@ def gemma3_params(f: GGUFFile) -> Gemma3Params:
         n_head_kv=int_key(f, f"{arch}.attention.head_count_kv", n_head),
         head_dim=head_dim,
         n_rot=n_rot,
-        rms_eps=float(f.require(f"{arch}.attention.layer_norm_rms_epsilon")),
-        rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
+        rms_eps=float_key(f, f"{arch}.attention.layer_norm_rms_epsilon", min=0.0),
+        rope_base=float_key(f, f"{arch}.rope.freq_base", 10000.0, min=0.0),
         rope_freq_scale=rope_freq_scale(f),
-        rope_base_swa=float(f.get(f"{arch}.rope.freq_base_swa", ROPE_BASE_SWA_DEFAULT)),
+        rope_base_swa=float_key(f, f"{arch}.rope.freq_base_swa", ROPE_BASE_SWA_DEFAULT, min=0.0),
         n_swa=max(n_swa, 0),
         is_swa=_swa_layers(f, n_layer, n_swa),
         attn_scale=1.0 / math.sqrt(scale_dim),  # rounded to the engine dtype where it is applied
-        final_logit_softcap=float(f.get(f"{arch}.final_logit_softcapping", 0.0)),
+        final_logit_softcap=float_key(f, f"{arch}.final_logit_softcapping", 0.0, min=0.0),
         n_ctx_train=int_key(f, f"{arch}.context_length"),
     )
 

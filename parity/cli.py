@@ -1,5 +1,9 @@
-"""The `parity` command. Exit codes: 0 pass, 1 divergence, 2 usage/tokenizer/backend, 3 network,
-4 permission, 5 build, 6 repair recursion (DESIGN.md, "Contracts")."""
+"""The `parity` command. Exit codes: 0 pass, 1 divergence, 2 usage/tokenizer/backend/bad model, 3 network,
+4 permission, 5 build, 6 repair recursion, 70 internal error (DESIGN.md, "Contracts").
+
+Exit 70 (EX_SOFTWARE) is any exception that is not one of parity's errors: a bug in parity, never a verdict
+on the model. It prints one line, "internal error, please report", with the path of a log file holding the
+traceback; it never exits 1, which means "a lane diverged"."""
 
 from __future__ import annotations
 
@@ -250,6 +254,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("parity: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # not a ParityError: a bug, reported as such and never as exit 1 (a divergence)
+        if debug:
+            traceback.print_exc()
+        return _internal_error(exc)
+
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+
+
+def _internal_error(exc: BaseException) -> int:
+    """One line naming the exception and a log file with its traceback; returns EXIT_INTERNAL."""
+    import tempfile
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        fd, name = tempfile.mkstemp(prefix="parity-internal-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"parity {__version__}\nargv: {sys.argv!r}\n\n{text}")
+        where = f"traceback in {name}"
+    except OSError as write_exc:
+        where = f"the traceback could not be written ({write_exc.strerror}); rerun with --debug"
+    first = (str(exc).splitlines() or [""])[0]
+    print(f"parity: internal error, please report: {type(exc).__name__}: {first} ({where})", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -182,20 +182,24 @@ class LlamaWeights:
     rope_freqs: Array | None  # (n_rot/2,) llama3 frequency factors
 
 
-def int_key(f: GGUFFile, key: str, default: int | None = None) -> int:
-    """An integer hyperparameter; `default` when absent, or required when no default is given.
+def int_key(f: GGUFFile, key: str, default: int | None = None, *, min: int = 1) -> int:
+    """A uint32 hyperparameter >= `min`; `default` when absent, or required when no default is given.
 
-    llama.cpp accepts per-layer arrays for some keys; an array with equal entries is the same model.
+    llama.cpp reads hyperparameters as exactly uint32 and accepts per-layer arrays for some keys; an array
+    with equal entries is the same model. Anything else is a ModelFormatError naming the key.
     """
-    value = f.get(key, default) if default is not None else f.require(key)
-    if isinstance(value, list):
-        if not value or any(v != value[0] for v in value):
-            raise ModelFormatError(
-                f"{f.path}: '{key}' varies per layer ({value}), which the numpy engine does not support",
-                fix="use a model with the same value in every layer",
-            )
-        value = value[0]
-    return int(value)
+    return f.get_int(key, default, min=min, gguf_types=("uint32",), per_layer=True)
+
+
+def float_key(f: GGUFFile, key: str, default: float | None = None, *, min: float | None = None) -> float:
+    """A finite float32 hyperparameter (llama.cpp reads them as exactly float32); ModelFormatError otherwise."""
+    return f.get_float(key, default, min=min)
+
+
+def n_vocab_of(f: GGUFFile) -> int:
+    """Rows of `token_embd.weight` (0 when it is missing or has no dimensions; the shape check reports it)."""
+    t = f.tensors.get("token_embd.weight")
+    return t.shape[0] if t is not None and len(t.shape) == 2 else 0
 
 
 def rope_freq_scale(f: GGUFFile) -> float:
@@ -204,13 +208,15 @@ def rope_freq_scale(f: GGUFFile) -> float:
     Only unscaled and linearly scaled RoPE are implemented; YaRN and LongRoPE are rejected.
     """
     arch = f.architecture
-    scaling = str(f.get(f"{arch}.rope.scaling.type", "linear"))
+    scaling = f.get_str(f"{arch}.rope.scaling.type", "linear")
     if scaling not in ("none", "linear"):
         raise ModelFormatError(
             f"{f.path}: rope scaling type '{scaling}' is not supported by the numpy engine (none, linear)",
             fix="use a model without YaRN/LongRoPE scaling",
         )
-    factor = float(f.get(f"{arch}.rope.scaling.factor", f.get(f"{arch}.rope.scale_linear", 0.0)))
+    factor = float_key(
+        f, f"{arch}.rope.scaling.factor", float_key(f, f"{arch}.rope.scale_linear", 0.0, min=0.0), min=0.0
+    )
     return 1.0 if factor == 0.0 else 1.0 / factor
 
 
@@ -219,7 +225,7 @@ def llama_params(f: GGUFFile) -> LlamaParams:
     arch = f.architecture
     n_embd = int_key(f, f"{arch}.embedding_length")
     n_head = int_key(f, f"{arch}.attention.head_count")
-    head_dim = int_key(f, f"{arch}.attention.key_length", n_embd // n_head)
+    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
     n_rot = int_key(f, f"{arch}.rope.dimension_count", head_dim)
     if n_rot != head_dim:
         raise ModelFormatError(
@@ -231,9 +237,8 @@ def llama_params(f: GGUFFile) -> LlamaParams:
             f"{f.path}: '{arch}.attention.value_length' differs from the key length {head_dim}",
             fix="llama.cpp's llama graph requires equal key and value head sizes; check the converter",
         )
-    n_vocab = f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else 0
     return LlamaParams(
-        n_vocab=n_vocab,
+        n_vocab=n_vocab_of(f),
         n_embd=n_embd,
         n_layer=int_key(f, f"{arch}.block_count"),
         n_ff=int_key(f, f"{arch}.feed_forward_length"),
@@ -241,8 +246,8 @@ def llama_params(f: GGUFFile) -> LlamaParams:
         n_head_kv=int_key(f, f"{arch}.attention.head_count_kv", n_head),
         head_dim=head_dim,
         n_rot=n_rot,
-        rms_eps=float(f.require(f"{arch}.attention.layer_norm_rms_epsilon")),
-        rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
+        rms_eps=float_key(f, f"{arch}.attention.layer_norm_rms_epsilon", min=0.0),
+        rope_base=float_key(f, f"{arch}.rope.freq_base", 10000.0, min=0.0),
         rope_freq_scale=rope_freq_scale(f),
         n_ctx_train=int_key(f, f"{arch}.context_length"),
     )

@@ -22,6 +22,7 @@ from parity.bridge import BackendParams
 from parity.config import RunOptions
 from parity.errors import (
     BackendUnavailable,
+    ModelFormatError,
     ParityError,
     PermissionDenied,
     RepairRecursion,
@@ -134,6 +135,8 @@ def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> HFT
         return HFTokenizer.load(beside, source="auto_discovered")
     try:
         text = export_metadata(gguf.metadata, str(model_path))
+    except ModelFormatError:
+        raise  # a malformed vocabulary (a value of the wrong type) is bad input, not an unsupported one
     except UsageError as exc:
         log(f"tokenizer: cannot export the GGUF vocabulary ({exc}); using llama.cpp's ids as the authority")
         return None
@@ -212,7 +215,7 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
             log_level=3 if opts.verbose else 1,
             timeout=opts.timeout,
         ) as w:
-            vm = RemoteModel(w, str(lane_models.get(b, model_path)), BackendParams(vocab_only=1))
+            vm = _open_vocab(w, b, lane_models.get(b, model_path))
             if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
                 template, formatted, chat_record = apply_template(
                     opts.prompt_template,
@@ -287,6 +290,25 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
     return shared, plans
 
 
+def _open_vocab(w: Worker, backend: str, path: Path) -> RemoteModel:
+    """Open `path` vocab-only in the backend. A file the pre-flight accepted but the backend refuses to
+    load (or crashes on) is still bad input: exit 2 with the backend's reason on one line, before any lane."""
+    try:
+        return RemoteModel(w, str(path), BackendParams(vocab_only=1))
+    except WorkerError as exc:
+        lines = [ln.strip() for ln in exc.message.splitlines() if ln.strip() and not ln.startswith("---")]
+        reason = lines[0] if lines else "no reason given"
+        if len(lines) > 1:
+            reason += f"; last backend log line: {lines[-1]}"
+        raise ModelFormatError(
+            f"the {backend} backend cannot load {path}: {reason}",
+            fix=f"{_REBUILD_MODEL}; {exc.fix}" if exc.fix else _REBUILD_MODEL,
+        ) from exc
+
+
+_REBUILD_MODEL = "re-download or re-convert the model (the backend refuses this file)"
+
+
 def _check_lane_formats(
     opts: RunOptions, lane_backends: list[str], gguf: GGUFFile, lane_models: dict[str, Path]
 ) -> None:
@@ -335,6 +357,12 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
                 base["numerics"]["engine_shape_gap"] = numerics_gap(ref_logits, other, opts.eval_shape)
             theirs = rm.greedy(shared.prompt_ids, opts.max_tokens) if opts.max_tokens else []
             rm.close()
+            if np.shape(ref_logits) != np.shape(ours):  # e.g. a model whose vocabulary the engines read differently
+                raise WorkerError(
+                    f"{backend} returned logits of shape {np.shape(ref_logits)}, the numpy engine "
+                    f"{np.shape(ours)}: the two engines read this model differently",
+                    fix="check the model's vocabulary size and tensor shapes",
+                )
     except WorkerError as exc:
         base.update(
             status="error",

@@ -106,9 +106,12 @@ def _hf_config_hash(data: dict[str, Any]) -> str:
 
 def gguf_config_hash(metadata: dict[str, Any]) -> str:
     """Config hash of a GGUF-embedded vocabulary (control tokens count as special)."""
-    tokens = list(metadata.get("tokenizer.ggml.tokens", []))
-    merges = list(metadata.get("tokenizer.ggml.merges", []))
-    types = list(metadata.get("tokenizer.ggml.token_type", []))
+    from parity.gguf_file import Metadata  # a value of the wrong type is a ModelFormatError naming the key
+
+    md = Metadata.wrap(metadata, "GGUF")
+    tokens = list(md.get_array("tokenizer.ggml.tokens", str, []))
+    merges = list(md.get_array("tokenizer.ggml.merges", str, []))
+    types = list(md.get_array("tokenizer.ggml.token_type", int, []))
     special = [i for i, t in enumerate(types) if t == 3]
     return canonical_hash(tokens, merges, special)
 

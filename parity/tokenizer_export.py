@@ -312,31 +312,41 @@ class GGUFVocab:
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], source: str) -> GGUFVocab:
         """Read and check the `tokenizer.ggml.*` keys; `source` names the file in error messages."""
-        model = metadata.get("tokenizer.ggml.model")
-        if model is None:
+        from parity.gguf_file import Metadata  # lazily: `parity --help` need not import numpy/gguf
+
+        md = Metadata.wrap(metadata, source)
+        if "tokenizer.ggml.model" not in md:
             raise UsageError(
                 f"{source} has no embedded tokenizer (tokenizer.ggml.model is missing)",
                 fix="pass --tokenizer with the model's tokenizer.json, or convert the model with its vocabulary",
             )
+        # Values of the wrong type are a malformed file (ModelFormatError), not an unsupported vocabulary.
+        model = md.get_str("tokenizer.ggml.model")
         if model not in SUPPORTED_MODELS:
             raise UsageError(
                 f"{source}: tokenizer model '{model}' cannot be exported; supported: {', '.join(SUPPORTED_MODELS)}",
                 fix="use the model's original tokenizer.json with --tokenizer",
             )
-        tokens = [str(t) for t in metadata.get("tokenizer.ggml.tokens") or []]
+        tokens: list[str] = md.get_array("tokenizer.ggml.tokens", str, [])
         if not tokens:
             raise UsageError(f"{source}: tokenizer.ggml.tokens is missing or empty", fix="re-convert the model")
         n = len(tokens)
-        types = [int(t) for t in metadata.get("tokenizer.ggml.token_type") or [NORMAL] * n]
-        scores = [float(s) for s in metadata.get("tokenizer.ggml.scores") or [0.0] * n]
+        types: list[int] = md.get_array("tokenizer.ggml.token_type", int, [NORMAL] * n)
+        scores: list[float] = [float(v) for v in md.get_array("tokenizer.ggml.scores", float, [0.0] * n)]
         for key, values in (("token_type", types), ("scores", scores)):
             if len(values) < n:
                 raise UsageError(
                     f"{source}: tokenizer.ggml.{key} has {len(values)} entries for {n} tokens",
                     fix="re-convert the model; llama.cpp refuses this file too",
                 )
-        pre = str(metadata.get("tokenizer.ggml.pre") or "default")
-        merges = [str(m) for m in metadata.get("tokenizer.ggml.merges") or []]
+        for name in ("bos", "eos", "unknown", "padding"):
+            key = f"tokenizer.ggml.{name}_token_id"
+            if key in md:
+                md.get_int(key, min=0, gguf_types=("uint32",))
+        for key in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix"):
+            md.get_bool(key, False)
+        pre = md.get_str("tokenizer.ggml.pre", "default") or "default"
+        merges: list[str] = md.get_array("tokenizer.ggml.merges", str, [])
         if model == "gpt2":
             if pre not in PRE_TOKENIZERS:
                 raise UsageError(
@@ -345,7 +355,7 @@ class GGUFVocab:
                 )
             if not merges:
                 raise UsageError(f"{source}: BPE vocabulary without tokenizer.ggml.merges", fix="re-convert the model")
-        return cls(model, pre, tokens, types[:n], scores[:n], merges, metadata)
+        return cls(model, pre, tokens, types[:n], scores[:n], merges, md)
 
     def key(self, name: str, default: Any = None) -> Any:
         """A `tokenizer.ggml.<name>` value."""
@@ -355,8 +365,8 @@ class GGUFVocab:
         """A special token id as llama.cpp resolves it: the GGUF key if in range, else the default if in range."""
         n = len(self.tokens)
         value = self.key(f"{name}_token_id")
-        if value is not None and 0 <= int(value) < n:
-            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
+            return value
         return default if default is not None and 0 <= default < n else None
 
     @property
