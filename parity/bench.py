@@ -1,28 +1,32 @@
 """`parity bench`: throughput of every implementation on every model, baselines, and a regression gate.
 
-What is timed (per implementation, after one warm-up of each figure, R interleaved repetitions):
+What is timed: an evaluation is one `greedy(tokens, n_new)` call of a lane (parity.bench_lanes.Lane), timed
+where it runs (C++ engines inside their worker process, so the pipe round trip is not part of any figure;
+`rpc_overhead_ms` records it for reference). Every evaluation starts at position 0 with a fresh KV cache.
   pp  prompt processing: ONE evaluation of all P prompt positions (one batch, logits of the last position,
-      as llama-bench's pp test does): numpy `NumpyEngine.greedy(prompt, 1)`, C++ `RemoteModel.greedy(prompt, 1)`.
+      as llama-bench's pp test does): `greedy(prompt, 1)`.
   tg  token generation: G greedy steps from a single token at depth 0, one token per evaluation (as
       llama-bench's tg test): `greedy([t0], G)`.
-C++ engines are timed around the worker round trip (no bridge ABI change); the round trip of a trivial
-call is recorded as `rpc_overhead_ms`, and the llama-bench cross-check bounds the whole harness overhead.
-Repetitions are interleaved across implementations (rep 1 of each, then rep 2 ...), so ratios such as
-numpy ÷ llama.cpp are measured under the same machine load. Statistics and the gate rule: parity.bench_gate.
+A sample is K back-to-back evaluations (tokens x K / their summed time), K chosen per lane and metric at
+warm-up so that a sample lasts at least `min_sample_s` (bench_lanes.calibrate): a tiny model's 1.5 ms
+evaluation is not left to one scheduler time slice. Samples are taken in interleaved rounds (one of each
+lane, then the next round ...), each preceded by one untimed warm-up evaluation of that lane, so ratios such as
+numpy / llama.cpp are measured under the same machine load. Each figure records what ran: evals_per_sample,
+warmup_evals (calibration plus one per round) and timed_evals. Statistics and the gate rule: parity.bench_gate.
 
 Cross-check (llama.cpp only, unless --no-llama-bench): llama.cpp's own llama-bench, built from the same pinned
-source (parity.build_tools), runs once per repetition round (`-r 1`, between our rounds) in two
-configurations: `matched` (its context of prompt + generated tokens as batch sizes, flash attention off, an
-F16 KV cache because this llama-bench cannot select F32) against a second llama.cpp lane of ours with
-exactly those settings, and
-`default` (llama-bench's defaults), reported beside our precise F32-KV lane. The upper quartiles of the
-matched pp repetitions must agree within 10 % + noise (exit 1 otherwise).
+source (parity.build_tools), runs once per round of prompt processing (between our rounds) in two
+configurations: `matched` against a second llama.cpp lane of ours with exactly its settings (batch sizes,
+F16 KV cache because this llama-bench cannot select F32, flash attention off, threads, thread-pool polling,
+one warm-up then `-r K` evaluations per invocation with K = our lane's evaluations per sample), and `default`
+(llama-bench's defaults), reported beside our precise F32-KV lane. The medians of the matched pp samples must
+agree within 10 % + noise, noise = relative MAD of both sides (exit 1 otherwise).
 
 Exit codes: 0 pass, no baseline yet, or baseline written; 1 gate failure, cross-check disagreement, or an
 implementation failing while measured; 2 usage / backend unavailable; 5 build failure (llama-bench).
 
-Test-only: PARITY_BENCH_SLOWDOWN=<impl>:<seconds>[,<impl>:<seconds>] sleeps inside that implementation's
-timed region, so the gate can be shown to fail. It is recorded in the receipt and announced on stderr.
+Python API: `finish(run_bench(opts), opts)`; `run_bench(opts, open_lane=...)` takes the function that opens
+each lane (bench_lanes.open_lane), so a caller can wrap an implementation, e.g. slow it down in a test.
 """
 
 from __future__ import annotations
@@ -46,10 +50,14 @@ from parity.runner import log
 if TYPE_CHECKING:
     from parity.bridge import BackendParams
 
-BENCH_VERSION = 1
+BENCH_VERSION = 2
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "bench.schema.json"
 IMPLS = ("numpy", "llama", "bitnet")
 XCHECK_LABEL = bench_lanes.IMPL_LABELS[3]  # our llama.cpp lane in the configuration llama-bench can also express
+CROSS_CHECK_THREADS_HELP = (
+    "threads of the llama-bench cross-check, on both sides: one, because with as many threads as cores any other "
+    "load makes ggml's spin barriers swing the two harnesses apart by up to 45 percent either way"
+)
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,15 @@ class BenchOptions:
     prompt_tokens: int = 64
     gen_tokens: int = 16
     reps: int = 5
-    threads: int = 2
+    threads: int = 1
     out_dir: str = ".parity/bench"
     baseline: bool = False
     llama_bench: bool = True
     format: str = "text"
     verbose: bool = False
     max_drop: float = bench_gate.THRESHOLD
+    min_sample_s: float = bench_lanes.MIN_SAMPLE_S
+    cross_check_threads: int = 1
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the flag."""
@@ -80,6 +90,10 @@ class BenchOptions:
             raise UsageError(f"--reps must be >= 1, got {self.reps}", fix="e.g. --reps 5")
         if self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        if self.cross_check_threads < 1:
+            raise UsageError(f"--cross-check-threads must be >= 1, got {self.cross_check_threads}")
+        if not 0.0 < self.min_sample_s <= 10.0:
+            raise UsageError(f"min_sample_s must be in (0, 10] seconds, got {self.min_sample_s}")
         unknown = [i for i in self.impls if i not in IMPLS]
         if unknown:
             raise UsageError(f"unknown --impl {unknown[0]!r}", fix=f"use one of {', '.join(IMPLS)}")
@@ -182,8 +196,8 @@ def bench_model(
     model: ModelRef,
     plans: dict[str, build.BuildPlan | None],
     opts: BenchOptions,
-    slowdown: dict[str, float],
     tools: build_tools.ToolsPlan | None = None,
+    open_lane: bench_lanes.LaneOpener = bench_lanes.open_lane,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Results of every implementation on one model, plus extras: architecture, samples, cross-check lane,
     and llama-bench's figures (run between our repetitions when `tools` is given)."""
@@ -200,19 +214,13 @@ def bench_model(
     wanted = list(plans.items())
     if "llama" in plans and tools is not None:
         wanted.append((XCHECK_LABEL, plans["llama"]))
-        # llama-bench's context: n_ctx = prompt + generated tokens, KV F16 (it cannot select F32), FA off
-        n = opts.prompt_tokens + opts.gen_tokens
-        params[XCHECK_LABEL] = dataclasses.replace(
-            params["llama"], n_ctx=n, n_batch=n, n_ubatch=n, type_k=1, type_v=1, flash_attn=0
-        )
+        params[XCHECK_LABEL] = xcheck_params(params["llama"], opts)
     extra: dict[str, Any] = {"architecture": None, "xcheck": None, "llama_bench": []}
     for label, p in wanted:
+        impl = "llama" if label == XCHECK_LABEL else label
+        spec = bench_lanes.LaneSpec(label, impl, p, model.path, params.get(label), log_dir)
         try:
-            if p is None:
-                lane = bench_lanes.open_numpy(model.path)
-            else:
-                impl = "llama" if label == XCHECK_LABEL else label
-                lane = bench_lanes.open_cpp(label, impl, p, model.path, params[label], log_dir)
+            lane = open_lane(spec)
         except ParityError as exc:
             if label in results:
                 results[label].update(status="unavailable", reason=str(exc).splitlines()[0])
@@ -221,10 +229,6 @@ def bench_model(
         extra["architecture"] = extra["architecture"] or lane.architecture
         lanes.append(lane)
     runner: build_tools.LlamaBenchRunner | None = None
-    if tools is not None and any(lane.label == XCHECK_LABEL for lane in lanes):
-        runner = build_tools.LlamaBenchRunner(
-            tools, model.path, opts.prompt_tokens, opts.gen_tokens, opts.threads, params[XCHECK_LABEL].to_dict()
-        )
     lb_errors: list[ParityError] = []
 
     def between() -> None:
@@ -234,17 +238,28 @@ def bench_model(
             except ParityError as exc:  # raised after our lanes are closed
                 lb_errors.append(exc)
 
+    figures: dict[str, dict[str, bench_lanes.Figure]] = {}
     try:
-        samples = (
-            bench_lanes.measure(lanes, opts.prompt_tokens, opts.gen_tokens, opts.reps, slowdown, between)
-            if lanes
-            else {}
-        )
+        if lanes:
+            figures = bench_lanes.calibrate(lanes, opts.prompt_tokens, opts.gen_tokens, opts.min_sample_s)
+            if tools is not None and XCHECK_LABEL in figures:
+                # llama-bench's repetitions per invocation = our matched lane's evaluations per sample: both
+                # sides then run one warm-up and k timed evaluations per round, and their k sum to a sample
+                runner = build_tools.LlamaBenchRunner(
+                    tools,
+                    model.path,
+                    opts.prompt_tokens,
+                    opts.gen_tokens,
+                    opts.threads,
+                    params[XCHECK_LABEL].to_dict(),
+                    figures[XCHECK_LABEL]["pp"].evals_per_sample,
+                )
+            bench_lanes.measure(lanes, figures, opts.prompt_tokens, opts.gen_tokens, opts.reps, between)
     except ParityError as exc:
         for lane in lanes:
             if lane.label in results:
                 results[lane.label].update(status="error", reason=str(exc).splitlines()[0])
-        samples = {}
+        figures = {}
     finally:
         for lane in lanes:
             try:
@@ -252,22 +267,43 @@ def bench_model(
             except ParityError as exc:
                 lane.record.update(peak_rss_bytes=None, rss_method=f"unavailable: {exc}")
     for lane in lanes:
-        record = {**lane.record, "slowdown_s": slowdown.get(lane.label, 0.0)}
-        figures = {m: bench_gate.summarize(s) for m, s in samples.get(lane.label, {}).items() if s}
+        record = {**lane.record, "evaluations": lane.evaluations}
+        stats = {m: f.stats() for m, f in figures.get(lane.label, {}).items() if f.samples}
         if lane.label == XCHECK_LABEL:
-            extra["xcheck"] = {**record, **figures} if figures else None
+            extra["xcheck"] = {**record, **stats} if stats else None
             continue
         results[lane.label].update(record)
-        if figures and results[lane.label]["status"] == "ok":
-            results[lane.label].update(figures)
+        if stats and results[lane.label]["status"] == "ok":
+            results[lane.label].update(stats)
         elif results[lane.label]["status"] == "ok":
             results[lane.label].update(status="error", reason="no samples were measured")
     if lb_errors:
         raise lb_errors[0]
     if runner is not None:
         extra["llama_bench"] = runner.results(out_dir, model.name)
-    extra["samples"] = samples
+    extra["samples"] = {label: {m: f.samples for m, f in per.items()} for label, per in figures.items()}
     return list(results.values()), extra
+
+
+def xcheck_params(llama: BackendParams, opts: BenchOptions) -> BackendParams:
+    """Our llama.cpp lane in the configuration llama-bench `matched` runs (parity.build_tools.matched_flags).
+
+    Batch sizes: one batch holding prompt + generated tokens (llama-bench clamps n_batch to its context, which
+    llama.cpp pads to 256 on both sides, so both evaluate the prompt as one ubatch). KV cache F16 (this
+    llama-bench cannot select F32), flash attention off. Threads: --cross-check-threads (default 1, see
+    CROSS_CHECK_THREADS_HELP).
+    """
+    n = opts.prompt_tokens + opts.gen_tokens
+    return dataclasses.replace(
+        llama,
+        n_ctx=n,
+        n_batch=n,
+        n_ubatch=n,
+        type_k=1,
+        type_v=1,
+        flash_attn=0,
+        n_threads=opts.cross_check_threads,
+    )
 
 
 def _result(model: ModelRef, impl: str) -> dict[str, Any]:
@@ -300,16 +336,17 @@ def ratios(model: ModelRef, samples: dict[str, dict[str, list[float]]]) -> list[
     return out
 
 
-def run_bench(opts: BenchOptions) -> dict[str, Any]:
-    """Measure everything, cross-check with llama-bench, gate against the baseline; returns the receipt."""
+def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lanes.open_lane) -> dict[str, Any]:
+    """Measure everything, cross-check with llama-bench, gate against the baseline; returns the receipt.
+
+    `open_lane` opens each implementation's lane (bench_lanes.open_lane); a caller may wrap what it returns,
+    e.g. a test that slows one engine down inside its timed region to see the gate fail.
+    """
     opts.validate()
     out_dir = Path(opts.out_dir)
     from parity.run import ensure_out_dir
 
     ensure_out_dir(out_dir)
-    slowdown = bench_lanes.parse_slowdown(os.environ.get(bench_lanes.SLOWDOWN_ENV))
-    if slowdown:
-        log(f"bench: TEST-ONLY {bench_lanes.SLOWDOWN_ENV} adds {slowdown} seconds to each timed region")
     models = [resolve_model(m) for m in dict.fromkeys(opts.models)]
     plans = select_impls(opts)
     tools: build_tools.ToolsPlan | None = None
@@ -325,11 +362,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "prompt_tokens": opts.prompt_tokens,
             "gen_tokens": opts.gen_tokens,
             "reps": opts.reps,
-            "warmup_reps": 1,
+            "min_sample_s": opts.min_sample_s,
             "threads": opts.threads,
+            "cross_check_threads": opts.cross_check_threads,
             "numpy_dtype": "float32",
             "threshold": opts.max_drop,
-            "slowdown_s": slowdown,
         },
         "models": [],
         "results": [],
@@ -340,7 +377,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     with bench_lanes.blas_threads(opts.threads) as blas:
         receipt["settings"]["numpy_blas_threads"] = blas
         for model in models:
-            bench_one(receipt, model, plans, opts, slowdown, tools)
+            bench_one(receipt, model, plans, opts, tools, open_lane)
     if tools is not None:
         receipt["settings"]["llama_bench_binary"] = str(tools.binary)
     return receipt
@@ -351,12 +388,12 @@ def bench_one(
     model: ModelRef,
     plans: dict[str, build.BuildPlan | None],
     opts: BenchOptions,
-    slowdown: dict[str, float],
     tools: build_tools.ToolsPlan | None,
+    open_lane: bench_lanes.LaneOpener = bench_lanes.open_lane,
 ) -> None:
     """Benchmark one model and add its figures to the receipt."""
     log(f"bench: {model.name} ({model.path}) x {', '.join(plans)}: {opts.reps} reps")
-    results, extra = bench_model(model, plans, opts, slowdown, tools)
+    results, extra = bench_model(model, plans, opts, tools, open_lane)
     receipt["models"].append({**model.to_dict(), "architecture": extra["architecture"]})
     receipt["results"] += results
     receipt["ratios"] += ratios(model, extra["samples"])
@@ -413,7 +450,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "Measure prompt processing and token generation (tokens/s) of each implementation on each model, "
             "cross-check llama.cpp with its own llama-bench, and compare with the newest matching baseline. "
             "Exit codes: 0 pass (or no baseline yet / baseline written), 1 a throughput or same-run ratio dropped "
-            "more than 10%% beyond the measured noise, the llama-bench cross-check disagreed, or an implementation "
+            "more than 10% beyond the measured noise, the llama-bench cross-check disagreed, or an implementation "
             "failed; 2 usage error or backend unavailable; 5 build failure."
         ),
     )
@@ -429,10 +466,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--impl", action="append", dest="impls", choices=IMPLS, help="implementation (repeatable)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prompt processing (default 64)")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy steps for token generation (default 16)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (default 5)")
-    p.add_argument("--threads", type=int, default=2, help="threads for the C++ engines and llama-bench (default 2)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help=f"samples per figure, each after one warm-up evaluation and at least "
+        f"{bench_lanes.MIN_SAMPLE_S * 1e3:.0f} ms of evaluations (default 5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of the C++ engines, numpy's BLAS and llama-bench's default configuration (default 1: on a "
+        "2-core machine shared with anything else, 2 threads make llama.cpp's samples swing by 100x)",
+    )
     p.add_argument("--out-dir", default=".parity/bench", metavar="DIR", help="receipt, report.html, logs")
     p.add_argument("--no-llama-bench", action="store_true", help="skip the llama-bench cross-check (and its build)")
+    p.add_argument(
+        "--cross-check-threads", type=int, default=1, metavar="N", help=CROSS_CHECK_THREADS_HELP + " (default 1)"
+    )
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout (default text)")
     p.add_argument("--verbose", action="store_true", help="stream build output")
     p.add_argument(
@@ -459,6 +511,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         format=args.format,
         verbose=args.verbose,
         max_drop=args.max_drop,
+        cross_check_threads=args.cross_check_threads,
     )
 
 

@@ -10,14 +10,17 @@ The gate rule (one rule for absolute throughputs, same-run ratios and the llama-
     change  = median_current / median_baseline - 1
     FAIL when change < -(THRESHOLD + noise), THRESHOLD = 0.10
 i.e. a throughput may drop by 10 % plus the summed relative MADs of both runs before it counts as a
-regression. The cross-check compares |change| of the upper quartiles (ours vs llama-bench, see
-parity.build_tools.cross_check) with the same allowance.
+regression. The cross-check compares |change| of the medians (ours vs llama-bench, see
+parity.build_tools.cross_check) with the same allowance. A sample is never one short evaluation: our lanes time
+enough back-to-back evaluations for a sample to last parity.bench_lanes.MIN_SAMPLE_S (llama-bench: as many
+repetitions per invocation), so one scheduler time slice on a shared machine cannot dominate it.
 Ratios (e.g. numpy ÷ llama.cpp prompt throughput) are computed per repetition from interleaved
 measurements, so machine load that slows both implementations cancels out; they are gated by the same rule.
 
 Baselines: `baselines/<YYYYmmdd>-<machine>.json` (directory: PARITY_BASELINE_DIR, else <project>/baselines);
-a plain run compares with the newest baseline of the same machine slug whose settings (prompt and
-generation lengths, threads) and set of (model SHA-256, implementation) pairs equal the current run's.
+a plain run compares with the newest baseline of the same machine slug whose receipt version (how samples
+are taken), settings (prompt and generation lengths, threads) and set of (model SHA-256, implementation)
+pairs equal the current run's.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ BASELINE_ENV = "PARITY_BASELINE_DIR"
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
-    """Median, min, max, mean, stdev, spread, mad and upper quartile (q75) of per-repetition samples."""
+    """Median, min, max, mean, stdev, spread, mad and upper quartile (q75) of per-sample figures."""
     if not samples:
         raise ValueError("no samples to summarize")
     xs = [float(x) for x in samples]
@@ -185,17 +188,20 @@ def baseline_name(date: str, machine_slug: str) -> str:
 
 
 def match_key(receipt: dict[str, Any]) -> tuple[Any, ...]:
-    """What must be equal for two runs to be comparable: machine, settings, (model, implementation) pairs."""
+    """What must be equal for two runs to be comparable: receipt version (how samples are taken), machine,
+    settings, (model, implementation) pairs."""
     s = receipt["settings"]
     pairs = sorted((r["model_sha256"], r["impl"]) for r in receipt["results"])
-    return (receipt["machine"]["slug"], s["prompt_tokens"], s["gen_tokens"], s["threads"], tuple(pairs))
+    version = receipt.get("version", 1)
+    return (version, receipt["machine"]["slug"], s["prompt_tokens"], s["gen_tokens"], s["threads"], tuple(pairs))
 
 
 def describe_key(key: tuple[Any, ...]) -> str:
     """One-line description of a match key (for 'no matching baseline' messages)."""
-    slug, pp, tg, threads, pairs = key
+    version, slug, pp, tg, threads, pairs = key
     impls = sorted({impl for _sha, impl in pairs})
-    return f"machine {slug}, {pp}/{tg} tokens, {threads} threads, {len({s for s, _ in pairs})} model(s) x {impls}"
+    n_models = len({s for s, _ in pairs})
+    return f"receipt v{version}, machine {slug}, {pp}/{tg} tokens, {threads} threads, {n_models} model(s) x {impls}"
 
 
 def find_baseline(current: dict[str, Any], directory: Path | None = None) -> tuple[Path | None, str]:

@@ -1,25 +1,31 @@
 """How `parity bench` measures: implementation lanes, the timed region, and the facts about the machine.
 
-A lane is one implementation with one model loaded: the numpy engine in this process, or a C++ backend in a
-timed worker process (`serve` below: parity.worker's protocol and isolation, but each call is timed inside
-the worker, so the pipe round trip is not measured; `rpc_overhead_ms` records it for reference). Peak memory:
+A lane (`Lane`) is one implementation with one model loaded, and its one timed operation: `evaluate`, K
+back-to-back greedy evaluations, each timed where it runs. `InProcessLane` holds an engine in this process
+(the numpy engine; a test may wrap it, e.g. to slow it down); `WorkerLane` a C++ backend in a timed worker
+process (`serve` below: parity.worker's protocol and isolation, but the evaluations are timed inside the
+worker, so the pipe round trip is not measured; `rpc_overhead_ms` records it for reference). `open_lane`
+opens the lane for a `LaneSpec`; `parity bench` takes it as a parameter (bench.run_bench). Peak memory:
 a worker's VmHWM read before it exits; for numpy, this process's VmHWM after resetting it before loading.
+`calibrate` and `measure` say how samples are taken and record what ran (`Figure`).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
-import functools
 import gc
+import math
 import os
 import platform
+import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from parity import bench_gate, build
 from parity.errors import ParityError, UsageError
@@ -28,7 +34,8 @@ if TYPE_CHECKING:
     from parity.bridge import BackendParams
 
 MACHINE_ENV = "PARITY_BENCH_MACHINE"
-SLOWDOWN_ENV = "PARITY_BENCH_SLOWDOWN"
+MIN_SAMPLE_S = 0.05  # a sample is at least this long: back-to-back evaluations (see calibrate)
+MAX_EVALS_PER_SAMPLE = 1000
 IMPL_LABELS = ("numpy", "llama", "bitnet", "llama-kvf16")  # implementations and the cross-check lane
 
 # ------------------------------------------------------------------------------------------- machine
@@ -174,33 +181,77 @@ def prompt_ids(n: int, n_vocab: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------ lanes
 
 
-@dataclass
-class Lane:
-    """One implementation on one model, open for measurement."""
+class Greedy(Protocol):
+    """Anything that evaluates a prompt and continues it greedily (an engine, a bridge model)."""
 
-    label: str  # numpy | llama | bitnet | llama-kvf16
-    impl: str
-    pp: Callable[[list[int], float], float]  # (prompt ids, test-only delay) -> seconds, timed where it runs
-    tg: Callable[[int, int, float], float]  # (first token, steps, test-only delay) -> seconds
+    def greedy(self, tokens: list[int], n_new: int) -> list[int]: ...
+
+
+class Engine(Greedy, Protocol):
+    """What an in-process lane evaluates: parity.engine_numpy.NumpyEngine (or a wrapper of it)."""
+
     n_vocab: int
     architecture: str
-    close: Callable[[], dict[str, Any]]
-    record: dict[str, Any] = field(default_factory=dict)
 
 
-def open_numpy(model_path: Path) -> Lane:
-    """The numpy engine in this process; peak RSS is this process's VmHWM, reset before loading."""
-    from parity.engine_numpy import NumpyEngine
+def time_evaluations(engine: Greedy, tokens: list[int], n_new: int, count: int) -> list[float]:
+    """Seconds of each of `count` back-to-back `engine.greedy(tokens, n_new)` calls.
 
-    reset = _reset_peak_rss()
-    t0 = time.perf_counter()
-    engine = NumpyEngine(model_path, dtype="float32")
-    load = time.perf_counter() - t0
+    Each call is timed on its own (the loop around it is not), as llama-bench times each repetition; every
+    call starts from position 0 with a fresh KV cache (greedy clears it), as llama-bench clears it.
+    """
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        engine.greedy(tokens, n_new)
+        out.append((time.perf_counter_ns() - t0) / 1e9)
+    return out
 
-    def close() -> dict[str, Any]:
-        nonlocal engine
-        hwm = _status_kb("self", "VmHWM") if reset else None
-        del engine
+
+class Lane(abc.ABC):
+    """One implementation with one model loaded, open for measurement.
+
+    `evaluate` is the only timed operation: `count` back-to-back greedy evaluations of `tokens` with `n_new`
+    new tokens, timed where they run, one duration per evaluation. A lane counts the evaluations it ran
+    (`evaluations`), so what the receipt says was run can be checked against what was.
+    """
+
+    def __init__(self, label: str, impl: str, n_vocab: int, architecture: str, record: dict[str, Any]) -> None:
+        self.label, self.impl = label, impl  # label: numpy | llama | bitnet | llama-kvf16
+        self.n_vocab, self.architecture = n_vocab, architecture
+        self.record = record
+        self.evaluations = 0
+
+    def evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        """Durations (seconds) of `count` evaluations of greedy(tokens, n_new)."""
+        seconds = self._evaluate(tokens, n_new, count)
+        self.evaluations += len(seconds)
+        return seconds
+
+    @abc.abstractmethod
+    def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]: ...
+
+    @abc.abstractmethod
+    def close(self) -> dict[str, Any]:
+        """Release the implementation; returns peak-memory facts for the receipt."""
+
+
+class InProcessLane(Lane):
+    """An engine in this process (the numpy engine); tests wrap `engine` to change what is timed."""
+
+    def __init__(self, label: str, engine: Engine, record: dict[str, Any], reset_rss: bool) -> None:
+        super().__init__(label, label, engine.n_vocab, engine.architecture, record)
+        self.engine: Engine | None = engine
+        self._reset_rss = reset_rss
+
+    def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        if self.engine is None:
+            raise UsageError(f"the {self.label} lane is closed")
+        return time_evaluations(self.engine, tokens, n_new, count)
+
+    def close(self) -> dict[str, Any]:
+        hwm = _status_kb("self", "VmHWM") if self._reset_rss else None
+        self.engine = None
         gc.collect()
         if hwm is not None:
             return {"peak_rss_bytes": hwm, "rss_method": "VmHWM of the harness process, reset before loading"}
@@ -211,52 +262,24 @@ def open_numpy(model_path: Path) -> Lane:
             "rss_method": "ru_maxrss of the harness process (whole lifetime)",
         }
 
-    return Lane(
-        "numpy",
-        "numpy",
-        lambda ids, delay: timed(lambda: engine.greedy(ids, 1), delay),
-        lambda first, n, delay: timed(lambda: engine.greedy([first], n), delay),
-        engine.n_vocab,
-        engine.architecture,
-        close,
-        {"load_s": load, "config": {"dtype": "float32"}},
-    )
 
+def open_numpy(model_path: Path) -> InProcessLane:
+    """The numpy engine in this process; peak RSS is this process's VmHWM, reset before loading."""
+    from parity.engine_numpy import NumpyEngine
 
-def parse_slowdown(raw: str | None) -> dict[str, float]:
-    """PARITY_BENCH_SLOWDOWN=<impl>:<seconds>[,...] -> {impl: seconds} (test-only hook)."""
-    out: dict[str, float] = {}
-    for part in (raw or "").split(","):
-        if not part.strip():
-            continue
-        impl, sep, secs = part.strip().partition(":")
-        try:
-            value = float(secs)
-        except ValueError:
-            value = -1.0
-        if not sep or impl not in IMPL_LABELS or value < 0:
-            raise UsageError(
-                f"{SLOWDOWN_ENV}={raw!r} is malformed", fix=f"use <impl>:<seconds>, impl in {IMPL_LABELS[:3]}"
-            )
-        out[impl] = value
-    return out
-
-
-def timed(fn: Callable[[], object], delay: float) -> float:
-    """Seconds taken by fn() plus the test-only delay, which is inside the timed region on purpose."""
-    t0 = time.perf_counter_ns()
-    fn()
-    if delay:
-        time.sleep(delay)
-    return (time.perf_counter_ns() - t0) / 1e9
+    reset = _reset_peak_rss()
+    t0 = time.perf_counter()
+    engine = NumpyEngine(model_path, dtype="float32")
+    load = time.perf_counter() - t0
+    return InProcessLane("numpy", engine, {"load_s": load, "config": {"dtype": "float32"}}, reset)
 
 
 def serve(lib_path: str) -> None:
     """Timed worker main loop (`python -m parity.bench_lanes LIB`): the bridge in this process, timed here.
 
     Like parity.worker (same framing; llama.cpp's output goes to the log, never into the protocol stream),
-    but a call returns the seconds it took measured *inside* this process, so the pipe round trip and the
-    harness's wake-up latency (about 1 ms on a busy 2-core machine) are not part of any figure.
+    but `evaluate` returns the seconds of each evaluation measured *inside* this process, so the pipe round
+    trip and the harness's wake-up latency (about 1 ms on a busy 2-core machine) are not part of any figure.
     """
     from parity.bridge import Bridge
     from parity.worker import _recv, _send
@@ -282,12 +305,8 @@ def serve(lib_path: str) -> None:
                 t0 = time.perf_counter()
                 model = bridge.open(*args)
                 result: Any = (model.info(), time.perf_counter() - t0)
-            elif method == "pp":
-                ids, delay = args
-                result = timed(functools.partial(model.greedy, ids, 1), delay)
-            elif method == "tg":
-                first, n, delay = args
-                result = timed(functools.partial(model.greedy, [first], n), delay)
+            elif method == "evaluate":
+                result = time_evaluations(model, *args)
             elif method == "ping":
                 result = None
             elif method == "exit":
@@ -380,8 +399,28 @@ class TimedWorker:
                     stream.close()
 
 
-def open_cpp(label: str, impl: str, p: build.BuildPlan, model_path: Path, params: BackendParams, log_dir: Path) -> Lane:
-    """A C++ backend in a timed worker process; peak RSS is the worker's VmHWM read before it exits."""
+class WorkerLane(Lane):
+    """A C++ backend in a timed worker process (`serve`); peak RSS is the worker's VmHWM read before it exits."""
+
+    def __init__(
+        self, label: str, impl: str, worker: TimedWorker, info: dict[str, Any], record: dict[str, Any]
+    ) -> None:
+        super().__init__(label, impl, int(info["n_vocab"]), str(info["architecture"]), record)
+        self.worker = worker
+
+    def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        return [float(x) for x in self.worker.call("evaluate", tokens, n_new, count)]
+
+    def close(self) -> dict[str, Any]:
+        hwm = _status_kb(self.worker.proc.pid, "VmHWM")
+        self.worker.close()
+        return {"peak_rss_bytes": hwm, "rss_method": "VmHWM of the worker process before exit"}
+
+
+def open_cpp(
+    label: str, impl: str, p: build.BuildPlan, model_path: Path, params: BackendParams, log_dir: Path
+) -> WorkerLane:
+    """A C++ backend in a timed worker process."""
     t0 = time.perf_counter()
     w = TimedWorker(label, p.bridge_path, log_dir)
     started = time.perf_counter() - t0
@@ -395,68 +434,128 @@ def open_cpp(label: str, impl: str, p: build.BuildPlan, model_path: Path, params
     except BaseException:
         w.close()
         raise
-
-    def close() -> dict[str, Any]:
-        hwm = _status_kb(w.proc.pid, "VmHWM")
-        w.close()
-        return {"peak_rss_bytes": hwm, "rss_method": "VmHWM of the worker process before exit"}
-
     receipt = build.read_receipt(p)
-    return Lane(
-        label,
-        impl,
-        lambda ids, delay: float(w.call("pp", ids, delay)),
-        lambda first, n, delay: float(w.call("tg", first, n, delay)),
-        int(info["n_vocab"]),
-        str(info["architecture"]),
-        close,
-        {
-            "load_s": load,
-            "worker_start_s": started,
-            "rpc_overhead_ms": sorted(trips)[len(trips) // 2] * 1e3,
-            "config": params.to_dict(),
-            "backend": {
-                "commit": p.commit,
-                "source_kind": p.source_kind,
-                "cmake": receipt.get("cmake", {}),
-                "compiler": receipt.get("compiler", {}),
-                "system_info": w.hello.get("system_info", ""),
-            },
+    record = {
+        "load_s": load,
+        "worker_start_s": started,
+        "rpc_overhead_ms": sorted(trips)[len(trips) // 2] * 1e3,
+        "config": params.to_dict(),
+        "backend": {
+            "commit": p.commit,
+            "source_kind": p.source_kind,
+            "cmake": receipt.get("cmake", {}),
+            "compiler": receipt.get("compiler", {}),
+            "system_info": w.hello.get("system_info", ""),
         },
-    )
+    }
+    return WorkerLane(label, impl, w, info, record)
+
+
+@dataclass(frozen=True)
+class LaneSpec:
+    """What to open: an implementation (`impl`, its build plan; None for numpy) on a model, as lane `label`."""
+
+    label: str
+    impl: str
+    plan: build.BuildPlan | None
+    model_path: Path
+    params: BackendParams | None
+    log_dir: Path
+
+
+def open_lane(spec: LaneSpec) -> Lane:
+    """The lane `parity bench` measures for `spec` (its default lane opener)."""
+    if spec.plan is None:
+        return open_numpy(spec.model_path)
+    if spec.params is None:
+        raise UsageError(f"the {spec.label} lane needs context parameters")
+    return open_cpp(spec.label, spec.impl, spec.plan, spec.model_path, spec.params, spec.log_dir)
+
+
+LaneOpener = Callable[[LaneSpec], Lane]
+
+
+@dataclass
+class Figure:
+    """How one metric of one lane was measured: samples (tokens/s) and the evaluations behind them."""
+
+    n_tokens: int  # tokens per evaluation: the prompt (pp) or the generated tokens (tg)
+    evals_per_sample: int = 1
+    warmup_evals: int = 0  # untimed evaluations: calibration and one before every sample
+    timed_evals: int = 0
+    samples: list[float] = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        """bench_gate.summarize of the samples, plus what ran."""
+        return {
+            **bench_gate.summarize(self.samples),
+            "evals_per_sample": self.evals_per_sample,
+            "warmup_evals": self.warmup_evals,
+            "timed_evals": self.timed_evals,
+        }
+
+
+def workload(metric: str, ids: list[int], gen_tokens: int) -> tuple[list[int], int, int]:
+    """(tokens, n_new, tokens counted) of one evaluation: pp evaluates the whole prompt in one batch and
+    produces one token; tg produces `gen_tokens` tokens one evaluation at a time from one token at depth 0."""
+    return (ids, 1, len(ids)) if metric == "pp" else (ids[:1], gen_tokens, gen_tokens)
+
+
+def calibrate(
+    lanes: Sequence[Lane], prompt_tokens: int, gen_tokens: int, min_sample_s: float = MIN_SAMPLE_S
+) -> dict[str, dict[str, Figure]]:
+    """Warm every lane up and choose its evaluations per sample, so a sample lasts at least `min_sample_s`.
+
+    One untimed warm-up evaluation (caches, thread pools, first-touch pages), then single evaluations are
+    timed until they add up to half of `min_sample_s` (at least one): evaluations per sample =
+    ceil(min_sample_s / their median). A tiny model's 1.5 ms evaluation thus becomes a sample of about 30
+    evaluations, which one scheduler time slice (a few ms on a shared machine) cannot dominate.
+    All of these count as warm-up evaluations.
+    """
+    ids = prompt_ids(prompt_tokens, min(lane.n_vocab for lane in lanes))
+    out: dict[str, dict[str, Figure]] = {lane.label: {} for lane in lanes}
+    for metric in bench_gate.METRICS:
+        tokens, n_new, n_tokens = workload(metric, ids, gen_tokens)
+        for lane in lanes:
+            lane.evaluate(tokens, n_new, 1)
+            probe: list[float] = []
+            while not probe or (sum(probe) < min_sample_s / 2 and len(probe) < MAX_EVALS_PER_SAMPLE):
+                probe += lane.evaluate(tokens, n_new, 1)
+            per_eval = statistics.median(probe)
+            k = math.ceil(min_sample_s / per_eval) if per_eval > 0 else MAX_EVALS_PER_SAMPLE
+            out[lane.label][metric] = Figure(n_tokens, max(1, min(k, MAX_EVALS_PER_SAMPLE)), 1 + len(probe))
+    return out
 
 
 def measure(
-    lanes: list[Lane],
+    lanes: Sequence[Lane],
+    figures: dict[str, dict[str, Figure]],
     prompt_tokens: int,
     gen_tokens: int,
     reps: int,
-    slowdown: dict[str, float],
     between: Callable[[], object] | None = None,
-) -> dict[str, dict[str, list[float]]]:
-    """Warm up, then `reps` interleaved repetitions of pp and tg for every lane -> {label: {metric: tokens/s}}.
+) -> dict[str, dict[str, Figure]]:
+    """`reps` interleaved rounds of pp, then of tg, over every lane; adds the samples to `figures` (calibrate).
 
-    `between` (llama-bench's repetition) runs after each round of prompt-processing repetitions.
+    In a round each lane runs one untimed warm-up evaluation (the other lanes' work evicted its caches;
+    llama-bench too warms up once before its repetitions), then one sample: `evals_per_sample` evaluations,
+    each timed, sample = tokens x evaluations / their summed time. `between` (llama-bench's invocation)
+    runs after each round of prompt processing.
     """
-    n_vocab = min(lane.n_vocab for lane in lanes)
-    ids = prompt_ids(prompt_tokens, n_vocab)
-    n_tokens = {"pp": prompt_tokens, "tg": gen_tokens}
-
-    def run_one(lane: Lane, metric: str, delay: float) -> float:
-        return lane.pp(ids, delay) if metric == "pp" else lane.tg(ids[0], gen_tokens, delay)
-
-    out: dict[str, dict[str, list[float]]] = {lane.label: {"pp": [], "tg": []} for lane in lanes}
+    ids = prompt_ids(prompt_tokens, min(lane.n_vocab for lane in lanes))
     for metric in bench_gate.METRICS:
-        for lane in lanes:
-            run_one(lane, metric, 0.0)  # warm-up: caches, thread pools, first-touch pages
+        tokens, n_new, _ = workload(metric, ids, gen_tokens)
         for _ in range(reps):
             for lane in lanes:
-                run_one(lane, metric, 0.0)  # untimed: the other lanes' round evicted this one's caches
-                seconds = run_one(lane, metric, slowdown.get(lane.label, 0.0))
-                out[lane.label][metric].append(n_tokens[metric] / seconds)
+                fig = figures[lane.label][metric]
+                lane.evaluate(tokens, n_new, 1)
+                fig.warmup_evals += 1
+                seconds = lane.evaluate(tokens, n_new, fig.evals_per_sample)
+                fig.timed_evals += len(seconds)
+                fig.samples.append(fig.n_tokens * len(seconds) / sum(seconds))
             if between is not None and metric == "pp":
                 between()
-    return out
+    return figures
 
 
 if __name__ == "__main__":

@@ -109,8 +109,8 @@ def cross_check_table(receipt: dict[str, Any]) -> str:
             [
                 names[c["model_sha256"]],
                 c["metric"],
-                fmt_rate(c["ours"]["q75"]),
-                fmt_rate(c["theirs"]["q75"]),
+                fmt_rate(c["ours"]["median"]),
+                fmt_rate(c["theirs"]["median"]),
                 fmt_pct(c["change"]),
                 "±" + fmt_pct(c["allowed"], False),
                 c["status"],
@@ -118,7 +118,7 @@ def cross_check_table(receipt: dict[str, Any]) -> str:
                 fmt_rate(d["median"] if d else None),
             ]
         )
-    header = ["model", "metric", "ours q75", "llama-bench q75", "ours vs it", "allowed", "status"]
+    header = ["model", "metric", "ours median", "llama-bench median", "ours vs it", "allowed", "status"]
     header += ["ours F32 KV median", "llama-bench defaults median"]
     return table(header, rows, [False, False, True, True, True, True, False, True, True])
 
@@ -143,6 +143,16 @@ def gate_table(receipt: dict[str, Any]) -> str:
     return table(header, rows, [False] * 4 + [True] * 4 + [False])
 
 
+def _sampling(settings: dict[str, Any]) -> str:
+    """How samples were taken, for the summary line (receipts before min_sample_s said `warmup_reps`)."""
+    if "min_sample_s" in settings:
+        return (
+            f"each >= {settings['min_sample_s'] * 1e3:.0f} ms of evaluations after one untimed warm-up "
+            "evaluation; counts per figure: evals_per_sample, warmup_evals"
+        )
+    return f"{settings.get('warmup_reps', '?')} warm-up"
+
+
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
@@ -153,19 +163,19 @@ def render_text(receipt: dict[str, Any]) -> str:
     parts = [
         f"parity bench: {m['cpu_model']} ({m['n_cpus']} CPUs, machine {m['slug']}); "
         f"{s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated tokens, {s['reps']} reps, "
-        f"{s['threads']} threads; tokens/s, median of the repetitions",
+        f"{s['threads']} threads; tokens/s, median of the samples"
+        + (f" (each >= {s['min_sample_s'] * 1e3:.0f} ms of evaluations)" if "min_sample_s" in s else ""),
         "",
         results_table(receipt),
     ]
-    if s.get("slowdown_s"):
-        parts += ["", f"TEST-ONLY slowdown active (PARITY_BENCH_SLOWDOWN): {s['slowdown_s']}"]
     if receipt["ratios"]:
         parts += ["", "same-run ratios (per repetition, interleaved):", ratios_table(receipt)]
     if receipt["cross_check"]:
         parts += [
             "",
-            "llama-bench cross-check, upper quartile of each (ours: a llama.cpp lane with llama-bench's context, "
-            "KV F16, flash attention off; pp must agree within 10% + noise):",
+            "llama-bench cross-check, median of each (ours: a llama.cpp lane with llama-bench's batch sizes, "
+            "KV F16, flash attention off, same warm-up and evaluations per sample; pp must agree within "
+            "10% + noise, noise = relative MAD of ours + of llama-bench's):",
             cross_check_table(receipt),
         ]
     gate = receipt["gate"]
@@ -281,8 +291,8 @@ def render_html(receipt: dict[str, Any]) -> str:
     head = (
         f"{m['cpu_model']}, {m['n_cpus']} CPUs, {m['platform']}, Python {m['python']}, "
         f"numpy {m['numpy_blas']['numpy']} ({blas.get('name', '?')} {blas.get('version', '')}); "
-        f"{s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated tokens, {s['reps']} repetitions after "
-        f"{s['warmup_reps']} warm-up, {s['threads']} threads; {receipt['timestamp']}"
+        f"{s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated tokens, {s['reps']} samples per figure "
+        f"({_sampling(s)}), {s['threads']} threads; {receipt['timestamp']}"
     )
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>parity bench</title>"

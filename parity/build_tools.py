@@ -273,7 +273,9 @@ def llama_bench_command(
 
 
 def matched_flags(params: dict[str, int]) -> list[str]:
-    """llama-bench flags mirroring our cross-check lane: KV cache types, flash attention, batch sizes."""
+    """llama-bench flags mirroring our cross-check lane: KV cache types, flash attention, batch sizes, and the
+    thread pool's polling (`--poll 0`: parity's bridge creates its pool with poll = 0, llama-bench's default
+    is 50, i.e. idle threads spin for new work instead of sleeping)."""
     kv = [GGML_TYPE_NAMES.get(params[k]) for k in ("type_k", "type_v")]
     if None in kv:
         raise UsageError(f"llama-bench cannot express KV cache types {params['type_k']}/{params['type_v']}")
@@ -289,30 +291,44 @@ def matched_flags(params: dict[str, int]) -> list[str]:
         str(params["n_batch"]),
         "-ub",
         str(params["n_ubatch"]),
+        "--poll",
+        "0",
     ]
 
 
 class LlamaBenchRunner:
-    """llama-bench on one model in two configurations, one repetition per call, to interleave with ours.
+    """llama-bench on one model in two configurations, one sample per call, to interleave with ours.
 
-    `matched` mirrors our cross-check lane (KV cache types, flash attention, batch sizes); `default` is
-    llama-bench's own defaults. Each call of `run_once` runs `llama-bench -r 1` once per configuration
-    (llama-bench warms up inside every invocation), so its samples are taken between our repetitions,
-    under the same machine load, instead of minutes later.
+    `matched` mirrors our cross-check lane (KV cache types, flash attention, batch sizes, thread polling);
+    `default` is llama-bench's own defaults. Each call of `run_once` runs `llama-bench -r K` once per
+    configuration: one warm-up evaluation, then K timed ones (fresh KV cache each), exactly what our
+    matched lane does in a round (K = its evaluations per sample, bench_lanes.calibrate). The K
+    repetitions of one invocation make one sample (tokens x K / their summed time), so llama-bench's
+    samples are as long as ours and taken between our rounds, under the same machine load.
     """
 
     def __init__(
-        self, tp: ToolsPlan, model: Path, prompt_tokens: int, gen_tokens: int, threads: int, params: dict[str, int]
+        self,
+        tp: ToolsPlan,
+        model: Path,
+        prompt_tokens: int,
+        gen_tokens: int,
+        threads: int,
+        params: dict[str, int],
+        reps_per_invocation: int = 1,
     ) -> None:
-        self.commands = {
-            config: llama_bench_command(tp.binary, model, prompt_tokens, gen_tokens, 1, threads, extra)
-            for config, extra in (("matched", matched_flags(params)), ("default", []))
+        self.reps = reps_per_invocation
+        self.commands = {  # matched: the cross-check lane's threads; default: --threads, like our precise lane
+            "matched": llama_bench_command(
+                tp.binary, model, prompt_tokens, gen_tokens, self.reps, params["n_threads"], matched_flags(params)
+            ),
+            "default": llama_bench_command(tp.binary, model, prompt_tokens, gen_tokens, self.reps, threads, []),
         }
         self.outputs: dict[str, list[str]] = {config: [] for config in self.commands}
         self.tests: dict[str, list[list[dict[str, Any]]]] = {config: [] for config in self.commands}
 
     def run_once(self) -> None:
-        """One llama-bench repetition (pp and tg) of each configuration."""
+        """One llama-bench invocation (pp and tg, K repetitions each) of each configuration."""
         for config, cmd in self.commands.items():
             output = run(cmd)
             self.tests[config].append(parse_llama_bench(output))
@@ -350,12 +366,21 @@ class LlamaBenchRunner:
 
 
 def summarize_tests(tests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Our statistics over the samples of several llama-bench invocations of one test, plus the mean of its
-    own avg_ts and the standard deviation of those averages (its stddev_ts is 0 with -r 1)."""
-    samples = [float(x) for t in tests for x in t["samples_ts"]]
+    """Statistics over llama-bench invocations of one test: each invocation's repetitions are one sample
+    (tokens x repetitions / their summed time, from samples_ns), plus what ran (one warm-up evaluation per
+    invocation), the mean of its own avg_ts and the standard deviation of those averages."""
+    samples = []
+    for t in tests:
+        n_tokens = t["n_prompt"] if t["n_prompt"] > 0 else t["n_gen"]
+        ns = [int(x) for x in t["samples_ns"]]
+        samples.append(n_tokens * len(ns) / (sum(ns) / 1e9))
     avgs = [float(t["avg_ts"]) for t in tests]
+    reps = len(tests[0]["samples_ns"])
     return {
         **bench_gate.summarize(samples),
+        "evals_per_sample": reps,
+        "warmup_evals": len(tests),
+        "timed_evals": sum(len(t["samples_ns"]) for t in tests),
         "avg_ts": statistics.fmean(avgs),
         "stddev_ts": statistics.stdev(avgs) if len(avgs) > 1 else float(tests[0]["stddev_ts"]),
     }
@@ -364,10 +389,9 @@ def summarize_tests(tests: list[dict[str, Any]]) -> dict[str, Any]:
 def cross_check(model_sha256: str, ours: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Our cross-check lane vs llama-bench `matched`: pp gated (10 % + noise, either way), tg reported.
 
-    The upper quartiles (q75) of both sides are compared: the question is whether both harnesses measure
-    the same engine speed, and on a shared machine other jobs mostly slow repetitions down (those fall
-    below q75), while one unusually fast repetition (seen: llama-bench's first invocation) does not move it
-    as it would move the maximum. Noise as in the gate (sum of MADs).
+    The medians of both sides' samples are compared (each sample at least bench_lanes.MIN_SAMPLE_S of
+    evaluations on both sides); noise as in the gate: the relative MAD of our samples plus that of
+    llama-bench's (median |x - median| / median of each).
     """
     rows = []
     matched = next((r for r in runs if r["config"] == "matched"), None)
@@ -375,7 +399,7 @@ def cross_check(model_sha256: str, ours: dict[str, Any], runs: list[dict[str, An
         if matched is None or matched.get(metric) is None or ours.get(metric) is None:
             continue
         theirs, mine = matched[metric], ours[metric]
-        v = bench_gate.judge_agreement(theirs["q75"], theirs["mad"], mine["q75"], mine["mad"])
+        v = bench_gate.judge_agreement(theirs["median"], theirs["mad"], mine["median"], mine["mad"])
         rows.append(
             {
                 "model_sha256": model_sha256,

@@ -68,9 +68,15 @@ def test_agreement_is_two_sided() -> None:
     assert bench_gate.judge_agreement(100.0, 0.05, 115.0, 0.05).passed
 
 
+def _counts(stats: dict[str, Any], k: int = 10) -> dict[str, Any]:
+    """What a version-2 figure records about the evaluations behind it (one warm-up per sample + calibration)."""
+    n = len(stats["samples"])
+    return {**stats, "evals_per_sample": k, "warmup_evals": n + 3, "timed_evals": n * k}
+
+
 def _stats(median: float, spread: float = 0.02) -> dict[str, Any]:
     half = median * spread / 2
-    return bench_gate.summarize([median - half, median, median + half])
+    return _counts(bench_gate.summarize([median - half, median, median + half]))
 
 
 def make_receipt(
@@ -81,12 +87,12 @@ def make_receipt(
     timestamp: str = "2026-01-01T00:00:00Z",
 ) -> dict[str, Any]:
     """A complete, schema-valid receipt with synthetic figures (numpy and llama on one model)."""
-    np_pp = bench_gate.summarize([numpy_pp * f for f in (1 - spread / 2, 1.0, 1 + spread / 2)])
-    ll_pp = bench_gate.summarize([llama_pp * f for f in (1 - spread / 2, 1.0, 1 + spread / 2)])
+    np_pp = _counts(bench_gate.summarize([numpy_pp * f for f in (1 - spread / 2, 1.0, 1 + spread / 2)]))
+    ll_pp = _counts(bench_gate.summarize([llama_pp * f for f in (1 - spread / 2, 1.0, 1 + spread / 2)]))
     ratio = bench_gate.summarize(bench_gate.ratio_samples(np_pp["samples"], ll_pp["samples"]))
     return {
         "kind": "parity-bench",
-        "version": 1,
+        "version": 2,
         "timestamp": timestamp,
         "machine": {
             "slug": slug,
@@ -102,11 +108,10 @@ def make_receipt(
             "prompt_tokens": 64,
             "gen_tokens": 16,
             "reps": 3,
-            "warmup_reps": 1,
+            "min_sample_s": 0.05,
             "threads": 2,
             "numpy_dtype": "float32",
             "threshold": 0.1,
-            "slowdown_s": {},
             "numpy_blas_threads": {"threads": 2, "method": "threadpoolctl"},
         },
         "models": [{"name": "default-f32", "path": "/m.gguf", "sha256": SHA, "size_bytes": 1, "architecture": "llama"}],
@@ -241,37 +246,52 @@ def test_finish_fails_on_an_implementation_error(tmp_path: Path, monkeypatch: py
 # ----------------------------------------------------------------------------------- measurement, env
 
 
-def _fake_lane(label: str, calls: list[str]) -> bench_lanes.Lane:
-    def pp(ids: list[int], delay: float) -> float:
-        calls.append(f"{label}:pp:{len(ids)}:{delay}")
-        return 0.01 + delay
+class FakeLane(bench_lanes.Lane):
+    """A lane whose evaluations take `seconds` each (no sleeping); logs every call."""
 
-    def tg(first: int, n: int, delay: float) -> float:
-        calls.append(f"{label}:tg:{n}:{delay}")
-        return 0.01 + delay
+    def __init__(self, label: str, calls: list[str], seconds: float = 0.01) -> None:
+        super().__init__(label, label, 512, "llama", {})
+        self.calls, self.seconds = calls, seconds
 
-    return bench_lanes.Lane(label, label, pp, tg, n_vocab=512, architecture="llama", close=dict)
+    def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        self.calls.append(f"{self.label}:{len(tokens)}:{n_new}x{count}")
+        return [self.seconds] * count
+
+    def close(self) -> dict[str, Any]:
+        return {}
 
 
-def test_measure_interleaves_and_applies_the_slowdown() -> None:
+def test_calibrate_chooses_evaluations_per_sample_and_counts_the_warm_up() -> None:
     calls: list[str] = []
-    lanes = [_fake_lane("numpy", calls), _fake_lane("llama", calls)]
-    out = bench_lanes.measure(lanes, 8, 4, 2, {"numpy": 0.04}, lambda: calls.append("llama-bench"))
-    # a warm-up round, then per repetition each lane runs once untimed (hot caches) and once timed
-    warm = ["numpy:pp:8:0.0", "llama:pp:8:0.0"]
-    rep = ["numpy:pp:8:0.0", "numpy:pp:8:0.04", "llama:pp:8:0.0", "llama:pp:8:0.0", "llama-bench"]
-    assert calls[:12] == warm + rep + rep
-    rep_tg = ["numpy:tg:4:0.0", "numpy:tg:4:0.04", "llama:tg:4:0.0", "llama:tg:4:0.0"]
-    assert calls[12:] == ["numpy:tg:4:0.0", "llama:tg:4:0.0"] + rep_tg * 2
-    assert out["numpy"]["pp"] == [pytest.approx(8 / 0.05)] * 2 and out["llama"]["pp"] == [pytest.approx(800.0)] * 2
-    assert out["llama"]["tg"] == [pytest.approx(400.0)] * 2
+    fast, slow = FakeLane("llama", calls, 0.002), FakeLane("numpy", calls, 0.2)
+    figures = bench_lanes.calibrate([fast, slow], 8, 4, min_sample_s=0.05)
+    # one warm-up, then single evaluations until they add up to half a sample (at least one)
+    assert figures["llama"]["pp"].evals_per_sample == 25 and figures["llama"]["pp"].warmup_evals == 1 + 13
+    assert figures["numpy"]["pp"].evals_per_sample == 1 and figures["numpy"]["pp"].warmup_evals == 2
+    assert figures["llama"]["tg"].n_tokens == 4 and figures["llama"]["pp"].n_tokens == 8
+    assert fast.evaluations == 2 * 14 and slow.evaluations == 2 * 2
 
 
-def test_timed_includes_the_delay(monkeypatch: pytest.MonkeyPatch) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr(bench_lanes.time, "sleep", slept.append)
-    assert bench_lanes.timed(lambda: None, 0.05) >= 0 and slept == [0.05]
-    assert bench_lanes.timed(lambda: None, 0.0) >= 0 and slept == [0.05]
+def test_measure_interleaves_warms_up_each_sample_and_records_what_ran() -> None:
+    calls: list[str] = []
+    lanes = [FakeLane("numpy", calls), FakeLane("llama", calls, 0.002)]
+    figures = {
+        "numpy": {"pp": bench_lanes.Figure(8, 1, 2), "tg": bench_lanes.Figure(4, 1, 2)},
+        "llama": {"pp": bench_lanes.Figure(8, 5, 3), "tg": bench_lanes.Figure(4, 2, 3)},
+    }
+    bench_lanes.measure(lanes, figures, 8, 4, 2, lambda: calls.append("llama-bench"))
+    # per round and lane: one untimed warm-up evaluation, then one sample of evals_per_sample evaluations
+    rnd = ["numpy:8:1x1", "numpy:8:1x1", "llama:8:1x1", "llama:8:1x5", "llama-bench"]
+    rnd_tg = ["numpy:1:4x1", "numpy:1:4x1", "llama:1:4x1", "llama:1:4x2"]
+    assert calls == rnd * 2 + rnd_tg * 2
+    np_pp, ll_pp, ll_tg = figures["numpy"]["pp"], figures["llama"]["pp"], figures["llama"]["tg"]
+    assert np_pp.samples == [pytest.approx(800.0)] * 2 and ll_pp.samples == [pytest.approx(4000.0)] * 2
+    assert ll_tg.samples == [pytest.approx(2000.0)] * 2
+    assert (ll_pp.warmup_evals, ll_pp.timed_evals, ll_tg.timed_evals) == (3 + 2, 10, 4)
+    stats = ll_pp.stats()
+    assert (stats["evals_per_sample"], stats["warmup_evals"], stats["timed_evals"]) == (5, 5, 10)
+    # the lanes counted every evaluation: calibration (the Figure's initial warm-up) is not part of this call
+    assert lanes[1].evaluations == 2 * (1 + 5) + 2 * (1 + 2)
 
 
 def test_blas_threads_are_limited_and_restored() -> None:
@@ -283,15 +303,6 @@ def test_blas_threads_are_limited_and_restored() -> None:
     with bench_lanes.blas_threads(1) as info:
         assert info["threads"] == 1 and getter() == 1
     assert getter() == before
-
-
-def test_parse_slowdown() -> None:
-    assert bench_lanes.parse_slowdown("numpy:0.05") == {"numpy": 0.05}
-    assert bench_lanes.parse_slowdown("numpy:0.05, llama:1") == {"numpy": 0.05, "llama": 1.0}
-    assert bench_lanes.parse_slowdown(None) == {}
-    for bad in ("numpy", "gpu:1", "numpy:-1", "numpy:x"):
-        with pytest.raises(UsageError, match="PARITY_BENCH_SLOWDOWN"):
-            bench_lanes.parse_slowdown(bad)
 
 
 def test_cpu_info_parses_proc_cpuinfo() -> None:
@@ -336,7 +347,8 @@ def test_parse_captured_llama_bench_output() -> None:
     assert [(t["n_prompt"], t["n_gen"]) for t in tests] == [(64, 0), (0, 16)]
     assert tests[0]["build_number"] == 5 and tests[0]["type_k"] == "f16" and tests[0]["flash_attn"] == 0
     pp = build_tools.summarize_tests(tests[:1])
-    assert pp["median"] > 0 and len(pp["samples"]) == 3 and pp["avg_ts"] == pytest.approx(tests[0]["avg_ts"])
+    assert pp["median"] > 0 and len(pp["samples"]) == 1 and pp["avg_ts"] == pytest.approx(tests[0]["avg_ts"])
+    assert (pp["evals_per_sample"], pp["warmup_evals"], pp["timed_evals"]) == (3, 1, 3)
 
 
 def test_parse_ignores_log_lines_around_the_json() -> None:
@@ -366,7 +378,8 @@ def test_llama_bench_command_lines() -> None:
     cmd = build_tools.llama_bench_command(Path("/b/llama-bench"), Path("/m.gguf"), 64, 16, 5, 2, ["-fa", "0"])
     assert " ".join(cmd) == "/b/llama-bench -m /m.gguf -p 64 -n 16 -r 5 -t 2 -o json -fa 0"
     params = {"type_k": 1, "type_v": 1, "flash_attn": 0, "n_batch": 128, "n_ubatch": 128}
-    assert " ".join(build_tools.matched_flags(params)) == "-ctk f16 -ctv f16 -fa 0 -b 128 -ub 128"
+    flags = "-ctk f16 -ctv f16 -fa 0 -b 128 -ub 128 --poll 0"  # poll 0: the bridge's thread pool sleeps when idle
+    assert " ".join(build_tools.matched_flags(params)) == flags
     with pytest.raises(UsageError, match="cannot express"):
         build_tools.matched_flags({**params, "type_k": 0})
 
@@ -402,11 +415,12 @@ def test_tools_build_commands(fp: Any, isolated: Path) -> None:
 def test_llama_bench_runner_interleaves_and_cross_checks(fp: Any, isolated: Path) -> None:
     tp = _tools_plan(fp)
     sample = SAMPLE.read_text()
-    params = {"type_k": 1, "type_v": 1, "flash_attn": 0, "n_batch": 128, "n_ubatch": 128}
-    base = build_tools.llama_bench_command(tp.binary, Path("/m.gguf"), 64, 16, 1, 2, [])
+    params = {"type_k": 1, "type_v": 1, "flash_attn": 0, "n_batch": 128, "n_ubatch": 128, "n_threads": 2}
+    # -r 3: the matched lane's evaluations per sample; the sample output has 3 repetitions per test
+    base = build_tools.llama_bench_command(tp.binary, Path("/m.gguf"), 64, 16, 3, 2, [])
     fp.register(base + build_tools.matched_flags(params), stdout=sample, occurrences=2)
     fp.register(base, stdout=sample, occurrences=2)
-    runner = build_tools.LlamaBenchRunner(tp, Path("/m.gguf"), 64, 16, 2, params)
+    runner = build_tools.LlamaBenchRunner(tp, Path("/m.gguf"), 64, 16, 2, params, reps_per_invocation=3)
     runner.run_once()
     runner.run_once()
     runs = runner.results(isolated, "default-f32")
@@ -414,9 +428,14 @@ def test_llama_bench_runner_interleaves_and_cross_checks(fp: Any, isolated: Path
     assert runs[0]["command"] == base + build_tools.matched_flags(params) and runs[1]["command"] == base
     assert runs[0]["settings"]["type_k"] == "f16" and runs[0]["build_commit"]
     pp = runs[0]["pp"]
-    assert len(pp["samples"]) == 6 and pp["avg_ts"] == pytest.approx(json.loads(sample)[0]["avg_ts"])
+    # one sample per invocation: its 3 repetitions' tokens over their summed time (one pre-empted 33 ms
+    # repetition among 1.4 ms ones is averaged in, not a sample of its own); one warm-up per invocation
+    ns = json.loads(sample)[0]["samples_ns"]
+    assert pp["samples"] == [pytest.approx(64 * 3 / (sum(ns) / 1e9))] * 2
+    assert (pp["evals_per_sample"], pp["warmup_evals"], pp["timed_evals"]) == (3, 2, 6)
+    assert pp["avg_ts"] == pytest.approx(json.loads(sample)[0]["avg_ts"])
     assert (isolated / "llama-bench_default-f32_matched.txt").read_text() == sample * 2
-    theirs = pp["q75"]  # the upper quartiles are compared
+    theirs = pp["median"]  # the medians are compared
     ours = {"config": params, "pp": bench_gate.summarize([theirs * 0.97] * 3), "tg": runs[0]["tg"]}
     rows = build_tools.cross_check(SHA, ours, runs)
     assert [(r["metric"], r["status"]) for r in rows] == [("pp", "pass"), ("tg", "info")]
@@ -425,6 +444,48 @@ def test_llama_bench_runner_interleaves_and_cross_checks(fp: Any, isolated: Path
 
 
 # ----------------------------------------------------------------------------------------- schema, report
+
+
+def version1_receipt() -> dict[str, Any]:
+    """A receipt as version 1 wrote it: the test hook slowdown_s and the constant warmup_reps, no counts."""
+    r = make_receipt()
+    r["version"] = 1
+    del r["settings"]["min_sample_s"]
+    r["settings"].update(warmup_reps=1, slowdown_s={"numpy": 0.05})
+    for res in r["results"]:
+        res["slowdown_s"] = 0.0
+        for metric in ("pp", "tg"):
+            for key in ("evals_per_sample", "warmup_evals", "timed_evals"):
+                res[metric].pop(key)
+    return r
+
+
+def test_schema_still_accepts_version_1_receipts_and_baselines(tmp_path: Path) -> None:
+    old = version1_receipt()
+    assert bench.validation_errors(old) == []
+    path = tmp_path / "20260101-test-cpu-2cpu.json"
+    path.write_text(json.dumps(old))
+    assert bench_gate.load_baseline(path)["version"] == 1
+    # ... but a version-1 baseline is not compared with a version-2 run (samples are taken differently)
+    found, note = bench_gate.find_baseline(make_receipt(), tmp_path)
+    assert found is None and "receipt v2" in note
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: r["settings"].update(slowdown_s={}),
+        lambda r: r["settings"].update(warmup_reps=1),
+        lambda r: r["results"][0].update(slowdown_s=0.0),
+        lambda r: r["settings"].pop("min_sample_s"),
+        lambda r: r["results"][0]["pp"].pop("warmup_evals"),
+        lambda r: r["results"][1]["tg"].pop("evals_per_sample"),
+    ],
+)
+def test_schema_version_2_has_no_test_hook_and_says_what_ran(mutate: Any) -> None:
+    r = make_receipt()
+    mutate(r)
+    assert bench.validation_errors(r) != []
 
 
 def test_schema_accepts_a_full_receipt_and_rejects_broken_ones(tmp_path: Path) -> None:
@@ -456,3 +517,33 @@ def test_text_and_html_report() -> None:
     assert "bench: FAIL (exit 1): 2 figure(s) regressed or missing vs the baseline" in text
     page = bench_report.render_html(r)
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2 and "default-f32 · numpy" in page
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+
+def _help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from parity import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "%%" not in text  # descriptions are not %-formatted, help strings are
+    return " ".join(text.split())  # argparse re-wraps descriptions
+
+
+def test_parity_help_shows_the_whole_exit_code_list(capsys: pytest.CaptureFixture[str]) -> None:
+    from parity import cli
+
+    assert cli.__doc__ is not None
+    codes = " ".join(cli.__doc__.split("Exit codes:", 1)[1].split("(DESIGN.md", 1)[0].split())
+    assert "4 permission" in codes and "6 repair recursion" in codes  # the docstring wraps the list
+    assert f"Exit codes: {codes}" in _help(["--help"], capsys)
+
+
+def test_bench_help_shows_its_exit_codes_and_no_doubled_percent(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help(["bench", "--help"], capsys)
+    assert "Exit codes: 0 pass (or no baseline yet / baseline written), 1 a throughput" in text
+    assert "more than 10% beyond the measured noise" in text
+    assert "2 usage error or backend unavailable; 5 build failure." in text
