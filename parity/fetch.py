@@ -1,7 +1,7 @@
 """Locked model fetching: the entries of `lock/models.lock.json` into a content-addressed cache.
 
-Cache layout: `<cache>/<sha256>/<filename>` plus `<filename>.meta.json` (source, time, size and a verification
-stamp keyed on size + mtime) and a `.lock` file. `<cache>` is `$PARITY_MODEL_CACHE`, else
+Cache layout: `<cache>/<sha256>/<filename>` plus `<filename>.meta.json` (source, time, size, a verification
+stamp keyed on size + mtime, and for HTTP downloads the connect / read timeouts used) and a `.lock` file. `<cache>` is `$PARITY_MODEL_CACHE`, else
 `$XDG_CACHE_HOME/parity/models` (default `~/.cache/parity/models`). Nothing here ever writes the lock file.
 
 Where a file comes from, first success wins:
@@ -12,8 +12,12 @@ Where a file comes from, first success wins:
   3. the entry's `url` (`https://`, `file://`, loopback `http://`, or `generated:default/<variant>`, which
      runs parity's own generator).
 Every result is checked against the locked size and SHA-256 before it is renamed into place, so the cache
-holds a verified file or nothing (plus, after a dropped connection, a `<filename>.partial` that the next run
-resumes; bytes that fail the check are deleted); a good cached copy is never replaced by a failed download.
+holds a verified file or nothing (plus, after a dropped connection or a kill, a `<filename>.partial` that the
+next run resumes; received bytes reach it as they arrive, at most 64 KiB at a time, so a kill loses none of
+them; bytes that fail the check are deleted); a good cached copy is never replaced by a failed download.
+Timeouts: `--connect-timeout S` / `$PARITY_CONNECT_TIMEOUT` (default 15) and `--read-timeout S` /
+`$PARITY_READ_TIMEOUT` (default 60, the longest wait for the next bytes); the option wins over the variable.
+Files are created with mode 0o666 minus the umask.
 The generator's own output is kept in `<cache>/.generated/<variant>/`, from which entries are copied.
 
 Exit codes of `parity fetch-models`: 0 all good; 1 `--verify-only` found a missing or corrupt file;
@@ -44,6 +48,8 @@ from urllib.request import url2pathname
 from parity.errors import NetworkError, ParityError, PermissionDenied, UsageError
 from parity.fsutil import atomic_write_json, file_lock, new_file_mode
 from parity.progress import (
+    CONNECT_TIMEOUT_ENV,
+    READ_TIMEOUT_ENV,
     DownloadPolicy,
     Mismatch,
     TransferFailed,
@@ -420,12 +426,21 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _write_meta(final: Path, item: LockedFile, *, source: str | None, seconds: float | None) -> None:
+def _write_meta(
+    final: Path,
+    item: LockedFile,
+    *,
+    source: str | None,
+    seconds: float | None,
+    policy: DownloadPolicy | None = None,
+) -> None:
     meta = _read_meta(final) if source is None else {}
     st = final.stat()
     meta.update({"filename": item.filename, "sha256": item.sha256, "size_bytes": item.size_bytes})
     if source is not None:
         meta.update({"source": source, "fetched_at": _now(), "fetch_seconds": round(seconds or 0.0, 3)})
+    if policy is not None:  # an HTTP download: the timeouts it ran with
+        meta["timeouts_s"] = {"connect": policy.connect_timeout, "read": policy.read_timeout}
     meta.setdefault("source", "found in the cache")
     meta["verified"] = {"size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "at": _now()}
     atomic_write_json(_meta_path(final), meta)
@@ -618,7 +633,8 @@ def _fetch_file(item: LockedFile, final: Path, ctx: _Context, entry: ModelEntry)
         # A partial resumed from an earlier run keeps the mode it was created with; the file follows this umask.
         os.chmod(partial, new_file_mode())
         os.replace(partial, final)
-        _write_meta(final, item, source=source.label, seconds=seconds)
+        policy = ctx.policy if source.kind == "http" else None
+        _write_meta(final, item, source=source.label, seconds=seconds, policy=policy)
         step(f"fetched {item.filename} ({format_bytes(item.size_bytes)})", seconds)
         return FileResult(item.filename, final, "fetched", item.size_bytes, source.label)
     raise NetworkError(
@@ -756,18 +772,31 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=f"look for <mirror>/<sha256>/<file> and <mirror>/<file> first (default ${MIRROR_ENV})",
     )
     p.add_argument("--cache-dir", metavar="DIR", help=f"model cache (default ${CACHE_ENV} or ~/.cache/parity/models)")
+    p.add_argument(
+        "--connect-timeout",
+        metavar="S",
+        help=f"seconds to wait for an HTTP connection (default ${CONNECT_TIMEOUT_ENV}, else 15)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        metavar="S",
+        help=f"seconds to wait for the next bytes of a download before retrying it (default ${READ_TIMEOUT_ENV}, "
+        "else 60)",
+    )
     p.add_argument("--verbose", action="store_true", help="stream pip's output")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `parity fetch-models`: print one line per file on stdout and return the exit code."""
+    policy = DownloadPolicy.from_env(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout)
     results = fetch_models(
         args.tier,
         verify_only=args.verify_only,
         force=args.force,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         mirror=args.mirror,
+        policy=policy,
         verbose=args.verbose,
     )
     if not results:

@@ -2,21 +2,25 @@
 that resume (HTTP Range) and retry with exponential backoff.
 
 Everything written goes to a `.partial` file whose size and SHA-256 are checked against the pinned values
-while it streams; callers (parity.fetch) rename it into place only after that. Formatting is split into
+while it streams; callers (parity.fetch) rename it into place only after that. Received bytes reach the
+`.partial` as they arrive (at most FLUSH bytes at a time, each block handed to the OS at once), so a run
+killed at any moment keeps what it received and the next run resumes from there. Formatting is split into
 pure functions (`format_bytes`, `format_rate`, `format_eta`, `progress_line`) so it can be tested without a
 terminal or a clock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal, Protocol, TextIO
@@ -30,8 +34,13 @@ if TYPE_CHECKING:
     import requests
 
 CHUNK = 1 << 20
+# The largest block read from the network before it is written to the .partial: what a kill can lose at most
+# (beyond bytes still in the socket). Reads return what has arrived, so a slow link writes smaller blocks.
+FLUSH = 64 << 10
 MAX_REDIRECTS = 10
 BACKOFF_ENV = "PARITY_FETCH_BACKOFF"
+CONNECT_TIMEOUT_ENV = "PARITY_CONNECT_TIMEOUT"
+READ_TIMEOUT_ENV = "PARITY_READ_TIMEOUT"
 _URL_FIX = "use https://, file:///absolute/path, or http:// on loopback (127.0.0.0/8, ::1, localhost)"
 FileState = Literal["ok", "missing", "corrupt"]
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -93,7 +102,8 @@ def progress_line(label: str, done: int, total: int, rate: float, *, bar: bool) 
 class Progress:
     """Reports the progress of one transfer of `total` bytes.
 
-    On a TTY the line is redrawn in place; otherwise a plain line is printed every `interval` seconds.
+    The first update is shown at once (a slow link shows progress from its first bytes); after that, on a TTY
+    the line is redrawn in place every `interval` seconds, otherwise a plain line is printed every `interval`.
     `start` is the byte offset a resumed download begins at: it counts as done but not towards the rate.
     """
 
@@ -118,7 +128,7 @@ class Progress:
         self.clock = clock
         self.t0 = clock()
         self._last = self.t0
-        self._drawn = False
+        self._drawn = False  # a line was printed (and, on a TTY, is still on screen)
 
     def rate(self, now: float | None = None) -> float:
         """Bytes per second transferred since this Progress began (resumed bytes excluded)."""
@@ -133,7 +143,7 @@ class Progress:
         """Record that `done` bytes (absolute offset) are in place; print when the interval has passed."""
         self.done = done
         now = self.clock()
-        if now - self._last < self.interval:
+        if self._drawn and now - self._last < self.interval:
             return
         self._last = now
         if self.tty:
@@ -187,18 +197,45 @@ class DownloadPolicy:
         return [self.delay(n) for n in range(1, self.attempts)]
 
     @classmethod
-    def from_env(cls) -> DownloadPolicy:
-        """Default policy; `$PARITY_FETCH_BACKOFF` sets the base delay in seconds (tests use a tiny one)."""
+    def from_env(cls, *, connect_timeout: str | None = None, read_timeout: str | None = None) -> DownloadPolicy:
+        """Default policy, adjusted by the environment and by the command line (which wins).
+
+        `$PARITY_FETCH_BACKOFF` sets the base delay in seconds (tests use a tiny one);
+        `--connect-timeout` / `$PARITY_CONNECT_TIMEOUT` and `--read-timeout` / `$PARITY_READ_TIMEOUT` the
+        seconds to wait for a connection and for the next bytes of a response. A bad value is a UsageError.
+        """
+        policy = cls()
         raw = os.environ.get(BACKOFF_ENV)
-        if not raw:
-            return cls()
-        try:
-            base = float(raw)
-        except ValueError:
-            base = -1.0
-        if not base >= 0:
-            raise UsageError(f"{BACKOFF_ENV}={raw!r} is not a number of seconds", fix=f"set e.g. {BACKOFF_ENV}=1")
-        return cls(base_delay=base)
+        if raw:
+            try:
+                base = float(raw)
+            except ValueError:
+                base = -1.0
+            if not base >= 0:
+                raise UsageError(f"{BACKOFF_ENV}={raw!r} is not a number of seconds", fix=f"set e.g. {BACKOFF_ENV}=1")
+            policy = dataclasses.replace(policy, base_delay=base)
+        connect = _timeout(connect_timeout, "--connect-timeout", CONNECT_TIMEOUT_ENV, policy.connect_timeout)
+        read = _timeout(read_timeout, "--read-timeout", READ_TIMEOUT_ENV, policy.read_timeout)
+        return dataclasses.replace(policy, connect_timeout=connect, read_timeout=read)
+
+
+def _timeout(option: str | None, flag: str, env: str, default: float) -> float:
+    """A timeout from `option` (the command line), else `$env`, else `default`: a positive number of seconds."""
+    if option is not None:
+        raw, where, example = option, flag, f"{flag} 30"
+    else:
+        raw, where, example = os.environ.get(env, ""), f"${env}", f"{env}=30"
+        if not raw.strip():
+            return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(
+            f"{where}={raw!r} is not a positive number of seconds", fix=f"use e.g. {example} (default {default:g})"
+        )
+    return value
 
 
 # ----------------------------------------------------------------------------------------- transfers
@@ -396,6 +433,7 @@ def _download_once(
     policy: DownloadPolicy,
 ) -> None:
     import requests
+    import urllib3
 
     have = partial.stat().st_size if partial.exists() else 0
     if have > item.size_bytes:
@@ -439,12 +477,14 @@ def _download_once(
                 )
             with partial.open(mode) as f, Progress(item.filename, item.size_bytes, start=start) as prog:
                 try:
-                    for block in resp.iter_content(CHUNK):
+                    for block in _arriving(resp):
                         if have + len(block) > item.size_bytes:
                             raise Mismatch(
                                 f"the server sent more than the locked {item.size_bytes} bytes", resumed=start > 0
                             )
+                        # Hand each block to the OS at once: a kill (even SIGKILL) then keeps it for a resume.
                         f.write(block)
+                        f.flush()
                         h.update(block)
                         have += len(block)
                         prog.update(have)
@@ -452,11 +492,25 @@ def _download_once(
                     _sync(f)
     except requests.exceptions.InvalidURL as exc:
         raise TransferFailed(f"invalid URL: {exc}") from None
-    except requests.RequestException as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         raise _Retryable(f"{_short(exc)} ({url})") from None
     if have < item.size_bytes:
         raise _Retryable(f"connection closed after {have} of {item.size_bytes} bytes from {url}")
     verify_digest(h.hexdigest(), have, item, resumed=start > 0)
+
+
+def _arriving(resp: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives: each block is whatever the socket has (at most FLUSH bytes), not a full chunk.
+
+    requests' iter_content(n) waits for n bytes, so on a slow link nothing reaches the .partial for a long time.
+    urllib3 2's read1() returns after one read of the socket; with urllib3 1 (no read1) the blocks are FLUSH.
+    """
+    read1 = getattr(resp.raw, "read1", None)
+    if read1 is None:
+        yield from resp.iter_content(FLUSH)
+        return
+    while block := read1(FLUSH, decode_content=True):
+        yield block
 
 
 def _allowed(url: str) -> bool:
@@ -472,14 +526,15 @@ def _range_start(resp: requests.Response) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _short(exc: requests.RequestException) -> str:
+def _short(exc: Exception) -> str:
     import requests
+    import urllib3
 
     # requests nests urllib3's errors, whose text repeats itself; keep the part a user can act on.
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return "connection broken mid-transfer"
-    if isinstance(exc, requests.exceptions.Timeout) or "timed out" in str(exc):
+    if isinstance(exc, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError) or "timed out" in str(exc):
         return "timed out"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError | urllib3.exceptions.ProtocolError):
+        return "connection broken mid-transfer"
     text = str(exc)
     detail = re.search(r"(Failed to [^\"]*|\[Errno [^\"]*)", text)
     return (detail.group(1) if detail else text).strip()[:200] or type(exc).__name__

@@ -1,6 +1,7 @@
 """parity.fetch against a real HTTP server on loopback with fault injection: dropped connections (resume
-with Range), wrong bytes, 5xx, slow and stalling servers, servers that ignore Range, redirects, and
-concurrent fetches from threads and processes. After every test the cache holds a verified file or nothing."""
+with Range), wrong bytes, 5xx, slow and stalling servers, servers that ignore Range, redirects, concurrent
+fetches from threads and processes, and `parity fetch-models` SIGKILLed again and again during a slow
+download. After every test the cache holds a verified file or nothing (or a .partial that the next run resumes)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import http.server
 import json
 import os
 import random
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -23,12 +26,24 @@ import pytest
 
 from parity import fetch, modelgen
 from parity.fsutil import sha256_file
-from parity.progress import DownloadPolicy
+from parity.progress import FLUSH, DownloadPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = random.Random(20240611).randbytes(3 * (1 << 20) + 12345)  # > 3 chunks, not chunk-aligned
 SHA = hashlib.sha256(DATA).hexdigest()
 FAST = DownloadPolicy(attempts=4, base_delay=0.01, connect_timeout=5.0, read_timeout=5.0)
+
+
+@dataclass
+class Trickle:
+    """Serve slowly: `piece` bytes every `delay` s; at byte offset `hold` (of the file) stop until `release`."""
+
+    piece: int = 16 << 10
+    delay: float = 0.04
+    hold: int | None = None
+    held: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    sent: int = 0  # file offset up to which bytes were handed to the socket
 
 
 @dataclass
@@ -39,6 +54,7 @@ class Served:
     faults: list[str] = field(default_factory=list)
     honour_range: bool = True
     redirect_to: str | None = None
+    trickle: Trickle | None = None
 
 
 @dataclass
@@ -91,10 +107,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        if served.trickle is not None and fault == "ok":
+            self._trickle(body, start, served.trickle)
+            return
         self._send(body[start:], fault)
 
     def _hit(self, fault: str, status: int) -> None:
         self.server.hits.append(Hit(self.path, self.headers.get("Range"), fault, status))
+
+    def _trickle(self, body: bytes, pos: int, t: Trickle) -> None:
+        hold, held, release = t.hold, t.held, t.release  # this request's pause (the test sets the next one)
+        try:
+            while pos < len(body):
+                if hold is not None and pos >= hold:
+                    t.sent = pos
+                    held.set()
+                    release.wait(timeout=60)
+                    hold = None  # released: the client was killed; a write now fails, or ends the body
+                end = min(len(body), pos + t.piece, hold if hold is not None else len(body))
+                self.wfile.write(body[pos:end])
+                self.wfile.flush()
+                pos = t.sent = end
+                time.sleep(t.delay)
+        except OSError:
+            self.close_connection = True
 
     def _send(self, body: bytes, fault: str) -> None:
         try:
@@ -189,6 +225,7 @@ def test_plain_download_then_second_run_downloads_nothing(server: FaultServer, e
     assert len(server.hits) == 1
     meta = json.loads((env / SHA / "blob.gguf.meta.json").read_text())
     assert meta["source"] == _base(server) + "/m/blob.gguf" and meta["size_bytes"] == len(DATA)
+    assert meta["timeouts_s"] == {"connect": 5.0, "read": 5.0}
     _assert_verified_or_nothing(env, verified=True)
 
 
@@ -280,6 +317,16 @@ def test_stale_partial_with_bad_bytes_is_restarted_once(server: FaultServer, env
     _assert_verified_or_nothing(env, verified=True)
 
 
+def test_full_size_partial_with_bad_bytes_is_never_renamed_into_place(server: FaultServer, env: Path) -> None:
+    _serve(server)
+    partial = env / SHA / "blob.gguf.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(bytes(len(DATA)))  # the right size, the wrong bytes: only the hash can tell
+    assert _fetch().status == "fetched"
+    assert [(h.status, h.range) for h in server.hits] == [(200, None)]  # restarted from byte 0
+    _assert_verified_or_nothing(env, verified=True)
+
+
 def test_redirect_to_a_remote_http_url_is_refused(server: FaultServer, env: Path) -> None:
     server.files["/m/blob.gguf"] = Served(DATA, redirect_to="http://example.com/blob.gguf")
     _lock(_base(server) + "/m/blob.gguf")
@@ -338,3 +385,65 @@ def test_synthetic_tier_is_generated_and_the_lock_untouched(tmp_path: Path, monk
         assert sha256_file(result.path) == entry.file.sha256
         assert sha256_file(result.companions["tokenizer.json"]) == entry.companions[0].sha256
     assert (lock.read_bytes(), lock.stat().st_mtime_ns) == before
+
+
+def _wait_until_stable(path: Path, *, quiet: float = 0.25, limit: float = 10.0) -> None:
+    """Wait until `path`'s size has not changed for `quiet` seconds (the client has written what it got)."""
+    last, since, t_end = -1, time.monotonic(), time.monotonic() + limit
+    while time.monotonic() < t_end:
+        size = path.stat().st_size if path.exists() else -1
+        if size != last:
+            last, since = size, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.02)
+
+
+def test_sigkilled_slow_downloads_keep_what_arrived_and_the_next_run_resumes(server: FaultServer, env: Path) -> None:
+    """Issue 11 item 4: ten SIGKILLs during a slow 2.9 MiB download each keep the bytes received so far.
+
+    The server trickles ~400 KiB/s and pauses at a random offset; once the client has written what it got,
+    `parity fetch-models` is SIGKILLed. The .partial must hold everything the server sent (within one FLUSH
+    block: in practice all of it), grow from kill to kill, and be resumed by the next run with a Range request
+    from exactly its size; the last run completes, verifies the hash, and renames the file into place.
+    """
+    data = random.Random(7).randbytes(2_900_000 + 4321)  # ~2.8 MiB, neither FLUSH- nor MiB-aligned
+    sha = hashlib.sha256(data).hexdigest()
+    trickle = Trickle()
+    server.files["/m/blob.gguf"] = Served(data, trickle=trickle)
+    _lock(_base(server) + "/m/blob.gguf", data=data)
+    partial, final = env / sha / "blob.gguf.partial", env / sha / "blob.gguf"
+    rng = random.Random(2024)
+    holds = sorted(rng.sample(range(1, len(data)), 10))
+    argv = [sys.executable, "-m", "parity", "fetch-models", "--connect-timeout", "5", "--read-timeout", "20"]
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    kept: list[int] = [0]
+    t0 = time.monotonic()
+    for hold in holds:
+        trickle.hold, trickle.held, trickle.release = hold, threading.Event(), threading.Event()
+        proc = subprocess.Popen(argv, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, umask=0o027)
+        try:
+            assert trickle.held.wait(timeout=30), f"the server never reached byte {hold}"
+            _wait_until_stable(partial)
+            time.sleep(rng.uniform(0.0, 0.2))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            trickle.release.set()
+        size = partial.stat().st_size if partial.exists() else 0
+        assert hold - FLUSH < size <= hold, f"killed with {hold} bytes sent, the .partial kept {size}"
+        assert size > kept[-1]
+        assert server.hits[-1].range == (f"bytes={kept[-1]}-" if kept[-1] else None)
+        assert not final.exists() and stat.S_IMODE(partial.stat().st_mode) == 0o640
+        kept.append(size)
+    trickle.hold = None
+    done = subprocess.run(argv, env=child_env, capture_output=True, text=True, timeout=60, umask=0o027)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(server.hits) == 11 and [h.status for h in server.hits] == [200] + [206] * 10
+    assert server.hits[-1].range == f"bytes={kept[-1]}-"
+    assert sha256_file(final) == sha and not partial.exists()
+    assert stat.S_IMODE(final.stat().st_mode) == 0o640
+    meta = json.loads(final.with_name("blob.gguf.meta.json").read_text())
+    assert meta["timeouts_s"] == {"connect": 5.0, "read": 20.0}
+    figures = ", ".join(f"{h}->{k}" for h, k in zip(holds, kept[1:], strict=True))
+    print(f"\nkills (server sent -> .partial kept): {figures}; total {time.monotonic() - t0:.1f} s")

@@ -235,6 +235,48 @@ def test_backoff_base_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         progress.DownloadPolicy.from_env()
 
 
+def test_timeouts_default_then_env_then_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(progress.CONNECT_TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(progress.READ_TIMEOUT_ENV, raising=False)
+    policy = progress.DownloadPolicy.from_env()
+    assert (policy.connect_timeout, policy.read_timeout) == (15.0, 60.0)
+    monkeypatch.setenv(progress.CONNECT_TIMEOUT_ENV, "2.5")
+    monkeypatch.setenv(progress.READ_TIMEOUT_ENV, "300")
+    policy = progress.DownloadPolicy.from_env()
+    assert (policy.connect_timeout, policy.read_timeout) == (2.5, 300.0)
+    policy = progress.DownloadPolicy.from_env(connect_timeout="4", read_timeout="0.5")
+    assert (policy.connect_timeout, policy.read_timeout) == (4.0, 0.5)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "soon", "nan", "inf", ""])
+@pytest.mark.parametrize(
+    "via", ["--connect-timeout", "--read-timeout", "PARITY_CONNECT_TIMEOUT", "PARITY_READ_TIMEOUT"]
+)
+def test_bad_timeouts_exit_2_with_a_fix(
+    via: str,
+    bad: str,
+    lock_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from parity import cli
+
+    _write_lock(lock_file, _entry("m", (tmp_path / "nowhere.bin").as_uri()))
+    argv = ["fetch-models", "--cache-dir", str(tmp_path / "cache")]
+    if via.startswith("--"):
+        argv += [f"{via}={bad}"]
+    else:
+        monkeypatch.setenv(via, bad)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    if not via.startswith("--") and bad == "":
+        assert code == 3  # an empty variable means the default; the fetch itself then fails (no such file)
+        return
+    assert code == 2 and not (tmp_path / "cache").exists()
+    assert f"{via}={bad!r} is not a positive number of seconds" in err and "(fix: use e.g." in err
+
+
 @pytest.mark.parametrize(
     ("count", "text"),
     [
@@ -271,17 +313,32 @@ class FakeClock:
         return self.now
 
 
-def test_progress_plain_lines_are_periodic() -> None:
+def test_progress_plain_lines_start_with_the_first_bytes_then_are_periodic() -> None:
     out, clock = io.StringIO(), FakeClock()
     with progress.Progress("f", 1000, stream=out, tty=False, interval=5.0, clock=clock) as prog:
         clock.now += 1
-        prog.update(100)  # too soon: nothing
-        clock.now += 5
+        prog.update(100)  # the first bytes: shown at once
+        clock.now += 1
+        prog.update(200)  # too soon: nothing
+        clock.now += 4
         prog.update(600)
         clock.now += 1
         prog.update(700)  # too soon again
     lines = out.getvalue().splitlines()
-    assert lines == ["f   60.0%  600 B / 1000 B  100 B/s  ETA 0:04"]
+    assert lines == ["f   10.0%  100 B / 1000 B  100 B/s  ETA 0:09", "f   60.0%  600 B / 1000 B  100 B/s  ETA 0:04"]
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_shows_a_slow_resumed_download_from_its_first_bytes(tty: bool) -> None:
+    # The issue: 16 s of silence on a slow link. Now the first 16 KiB, 0.2 s in, are on screen at once.
+    out, clock = io.StringIO(), FakeClock()
+    start = 3 << 20
+    with progress.Progress("m.gguf", 8 << 20, start=start, stream=out, tty=tty, clock=clock) as prog:
+        assert out.getvalue() == ""
+        clock.now += 0.2
+        prog.update(start + (16 << 10))
+        shown = out.getvalue()
+    assert "3.0 MiB / 8.0 MiB" in shown and "80.0 KiB/s" in shown and "ETA 1:04" in shown
 
 
 def test_progress_tty_redraws_in_place_and_clears() -> None:

@@ -135,7 +135,7 @@ def test_bench_json(tmp_path: Path, umask: int) -> None:
 
 
 def test_default_model_writer(tmp_path: Path, umask: int) -> None:
-    modelgen._atomic_write(tmp_path / "m.bin", lambda tmp: tmp.write_bytes(b"abc"))
+    modelgen._atomic_write(tmp_path / "m.bin", lambda tmp: modelgen._write_bytes(tmp, b"abc"))
     assert mode(tmp_path / "m.bin") == expected(umask)
 
 
