@@ -27,10 +27,11 @@ from parity.workflow import compare, reports, status
 from parity.workflow import config as wconfig
 from parity.workflow.config import ImplSpec, WindowsConfig
 from parity.workflow.impls import Implementation, RunContext, WindowOutput, create, persistable, resolve_context
-from parity.workflow.state import RunLock, StateStore, add_event, new_state, now, verified_progress
+from parity.workflow.state import RunLock, StateStore, add_event, new_state, now
 
 Factory = Callable[[ImplSpec, RunContext], Implementation]
 DONE = ("verified", "diverged", "unverified")  # attempt statuses that carry a result
+STATUS_INTERVAL = 3.0  # seconds between status page rewrites during a pass (and at least 20x a rewrite's time)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Request:
     to_step: int | None = None
     fresh: bool = False
     quiet: bool = False
+    observer: Callable[[dict[str, Any], dict[str, Any]], None] | None = None  # after each window is saved (bench)
 
 
 @dataclass
@@ -190,6 +192,9 @@ class Pass:
         self.continue_on = continue_on_divergence
         self.pass_n = len(state["passes"]) + 1
         self.processed = 0
+        self.dirty: set[int] | None = None  # windows changed since the last save (None: any may have)
+        self.status_due = 0.0  # time.monotonic() after which the status page is rewritten
+        self.tokens_memo: tuple[int, list[int]] | None = None  # (window start, reference tokens before it)
 
     def say(self, message: str) -> None:
         if not self.req.quiet:
@@ -197,10 +202,27 @@ class Pass:
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
-    def save(self) -> None:
-        self.store.save(self.state)
-        reports.rebuild_index(self.run_dir, self.state)
-        status.write(self.run_dir, self.state)
+    def index(self, w: dict[str, Any]) -> int:
+        run = self.state["run"]
+        return int((w["start"] - run["start"]) // run["window"])
+
+    def touch(self, w: dict[str, Any]) -> None:
+        if self.dirty is not None:
+            self.dirty.add(self.index(w))
+
+    def save(self, *, compact: bool = False, final: bool = False) -> None:
+        """Journal what changed; rewrite the divergence index when divergences changed, the status page at the
+        start and end of a pass and at most every STATUS_INTERVAL seconds in between (its cost grows with the
+        run; the journal's does not)."""
+        dirty, self.dirty = self.dirty, set()
+        self.store.save(self.state, dirty, compact=compact)
+        if final or "divergences" in self.store.changed:
+            reports.rebuild_index(self.run_dir, self.state)
+        if final or time.monotonic() >= self.status_due:
+            t0 = time.monotonic()
+            status.write(self.run_dir, self.state)
+            took = time.monotonic() - t0
+            self.status_due = time.monotonic() + max(STATUS_INTERVAL, 20 * took)
 
     def begin(self, lo: int, hi: int) -> None:
         self.state["passes"].append(
@@ -218,19 +240,20 @@ class Pass:
                 "message": "",
             }
         )
-        self.save()
+        self.save(final=True)
 
     def finish(self, outcome: str, message: str) -> None:
         p = self.state["passes"][-1]
         p.update(finished=now(), outcome=outcome, message=message, windows=self.processed)
-        self.save()
+        self.save(compact=True, final=True)
 
     def abort(self, message: str) -> None:
         """An exception escaped a window: record the open attempt as interrupted before it propagates."""
         recover_interrupted(self.state)
+        self.dirty = None
         p = self.state["passes"][-1]
         p.update(finished=now(), outcome="failed", message=message, windows=self.processed)
-        self.save()
+        self.save(compact=True, final=True)
 
     # -- windows -------------------------------------------------------------------------------------
 
@@ -238,6 +261,8 @@ class Pass:
         """The reference's tokens for steps before `start` (LLM runs): the prefix, then each window's latest."""
         if not self.ctx.llm:
             return []
+        if self.tokens_memo is not None and self.tokens_memo[0] == start:
+            return list(self.tokens_memo[1])  # the window before was just computed: no scan of every window
         tokens = list(self.state["prefix_tokens"] or [])
         for w in self.state["windows"]:
             if w["start"] >= start:
@@ -256,15 +281,52 @@ class Pass:
         start = self.state["run"]["start"]
         if not self.ctx.llm or start == 0 or self.state["prefix_tokens"] is not None:
             return None
-        out = self.reference.run_window(0, start, [], self.run_dir / "traces" / "prefix")
+        trace_dir = self.run_dir / "traces" / "prefix"
+        n = 1
+        while trace_dir.exists():  # a prefix computed again (state recovered from an older copy): new directory
+            n += 1
+            trace_dir = self.run_dir / "traces" / f"prefix-{n}"
+        trace_dir.mkdir(parents=True)
+        out = self.reference.run_window(0, start, [], trace_dir)
         if not out.ok:
             return f"reference {self.reference.name} could not compute the prefix [0, {start}): {out.error}"
         self.state["prefix_tokens"] = [int(r["token"]) for r in out.records]
-        reports.write_trace(
-            self.run_dir / "traces" / "prefix" / f"{self.reference.name}.jsonl", [persistable(r) for r in out.records]
-        )
-        self.store.save(self.state)
+        reports.write_trace(trace_dir / f"{self.reference.name}.jsonl", [persistable(r) for r in out.records])
+        self.save()
         return None
+
+    def new_attempt(self, w: dict[str, Any]) -> tuple[int, str]:
+        """The next attempt number of window `w` and its trace directory, created empty.
+
+        Never a number used before: neither one in the state nor one with a trace directory on disk (a state
+        recovered from an older copy may not know an attempt whose traces exist). The directory is created
+        with exist_ok=False, so an attempt never writes into another's traces.
+        """
+        start = w["start"]
+        parent = self.run_dir / "traces" / f"w{start:06d}"
+        known = max((a["n"] for a in w["attempts"]), default=0)
+        try:
+            on_disk = max(
+                (int(p.name[1:]) for p in parent.iterdir() if p.name[:1] == "a" and p.name[1:].isdigit()), default=0
+            )
+        except FileNotFoundError:
+            on_disk = 0
+        n = max(known, on_disk) + 1
+        parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                (parent / f"a{n}").mkdir(exist_ok=False)
+                break
+            except FileExistsError:
+                n += 1
+        if on_disk > known:
+            message = (
+                f"window [{w['start']}, {w['end']}): traces of attempt(s) {known + 1}..{on_disk} exist in {parent} "
+                f"but not in the state (recovered from an older copy); kept, this attempt is {n}"
+            )
+            add_event(self.state, "attempts-on-disk", message)
+            self.say(f"  {message}")
+        return n, f"traces/w{start:06d}/a{n}"
 
     def _alternate_outputs(self, start: int, count: int, forced: list[int], trace_dir: Path) -> dict[str, WindowOutput]:
         if len(self.alternates) == 1:
@@ -281,10 +343,9 @@ class Pass:
         start, end = w["start"], w["end"]
         count = end - start
         t0 = time.perf_counter()
-        n = len(w["attempts"]) + 1
-        trace_rel = f"traces/w{start:06d}/a{n}"
-        trace_dir = self.run_dir / trace_rel
         tokens = self.tokens_before(start)
+        n, trace_rel = self.new_attempt(w)
+        trace_dir = self.run_dir / trace_rel
         attempt: dict[str, Any] = {
             "n": n,
             "pass": self.pass_n,
@@ -301,6 +362,7 @@ class Pass:
         }
         w["attempts"].append(attempt)
         w["status"] = "in_progress"
+        self.touch(w)
         self.state["in_progress"] = {
             "window": start,
             "attempt": n,
@@ -308,7 +370,7 @@ class Pass:
             "pid": os.getpid(),
             "started": attempt["started"],
         }
-        self.store.save(self.state)  # from here on, a kill leaves an attempt the next pass reports as interrupted
+        self.save()  # from here on, a kill leaves an attempt the next pass reports as interrupted
 
         ref = self.reference
         ref_out = ref.run_window(start, count, tokens, trace_dir)
@@ -370,6 +432,8 @@ class Pass:
             message = self._record_fixed(w, attempt)
         self._mark_stale_if_tokens_changed(w, attempt)
         self._complete(w, attempt, result)
+        if new_tokens is not None:
+            self.tokens_memo = (w["end"], forced)
         took = " · ".join(f"{k} {v['result'] if v['result'] != 'reference' else 'ref'}" for k, v in parts.items())
         seconds = time.perf_counter() - t0
         self.say(f"{self._label(w)}  {result.upper():<10}  {took}  {seconds:6.2f} s")
@@ -400,7 +464,8 @@ class Pass:
         w["status"] = _settle(w)
         self.state["in_progress"] = None
         self.processed += 1
-        end, steps = verified_progress(self.state)
+        self.touch(w)
+        end, steps = self.store.progress(self.state, None if self.dirty is None else [self.index(w)])
         self.state["timeline"].append(
             {
                 "time": attempt["finished"],
@@ -412,6 +477,8 @@ class Pass:
             }
         )
         self.save()
+        if self.req.observer is not None:
+            self.req.observer(w, attempt)
 
     def _record_divergence(
         self,
@@ -521,6 +588,7 @@ class Pass:
                 later["stale"] = {"time": now(), "reason": reason}
                 later["status"] = "stale"
                 stale.append(later["start"])
+                self.dirty = None
         if stale:
             add_event(self.state, "stale", f"{len(stale)} later window(s) marked stale: {reason}")
             self.say(

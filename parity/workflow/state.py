@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import heapq
 import json
 import os
+import re
 import socket
 import time
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
 from parity.errors import UsageError
 from parity.fsutil import atomic_write_bytes, atomic_write_text
+from parity.workflow.fastschema import compile_schema
 
 STATE_VERSION = 1
 STATE_KIND = "parity-windows-state"
@@ -35,6 +40,12 @@ LOCK_NAME = "state.lock"
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "windows_state.schema.json"
 WINDOW_STATUSES = ("pending", "in_progress", "verified", "diverged", "unverified", "interrupted", "stale")
 MAX_EVENTS = 2000  # older events are summarised into one, so a long-lived run's state stays small
+JOURNAL_NAME = "journal.jsonl"
+COMPACT_MIN_BYTES = 1 << 20  # compact when the journal since the last compaction exceeds this and the state's size
+APPEND_ONLY = ("timeline", "events")  # lists a save usually only appends to (journaled as their new tail)
+_SEQ_HEAD = re.compile(rb'\{"seq": (\d+), ')
+_RECORD_HEAD = re.compile(rb'\{"seq": (\d+), "run": ("(?:[^"\\]|\\.)*"), "sha256": "([0-9a-f]{64})", "data": ')
+_SEQ_LINE = re.compile(rb'\n  "seq": (\d+),')
 
 
 def now() -> str:
@@ -123,8 +134,11 @@ def semantic_errors(state: dict[str, Any]) -> list[str]:
     in_progress = []
     for w in state["windows"]:
         numbers = [a["n"] for a in w["attempts"]]
-        if numbers != list(range(1, len(numbers) + 1)):
-            errors.append(f"window {w['start']}: attempts are numbered {numbers}, expected 1..{len(numbers)}")
+        if numbers != sorted(set(numbers)) or (numbers and numbers[0] < 1):
+            # Increasing, not necessarily 1..n: a number whose traces exist on disk is never used again, even
+            # when the state recovered from a backup does not know that attempt (README: traces are never
+            # overwritten).
+            errors.append(f"window {w['start']}: attempts are numbered {numbers}, expected increasing from 1")
         in_progress += [(w["start"], a["n"]) for a in w["attempts"] if a["status"] == "in_progress"]
     ptr = state["in_progress"]
     want = [] if ptr is None else [(ptr["window"], ptr["attempt"])]
@@ -138,8 +152,21 @@ def semantic_errors(state: dict[str, Any]) -> list[str]:
     return errors
 
 
+@cache
+def _compiled() -> Callable[[Any], bool]:
+    return compile_schema(schema())
+
+
+def _valid(data: Any) -> bool:
+    """The schema's verdict, compiled (jsonschema takes seconds on a 10,000-window state; it is asked only for
+    the messages of an invalid one)."""
+    return _compiled()(data)
+
+
 def validation_errors(data: Any) -> list[str]:
     """Schema violations, then invariant violations (empty when the state is valid)."""
+    if _valid(data):
+        return semantic_errors(data)
     from jsonschema import Draft202012Validator
 
     v = Draft202012Validator(schema())
@@ -169,78 +196,451 @@ def _read_valid(path: Path) -> tuple[dict[str, Any] | None, str]:
     return result, ""
 
 
+def _ends(items: list[Any]) -> tuple[int, str | None, str | None]:
+    """(length, first item's JSON, last item's JSON): enough to tell that a list was only appended to."""
+    if not items:
+        return 0, None, None
+    return len(items), json.dumps(items[0], ensure_ascii=False), json.dumps(items[-1], ensure_ascii=False)
+
+
+def _lines(raw: bytes) -> list[bytes]:
+    """`raw` cut after every newline (the last piece has none when the file ends in a torn line)."""
+    parts = raw.split(b"\n")
+    out = [p + b"\n" for p in parts[:-1]]
+    if parts[-1]:
+        out.append(parts[-1])
+    return out
+
+
+def _open_attempts(state: dict[str, Any]) -> dict[int, list[int]]:
+    """window index -> numbers of its attempts in progress."""
+    out = {}
+    for i, w in enumerate(state["windows"]):
+        numbers = [a["n"] for a in w["attempts"] if a["status"] == "in_progress"]
+        if numbers:
+            out[i] = numbers
+    return out
+
+
+def _peek_seq(path: Path) -> int | None:
+    """The `seq` of a state file from its first lines (dump_state writes it near the top), without parsing it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    m = _SEQ_LINE.search(head)
+    return int(m.group(1)) if m else None
+
+
+def run_id(state: dict[str, Any]) -> str:
+    """Which run a journal record belongs to: the run's name and creation time."""
+    return f"{state['run']['name']}@{state['run']['created']}"
+
+
+def record_line(seq: int, run: str, data: dict[str, Any]) -> bytes:
+    """One journal line: `{"seq": N, "run": ..., "sha256": <digest of the data text>, "data": {...}}`."""
+    payload = json.dumps(data, ensure_ascii=False)
+    digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return f'{{"seq": {seq}, "run": {json.dumps(run)}, "sha256": "{digest}", "data": {payload}}}\n'.encode()
+
+
+def parse_record(line: bytes) -> tuple[int, str, dict[str, Any]] | None:
+    """(seq, run, data) of a complete, undamaged journal line, else None (torn, edited or bit-flipped)."""
+    if not line.endswith(b"\n"):
+        return None
+    m = _RECORD_HEAD.match(line)
+    if m is None or not line.endswith(b"}\n"):
+        return None
+    payload = line[m.end() : -2]
+    if hashlib.sha256(payload).hexdigest() != m.group(3).decode():
+        return None
+    try:
+        data = json.loads(payload.decode("utf-8"))
+        run = json.loads(m.group(2).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(run, str):
+        return None
+    return int(m.group(1)), run, data
+
+
+@cache
+def _part_checks() -> tuple[dict[str, Callable[[Any], bool]], Callable[[Any], bool]]:
+    """Compiled checks of each top-level key's schema and of one window (journal records are checked piecewise)."""
+    s = schema()
+    keys = {k: compile_schema(v, s) for k, v in s["properties"].items()}
+    return keys, compile_schema({"$ref": "#/$defs/window"}, s)
+
+
+def _record_valid(state: dict[str, Any], data: dict[str, Any]) -> bool:
+    keys, window = _part_checks()
+    if set(data) - {"set", "windows", "append"}:
+        return False
+    sets, wins, appends = data.get("set", {}), data.get("windows", {}), data.get("append", {})
+    if not (isinstance(sets, dict) and isinstance(wins, dict) and isinstance(appends, dict)):
+        return False
+    n = len(state["windows"])
+    return (
+        all(k in keys and k != "windows" and keys[k](v) for k, v in sets.items())
+        and all(k.isdigit() and int(k) < n and window(v) for k, v in wins.items())
+        and all(k in APPEND_ONLY and keys[k](v) for k, v in appends.items())
+    )
+
+
+def apply_record(state: dict[str, Any], data: dict[str, Any]) -> None:
+    """Apply one journal record's changes to `state`."""
+    for k, v in data.get("set", {}).items():
+        state[k] = v
+    for i, w in data.get("windows", {}).items():
+        state["windows"][int(i)] = w
+    for k, items in data.get("append", {}).items():
+        state[k].extend(items)
+
+
+class _Progress:
+    """verified_end / verified_steps kept up to date per changed window (O(log n)), not by a scan of all windows."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        windows = state["windows"]
+        self.start = state["run"]["start"]
+        self.end = state["run"]["end"]
+        self.verified = [w["status"] == "verified" for w in windows]
+        self.steps = sum(w["end"] - w["start"] for w, v in zip(windows, self.verified, strict=True) if v)
+        self.todo = [i for i, v in enumerate(self.verified) if not v]  # a heap of (possibly) unverified windows
+        heapq.heapify(self.todo)
+
+    def update(self, state: dict[str, Any], indices: Iterable[int]) -> tuple[int, int]:
+        windows = state["windows"]
+        for i in indices:
+            now_verified = windows[i]["status"] == "verified"
+            if now_verified != self.verified[i]:
+                size = windows[i]["end"] - windows[i]["start"]
+                self.steps += size if now_verified else -size
+                self.verified[i] = now_verified
+                if not now_verified:
+                    heapq.heappush(self.todo, i)
+        while self.todo and self.verified[self.todo[0]]:
+            heapq.heappop(self.todo)
+        end = windows[self.todo[0]]["start"] if self.todo else self.end
+        return end, self.steps
+
+
 class StateStore:
-    """Loads, recovers and saves the state of one run directory."""
+    """Loads, recovers and saves the state of one run directory (state.json, its backups and the journal)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.path = run_dir / STATE_NAME
+        self.journal = run_dir / JOURNAL_NAME
+        self.changed: set[str] = set()  # top-level keys (and "windows") the last save changed
+        self._snap: dict[str, Any] | None = None  # what the journal holds: JSON text per key / per window
+        self._progress: _Progress | None = None
+        self._open: dict[int, list[int]] = {}  # window index -> numbers of its attempts in progress
+        self._journal_ready = False
+        self._journal_bytes = 0  # appended since the last compaction
+        self._state_bytes = 0  # size of the last compacted state.json
+        self.last_compaction = 0.0  # seconds the last compaction took (for the benchmark)
 
     def exists(self) -> bool:
         """Is there a state or any backup generation (a run that must be resumed, not restarted)?"""
         return any((self.run_dir / n).exists() for n in (STATE_NAME, *BACKUP_NAMES))
 
+    # -- loading -------------------------------------------------------------------------------------
+
     def load(self, *, repair: bool) -> tuple[dict[str, Any] | None, list[str]]:
         """The state (None when the directory has no run) and notes on what was recovered.
 
-        With `repair`, a corrupt state.json is moved to corrupt/ and the newest valid backup restored in
-        its place (the caller must hold the lock); without it the backup is only read.
+        The newest valid compacted copy (state.json, else the newest valid backup) plus every journal record
+        saved after it. With `repair`, a corrupt state.json is moved to corrupt/ and the recovered state
+        saved in its place (the caller must hold the lock); without it nothing is written.
         """
         state, why = _read_valid(self.path)
-        if state is not None:
-            return state, []
-        if why == "missing" and not self.exists():
-            return None, []
-        for name in BACKUP_NAMES:
-            backup, _ = _read_valid(self.run_dir / name)
-            if backup is None:
-                continue
-            note = (
-                f"{self.path} is {why}; recovered from {name} (saved {backup['updated']}, save #{backup['seq']}); "
-                "windows finished after that save are not verified and will be recomputed"
-            )
+        source = STATE_NAME
+        if state is None:
+            if why == "missing" and not self.exists():
+                return None, []
+            for name in BACKUP_NAMES:
+                state, _ = _read_valid(self.run_dir / name)
+                if state is not None:
+                    source = name
+                    break
+            else:
+                raise UsageError(
+                    f"{self.path} is {why} and no valid backup exists ({', '.join(BACKUP_NAMES)}); nothing was reset",
+                    fix=f"inspect or restore {self.run_dir} by hand, or start over with `parity windows run --fresh`",
+                )
+        base_seq, base_time = state["seq"], state["updated"]
+        applied, notes = self._replay(state, source)
+        if source == STATE_NAME:
             if repair:
-                moved = self._quarantine()
-                if moved:
-                    note += f"; the damaged file is kept as {moved}"
-                backup.setdefault("events", []).append({"time": now(), "kind": "recovered", "message": note})
-                self._write(backup, rotate=False)
-            return backup, [note]
-        raise UsageError(
-            f"{self.path} is {why} and no valid backup exists ({', '.join(BACKUP_NAMES)}); nothing was reset",
-            fix=f"inspect or restore {self.run_dir} by hand, or start over with `parity windows run --fresh`",
-        )
+                self._loaded(state)
+            return state, notes
+        note = f"{self.path} is {why}; recovered from {source} (saved {base_time}, save #{base_seq})"
+        if applied:
+            note += f" and {applied} later save(s) replayed from {JOURNAL_NAME} (through save #{state['seq']})"
+        else:
+            note += "; windows finished after that save are not verified and will be recomputed"
+        if repair:
+            moved = self._quarantine(self.path)
+            if moved:
+                note += f"; the damaged file is kept as {moved}"
+            self._loaded(state)
+            add_event(state, "recovered", note)
+            self.save(state)
+        return state, [note, *notes]
 
-    def _quarantine(self) -> Path | None:
-        if not self.path.exists():
-            return None
-        dest = self.run_dir / "corrupt" / f"state.json.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.{os.getpid()}"
+    def _replay(self, state: dict[str, Any], source: str) -> tuple[int, list[str]]:
+        """Apply the journal records saved after `state` (contiguous, undamaged, of this run); returns how many."""
+        try:
+            raw = self.journal.read_bytes()
+        except FileNotFoundError:
+            return 0, []
+        rid, seq, applied, problem = run_id(state), state["seq"], 0, ""
+        for n, line in enumerate(_lines(raw), 1):
+            head = _SEQ_HEAD.match(line)
+            if head is not None and line.endswith(b"\n") and int(head.group(1)) <= seq:
+                continue  # already part of the compacted copy
+            rec = parse_record(line)
+            if rec is None:
+                torn = not line.endswith(b"\n")  # a kill during the last write: never acknowledged, ignored
+                problem = "" if torn else f"record {n} is damaged; it and later records were not applied"
+                break
+            rec_seq, rec_run, data = rec
+            if rec_run != rid:
+                problem = f"record {n} belongs to another run ({rec_run}); not applied"
+                break
+            if rec_seq != seq + 1 or not _record_valid(state, data):
+                problem = (
+                    f"record {n} (save #{rec_seq}) does not follow save #{seq}; it and later records were not applied"
+                )
+                break
+            apply_record(state, data)
+            seq, applied = rec_seq, applied + 1
+        notes = [f"{self.journal}: {problem}"] if problem else []
+        if applied and semantic_errors(state):
+            state.clear()
+            state.update(_read_valid(self.run_dir / source)[0] or {})
+            return 0, [f"{self.journal} does not apply to {source} consistently; ignored (kept in place)"]
+        return applied, notes
+
+    def _loaded(self, state: dict[str, Any]) -> None:
+        """Remember what is on disk, so the next save journals only what changed."""
+        self._snapshot(state)
+        self._progress = _Progress(state)
+        self._state_bytes = self.path.stat().st_size if self.path.exists() else 0
+
+    def _quarantine(self, path: Path, data: bytes | None = None) -> Path | None:
+        dest = self.run_dir / "corrupt" / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.{os.getpid()}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, dest)
+        if data is not None:
+            atomic_write_bytes(dest, data)
+            return dest
+        if not path.exists():
+            return None
+        os.replace(path, dest)
         return dest
 
-    def save(self, state: dict[str, Any]) -> None:
-        """Check the run's invariants, rotate the backups, write atomically.
+    # -- saving --------------------------------------------------------------------------------------
 
-        The full JSON Schema is checked on every load, not here: schema validation costs O(state) and a
-        save happens twice per window, so a long run would spend its time validating. The tests validate
-        every state they see against the schema.
+    def progress(self, state: dict[str, Any], windows: Iterable[int] | None) -> tuple[int, int]:
+        """(verified_end, verified_steps) after changes to `windows` (None: any window may have changed)."""
+        if windows is None or self._progress is None:
+            self._progress = _Progress(state)
+            windows = ()
+        return self._progress.update(state, windows)
+
+    def save(self, state: dict[str, Any], windows: Iterable[int] | None = None, *, compact: bool = True) -> None:
+        """Check the run's invariants, journal what changed and (with `compact`, or when due) write state.json.
+
+        `windows`: indices of the only windows changed since the last save (None: any may have changed,
+        which costs a comparison of every window). A compaction rotates the backups and writes atomically;
+        it is due when the journal has grown past the compacted state (at least COMPACT_MIN_BYTES), so its
+        cost per window stays constant however long the run. The full JSON Schema is checked on every load,
+        not here; the tests validate every state they see against it.
         """
         state["seq"] = int(state.get("seq", 0)) + 1
         state["updated"] = now()
-        state["verified_end"], state["verified_steps"] = verified_progress(state)
         if len(state["events"]) > MAX_EVENTS:
             dropped = state["events"][: len(state["events"]) - MAX_EVENTS + 1]
             state["events"] = [
                 {"time": now(), "kind": "events-summarised", "message": f"{len(dropped)} older events summarised"},
                 *state["events"][len(dropped) :],
             ]
-        errors = semantic_errors(state)
+        dirty = None if windows is None or self._snap is None else sorted(set(windows))
+        state["verified_end"], state["verified_steps"] = self.progress(state, dirty)
+        if dirty is None:
+            errors = semantic_errors(state)
+            self._open = _open_attempts(state)
+        else:
+            errors = self._quick_errors(state, dirty)
         if errors:
             raise AssertionError(f"internal error: windows state for {self.run_dir} is invalid: {errors[:3]}")
-        self._write(state, rotate=True)
+        data = self._diff(state, dirty)
+        first = not self.path.exists()
+        self._append(state, data)
+        if compact or first or self._journal_bytes > max(COMPACT_MIN_BYTES, self._state_bytes):
+            self.compact(state)
 
-    def _write(self, state: dict[str, Any], *, rotate: bool) -> None:
+    def compact(self, state: dict[str, Any]) -> None:
+        """Write the whole state to state.json (backups rotated) and drop journal records no copy needs."""
+        t0 = time.perf_counter()
+        text = dump_state(state).encode("utf-8")
+        self._write(text, rotate=True)
+        self._state_bytes = len(text)
+        self._journal_bytes = 0
+        self._prune_journal()
+        self.last_compaction = time.perf_counter() - t0
+
+    def _quick_errors(self, state: dict[str, Any], dirty: list[int]) -> list[str]:
+        """semantic_errors for a save that changed only the windows `dirty` (the rest was checked before)."""
+        errors = []
+        for i in dirty:
+            w = state["windows"][i]
+            numbers = [a["n"] for a in w["attempts"]]
+            if numbers != sorted(set(numbers)) or (numbers and numbers[0] < 1):
+                errors.append(f"window {w['start']}: attempts are numbered {numbers}, expected increasing from 1")
+            open_ = [a["n"] for a in w["attempts"] if a["status"] == "in_progress"]
+            if open_:
+                self._open[i] = open_
+            else:
+                self._open.pop(i, None)
+        windows = state["windows"]
+        have = [(windows[i]["start"], n) for i in sorted(self._open) for n in self._open[i]]
+        ptr = state["in_progress"]
+        want = [] if ptr is None else [(ptr["window"], ptr["attempt"])]
+        if have != want:
+            errors.append(f"in_progress points at {want} but the attempts in progress are {have}")
+        ids = [d["id"] for d in state["divergences"]]
+        if len(ids) != len(set(ids)):
+            errors.append("divergence ids are not unique")
+        return errors
+
+    def _snapshot(self, state: dict[str, Any]) -> None:
+        snap: dict[str, Any] = {}
+        for k, v in state.items():
+            if k == "windows":
+                snap[k] = [json.dumps(w, ensure_ascii=False) for w in v]
+            elif k in APPEND_ONLY:
+                snap[k] = _ends(v)
+            else:
+                snap[k] = json.dumps(v, ensure_ascii=False)
+        self._snap = snap
+        self._open = _open_attempts(state)
+
+    def _diff(self, state: dict[str, Any], dirty: list[int] | None) -> dict[str, Any]:
+        """The journal record's data: what changed since the last save (and the snapshot updated to match)."""
+        if self._snap is None:  # nothing journaled yet (a new run): the first record holds everything
+            self._snap = {"windows": [""] * len(state["windows"])}
+        snap = self._snap
+        sets: dict[str, Any] = {}
+        appends: dict[str, Any] = {}
+        wins: dict[str, Any] = {}
+        self.changed = set()
+        for k, v in state.items():
+            if k == "windows":
+                old = snap[k]
+                if len(old) != len(v):
+                    old[:] = [""] * len(v)
+                    dirty = None
+                for i in range(len(v)) if dirty is None else dirty:
+                    text = json.dumps(v[i], ensure_ascii=False)
+                    if text != old[i]:
+                        old[i] = text
+                        wins[str(i)] = v[i]
+                if wins:
+                    self.changed.add("windows")
+            elif k in APPEND_ONLY:
+                n, first, last = snap.get(k, (0, None, None))
+                grown = len(v) >= n and (
+                    n == 0
+                    or (
+                        json.dumps(v[0], ensure_ascii=False) == first
+                        and json.dumps(v[n - 1], ensure_ascii=False) == last
+                    )
+                )
+                if not grown:
+                    sets[k] = v
+                elif len(v) > n:
+                    appends[k] = v[n:]
+                if k in sets or k in appends:
+                    self.changed.add(k)
+                snap[k] = _ends(v)
+            else:
+                text = json.dumps(v, ensure_ascii=False)
+                if snap.get(k) != text:
+                    snap[k] = text
+                    sets[k] = v
+                    self.changed.add(k)
+        data: dict[str, Any] = {"set": sets}
+        if wins:
+            data["windows"] = wins
+        if appends:
+            data["append"] = appends
+        return data
+
+    def _append(self, state: dict[str, Any], data: dict[str, Any]) -> None:
+        """Append one record to the journal and fsync it (a kill leaves at most a torn last line)."""
+        if not self._journal_ready:
+            self._prepare_journal(state)
+        line = record_line(state["seq"], run_id(state), data)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._journal_bytes += len(line)
+
+    def _prepare_journal(self, state: dict[str, Any]) -> None:
+        """Before the first append: cut the journal after its last record of this run that precedes this save.
+
+        What is cut was never applied (a torn last line, damage, another run's records): a torn line is
+        dropped, anything else is kept in corrupt/ first.
+        """
+        self._journal_ready = True
+        try:
+            raw = self.journal.read_bytes()
+        except FileNotFoundError:
+            return
+        rid, limit, good, last = run_id(state), state["seq"] - 1, 0, 0
+        for line in _lines(raw):
+            rec = parse_record(line)
+            if rec is None or rec[1] != rid or rec[0] > limit or rec[0] <= last:
+                break
+            last = rec[0]
+            good += len(line)
+        rest = raw[good:]
+        if not rest:
+            return
+        if b"\n" in rest:
+            self._quarantine(self.journal, rest)
+        with open(self.journal, "r+b") as f:
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _prune_journal(self) -> None:
+        """Keep the records any compacted copy (state.json or a backup) may need to be brought up to date."""
+        seqs = [s for s in (_peek_seq(self.run_dir / n) for n in (STATE_NAME, *BACKUP_NAMES)) if s is not None]
+        if not seqs:
+            return
+        keep_after = min(seqs)
+        try:
+            raw = self.journal.read_bytes()
+        except FileNotFoundError:
+            return
+        cut = 0
+        for line in _lines(raw):
+            head = _SEQ_HEAD.match(line)
+            if head is None or int(head.group(1)) > keep_after:
+                break
+            cut += len(line)
+        if cut:
+            atomic_write_bytes(self.journal, raw[cut:])
+
+    def _write(self, text: bytes, *, rotate: bool) -> None:
         if rotate and self.path.exists():
             # Oldest first, so every step leaves a complete set of valid files behind. The newest backup is a
             # hard link to the current state.json: the atomic write below replaces state.json's directory
@@ -257,7 +657,7 @@ class StateStore:
             except OSError:  # file systems without hard links: copy instead
                 tmp.unlink(missing_ok=True)
                 atomic_write_bytes(names[0], self.path.read_bytes())
-        atomic_write_bytes(self.path, dump_state(state).encode("utf-8"))
+        atomic_write_bytes(self.path, text)
 
     def clean_temp_files(self) -> int:
         """Remove temp files of atomic writes cut short by a kill (`.<name>.<random>.tmp`; never a finished

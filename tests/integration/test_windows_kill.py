@@ -56,13 +56,17 @@ def spawn(*args: str) -> subprocess.Popen[str]:
 
 
 def read_state(run_dir: Path) -> dict[str, Any] | None:
-    """state.json exactly as it is on disk, validated WITHOUT recovery (it must never be torn)."""
+    """The run's state as a kill left it: state.json validated WITHOUT recovery (it must never be torn), brought
+    up to date by the journal's records (a torn last record is the only damage a kill may leave)."""
     path = run_dir / "state.json"
     if not path.exists():
         return None
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     assert state.validation_errors(data) == [], state.validation_errors(data)[:3]
-    return data
+    merged, notes = state.StateStore(run_dir).load(repair=False)
+    assert merged is not None and notes == [], notes
+    assert merged["seq"] >= data["seq"] and state.validation_errors(merged) == []
+    return merged
 
 
 def verified(st: dict[str, Any] | None) -> dict[int, tuple[int, str]]:
@@ -149,8 +153,9 @@ def test_twenty_sigkills_lose_and_recompute_nothing(tmp_path: Path) -> None:
         w["attempts"][-1]["participants"].keys() for w in base["windows"]
     ]
     assert any(e["kind"] == "stale-lock" for e in st["events"])
-    for name in state.BACKUP_NAMES:
-        assert state.validation_errors(json.loads((run_dir / name).read_text())) == []
+    for name in state.BACKUP_NAMES:  # compactions happen at the end of a pass, so a killed pass may leave fewer
+        if (run_dir / name).exists():
+            assert state.validation_errors(json.loads((run_dir / name).read_text())) == []
     assert not list(run_dir.rglob(".*.tmp"))  # leftovers of killed writes were cleaned under the lock
 
 

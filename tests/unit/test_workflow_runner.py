@@ -113,6 +113,8 @@ def run_pass(cfg: Path | None, run_dir: Path, script: Script, action: str = "run
     factory: Callable[[ImplSpec, RunContext], Implementation] = lambda spec, ctx: Fake(spec, ctx, script)  # noqa: E731
     out = runner.execute(req, factory=factory)
     assert state.validation_errors(json.loads((run_dir / "state.json").read_text())) == []
+    on_disk, notes = state.StateStore(run_dir).load(repair=False)  # state.json + journal: exactly what is in memory
+    assert on_disk == out.state and notes == []
     return out
 
 

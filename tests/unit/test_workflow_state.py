@@ -79,10 +79,11 @@ def test_half_written_state_is_recovered_from_the_last_good_copy(tmp_path: Path)
     good = (tmp_path / "state.json").read_bytes()
     (tmp_path / "state.json").write_bytes(good[: len(good) // 2])
     peek, notes = store.load(repair=False)  # status/report: recover in memory, touch nothing
-    assert peek is not None and peek["seq"] == 1 and "not valid JSON" in notes[0]
+    assert peek is not None and peek["seq"] == 2 and "not valid JSON" in notes[0]  # backup #1 + journal record #2
+    assert "1 later save(s) replayed from journal.jsonl (through save #2)" in notes[0]
     assert (tmp_path / "state.json").read_bytes() == good[: len(good) // 2]
     loaded, notes = store.load(repair=True)
-    assert loaded is not None and loaded["seq"] == 1
+    assert loaded is not None and loaded["seq"] == 3  # the recovery itself is a save
     assert "recovered from state.json.bak" in notes[0] and "damaged file is kept" in notes[0]
     assert loaded["events"][-1]["kind"] == "recovered"
     (kept,) = (tmp_path / "corrupt").iterdir()
