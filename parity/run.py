@@ -34,6 +34,7 @@ from parity.tokenization import HFTokenizer, apply_template, check_token_parity,
 from parity.worker import RemoteModel, Worker
 
 if TYPE_CHECKING:
+    from parity.engine_numpy import NumpyEngine
     from parity.gguf_file import GGUFFile
 
 REPAIR_GUARD_ENV = "PARITY_REPAIRING"
@@ -169,11 +170,32 @@ def lane_params(backend: str, opts: RunOptions, n_tokens: int) -> BackendParams:
     )
 
 
-def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
-    """Validate input, preflight backends, tokenize, check token parity, run the numpy engine once."""
+def check_input(
+    opts: RunOptions,
+    lane_backends: list[str],
+    model_path: Path,
+    tok_path: Path | None,
+    lane_models: dict[str, Path] | None = None,
+) -> tuple[GGUFFile, NumpyEngine, HFTokenizer | None]:
+    """Every check of the input files that needs no backend: bad input is exit 2 here, before any lane.
+
+    The GGUF's header, metadata and tensor table (gguf_file), its hyperparameters and tensor shapes (the
+    numpy engine), each lane's tensor formats, and the tokenizer (tokenizer.json, or the GGUF vocabulary
+    exported). tests/unit/test_gguf_fuzz.py runs mutated files through exactly this function.
+    """
     from parity.engine_numpy import NumpyEngine
     from parity.gguf_file import open_gguf
 
+    gguf = open_gguf(model_path)  # missing / non-GGUF / truncated / malformed -> exit 2 before anything runs
+    engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture, bad hyperparameters -> exit 2
+    _check_lane_formats(opts, lane_backends, gguf, lane_models or {})  # unsupported model format -> exit 2
+    hf = resolve_tokenizer(model_path, tok_path, gguf)
+    gguf_config_hash(gguf.metadata)  # the receipt's vocabulary hash: a malformed vocabulary fails here, not later
+    return gguf, engine, hf
+
+
+def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
+    """Validate input, preflight backends, tokenize, check token parity, run the numpy engine once."""
     t0 = time.perf_counter()
     lane_models: dict[str, Path] = {}  # lanes that load another file than numpy (the ternary family)
     if opts.model_gguf:
@@ -193,11 +215,8 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
     else:
         model_path, default_tok = default_model(opts.variant)
         tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
-    gguf = open_gguf(model_path)  # missing / non-GGUF / truncated -> exit 2 before anything runs
-    engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture -> exit 2
     lane_models = {b: lane for b, lane in lane_models.items() if lane != model_path}
-    _check_lane_formats(opts, lane_backends, gguf, lane_models)  # unsupported model format -> exit 2
-    hf = resolve_tokenizer(model_path, tok_path, gguf)
+    gguf, engine, hf = check_input(opts, lane_backends, model_path, tok_path, lane_models)
     plans = {b: preflight(b, opts) for b in lane_backends}
     seconds = {"load": time.perf_counter() - t0}
 
