@@ -145,6 +145,8 @@ class Progress:
         now = self.clock()
         if self._drawn and now - self._last < self.interval:
             return
+        if not self._drawn and done >= self.total:
+            return  # done in one block: the caller's summary line says so, a 100% line would be noise
         self._last = now
         if self.tty:
             self.stream.write("\r" + self.line(now) + "\x1b[K")

@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import random
+import re
 import signal
 import socket
 import stat
@@ -439,6 +440,9 @@ def test_sigkilled_slow_downloads_keep_what_arrived_and_the_next_run_resumes(ser
     trickle.hold = None
     done = subprocess.run(argv, env=child_env, capture_output=True, text=True, timeout=60, umask=0o027)
     assert done.returncode == 0, done.stdout + done.stderr
+    # Not a TTY: a progress line every 5 s, the first as soon as the first bytes arrive (this run is shorter).
+    shown = [float(m) for m in re.findall(r"^blob\.gguf +([\d.]+)% ", done.stderr, re.M)]
+    assert len(shown) == 1 and 100 * kept[-1] / len(data) <= shown[0] < 100, done.stderr
     assert len(server.hits) == 11 and [h.status for h in server.hits] == [200] + [206] * 10
     assert server.hits[-1].range == f"bytes={kept[-1]}-"
     assert sha256_file(final) == sha and not partial.exists()

@@ -341,6 +341,14 @@ def test_progress_shows_a_slow_resumed_download_from_its_first_bytes(tty: bool) 
     assert "3.0 MiB / 8.0 MiB" in shown and "80.0 KiB/s" in shown and "ETA 1:04" in shown
 
 
+def test_progress_prints_nothing_for_a_transfer_done_in_one_block() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    with progress.Progress("tokenizer.json", 1000, stream=out, tty=False, clock=clock) as prog:
+        clock.now += 0.01
+        prog.update(1000)
+    assert out.getvalue() == ""
+
+
 def test_progress_tty_redraws_in_place_and_clears() -> None:
     out, clock = io.StringIO(), FakeClock()
     with progress.Progress("f", 1000, start=400, stream=out, tty=True, interval=0.1, clock=clock) as prog:
