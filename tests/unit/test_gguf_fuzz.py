@@ -272,3 +272,110 @@ def test_an_exception_that_is_not_paritys_exits_70_with_a_log(
     (log,) = tmp_path.glob("parity-internal-error-*.log")
     assert str(log) in err
     assert "Traceback" in log.read_text() and "in broken" in log.read_text()
+
+
+# --- the checks themselves: each malformed file names the key or tensor and what was expected ---------------
+
+
+def _tensor_offset_at(lay: Layout, i: int) -> tuple[int, int]:
+    at = lay.tensor_offsets[i]
+    return at, struct.unpack_from("<Q", lay.data, at)[0]
+
+
+def _expect_error(lay: Layout, path: Path, mutant: bytearray, *needles: str) -> None:
+    line = check_case(path, bytes(mutant), "targeted")
+    assert line != "pass"
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_overlapping_tensor_offsets_name_the_tensor(layout: Layout, case_path: Path) -> None:
+    mutant = bytearray(layout.data)
+    at, _ = _tensor_offset_at(layout, 2)
+    _put(mutant, at, "<Q", _tensor_offset_at(layout, 1)[1])  # tensor 2 starts where tensor 1 does
+    _expect_error(layout, case_path, mutant, "has data offset", "expected", "padded to 32 bytes")
+
+
+def test_out_of_order_tensor_offsets_are_refused(layout: Layout, case_path: Path) -> None:
+    mutant = bytearray(layout.data)
+    (a, off_a), (b, off_b) = _tensor_offset_at(layout, 3), _tensor_offset_at(layout, 4)
+    _put(mutant, a, "<Q", off_b)
+    _put(mutant, b, "<Q", off_a)
+    _expect_error(layout, case_path, mutant, "has data offset", "expected")
+
+
+def test_misaligned_tensor_offset_is_refused(layout: Layout, case_path: Path) -> None:
+    mutant = bytearray(layout.data)
+    at, off = _tensor_offset_at(layout, 5)
+    _put(mutant, at, "<Q", off + 4)
+    _expect_error(layout, case_path, mutant, f"data offset {off + 4}, expected {off}")
+
+
+def test_relabelled_tensor_type_no_longer_fits(layout: Layout, case_path: Path) -> None:
+    """F32 -> F16 halves a tensor's size: the next tensor's offset no longer follows (llama.cpp's check)."""
+    mutant = bytearray(layout.data)
+    _put(mutant, layout.tensor_types[0], "<I", 1)  # F16
+    _expect_error(layout, case_path, mutant, "has data offset", "expected")
+
+
+def test_too_many_dimensions_are_refused(layout: Layout, case_path: Path) -> None:
+    mutant = bytearray(layout.data)
+    at, _ = layout.counts[2]  # the first tensor's n_dims
+    _put(mutant, at, "<I", 5)
+    _expect_error(layout, case_path, mutant, "5 dimensions", "at most 4")
+
+
+def _set_value(lay: Layout, key: str, tag: GGUFValueType, payload: bytes) -> bytearray:
+    """The base file with `key`'s type tag and value replaced."""
+    raw = key.encode()
+    start = lay.data.find(struct.pack("<Q", len(raw)) + raw)
+    ((tag_at, _, end),) = [k for k in lay.kv if k[0] == start + 8 + len(raw)]
+    infos_end = lay.tensor_offsets[-1] + 8  # the header ends here; then padding, then the tensor data
+    head = lay.data[:tag_at] + struct.pack("<I", tag) + payload + lay.data[end:infos_end]
+    return bytearray(head + b"\0" * (-len(head) % 32) + lay.data[lay.data_offset :])
+
+
+def _gguf_str(text: str) -> bytes:
+    return struct.pack("<Q", len(text.encode())) + text.encode()
+
+
+@pytest.mark.parametrize(
+    ("key", "tag", "payload", "needles"),
+    [
+        (
+            "llama.block_count",
+            GGUFValueType.STRING,
+            _gguf_str("abc"),
+            ["expected a positive integer", "'abc' (string)"],
+        ),
+        ("llama.context_length", GGUFValueType.INT32, struct.pack("<i", 256), ["of type uint32", "(int32)"]),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            GGUFValueType.ARRAY,
+            struct.pack("<IQff", GGUFValueType.FLOAT32, 2, 1.0, 2.0),
+            ["expected a finite number", "(array of float32)"],
+        ),
+        ("llama.rope.freq_base", GGUFValueType.FLOAT32, struct.pack("<f", float("nan")), ["finite number"]),
+        ("tokenizer.ggml.bos_token_id", GGUFValueType.STRING, _gguf_str("<s>"), ["bos_token_id", "'<s>' (string)"]),
+        ("tokenizer.ggml.bos_token_id", GGUFValueType.FLOAT32, struct.pack("<f", 1.5), ["bos_token_id", "(float32)"]),
+        ("tokenizer.ggml.merges", GGUFValueType.UINT32, struct.pack("<I", 7), ["an array of strings", "7 (uint32)"]),
+        ("tokenizer.ggml.add_bos_token", GGUFValueType.UINT8, b"\x01", ["expected a bool", "(uint8)"]),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_key(
+    layout: Layout, case_path: Path, key: str, tag: GGUFValueType, payload: bytes, needles: list[str]
+) -> None:
+    _expect_error(layout, case_path, _set_value(layout, key, tag, payload), f"'{key}'", *needles)
+
+
+def test_non_numeric_scores_and_scalar_tokens_are_model_format_errors() -> None:
+    from parity.errors import ModelFormatError
+    from parity.tokenizer_export import GGUFVocab
+
+    base = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"]}
+    with pytest.raises(ModelFormatError, match=r"'tokenizer.ggml.scores': expected an array of finite numbers"):
+        GGUFVocab.from_metadata({**base, "tokenizer.ggml.scores": ["x", "y"]}, "m.gguf")
+    with pytest.raises(ModelFormatError, match=r"'tokenizer.ggml.tokens': expected an array of strings, got 5"):
+        GGUFVocab.from_metadata({**base, "tokenizer.ggml.tokens": 5}, "m.gguf")
+    with pytest.raises(ModelFormatError, match=r"'tokenizer.ggml.eos_token_id': expected an integer >= 0"):
+        GGUFVocab.from_metadata({**base, "tokenizer.ggml.eos_token_id": "2"}, "m.gguf")
