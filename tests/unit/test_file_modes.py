@@ -1,7 +1,7 @@
 """Every file parity writes honours the umask (issue 11 item 7): 0o644 under umask 022, 0o600 under 077.
 
 One test per writer: the atomic writer itself, workflow state (and its backups), status pages, divergence
-reports and traces, the divergence index, fetch metadata and fetched files (and their `.partial`), run
+reports and traces, the divergence index, config copies, fetch metadata and fetched files (and their `.partial`), run
 receipts, bench.json, and the default-model generator's writer.
 """
 
@@ -114,6 +114,7 @@ def test_reports_traces_and_every_file_of_a_windows_run(tmp_path: Path, umask: i
     files = {p.relative_to(run_dir).as_posix(): mode(p) for p in run_dir.rglob("*") if p.is_file()}
     assert any(n.startswith("reports/") and n.endswith(".json") for n in files), files
     assert any(n.endswith(".jsonl") for n in files) and "status.html" in files and "state.json" in files
+    assert any(n.startswith("configs/") for n in files) and "divergences.jsonl" in files
     assert files == dict.fromkeys(files, expected(umask))
     trace = tmp_path / "t" / "ref.jsonl"
     reports.write_trace(trace, [{"step": 0}])
