@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `windows` with its actions to an argparse subparsers object; returns the `windows` parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "windows",
-        help="stepwise parity of N implementations in windows, resumable (run|resume|status|report)",
+        help="stepwise parity of N implementations in windows, resumable (run|resume|status|report|bench)",
         description="Compare implementations step by step against a reference, in windows of W steps, with a "
         "persisted, resumable state, divergence reports and a status page (README.md, section Stepwise parity).",
     )
@@ -94,7 +94,53 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="archive traces of superseded attempts and reports of fixed divergences (placeholders stay)",
     )
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="benchmark the harness's own cost per window on a long run (first vs last windows)",
+        description="Run N windows of two external commands that sleep --command-ms each and measure parity's "
+        "overhead per window (wall time minus the commands' time): first 100 vs last 100 windows, their ratio, "
+        "and how long a resume of the finished run takes. Prints JSON.",
+    )
+    p_bench.add_argument("--windows", type=int, default=10_000, metavar="N", help="windows to run (default 10000)")
+    p_bench.add_argument(
+        "--command-ms", type=float, default=5.0, metavar="MS", help="each command sleeps MS ms (default 5)"
+    )
+    p_bench.add_argument("--window", type=int, default=6, metavar="W", help="steps per window (default 6)")
+    p_bench.add_argument(
+        "--command",
+        choices=("sh", "python"),
+        default="sh",
+        help="the command: a /bin/sh script (default; ~2 ms to start) or a Python script (~20-30 ms to start)",
+    )
+    p_bench.add_argument("--run-dir", type=Path, metavar="DIR", help="keep the run in DIR (default: a temp dir)")
+    p_bench.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE")
+    p_bench.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless the last/first overhead ratio is <= 2 and the mean overhead <= 20 ms per window",
+    )
     return p
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from parity.fsutil import atomic_write_json
+    from parity.workflow.windows_bench import EDGE, run_bench
+
+    if args.windows < 2 * EDGE + 1:
+        raise UsageError(f"--windows {args.windows} is too few", fix=f"use at least {2 * EDGE + 1}")
+    figures = run_bench(
+        windows=args.windows,
+        command_ms=args.command_ms,
+        window=args.window,
+        command=args.command,
+        run_dir=args.run_dir,
+    )
+    if args.json:
+        atomic_write_json(args.json, figures)
+    print(json.dumps(figures, indent=2))
+    ok = figures["ratio_last_first_mean"] <= 2 and figures["overhead_per_window"]["mean_ms"] <= 20
+    return 0 if ok or not args.check else 1
 
 
 def _pass(args: argparse.Namespace) -> int:
@@ -239,7 +285,9 @@ def run(args: argparse.Namespace) -> int:
         return _status(args)
     if action == "report":
         return _report(args)
-    raise UsageError(f"unknown windows action {action!r}", fix="use run, resume, status or report")
+    if action == "bench":
+        return _bench(args)
+    raise UsageError(f"unknown windows action {action!r}", fix="use run, resume, status, report or bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -195,6 +195,8 @@ class Pass:
         self.dirty: set[int] | None = None  # windows changed since the last save (None: any may have)
         self.status_due = 0.0  # time.monotonic() after which the status page is rewritten
         self.tokens_memo: tuple[int, list[int]] | None = None  # (window start, reference tokens before it)
+        self.unsynced: list[Path] = []  # this window's traces, fsynced together before its result is saved
+        self.sync_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
 
     def say(self, message: str) -> None:
         if not self.req.quiet:
@@ -210,12 +212,19 @@ class Pass:
         if self.dirty is not None:
             self.dirty.add(self.index(w))
 
-    def save(self, *, compact: bool = False, final: bool = False) -> None:
+    def trace(self, path: Path, records: Sequence[dict[str, Any]]) -> None:
+        reports.write_trace(path, [persistable(r) for r in records], fsync=False)
+        self.unsynced.append(path)
+
+    def save(self, *, compact: bool = False, final: bool = False, durable: bool = True) -> None:
         """Journal what changed; rewrite the divergence index when divergences changed, the status page at the
         start and end of a pass and at most every STATUS_INTERVAL seconds in between (its cost grows with the
         run; the journal's does not)."""
+        if durable and self.unsynced:  # evidence first: a durable result never points at traces a crash lost
+            reports.sync_files(self.unsynced, self.sync_pool)
+            self.unsynced = []
         dirty, self.dirty = self.dirty, set()
-        self.store.save(self.state, dirty, compact=compact)
+        self.store.save(self.state, dirty, compact=compact, durable=durable)
         if final or "divergences" in self.store.changed:
             reports.rebuild_index(self.run_dir, self.state)
         if final or time.monotonic() >= self.status_due:
@@ -246,6 +255,7 @@ class Pass:
         p = self.state["passes"][-1]
         p.update(finished=now(), outcome=outcome, message=message, windows=self.processed)
         self.save(compact=True, final=True)
+        self.sync_pool.shutdown()
 
     def abort(self, message: str) -> None:
         """An exception escaped a window: record the open attempt as interrupted before it propagates."""
@@ -254,6 +264,7 @@ class Pass:
         p = self.state["passes"][-1]
         p.update(finished=now(), outcome="failed", message=message, windows=self.processed)
         self.save(compact=True, final=True)
+        self.sync_pool.shutdown()
 
     # -- windows -------------------------------------------------------------------------------------
 
@@ -370,14 +381,16 @@ class Pass:
             "pid": os.getpid(),
             "started": attempt["started"],
         }
-        self.save()  # from here on, a kill leaves an attempt the next pass reports as interrupted
+        # From here on, a kill leaves an attempt the next pass reports as interrupted. Not fsynced: a kill cannot
+        # lose it, and if a power failure does, the attempt's trace directory still keeps its number taken.
+        self.save(durable=False)
 
         ref = self.reference
         ref_out = ref.run_window(start, count, tokens, trace_dir)
         parts = attempt["participants"]
         parts[ref.name] = self._participant(ref, ref_out, "reference" if ref_out.ok else "unavailable")
         if ref_out.ok:
-            reports.write_trace(trace_dir / f"{ref.name}.jsonl", [persistable(r) for r in ref_out.records])
+            self.trace(trace_dir / f"{ref.name}.jsonl", ref_out.records)
         if not ref_out.ok:
             for a in self.alternates:
                 parts[a.name] = {
@@ -407,7 +420,7 @@ class Pass:
                 unavailable[a.name] = str(out.error)
                 parts[a.name] = self._participant(a, out, "unavailable")
                 continue
-            reports.write_trace(trace_dir / f"{a.name}.jsonl", [persistable(r) for r in out.records])
+            self.trace(trace_dir / f"{a.name}.jsonl", out.records)
             diffs = compare.compare_window(start, ref_out.records, out.records, self.cfg.rule)
             parts[a.name] = self._participant(a, out, "diverged" if diffs else "match")
             worst = compare.logits_max_abs(ref_out.records, out.records)

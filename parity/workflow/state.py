@@ -450,14 +450,17 @@ class StateStore:
             windows = ()
         return self._progress.update(state, windows)
 
-    def save(self, state: dict[str, Any], windows: Iterable[int] | None = None, *, compact: bool = True) -> None:
+    def save(
+        self, state: dict[str, Any], windows: Iterable[int] | None = None, *, compact: bool = True, durable: bool = True
+    ) -> None:
         """Check the run's invariants, journal what changed and (with `compact`, or when due) write state.json.
 
         `windows`: indices of the only windows changed since the last save (None: any may have changed,
         which costs a comparison of every window). A compaction rotates the backups and writes atomically;
         it is due when the journal has grown past the compacted state (at least COMPACT_MIN_BYTES), so its
         cost per window stays constant however long the run. The full JSON Schema is checked on every load,
-        not here; the tests validate every state they see against it.
+        not here; the tests validate every state they see against it. `durable=False` skips the record's
+        fsync: it still survives any kill of this process (the kernel has it), not a power failure.
         """
         state["seq"] = int(state.get("seq", 0)) + 1
         state["updated"] = now()
@@ -478,7 +481,7 @@ class StateStore:
             raise AssertionError(f"internal error: windows state for {self.run_dir} is invalid: {errors[:3]}")
         data = self._diff(state, dirty)
         first = not self.path.exists()
-        self._append(state, data)
+        self._append(state, data, durable=durable)
         if compact or first or self._journal_bytes > max(COMPACT_MIN_BYTES, self._state_bytes):
             self.compact(state)
 
@@ -579,8 +582,8 @@ class StateStore:
             data["append"] = appends
         return data
 
-    def _append(self, state: dict[str, Any], data: dict[str, Any]) -> None:
-        """Append one record to the journal and fsync it (a kill leaves at most a torn last line)."""
+    def _append(self, state: dict[str, Any], data: dict[str, Any], *, durable: bool) -> None:
+        """Append one record to the journal, fsynced when `durable` (a kill leaves at most a torn last line)."""
         if not self._journal_ready:
             self._prepare_journal(state)
         line = record_line(state["seq"], run_id(state), data)
@@ -588,7 +591,8 @@ class StateStore:
         fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             os.write(fd, line)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         self._journal_bytes += len(line)
