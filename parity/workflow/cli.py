@@ -109,9 +109,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p_bench.add_argument("--window", type=int, default=6, metavar="W", help="steps per window (default 6)")
     p_bench.add_argument(
         "--command",
-        choices=("sh", "python"),
+        choices=("sh", "python", "inprocess"),
         default="sh",
-        help="the command: a /bin/sh script (default; ~2 ms to start) or a Python script (~20-30 ms to start)",
+        help="the command: a /bin/sh script (default), a Python script (~20-30 ms to start), or inprocess (a sleep "
+        "in parity's own process: no process start, for a quick check)",
     )
     p_bench.add_argument("--run-dir", type=Path, metavar="DIR", help="keep the run in DIR (default: a temp dir)")
     p_bench.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE")

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from parity.fsutil import atomic_write_text
+from parity.workflow.config import ImplSpec
+from parity.workflow.impls import Implementation, RunContext
 
 EDGE = 100  # windows compared at each end
 
@@ -49,8 +51,23 @@ for step in range(req["start"], req["end"]):
 """
 
 
+class Sleeper(Implementation):
+    """`--command inprocess`: sleeps in the harness's own process (no process start: the CI-sized test)."""
+
+    def __init__(self, spec: ImplSpec, ctx: RunContext, seconds: float) -> None:
+        super().__init__(spec, ctx)
+        self.seconds = seconds
+
+    def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
+        if self.seconds > 0:
+            time.sleep(self.seconds)
+        return [{"step": s, "pc": s % 21} for s in range(start, start + count)]
+
+
 def _config(directory: Path, windows: int, window: int, command: str, command_ms: float) -> Path:
-    if command == "sh":
+    if command == "inprocess":
+        argv = ["never-run"]
+    elif command == "sh":
         script = directory / "cmd.sh"
         atomic_write_text(script, COMMAND_SH)
         argv = ["/bin/sh", str(script)]
@@ -107,6 +124,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the benchmark; returns its figures (see the module docstring). `run_dir` is kept, a temporary one not."""
     from parity.workflow import runner
+    from parity.workflow.impls import create
     from parity.workflow.state import JOURNAL_NAME, STATE_NAME, StateStore
 
     if windows < 2 * EDGE + 1:
@@ -137,8 +155,11 @@ def run_bench(
                     flush=True,
                 )
 
+        factory = create
+        if command == "inprocess":
+            factory = lambda spec, ctx: Sleeper(spec, ctx, command_ms / 1000)  # noqa: E731
         t0 = time.perf_counter()
-        out = runner.execute(runner.Request("run", cfg, rdir, quiet=True, observer=observe))
+        out = runner.execute(runner.Request("run", cfg, rdir, quiet=True, observer=observe), factory=factory)
         total = time.perf_counter() - t0
         if out.code != 0:
             raise RuntimeError(f"the benchmark run did not verify every window: {out.headline}")
@@ -149,14 +170,14 @@ def run_bench(
         StateStore(rdir).load(repair=False)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        runner.execute(runner.Request("resume", None, rdir, quiet=True))
+        runner.execute(runner.Request("resume", None, rdir, quiet=True), factory=factory)
         resume_pass_s = time.perf_counter() - t0
         env = dict(
             os.environ,
             PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
         )
         t0 = time.perf_counter()
-        proc = subprocess.run(
+        proc = subprocess.run(  # nothing left to compute: the command never runs, so `inprocess` works here too
             [sys.executable, "-m", "parity.workflow", "windows", "resume", "--run-dir", str(rdir), "--quiet"],
             capture_output=True,
             text=True,

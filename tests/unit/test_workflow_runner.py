@@ -390,3 +390,56 @@ def test_resume_without_config_and_without_state_is_a_usage_error(tmp_path: Path
         run_pass(None, tmp_path / "empty", Script(), action="resume")
     with pytest.raises(UsageError, match="no run to re-verify"):
         run_pass(write_config(tmp_path), tmp_path / "empty2", Script(), action="regression")
+
+
+def trace_hashes(run_dir: Path) -> dict[str, str]:
+    import hashlib
+
+    files = (p for p in (run_dir / "traces").rglob("*") if p.is_file())
+    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_truncated_state_recovered_from_backup_rewrites_no_history(tmp_path: Path) -> None:
+    """Truncated state recovered from backup: no trace directory overwritten, completed passes stay completed."""
+    script = Script()
+    run_dir = tmp_path / "run"
+    first = run_pass(write_config(tmp_path), run_dir, script)
+    before = trace_hashes(run_dir)
+    good = (run_dir / "state.json").read_bytes()
+    (run_dir / "state.json").write_bytes(good[: len(good) // 3])
+    script.calls.clear()
+    out = run_pass(None, run_dir, script, action="resume")
+    assert any("recovered from state.json.bak" in n and "replayed from journal.jsonl" in n for n in out.notes)
+    assert script.calls == [] and out.processed == 0  # nothing verified is computed again
+    assert trace_hashes(run_dir) == before  # every trace byte-identical
+    assert [p["outcome"] for p in out.state["passes"]] == ["complete", "complete"]
+    assert [w["attempts"] for w in out.state["windows"]] == [w["attempts"] for w in first.state["windows"]]
+    assert not any(e["kind"] == "interrupted" for e in out.state["events"])
+
+
+def test_backup_older_than_the_traces_never_reuses_an_attempt_number(tmp_path: Path) -> None:
+    """Without the journal, a backup that predates the windows' results: they are computed again as new
+    attempts, and the traces of the attempts the backup does not know are kept, byte for byte."""
+    script = Script()
+    run_dir = tmp_path / "run"
+    run_pass(write_config(tmp_path), run_dir, script)
+    before = trace_hashes(run_dir)
+    (run_dir / "state.json").write_text("{")
+    (run_dir / "journal.jsonl").unlink()
+    out = run_pass(None, run_dir, script, action="resume")
+    assert out.code == 0 and out.processed == 4
+    assert all([a["n"] for a in w["attempts"]] == [2] for w in out.state["windows"])
+    assert {k: v for k, v in trace_hashes(run_dir).items() if k in before} == before
+    assert sum(e["kind"] == "attempts-on-disk" for e in out.state["events"]) == 4
+    # The backup's pass was still running and nothing records how it ended: it is reported, not invented.
+    assert out.state["passes"][0]["outcome"] == "interrupted"
+
+
+def test_trace_directory_is_never_written_twice(tmp_path: Path) -> None:
+    script = Script()
+    run_dir = tmp_path / "run"
+    (run_dir / "traces" / "w000006" / "a1").mkdir(parents=True)  # e.g. left by a pass killed after creating it
+    (run_dir / "traces" / "w000006" / "a1" / "ref.jsonl").write_text("earlier evidence\n")
+    out = run_pass(write_config(tmp_path), run_dir, script)
+    assert [a["n"] for a in out.state["windows"][1]["attempts"]] == [2]
+    assert (run_dir / "traces" / "w000006" / "a1" / "ref.jsonl").read_text() == "earlier evidence\n"
