@@ -368,6 +368,7 @@ RUN_ENTRIES = (
     "state.json.bak",
     "state.json.bak.2",
     "state.json.bak.3",
+    "journal.jsonl",
     "status.md",
     "status.html",
     INDEX_NAME,

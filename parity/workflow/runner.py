@@ -3,10 +3,12 @@
 A pass is one invocation: `run` (a new run), `resume` (the first unverified window onwards, skipping every
 verified window) or `regression` (re-verify every window of a range, appending attempts to the history).
 Per window: the attempt is saved as in progress, the reference computes its steps, the alternates compute
-theirs (teacher-forced on the reference's tokens in LLM runs), traces are written, every alternate is
-compared, a divergence gets a report, and the state, the report index and the status page are saved. A
-killed pass leaves the attempt "in progress"; the next pass records it as interrupted and computes the
-window again. Nothing verified is ever recomputed by `resume`.
+theirs (teacher-forced on the reference's tokens in LLM runs), traces are written and fsynced, every
+alternate is compared, a divergence gets a report, and the result is journaled (state.py); the report index
+is rebuilt when a divergence changed, the status page at most every STATUS_INTERVAL seconds and at the end
+of the pass. A killed pass leaves the attempt "in progress"; the next pass records it as interrupted and
+computes the window again as a new attempt (attempt numbers and trace directories are never reused).
+Nothing verified is ever recomputed by `resume`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,20 @@
-"""The persisted state of a windows run: one JSON file per run directory, and the lock that guards it.
+"""The persisted state of a windows run: state.json, its journal, and the lock that guards them.
 
-`state.json` is the source of truth (schema: parity/schema/windows_state.schema.json). Every save checks
-the run's invariants (an inconsistent state is a bug and is never written), rotates the previous files into backup
-generations (`state.json.bak`, `.bak.2`, `.bak.3`) and writes atomically (temp file, fsync, rename), so a
-reader sees the old or the new state, never a half-written one. Loading validates against the schema and
-the run's own invariants; a corrupt file is reported, moved to `corrupt/`, and the newest valid backup is
-restored. If no valid copy exists the load fails, naming the files: a run is never silently reset.
+The state (schema: parity/schema/windows_state.schema.json) is kept as a compacted `state.json` plus an
+append-only journal, `journal.jsonl`: one line per save holding only what changed (the windows touched,
+the keys replaced, the entries appended), its sequence number, the run it belongs to and a SHA-256 of its
+data, so each record checks itself. A window costs two small appends, whatever the run's length. Every
+save checks the run's invariants first (an inconsistent state is a bug and is never written). The journal
+is compacted into state.json - backups rotated (`state.json.bak`, `.bak.2`, `.bak.3`), temp file, fsync,
+rename - at the end of a pass and whenever the journal since the last compaction outgrows the state, so the
+cost of compacting stays constant per window; records older than every compacted copy are then dropped.
+
+Loading takes the newest valid compacted copy (schema and invariants checked) and replays the journal
+records after it: a torn last line (a kill during an append) is ignored, a damaged record stops the replay
+(reported; it and later records are moved to `corrupt/` before the next append). A corrupt state.json is
+reported, moved to `corrupt/`, and the newest valid backup brought up to date from the journal, so a run
+recovered from a backup loses nothing the journal holds. If no valid copy exists the load fails, naming the
+files: a run is never silently reset.
 
 The lock is an flock on `state.lock` (released by the kernel when the holder dies, however it dies); the
 file also records the holder's PID, so a lock left behind by a killed run is reported as stale and taken
