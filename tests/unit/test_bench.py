@@ -547,3 +547,10 @@ def test_bench_help_shows_its_exit_codes_and_no_doubled_percent(capsys: pytest.C
     assert "Exit codes: 0 pass (or no baseline yet / baseline written), 1 a throughput" in text
     assert "more than 10% beyond the measured noise" in text
     assert "2 usage error or backend unavailable; 5 build failure." in text
+
+
+def test_reports_render_version_1_and_2_receipts() -> None:
+    old, new = version1_receipt(), make_receipt()
+    assert "1 warm-up" in bench_report.render_html(old) and "each >= 50 ms" not in bench_report.render_text(old)
+    assert "each >= 50 ms of evaluations" in bench_report.render_text(new)
+    assert "warmup_evals" in bench_report.render_html(new) and "slowdown" not in bench_report.render_text(old)
