@@ -29,7 +29,9 @@ def _install_once(session: nox.Session, *args: str) -> None:
 
     Keeps a repeat `nox -s setup_cpp` a no-op in well under 3 s (pip alone takes longer than that).
     """
-    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + repr(args).encode()).hexdigest()
+    # The editable install maps module names to files, so the package layout is part of the key too.
+    layout = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "parity").rglob("*.py"))
+    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + repr((args, layout)).encode()).hexdigest()
     venv = getattr(session.virtualenv, "location", None)
     stamp = Path(venv) / ".parity-install-stamp" if venv else None
     if stamp is not None and stamp.is_file() and stamp.read_text() == key:
@@ -131,8 +133,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format check) and mypy --strict, configured in pyproject.toml."""
+    """ruff (lint + format check), mypy --strict and the import layers (import-linter), all in pyproject.toml."""
     _install_once(session, "-e", ".[lint,test]", "nox")
     session.run("ruff", "check", "parity", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "parity", "tests", "noxfile.py")
     session.run("mypy")
+    session.run("lint-imports")  # layers go one way, no cycles (docs/ARCHITECTURE.md)

@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from parity import __version__, bench, fetch, tokenizer_export
+from parity import __version__
+from parity.bench import main as bench
 from parity.errors import ParityError
+from parity.models import fetch
+from parity.tokenize import export
 from parity.workflow import cli as windows_cli
 
 
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_flags(p_both, "mse")
 
     p_setup = sub.add_parser("setup-cpp", help="fetch and build a pinned backend and its bridge (nox -s setup_cpp)")
-    p_setup.add_argument("--backend", default="llama", help="backend from lock/backends.toml (default llama)")
+    p_setup.add_argument("--backend", default="llama", help="backend from lock/lock.toml (default llama)")
     p_setup.add_argument("--source", metavar="PATH", help="local source tree instead of the pinned download")
     p_setup.add_argument("--jobs", type=int, help="parallel build jobs (default: CPU count)")
     p_setup.add_argument("--verbose", action="store_true", help="stream build output")
@@ -161,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch.add_parser(sub)
     windows_cli.add_parser(sub)
-    tokenizer_export.add_parser(sub)
+    export.add_parser(sub)
     bench.add_parser(sub)
 
     p_rec = sub.add_parser("receipts", help="receipt tools")
@@ -172,40 +175,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from parity import config, run, summary
+    from parity import options
+    from parity.check import job, summary
 
-    opts = config.resolve({k: getattr(args, k) for k in _RUN_KEYS})
-    shared, results = run.run(opts, args.backends or ["llama"])
-    code = run.exit_code(results)
+    opts = options.resolve({k: getattr(args, k) for k in _RUN_KEYS})
+    shared, results = job.run(opts, args.backends or ["llama"])
+    code = job.exit_code(results)
     print(summary.render(opts.format, shared, results, code))
     return code
 
 
 def cmd_parity_both(args: argparse.Namespace) -> int:
-    from parity import config, run, summary
+    from parity import options
+    from parity.check import job, summary
 
     cli = {k: getattr(args, k) for k in _COMMON_KEYS}
     if cli["metrics"] is None:
         cli["metrics"] = "mse"
-    opts = config.resolve(cli)
-    shared, results = run.run(opts, ["bitnet", "llama"])
-    code = run.exit_code(results)
+    opts = options.resolve(cli)
+    shared, results = job.run(opts, ["bitnet", "llama"])
+    code = job.exit_code(results)
     print(summary.render(opts.format, shared, results, code))
     return code
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from parity import backends, build
+    from parity.backends import build, lock
 
-    spec = backends.get_spec(args.backend)
-    override = backends.source_override(spec, args.source)
+    spec = lock.get_spec(args.backend)
+    override = lock.source_override(spec, args.source)
     p = build.ensure_built(spec, override, verbose=args.verbose, jobs=args.jobs)
     print(p.bridge_path)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from parity import modelgen
+    from parity.models import modelgen
 
     m = modelgen.generate(args.variant, Path(args.out_dir))
     print(f"{m.gguf_path}  sha256 {m.gguf_sha256}")
@@ -214,7 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_receipts_verify(args: argparse.Namespace) -> int:
-    from parity import receipts
+    from parity.compare import receipts
 
     bad = 0
     for f in args.files:
@@ -236,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parity-both": cmd_parity_both,
         "fetch-models": fetch.run,
         "windows": windows_cli.run,
-        "tokenizer": tokenizer_export.run,
+        "tokenizer": export.run,
         "bench": bench.run,
         "setup-cpp": cmd_setup,
         "generate-model": cmd_generate,

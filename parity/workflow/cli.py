@@ -125,7 +125,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from parity.fsutil import atomic_write_json
+    from parity.core.fs import atomic_write_json
     from parity.workflow.windows_bench import EDGE, run_bench
 
     if args.windows < 2 * EDGE + 1:

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from parity.core.fs import sha256_file
 from parity.errors import ParityError, UsageError
-from parity.fsutil import sha256_file
 from parity.workflow.config import DEFAULT_COMMAND_TIMEOUT, DEFAULT_TOP_K, ImplSpec, WindowsConfig
 
 if TYPE_CHECKING:
@@ -78,10 +78,10 @@ def resolve_context(cfg: WindowsConfig, run_dir: Path, end: int) -> RunContext:
     if not cfg.llm:
         inp = dict(cfg.input)
         return RunContext(cfg, run_dir, False, inp, digest=hashlib.sha256(_canonical(inp).encode()).hexdigest())
-    from parity.engine_numpy import int_key
-    from parity.gguf_file import open_gguf
-    from parity.run import default_model
-    from parity.tokenization import HFTokenizer, apply_template
+    from parity.check.job import default_model
+    from parity.engines.numpy.ops import int_key
+    from parity.gguf.reader import open_gguf
+    from parity.tokenize.tokenizer import HFTokenizer, apply_template
 
     inp = dict(cfg.input)
     base = cfg.path.parent
@@ -247,7 +247,7 @@ class NumpyImpl(Implementation):
 
     def _open(self) -> Any:
         if self._engine is None:
-            from parity.engine_numpy import NumpyEngine
+            from parity.engines.numpy.engine import NumpyEngine
 
             assert self.ctx.model_path is not None
             self._engine = NumpyEngine(self.ctx.model_path, dtype=str(self.spec.options.get("dtype", "float32")))
@@ -292,9 +292,9 @@ class BridgeImpl(Implementation):
             raise Unavailable(self._fatal)
         if self._model is not None:
             return self._model
-        from parity import config as parity_config
-        from parity import run as parity_run
-        from parity.worker import RemoteModel, Worker
+        from parity import options as parity_config
+        from parity.backends.worker import RemoteModel, Worker
+        from parity.check import job as parity_run
 
         backend = self.spec.kind
         cli: dict[str, Any] = {"threads": self.spec.options.get("threads"), "timeout": self.spec.options.get("timeout")}
@@ -369,7 +369,7 @@ class CommandImpl(Implementation):
 
     It gets `--start S --count N` appended to its argv, the window request as one JSON object on stdin and
     PARITY_WINDOW_* variables in its environment; it prints one JSON object per step on stdout. Its stderr
-    goes to the window's trace directory. A run uses subprocess directly rather than parity.runner.run
+    goes to the window's trace directory. A run uses subprocess directly rather than parity.core.proc.run
     because the protocol needs stdin, a timeout and a process-group kill, and a failure is an outcome to
     record, not an error to raise.
     """

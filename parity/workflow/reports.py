@@ -25,8 +25,8 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+from parity.core.fs import atomic_write_json, atomic_write_text, sha256_file
 from parity.errors import PermissionDenied
-from parity.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from parity.workflow.compare import FieldDiff, jsonable
 from parity.workflow.state import add_event, now, replace_text
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parity.core.fs import atomic_write_text
+from parity.core.proc import log
 from parity.errors import UsageError
-from parity.fsutil import atomic_write_text
-from parity.runner import log
 from parity.workflow import compare, reports, status
 from parity.workflow import config as wconfig
 from parity.workflow.config import ImplSpec, WindowsConfig

@@ -37,8 +37,9 @@ from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
+from parity.core import paths
+from parity.core.fs import atomic_write_bytes, atomic_write_text
 from parity.errors import UsageError
-from parity.fsutil import atomic_write_bytes, atomic_write_text
 from parity.workflow.fastschema import compile_schema
 
 STATE_VERSION = 1
@@ -46,7 +47,7 @@ STATE_KIND = "parity-windows-state"
 STATE_NAME = "state.json"
 BACKUP_NAMES = ("state.json.bak", "state.json.bak.2", "state.json.bak.3")
 LOCK_NAME = "state.lock"
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "windows_state.schema.json"
+SCHEMA_PATH = paths.schema_path("windows_state.schema.json")
 WINDOW_STATUSES = ("pending", "in_progress", "verified", "diverged", "unverified", "interrupted", "stale")
 MAX_EVENTS = 2000  # older events are summarised into one, so a long-lived run's state stays small
 JOURNAL_NAME = "journal.jsonl"

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from parity.fsutil import atomic_write_text
+from parity.core import paths
+from parity.core.fs import atomic_write_text
 from parity.workflow.config import ImplSpec
 from parity.workflow.impls import Implementation, RunContext
 
@@ -174,7 +175,7 @@ def run_bench(
         resume_pass_s = time.perf_counter() - t0
         env = dict(
             os.environ,
-            PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+            PYTHONPATH=os.pathsep.join([str(paths.PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")]),
         )
         t0 = time.perf_counter()
         proc = subprocess.run(  # nothing left to compute: the command never runs, so `inprocess` works here too

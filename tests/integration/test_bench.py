@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from parity import backends, bench, bench_lanes, build, build_tools
+from parity.backends import build, lock, tools
+from parity.bench import lanes
+from parity.bench import main as bench
 
 from .conftest import ROOT
 
@@ -28,10 +30,10 @@ MACHINE = "itest-machine"
 
 
 @pytest.fixture(scope="session")
-def llama_bench_tools(llama_plan: build.BuildPlan) -> build_tools.ToolsPlan:
+def llama_bench_tools(llama_plan: build.BuildPlan) -> tools.ToolsPlan:
     """llama-bench built from the same pinned source as the library (cached under cache/llama-<key>-tools)."""
-    spec = backends.get_spec("llama")
-    return build_tools.ensure_llama_bench(spec, backends.source_override(spec))
+    spec = lock.get_spec("llama")
+    return tools.ensure_llama_bench(spec, lock.source_override(spec))
 
 
 def _bench(out: Path, baselines: Path, *args: str) -> tuple[int, str, str]:
@@ -56,7 +58,7 @@ def _receipt(out: Path) -> dict[str, Any]:
 class SlowEngine:
     """The numpy engine, `delay` seconds slower per evaluation: the sleep is inside the lane's timed region."""
 
-    def __init__(self, inner: bench_lanes.Engine, delay: float) -> None:
+    def __init__(self, inner: lanes.Engine, delay: float) -> None:
         self.inner, self.delay = inner, delay
         self.n_vocab, self.architecture = inner.n_vocab, inner.architecture
 
@@ -68,7 +70,7 @@ class SlowEngine:
 class CountingEngine:
     """Wraps the real numpy engine and counts its evaluations per (prompt length, n_new): what really ran."""
 
-    def __init__(self, inner: bench_lanes.Engine) -> None:
+    def __init__(self, inner: lanes.Engine) -> None:
         self.inner, self.n_vocab, self.architecture = inner, inner.n_vocab, inner.architecture
         self.calls: dict[tuple[int, int], int] = {}
 
@@ -78,12 +80,12 @@ class CountingEngine:
         return self.inner.greedy(tokens, n_new)
 
 
-def _wrap_numpy(wrap: Any) -> bench_lanes.LaneOpener:
+def _wrap_numpy(wrap: Any) -> lanes.LaneOpener:
     """A lane opener that opens lanes as `parity bench` does, then wraps the numpy lane's engine."""
 
-    def opener(spec: bench_lanes.LaneSpec) -> bench_lanes.Lane:
-        lane = bench_lanes.open_lane(spec)
-        if isinstance(lane, bench_lanes.InProcessLane) and lane.engine is not None:
+    def opener(spec: lanes.LaneSpec) -> lanes.Lane:
+        lane = lanes.open_lane(spec)
+        if isinstance(lane, lanes.InProcessLane) and lane.engine is not None:
             lane.engine = wrap(lane.engine)
         return lane
 
@@ -110,7 +112,7 @@ def test_baseline_then_pass_then_slowdown_fails(
     by_impl = {x["impl"]: x for x in r["results"]}
     assert by_impl["numpy"]["status"] == "ok" and by_impl["llama"]["status"] == "ok"
     llama = by_impl["llama"]
-    assert llama["backend"]["commit"] == backends.get_spec("llama").commit and llama["config"]["type_k"] == 0
+    assert llama["backend"]["commit"] == lock.get_spec("llama").commit and llama["config"]["type_k"] == 0
     assert llama["peak_rss_bytes"] > 10 * 2**20 and llama["load_s"] > 0 and llama["rpc_overhead_ms"] < 50
     assert len(llama["pp"]["samples"]) == 3 and r["models"][0]["architecture"] == "llama"
     # the worker lane's evaluations (durations it returned) are exactly the warm-up and timed ones recorded
@@ -172,7 +174,7 @@ def test_receipt_records_the_warm_up_that_really_ran(tmp_path: Path, monkeypatch
     monkeypatch.setenv("PARITY_BASELINE_DIR", str(tmp_path / "baselines"))
     engines: list[CountingEngine] = []
 
-    def counting(engine: bench_lanes.Engine) -> CountingEngine:
+    def counting(engine: lanes.Engine) -> CountingEngine:
         engines.append(CountingEngine(engine))
         return engines[-1]
 
@@ -192,7 +194,7 @@ def test_receipt_records_the_warm_up_that_really_ran(tmp_path: Path, monkeypatch
     assert numpy["evaluations"] == sum(ran.values()) and set(ran) == {(8, 1), (1, 2)}
 
 
-def test_llama_bench_cross_check_agrees(llama_bench_tools: build_tools.ToolsPlan, tmp_path: Path) -> None:
+def test_llama_bench_cross_check_agrees(llama_bench_tools: tools.ToolsPlan, tmp_path: Path) -> None:
     """Our matched llama.cpp lane and llama-bench measure the same work, so their pp figures must agree.
 
     Same model, threads (1), batch sizes, F16 KV cache, flash attention off, thread-pool polling, a fresh KV

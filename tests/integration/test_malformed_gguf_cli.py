@@ -14,8 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parity import build, config, modelgen, run
+from parity import options
+from parity.backends import build
+from parity.check import job
 from parity.errors import ParityError
+from parity.models import modelgen
 from tests.integration.conftest import run_cli
 from tests.unit.test_gguf_fuzz import Layout, _layout, mutations
 
@@ -69,7 +72,7 @@ def test_mutants_through_parity_run(
     model = work / "model.gguf"
     model.write_bytes(bytes(mutate(bytearray(base.data))))
     try:
-        run.check_input(config.resolve({}), ["llama"], model, None)
+        job.check_input(options.resolve({}), ["llama"], model, None)
         accepted = True
     except ParityError:
         accepted = False

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import backends, build
+from parity.backends import build, lock
 
 from .conftest import ROOT
 
@@ -56,9 +56,9 @@ def test_parity_with_posargs_json_on_stdout(llama_plan: build.BuildPlan) -> None
 
 def test_parity_both_no_repair(llama_plan: build.BuildPlan) -> None:
     proc = _nox("-s", "parity_both", "--", "--no-repair")
-    spec = backends.get_spec("bitnet")
+    spec = lock.get_spec("bitnet")
     try:
-        bitnet_built = build.is_built(build.plan(spec, backends.source_override(spec)))
+        bitnet_built = build.is_built(build.plan(spec, lock.source_override(spec)))
     except Exception:  # no clang: bitnet.cpp cannot have been built here
         bitnet_built = False
     if bitnet_built:

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from parity import backends, build, receipts
+from parity.backends import build, lock
+from parity.compare import receipts
 
 from .conftest import run_cli
 
@@ -18,8 +19,8 @@ pytestmark = [pytest.mark.bitnet_cpp, pytest.mark.compile, pytest.mark.model]
 
 @pytest.fixture(scope="module")
 def bitnet_plan() -> build.BuildPlan:
-    spec = backends.get_spec("bitnet")
-    override = backends.source_override(spec)
+    spec = lock.get_spec("bitnet")
+    override = lock.source_override(spec)
     if override is None:
         pytest.fail(
             "this test needs a bitnet.cpp source: set PARITY_BITNET_SRC to a checkout of microsoft/BitNet at "

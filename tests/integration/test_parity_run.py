@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from parity import build, receipts, run
+from parity.backends import build
+from parity.check import job
+from parity.compare import receipts
 
 from .conftest import run_cli
 
@@ -88,7 +90,7 @@ def test_worker_abort_is_a_failed_lane(llama_plan: build.BuildPlan, tmp_path: Pa
 
 
 def test_mismatched_tokenizer_exits_2_before_logits(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
-    from parity.run import default_model
+    from parity.check.job import default_model
 
     _, tok = default_model("f32")
     data = json.loads(tok.read_text())
@@ -118,7 +120,7 @@ def _gguf_with_arch(path: Path, arch: str) -> Path:
 
 
 def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
-    from parity.run import default_model
+    from parity.check.job import default_model
 
     model, _ = default_model("f32")
     truncated = tmp_path / "truncated.gguf"
@@ -182,11 +184,12 @@ def _planted_greedy(tmp_path: Path, tie_margin: float) -> tuple[Any, Any, int, f
     """
     import numpy as np
 
-    from parity import config, run
-    from parity.engine_numpy import NumpyEngine
+    from parity import options
+    from parity.check import job
+    from parity.engines.numpy.engine import NumpyEngine
 
-    opts = config.resolve({"out_dir": str(tmp_path), "tie_margin": tie_margin, "repair": False})
-    shared, plans = run.prepare(opts, ["llama"])
+    opts = options.resolve({"out_dir": str(tmp_path), "tie_margin": tie_margin, "repair": False})
+    shared, plans = job.prepare(opts, ["llama"])
     n = len(shared.prompt_ids)
     engine = NumpyEngine(shared.model_path, dtype=opts.dtype)
     probs = [np.sort(np.exp(r - r.max()) / np.exp(r - r.max()).sum())[-2:] for r in shared.logits[n - 1 : -1]]
@@ -195,11 +198,11 @@ def _planted_greedy(tmp_path: Path, tie_margin: float) -> tuple[Any, Any, int, f
     second = int(np.argsort(shared.logits[n - 1 + k])[-2])
     shared.generated = [*shared.generated[:k], second]
     shared.logits = engine.logits(shared.sequence)
-    return run.run_lane("llama", plans["llama"], shared, opts, tmp_path), shared, k, gaps[k]
+    return job.run_lane("llama", plans["llama"], shared, opts, tmp_path), shared, k, gaps[k]
 
 
 def test_planted_greedy_mismatch_at_a_decisive_step_fails_the_lane(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
-    from parity import summary
+    from parity.check import summary
 
     lane, shared, k, gap = _planted_greedy(tmp_path, 0.01)
     assert gap > 0.01, f"the default prompt has no greedy step with a top-2 gap above 0.01 (best {gap})"
@@ -207,16 +210,16 @@ def test_planted_greedy_mismatch_at_a_decisive_step_fails_the_lane(llama_plan: b
     assert lane.status == "diverged"  # ... and the greedy mismatch alone fails the lane
     g = _receipt(tmp_path)["greedy"]
     assert g["verdict"] == "mismatch" and g["first_difference"] == k and abs(g["ref_prob_gap"] - gap) < 1e-3
-    text = summary.as_text(shared, [lane], run.exit_code([lane]))
+    text = summary.as_text(shared, [lane], job.exit_code([lane]))
     assert f"MISMATCH at step {k}" in text and "exit 1" in text
 
 
 def test_planted_tie_flip_passes_and_is_reported(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
-    from parity import summary
+    from parity.check import summary
 
     lane, shared, k, gap = _planted_greedy(tmp_path, 0.99)  # every flip below 0.99 counts as a tie
     assert lane.status == "pass", lane
     g = _receipt(tmp_path)["greedy"]
     assert g["verdict"] == "tie_flip" and g["first_difference"] == k and g["ref_prob_gap"] < 0.99
-    text = summary.as_text(shared, [lane], run.exit_code([lane]))
+    text = summary.as_text(shared, [lane], job.exit_code([lane]))
     assert f"tie flip at step {k} (gap {gap:.3g}" in text and "exit 0" in text

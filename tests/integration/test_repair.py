@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from parity import config, run
+from parity import options
+from parity.check import job
 from parity.errors import BackendUnavailable, RepairRecursion, UsageError
 
 from .conftest import run_cli
@@ -20,25 +21,25 @@ def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_no_repair_names_the_fix(empty_cache: Path) -> None:
-    opts = config.resolve({"repair": False}, pyproject=empty_cache / "none.toml")
+    opts = options.resolve({"repair": False}, pyproject=empty_cache / "none.toml")
     with pytest.raises(BackendUnavailable) as e:
-        run.preflight("llama", opts)
+        job.preflight("llama", opts)
     assert "nox -s setup_cpp -- --backend llama" in str(e.value) and e.value.exit_code == 2
 
 
 def test_repair_that_reenters_itself_is_exit_6(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(run.REPAIR_GUARD_ENV, "llama")
-    opts = config.resolve({"repair": True}, pyproject=empty_cache / "none.toml")
+    monkeypatch.setenv(job.REPAIR_GUARD_ENV, "llama")
+    opts = options.resolve({"repair": True}, pyproject=empty_cache / "none.toml")
     with pytest.raises(RepairRecursion) as e:
-        run.preflight("llama", opts)
+        job.preflight("llama", opts)
     assert e.value.exit_code == 6
 
 
 def test_bitnet_source_override_that_does_not_exist(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PARITY_BITNET_SRC", str(empty_cache / "no-such-checkout"))
-    opts = config.resolve({"repair": True}, pyproject=empty_cache / "none.toml")
+    opts = options.resolve({"repair": True}, pyproject=empty_cache / "none.toml")
     with pytest.raises(UsageError, match="PARITY_BITNET_SRC"):
-        run.preflight("bitnet", opts)
+        job.preflight("bitnet", opts)
 
 
 def test_parity_both_without_bitnet_source_exits_2_and_writes_nothing(empty_cache: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from parity import runner
-from parity.runner import BuildProgress, CommandError
+from parity.core import proc
+from parity.core.proc import BuildProgress, CommandError
 
 FAKE_NINJA = """
 import os, sys, time
@@ -34,7 +34,7 @@ def fake_ninja(tmp_path: Path) -> Path:
 
 def test_plain_progress_from_a_real_child(fake_ninja: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log_file = tmp_path / "build.log"
-    out = runner.run([sys.executable, fake_ninja, "6", "0", "0"], log_file=log_file, progress="building fake")
+    out = proc.run([sys.executable, fake_ninja, "6", "0", "0"], log_file=log_file, progress="building fake")
     err = capsys.readouterr().err
     assert "[6/6] Building CXX object obj6.o" in out
     assert log_file.read_text(encoding="utf-8") == out  # the full output, as without progress
@@ -48,7 +48,7 @@ def test_plain_progress_from_a_real_child(fake_ninja: Path, tmp_path: Path, caps
 def test_silent_step_still_ticks(fake_ninja: Path) -> None:
     stream = io.StringIO()
     display = BuildProgress("building fake", stream=stream, tty=False, interval=0.2)
-    runner.run([sys.executable, fake_ninja, "2", "1.0", "0"], progress=display)
+    proc.run([sys.executable, fake_ninja, "2", "1.0", "0"], progress=display)
     lines = stream.getvalue().splitlines()
     # 2 s of silence after each status line with a 0.2 s interval: several heartbeat lines, not one at the end
     assert len(lines) >= 3, lines
@@ -59,7 +59,7 @@ def test_silent_step_still_ticks(fake_ninja: Path) -> None:
 def test_tty_progress_from_a_real_child(fake_ninja: Path) -> None:
     stream = io.StringIO()
     display = BuildProgress("building fake", stream=stream, tty=True, interval=0.05)
-    runner.run([sys.executable, fake_ninja, "4", "0.2", "0"], progress=display)
+    proc.run([sys.executable, fake_ninja, "4", "0.2", "0"], progress=display)
     text = stream.getvalue()
     assert "\n" not in text and text.endswith("\r\x1b[K")
     assert "\r  building fake [" in text
@@ -70,14 +70,14 @@ def test_failure_keeps_the_tail_and_the_log(
 ) -> None:
     log_file = tmp_path / "build.log"
     with pytest.raises(CommandError) as info:
-        runner.run([sys.executable, fake_ninja, "5", "0", "3"], log_file=log_file, progress="building fake")
+        proc.run([sys.executable, fake_ninja, "5", "0", "3"], log_file=log_file, progress="building fake")
     assert "error: something broke" in str(info.value) and "[3/5]" in str(info.value)
     assert "error: something broke" in log_file.read_text(encoding="utf-8")
     assert capsys.readouterr().err.splitlines()[-1].startswith("  building fake [3/5] 60% ")
 
 
 def test_verbose_streams_everything_without_a_status_line(fake_ninja: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    runner.run([sys.executable, fake_ninja, "3", "0", "0"], verbose=True, progress="building fake")
+    proc.run([sys.executable, fake_ninja, "3", "0", "0"], verbose=True, progress="building fake")
     err = capsys.readouterr().err
     assert "[3/3] Building CXX object obj3.o" in err
     assert "  building fake" not in err

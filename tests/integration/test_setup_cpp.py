@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import build
+from parity.backends import build
 
 from .conftest import run_cli
 

@@ -13,10 +13,14 @@ from typing import Any
 
 import pytest
 
-from parity import backends, build, paths, receipts, run, ternary_model
-from parity.config import RunOptions
+from parity.backends import build, lock
+from parity.check import job
+from parity.compare import receipts
+from parity.core import paths
 from parity.errors import ModelFormatError
-from parity.gguf_file import open_gguf
+from parity.gguf.reader import open_gguf
+from parity.models import ternary_model
+from parity.options import RunOptions
 
 from .conftest import run_cli
 
@@ -36,8 +40,8 @@ def _root() -> Path:
 
 @pytest.fixture(scope="module")
 def bitnet_plan() -> build.BuildPlan:
-    spec = backends.get_spec("bitnet")
-    override = backends.source_override(spec)
+    spec = lock.get_spec("bitnet")
+    override = lock.source_override(spec)
     if override is None:
         pytest.fail(
             "this test needs a bitnet.cpp source: set PARITY_BITNET_SRC to a checkout of microsoft/BitNet at "
@@ -60,7 +64,7 @@ def _lane(tmp_path: Path, variant: str, backend: str, numerics: str = "exact", s
         mse_tol=1.0,
     )
     opts.validate()
-    _, results = run.run(opts, [backend])
+    _, results = job.run(opts, [backend])
     assert results[0].receipt_path is not None, results[0].error
     return receipts.load(results[0].receipt_path)
 

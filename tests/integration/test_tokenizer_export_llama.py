@@ -23,11 +23,11 @@ from typing import Any
 import gguf
 import pytest
 
-from parity import build
-from parity.bridge import BackendParams
-from parity.gguf_file import open_gguf
-from parity.tokenization import HFTokenizer, gguf_config_hash
-from parity.tokenizer_export import (
+from parity.backends import build
+from parity.backends.bridge import BackendParams
+from parity.backends.worker import RemoteModel, Worker
+from parity.gguf.reader import open_gguf
+from parity.tokenize.export import (
     ATTR_CONTROL,
     ATTR_UNKNOWN,
     PRE_TOKENIZERS,
@@ -38,7 +38,7 @@ from parity.tokenizer_export import (
     render,
     token_attributes,
 )
-from parity.worker import RemoteModel, Worker
+from parity.tokenize.tokenizer import HFTokenizer, gguf_config_hash
 from tests.integration.conftest import locked_gemma
 
 pytestmark = pytest.mark.compile

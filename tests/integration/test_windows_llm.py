@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import build
+from parity.backends import build
 
 from .test_windows_html import EXAMPLES, rendered, windows_cli
 

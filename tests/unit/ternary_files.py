@@ -14,8 +14,8 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-from parity import ternary
-from parity.gguf_file import open_gguf
+from parity.gguf import ternary
+from parity.gguf.reader import open_gguf
 
 
 def copy_as_i2_s(source: Path, dest: Path, *, nthread: int = 1) -> None:

@@ -1,4 +1,4 @@
-"""Tests for parity.arch_bitnet: the numpy `bitnet` graph on the synthetic ternary model."""
+"""Tests for parity.engines.numpy.bitnet: the numpy `bitnet` graph on the synthetic ternary model."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from parity import arch_bitnet, ternary_model
-from parity.engine_numpy import ARCHITECTURES, NumpyEngine, rms_norm, rope_cos_sin, silu
+from parity.engines.numpy import bitnet
+from parity.engines.numpy.engine import ARCHITECTURES, NumpyEngine
+from parity.engines.numpy.numerics import Numerics
+from parity.engines.numpy.ops import rms_norm, rope_cos_sin, silu
 from parity.errors import ModelFormatError
-from parity.gguf_file import open_gguf
-from parity.numerics import Numerics
+from parity.gguf.reader import open_gguf
+from parity.models import ternary_model
 
 from .ternary_files import copy_as_i2_s
 
@@ -95,18 +97,18 @@ def test_graph_matches_an_independent_transcription(models: dict[str, Path]) -> 
 
 def test_scale_tensors_are_applied(models: dict[str, Path]) -> None:
     f = open_gguf(models["f32"])
-    w = arch_bitnet.load_bitnet(f, np.float64)
+    w = bitnet.load_bitnet(f, np.float64)
     assert set(w.layers[1].scales) == {"attn_q", "ffn_down"} and not w.layers[0].scales
     ids = np.asarray(TOKENS)
-    with_scales = arch_bitnet.bitnet_forward(w, ids)
+    with_scales = bitnet.bitnet_forward(w, ids)
     w.layers[1].scales.clear()
-    assert float(np.max(np.abs(arch_bitnet.bitnet_forward(w, ids) - with_scales))) > 1e-2
+    assert float(np.max(np.abs(bitnet.bitnet_forward(w, ids) - with_scales))) > 1e-2
 
 
 def test_rope_neox_rotates_halves() -> None:
     cos, sin = rope_cos_sin(np.arange(3), 8, 10000.0, 1.0, None, np.float64)
     x = np.arange(3 * 1 * 8, dtype=np.float64).reshape(3, 1, 8)
-    y = arch_bitnet.rope_neox(x, cos, sin)
+    y = bitnet.rope_neox(x, cos, sin)
     assert np.array_equal(y[0], x[0])  # position 0: angle 0
     i = 1  # pair (x[1], x[5]) of position 2 rotates by angle 2 * 10000^(-2/8)
     ang = 2 * 10000.0 ** (-2 * i / 8)
@@ -117,8 +119,8 @@ def test_rope_neox_rotates_halves() -> None:
 def test_last_only_and_greedy(models: dict[str, Path]) -> None:
     e = NumpyEngine(models["f16"], dtype="float32")
     full = e.logits(TOKENS)
-    w = arch_bitnet.load_bitnet(e.gguf, np.float32)
-    last = arch_bitnet.bitnet_forward(w, np.asarray(TOKENS), last_only=True)
+    w = bitnet.load_bitnet(e.gguf, np.float32)
+    last = bitnet.bitnet_forward(w, np.asarray(TOKENS), last_only=True)
     assert np.allclose(last[0], full[-1], atol=1e-4)
     assert len(e.greedy(TOKENS[:4], 3)) == 3
 
@@ -127,7 +129,7 @@ def test_mirror_numerics_stay_close_to_exact(models: dict[str, Path]) -> None:
     exact = NumpyEngine(models["f16"], dtype="float64").logits(TOKENS)
     f = open_gguf(models["i2_s"])
     for backend in ("bitnet", "llama"):
-        mirrored = arch_bitnet.mirrored_logits(f, TOKENS, Numerics("mirror", backend, "batch", False, True), np.float32)
+        mirrored = bitnet.mirrored_logits(f, TOKENS, Numerics("mirror", backend, "batch", False, True), np.float32)
         cos = np.sum(mirrored * exact, 1) / np.linalg.norm(mirrored, axis=1) / np.linalg.norm(exact, axis=1)
         assert 0.99 < float(cos.min()) < 1.0  # int8 / Q8_K activations: close, never identical
 

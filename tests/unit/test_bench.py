@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from parity import backends, bench, bench_gate, bench_lanes, bench_report, build, build_tools
+from parity.backends import build
+from parity.backends import lock as backends
+from parity.backends import tools as build_tools
+from parity.bench import gate as bench_gate
+from parity.bench import lanes as bench_lanes
+from parity.bench import llama_bench
+from parity.bench import main as bench
+from parity.bench import report as bench_report
 from parity.errors import UsageError
 
 DATA = Path(__file__).parent / "data"
@@ -343,17 +350,17 @@ def test_cli_flags() -> None:
 
 
 def test_parse_captured_llama_bench_output() -> None:
-    tests = build_tools.parse_llama_bench(SAMPLE.read_text())
+    tests = llama_bench.parse_llama_bench(SAMPLE.read_text())
     assert [(t["n_prompt"], t["n_gen"]) for t in tests] == [(64, 0), (0, 16)]
     assert tests[0]["build_number"] == 5 and tests[0]["type_k"] == "f16" and tests[0]["flash_attn"] == 0
-    pp = build_tools.summarize_tests(tests[:1])
+    pp = llama_bench.summarize_tests(tests[:1])
     assert pp["median"] > 0 and len(pp["samples"]) == 1 and pp["avg_ts"] == pytest.approx(tests[0]["avg_ts"])
     assert (pp["evals_per_sample"], pp["warmup_evals"], pp["timed_evals"]) == (3, 1, 3)
 
 
 def test_parse_ignores_log_lines_around_the_json() -> None:
     text = "load_backend: loaded CPU backend\n" + SAMPLE.read_text() + "\nsome trailing log\n"
-    assert len(build_tools.parse_llama_bench(text)) == 2
+    assert len(llama_bench.parse_llama_bench(text)) == 2
 
 
 @pytest.mark.parametrize(
@@ -368,20 +375,20 @@ def test_parse_ignores_log_lines_around_the_json() -> None:
 def test_parse_rejects_another_format(mutate: Any, message: str) -> None:
     tests = json.loads(SAMPLE.read_text())
     mutate(tests[0])
-    with pytest.raises(build_tools.LlamaBenchFormatError, match=message):
-        build_tools.parse_llama_bench(json.dumps(tests, indent=2))
-    with pytest.raises(build_tools.LlamaBenchFormatError, match="no JSON array"):
-        build_tools.parse_llama_bench("| model | size |\n")
+    with pytest.raises(llama_bench.LlamaBenchFormatError, match=message):
+        llama_bench.parse_llama_bench(json.dumps(tests, indent=2))
+    with pytest.raises(llama_bench.LlamaBenchFormatError, match="no JSON array"):
+        llama_bench.parse_llama_bench("| model | size |\n")
 
 
 def test_llama_bench_command_lines() -> None:
-    cmd = build_tools.llama_bench_command(Path("/b/llama-bench"), Path("/m.gguf"), 64, 16, 5, 2, ["-fa", "0"])
+    cmd = llama_bench.llama_bench_command(Path("/b/llama-bench"), Path("/m.gguf"), 64, 16, 5, 2, ["-fa", "0"])
     assert " ".join(cmd) == "/b/llama-bench -m /m.gguf -p 64 -n 16 -r 5 -t 2 -o json -fa 0"
     params = {"type_k": 1, "type_v": 1, "flash_attn": 0, "n_batch": 128, "n_ubatch": 128}
     flags = "-ctk f16 -ctv f16 -fa 0 -b 128 -ub 128 --poll 0"  # poll 0: the bridge's thread pool sleeps when idle
-    assert " ".join(build_tools.matched_flags(params)) == flags
+    assert " ".join(llama_bench.matched_flags(params)) == flags
     with pytest.raises(UsageError, match="cannot express"):
-        build_tools.matched_flags({**params, "type_k": 0})
+        llama_bench.matched_flags({**params, "type_k": 0})
 
 
 @pytest.fixture()
@@ -417,15 +424,15 @@ def test_llama_bench_runner_interleaves_and_cross_checks(fp: Any, isolated: Path
     sample = SAMPLE.read_text()
     params = {"type_k": 1, "type_v": 1, "flash_attn": 0, "n_batch": 128, "n_ubatch": 128, "n_threads": 2}
     # -r 3: the matched lane's evaluations per sample; the sample output has 3 repetitions per test
-    base = build_tools.llama_bench_command(tp.binary, Path("/m.gguf"), 64, 16, 3, 2, [])
-    fp.register(base + build_tools.matched_flags(params), stdout=sample, occurrences=2)
+    base = llama_bench.llama_bench_command(tp.binary, Path("/m.gguf"), 64, 16, 3, 2, [])
+    fp.register(base + llama_bench.matched_flags(params), stdout=sample, occurrences=2)
     fp.register(base, stdout=sample, occurrences=2)
-    runner = build_tools.LlamaBenchRunner(tp, Path("/m.gguf"), 64, 16, 2, params, reps_per_invocation=3)
+    runner = llama_bench.LlamaBenchRunner(tp, Path("/m.gguf"), 64, 16, 2, params, reps_per_invocation=3)
     runner.run_once()
     runner.run_once()
     runs = runner.results(isolated, "default-f32")
     assert [(r["config"], r["invocations"]) for r in runs] == [("matched", 2), ("default", 2)]
-    assert runs[0]["command"] == base + build_tools.matched_flags(params) and runs[1]["command"] == base
+    assert runs[0]["command"] == base + llama_bench.matched_flags(params) and runs[1]["command"] == base
     assert runs[0]["settings"]["type_k"] == "f16" and runs[0]["build_commit"]
     pp = runs[0]["pp"]
     # one sample per invocation: its 3 repetitions' tokens over their summed time (one pre-empted 33 ms
@@ -437,10 +444,10 @@ def test_llama_bench_runner_interleaves_and_cross_checks(fp: Any, isolated: Path
     assert (isolated / "llama-bench_default-f32_matched.txt").read_text() == sample * 2
     theirs = pp["median"]  # the medians are compared
     ours = {"config": params, "pp": bench_gate.summarize([theirs * 0.97] * 3), "tg": runs[0]["tg"]}
-    rows = build_tools.cross_check(SHA, ours, runs)
+    rows = llama_bench.cross_check(SHA, ours, runs)
     assert [(r["metric"], r["status"]) for r in rows] == [("pp", "pass"), ("tg", "info")]
     ours["pp"] = bench_gate.summarize([theirs * 0.5] * 3)
-    assert build_tools.cross_check(SHA, ours, runs)[0]["status"] == "FAIL"
+    assert llama_bench.cross_check(SHA, ours, runs)[0]["status"] == "FAIL"
 
 
 # ----------------------------------------------------------------------------------------- schema, report

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
-from parity import bpe
+from parity.tokenize import bpe
 
-CORPUS = Path(bpe.__file__).resolve().parent / "data" / "corpus.txt"
+CORPUS = Path(__file__).resolve().parents[2] / "parity" / "data" / "corpus.txt"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from parity import backends, build
+from parity.backends import build, lock
 
 
 @pytest.fixture()
@@ -21,11 +21,11 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _plan(fp: Any) -> build.BuildPlan:
     fp.register([fp.any()], stdout="c++ (Debian 12.2.0-14) 12.2.0\n")  # `c++ --version`
-    return build.plan(backends.get_spec("llama"), None)
+    return build.plan(lock.get_spec("llama"), None)
 
 
 def test_lock_pins_llama(isolated: Path) -> None:
-    spec = backends.get_spec("llama")
+    spec = lock.get_spec("llama")
     assert len(spec.commit) == 40 and spec.sdist is not None and len(spec.sdist.sha256) == 64
     assert spec.cmake["BUILD_SHARED_LIBS"] == "OFF" and spec.cmake["CMAKE_BUILD_TYPE"] == "Release"
 
@@ -36,13 +36,13 @@ def test_plan_is_keyed_and_stable(fp: Any, isolated: Path) -> None:
     assert p1.lib_key == p2.lib_key and p1.bridge_key == p2.bridge_key
     assert p1.lib_dir.parent == isolated / "cache"
     assert p1.bridge_path.name == "libparity_bridge_llama.so"
-    assert p1.source_fingerprint == f"sdist:{backends.get_spec('llama').sdist.sha256}"  # type: ignore[union-attr]
+    assert p1.source_fingerprint == f"sdist:{lock.get_spec('llama').sdist.sha256}"  # type: ignore[union-attr]
 
 
 def test_compiler_change_changes_the_key(fp: Any, isolated: Path) -> None:
     p1 = _plan(fp)
     fp.register([fp.any()], stdout="c++ (Debian 13.1.0) 13.1.0\n")
-    p2 = build.plan(backends.get_spec("llama"), None)
+    p2 = build.plan(lock.get_spec("llama"), None)
     assert p1.lib_key != p2.lib_key
 
 
@@ -66,7 +66,7 @@ def test_build_lib_runs_exactly_these_commands(fp: Any, isolated: Path) -> None:
     src = isolated / "src"
     for cmd in build.cmake_commands(p, src, 3):
         fp.register(cmd, stdout="ok\n")
-    secs = build._build_lib(backends.get_spec("llama"), p, src, verbose=False, jobs=3)
+    secs = build._build_lib(lock.get_spec("llama"), p, src, verbose=False, jobs=3)
     assert secs >= 0
     assert json.loads((p.lib_dir / "lib.json").read_text())["prefix"] == str(p.lib_dir / "prefix")
     for label in ("configure", "build", "install"):
@@ -80,7 +80,7 @@ def test_failed_build_raises_build_error_with_output(fp: Any, isolated: Path) ->
     fp.register(cmds[0], stdout="configured\n")
     fp.register(cmds[1], stdout="error: something broke\n", returncode=1)
     with pytest.raises(build.BuildError) as e:
-        build._build_lib(backends.get_spec("llama"), p, src, verbose=False, jobs=1)
+        build._build_lib(lock.get_spec("llama"), p, src, verbose=False, jobs=1)
     assert e.value.exit_code == 5
     assert "something broke" in str(e.value) and "cmake --build" in str(e.value)
     assert not (p.lib_dir / "lib.json").exists()
@@ -98,5 +98,5 @@ def test_bridge_command_uses_scikit_build_core(fp: Any, isolated: Path) -> None:
 
 def test_source_override_requires_cmakelists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PARITY_LLAMA_SRC", str(tmp_path))
-    with pytest.raises(backends.UsageError, match="no CMakeLists.txt"):
-        backends.source_override(backends.get_spec("llama"))
+    with pytest.raises(lock.UsageError, match="no CMakeLists.txt"):
+        lock.source_override(lock.get_spec("llama"))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from parity import chat_template as ct
 from parity.errors import UsageError
-from parity.tokenization import apply_template
+from parity.tokenize import chat_template as ct
+from parity.tokenize.tokenizer import apply_template
 
 GEMMA = (
     "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first = messages[0]['content'] + '\n\n' -%}"

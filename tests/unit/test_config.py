@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import config
+from parity import options
 from parity.errors import UsageError
 
 
@@ -18,7 +18,7 @@ def test_precedence_defaults_pyproject_env_cli(tmp_path: Path, monkeypatch: pyte
     pp = _pyproject(tmp_path, "[tool.parity]\nthreads = 3\ncos_tol = 0.9\nmax_tokens = 7\n")
     monkeypatch.setenv("PARITY_COS_TOL", "0.95")
     monkeypatch.delenv("PARITY_THREADS", raising=False)
-    opts = config.resolve({"max_tokens": 2, "prompt": None}, pyproject=pp)
+    opts = options.resolve({"max_tokens": 2, "prompt": None}, pyproject=pp)
     assert opts.threads == 3  # pyproject beats the default
     assert opts.cos_tol == 0.95  # env beats pyproject
     assert opts.max_tokens == 2  # CLI beats everything
@@ -28,13 +28,13 @@ def test_precedence_defaults_pyproject_env_cli(tmp_path: Path, monkeypatch: pyte
 def test_unknown_pyproject_key_suggests(tmp_path: Path) -> None:
     pp = _pyproject(tmp_path, "[tool.parity]\ncos_tool = 0.9\n")
     with pytest.raises(UsageError, match="did you mean 'cos_tol'"):
-        config.resolve({}, pyproject=pp)
+        options.resolve({}, pyproject=pp)
 
 
 def test_bad_env_value_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PARITY_THREADS", "many")
     with pytest.raises(UsageError, match="PARITY_THREADS"):
-        config.resolve({}, pyproject=tmp_path / "none.toml")
+        options.resolve({}, pyproject=tmp_path / "none.toml")
 
 
 @pytest.mark.parametrize(
@@ -49,16 +49,16 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, monkeypatch: pytest.Mo
 )
 def test_validation(tmp_path: Path, cli: dict[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message):
-        config.resolve(cli, pyproject=tmp_path / "none.toml")
+        options.resolve(cli, pyproject=tmp_path / "none.toml")
 
 
 def test_repair_off_when_ci_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CI", "true")
-    assert config.resolve({}, pyproject=tmp_path / "none.toml").repair is False
+    assert options.resolve({}, pyproject=tmp_path / "none.toml").repair is False
     monkeypatch.delenv("CI")
-    assert config.resolve({}, pyproject=tmp_path / "none.toml").repair is True
+    assert options.resolve({}, pyproject=tmp_path / "none.toml").repair is True
 
 
 def test_bool_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PARITY_VERBOSE", "yes")
-    assert config.resolve({}, pyproject=tmp_path / "none.toml").verbose is True
+    assert options.resolve({}, pyproject=tmp_path / "none.toml").verbose is True

@@ -1,4 +1,4 @@
-"""Tests for parity.dequant: bit-for-bit against gguf-py and against loops transliterated from C.
+"""Tests for parity.gguf.dequant: bit-for-bit against gguf-py and against loops transliterated from C.
 
 The transliterations follow ggml-quants.c's dequantize_row_* line by line with float32 scalars.
 """
@@ -15,9 +15,9 @@ import numpy.typing as npt
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from parity import dequant
 from parity.errors import ModelFormatError
-from parity.gguf_file import TensorInfo, open_gguf
+from parity.gguf import dequant
+from parity.gguf.reader import TensorInfo, open_gguf
 
 RNG = np.random.default_rng(20240611)
 

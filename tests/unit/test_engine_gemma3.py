@@ -1,4 +1,4 @@
-"""Tests for parity.arch_gemma3 on tiny random Gemma 3 GGUFs written into tmp_path.
+"""Tests for parity.engines.numpy.gemma3 on tiny random Gemma 3 GGUFs written into tmp_path.
 
 The engine is checked against `loop_gemma3`, a float64 forward pass written independently, one scalar
 loop per operation, from llama.cpp's gemma3 graph (src/models/gemma3.cpp).
@@ -15,10 +15,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from parity.arch_gemma3 import gelu_tanh, gemma3_params, rope_neox, sliding_window_mask, softcap
-from parity.engine_numpy import NumpyEngine, attention, rope_cos_sin
+from parity.engines.numpy.engine import NumpyEngine
+from parity.engines.numpy.gemma3 import gelu_tanh, gemma3_params, rope_neox, sliding_window_mask, softcap
+from parity.engines.numpy.ops import attention, rope_cos_sin
 from parity.errors import ModelFormatError
-from parity.gguf_file import open_gguf
+from parity.gguf.reader import open_gguf
 
 Weights = dict[str, npt.NDArray[np.float32]]
 F64 = npt.NDArray[np.float64]

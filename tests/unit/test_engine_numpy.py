@@ -1,4 +1,4 @@
-"""Tests for parity.engine_numpy on tiny random llama GGUFs written into tmp_path."""
+"""Tests for parity.engines.numpy.engine on tiny random llama GGUFs written into tmp_path."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from parity.engine_numpy import NumpyEngine, attention, rope, rope_cos_sin
+from parity.engines.numpy.engine import NumpyEngine
+from parity.engines.numpy.ops import attention, rope, rope_cos_sin
 from parity.errors import ModelFormatError, UsageError
-from parity.gguf_file import open_gguf
+from parity.gguf.reader import open_gguf
 
 Weights = dict[str, npt.NDArray[np.float32]]
 N_VOCAB, N_EMBD, N_FF, N_CTX, EPS, BASE = 96, 64, 128, 32, 1e-5, 10000.0

@@ -1,4 +1,4 @@
-"""Unit tests of parity.fetch / parity.progress: lock parsing, URL and path safety, backoff, progress
+"""Unit tests of parity.models.fetch / parity.core.download: lock parsing, URL and path safety, backoff, progress
 formatting, and the cache logic with local (file://, directory mirror) sources. No sockets, no subprocesses."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from parity import fetch, progress
+from parity.core import download
+from parity.core.fs import sha256_file
 from parity.errors import UsageError
-from parity.fsutil import sha256_file
+from parity.models import fetch
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL_LOCK = ROOT / "lock" / "models.lock.json"
@@ -46,7 +47,7 @@ def lock_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "models.lock.json"
     monkeypatch.setenv("PARITY_MODELS_LOCK", str(path))
     monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
-    monkeypatch.setenv(progress.BACKOFF_ENV, "0")
+    monkeypatch.setenv(download.BACKOFF_ENV, "0")
     return path
 
 
@@ -161,7 +162,7 @@ def test_companion_url_defaults_to_the_model_directory(lock_file: Path) -> None:
     ],
 )
 def test_allowed_urls(url: str) -> None:
-    assert progress.check_url(url) == url
+    assert download.check_url(url) == url
 
 
 @pytest.mark.parametrize(
@@ -185,7 +186,7 @@ def test_allowed_urls(url: str) -> None:
 )
 def test_refused_urls_name_the_url(url: str) -> None:
     with pytest.raises(UsageError) as info:
-        progress.check_url(url)
+        download.check_url(url)
     assert repr(url) in str(info.value)
 
 
@@ -215,8 +216,8 @@ def test_cached_path_stays_inside_the_cache(tmp_path: Path) -> None:
 
 
 def test_backoff_schedule_doubles_and_is_capped() -> None:
-    assert progress.DownloadPolicy(attempts=5, base_delay=1.0).schedule() == [1.0, 2.0, 4.0, 8.0]
-    assert progress.DownloadPolicy(attempts=7, base_delay=4.0, max_delay=20.0).schedule() == [
+    assert download.DownloadPolicy(attempts=5, base_delay=1.0).schedule() == [1.0, 2.0, 4.0, 8.0]
+    assert download.DownloadPolicy(attempts=7, base_delay=4.0, max_delay=20.0).schedule() == [
         4.0,
         8.0,
         16.0,
@@ -224,27 +225,27 @@ def test_backoff_schedule_doubles_and_is_capped() -> None:
         20.0,
         20.0,
     ]
-    assert progress.DownloadPolicy(attempts=1).schedule() == []
+    assert download.DownloadPolicy(attempts=1).schedule() == []
 
 
 def test_backoff_base_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(progress.BACKOFF_ENV, "0.01")
-    assert progress.DownloadPolicy.from_env().schedule()[:3] == [0.01, 0.02, 0.04]
-    monkeypatch.setenv(progress.BACKOFF_ENV, "soon")
+    monkeypatch.setenv(download.BACKOFF_ENV, "0.01")
+    assert download.DownloadPolicy.from_env().schedule()[:3] == [0.01, 0.02, 0.04]
+    monkeypatch.setenv(download.BACKOFF_ENV, "soon")
     with pytest.raises(UsageError, match="PARITY_FETCH_BACKOFF"):
-        progress.DownloadPolicy.from_env()
+        download.DownloadPolicy.from_env()
 
 
 def test_timeouts_default_then_env_then_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(progress.CONNECT_TIMEOUT_ENV, raising=False)
-    monkeypatch.delenv(progress.READ_TIMEOUT_ENV, raising=False)
-    policy = progress.DownloadPolicy.from_env()
+    monkeypatch.delenv(download.CONNECT_TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(download.READ_TIMEOUT_ENV, raising=False)
+    policy = download.DownloadPolicy.from_env()
     assert (policy.connect_timeout, policy.read_timeout) == (15.0, 60.0)
-    monkeypatch.setenv(progress.CONNECT_TIMEOUT_ENV, "2.5")
-    monkeypatch.setenv(progress.READ_TIMEOUT_ENV, "300")
-    policy = progress.DownloadPolicy.from_env()
+    monkeypatch.setenv(download.CONNECT_TIMEOUT_ENV, "2.5")
+    monkeypatch.setenv(download.READ_TIMEOUT_ENV, "300")
+    policy = download.DownloadPolicy.from_env()
     assert (policy.connect_timeout, policy.read_timeout) == (2.5, 300.0)
-    policy = progress.DownloadPolicy.from_env(connect_timeout="4", read_timeout="0.5")
+    policy = download.DownloadPolicy.from_env(connect_timeout="4", read_timeout="0.5")
     assert (policy.connect_timeout, policy.read_timeout) == (4.0, 0.5)
 
 
@@ -289,20 +290,20 @@ def test_bad_timeouts_exit_2_with_a_fix(
     ],
 )
 def test_format_bytes(count: int, text: str) -> None:
-    assert progress.format_bytes(count) == text
+    assert download.format_bytes(count) == text
 
 
 @pytest.mark.parametrize(
     ("seconds", "text"), [(None, "--:--"), (-1.0, "--:--"), (0.4, "0:00"), (42, "0:42"), (3723, "1:02:03")]
 )
 def test_format_eta(seconds: float | None, text: str) -> None:
-    assert progress.format_eta(seconds) == text
+    assert download.format_eta(seconds) == text
 
 
 def test_progress_line_has_bytes_rate_and_eta() -> None:
-    line = progress.progress_line("m.gguf", 50 << 20, 100 << 20, float(10 << 20), bar=True)
+    line = download.progress_line("m.gguf", 50 << 20, 100 << 20, float(10 << 20), bar=True)
     assert line == "m.gguf  [############------------]   50.0%  50.0 MiB / 100.0 MiB  10.0 MiB/s  ETA 0:05"
-    assert "[" not in progress.progress_line("m.gguf", 0, 10, 0.0, bar=False).split("  ", 1)[1]
+    assert "[" not in download.progress_line("m.gguf", 0, 10, 0.0, bar=False).split("  ", 1)[1]
 
 
 class FakeClock:
@@ -315,7 +316,7 @@ class FakeClock:
 
 def test_progress_plain_lines_start_with_the_first_bytes_then_are_periodic() -> None:
     out, clock = io.StringIO(), FakeClock()
-    with progress.Progress("f", 1000, stream=out, tty=False, interval=5.0, clock=clock) as prog:
+    with download.Progress("f", 1000, stream=out, tty=False, interval=5.0, clock=clock) as prog:
         clock.now += 1
         prog.update(100)  # the first bytes: shown at once
         clock.now += 1
@@ -333,7 +334,7 @@ def test_progress_shows_a_slow_resumed_download_from_its_first_bytes(tty: bool) 
     # The issue: 16 s of silence on a slow link. Now the first 16 KiB, 0.2 s in, are on screen at once.
     out, clock = io.StringIO(), FakeClock()
     start = 3 << 20
-    with progress.Progress("m.gguf", 8 << 20, start=start, stream=out, tty=tty, clock=clock) as prog:
+    with download.Progress("m.gguf", 8 << 20, start=start, stream=out, tty=tty, clock=clock) as prog:
         assert out.getvalue() == ""
         clock.now += 0.2
         prog.update(start + (16 << 10))
@@ -343,7 +344,7 @@ def test_progress_shows_a_slow_resumed_download_from_its_first_bytes(tty: bool) 
 
 def test_progress_prints_nothing_for_a_transfer_done_in_one_block() -> None:
     out, clock = io.StringIO(), FakeClock()
-    with progress.Progress("tokenizer.json", 1000, stream=out, tty=False, clock=clock) as prog:
+    with download.Progress("tokenizer.json", 1000, stream=out, tty=False, clock=clock) as prog:
         clock.now += 0.01
         prog.update(1000)
     assert out.getvalue() == ""
@@ -351,7 +352,7 @@ def test_progress_prints_nothing_for_a_transfer_done_in_one_block() -> None:
 
 def test_progress_tty_redraws_in_place_and_clears() -> None:
     out, clock = io.StringIO(), FakeClock()
-    with progress.Progress("f", 1000, start=400, stream=out, tty=True, interval=0.1, clock=clock) as prog:
+    with download.Progress("f", 1000, start=400, stream=out, tty=True, interval=0.1, clock=clock) as prog:
         clock.now += 2
         prog.update(600)
     text = out.getvalue()
@@ -375,8 +376,8 @@ def test_file_source_fetch_then_cached_without_rehash(
     assert not list(cache.rglob("*.partial"))
 
     hashed: list[Path] = []
-    real_hash = progress.hash_file
-    monkeypatch.setattr(progress, "hash_file", lambda p: hashed.append(p) or real_hash(p))
+    real_hash = download.hash_file
+    monkeypatch.setattr(download, "hash_file", lambda p: hashed.append(p) or real_hash(p))
     (second,) = fetch.fetch_models("ci", cache_dir=cache)
     assert second.status == "cached" and hashed == []  # the size+mtime stamp answers without hashing
     (verified,) = fetch.fetch_models("ci", verify_only=True, cache_dir=cache)

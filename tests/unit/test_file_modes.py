@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from parity import fetch, fsutil, modelgen, progress, receipts
+from parity.compare import receipts
+from parity.core import download, fs
+from parity.models import fetch, modelgen
 from parity.workflow import reports, state, status
 
 from .test_receipts import v1
@@ -50,9 +52,9 @@ def expected(mask: int) -> int:
 def test_examples_from_the_issue() -> None:
     old = os.umask(0o022)
     try:
-        assert fsutil.current_umask() == 0o022 and fsutil.new_file_mode() == 0o644
+        assert fs.current_umask() == 0o022 and fs.new_file_mode() == 0o644
         os.umask(0o077)
-        assert fsutil.current_umask() == 0o077 and fsutil.new_file_mode() == 0o600
+        assert fs.current_umask() == 0o077 and fs.new_file_mode() == 0o600
     finally:
         os.umask(old)
 
@@ -61,7 +63,7 @@ def test_reading_the_umask_does_not_change_it_even_under_threads(umask: int) -> 
     seen: list[int] = []
 
     def reader() -> None:
-        seen.extend(fsutil.current_umask() for _ in range(200))
+        seen.extend(fs.current_umask() for _ in range(200))
 
     threads = [threading.Thread(target=reader) for _ in range(4)]
     for t in threads:
@@ -72,9 +74,9 @@ def test_reading_the_umask_does_not_change_it_even_under_threads(umask: int) -> 
 
 
 def test_atomic_writers(tmp_path: Path, umask: int) -> None:
-    fsutil.atomic_write_bytes(tmp_path / "b", b"x")
-    fsutil.atomic_write_text(tmp_path / "t", "x", fsync=False)
-    fsutil.atomic_write_json(tmp_path / "j.json", {"a": 1})
+    fs.atomic_write_bytes(tmp_path / "b", b"x")
+    fs.atomic_write_text(tmp_path / "t", "x", fsync=False)
+    fs.atomic_write_json(tmp_path / "j.json", {"a": 1})
     assert {p.name: mode(p) for p in tmp_path.iterdir()} == dict.fromkeys(["b", "t", "j.json"], expected(umask))
 
 
@@ -83,7 +85,7 @@ def test_replacing_a_file_left_0600_gives_the_umask_mode(tmp_path: Path, umask: 
     target = tmp_path / "state.json"
     target.write_text("old")
     target.chmod(0o600)
-    fsutil.atomic_write_text(target, "new")
+    fs.atomic_write_text(target, "new")
     assert mode(target) == expected(umask) and target.read_text() == "new"
 
 
@@ -127,7 +129,7 @@ def test_run_receipt(tmp_path: Path, umask: int) -> None:
 
 
 def test_bench_json(tmp_path: Path, umask: int) -> None:
-    from parity import bench
+    from parity.bench import main as bench
 
     from .test_bench import make_receipt
 
@@ -162,7 +164,7 @@ def test_fetched_file_its_metadata_and_partial(tmp_path: Path, monkeypatch: pyte
 
     # A partial left 0o600 (an older version, another umask) is renamed into place with the current umask's mode.
     partial = tmp_path / "p.partial"
-    progress.copy_verified(tmp_path / "up" / "m.bin", fetch.load_lock()[0].file, partial)
+    download.copy_verified(tmp_path / "up" / "m.bin", fetch.load_lock()[0].file, partial)
     assert mode(partial) == expected(umask)
     result.path.unlink()
     partial.replace(result.path.with_name(result.path.name + ".partial"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from parity.core.fs import atomic_write_bytes, atomic_write_json, safe_extract, sha256_file
 from parity.errors import UsageError
-from parity.fsutil import atomic_write_bytes, atomic_write_json, safe_extract, sha256_file
 
 
 def _tar(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes]) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for parity.gguf_file: metadata decoding, tensor views and the validation messages."""
+"""Tests for parity.gguf.reader: metadata decoding, tensor views and the validation messages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from parity.errors import ModelFormatError, UsageError
-from parity.gguf_file import HEADER_SIZE, GGUFFile, open_gguf
+from parity.gguf.reader import HEADER_SIZE, GGUFFile, open_gguf
 
 RNG = np.random.default_rng(1234)
 EMBD = RNG.standard_normal((10, 64)).astype(np.float32)  # numpy (rows, cols) = ggml ne [64, 10]
@@ -183,7 +183,7 @@ def test_unknown_tensor_type_is_named(tmp_path: Path, sample: Path) -> None:
     # tensor info: u64 name length, name, u32 n_dims, u64 dims[n_dims], u32 type, u64 offset
     type_pos = data.index(name) + len(name) + 4 + 8 * 2
     assert struct.unpack_from("<I", data, type_pos)[0] == gguf.GGMLQuantizationType.F16
-    struct.pack_into("<I", data, type_pos, 38)  # TL1, bitnet.cpp only (36 = I2_S is read by parity.ternary)
+    struct.pack_into("<I", data, type_pos, 38)  # TL1, bitnet.cpp only (36 = I2_S is read by parity.gguf.ternary)
     odd = tmp_path / "tl1.gguf"
     odd.write_bytes(bytes(data))
     with pytest.raises(ModelFormatError) as exc:

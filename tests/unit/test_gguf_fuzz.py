@@ -2,12 +2,12 @@
 
 Each example mutates the default model in one of the ways a damaged or hostile file differs from a good
 one (byte flips in the header/KV region, value type tags, length fields, truncation, count fields set to
-0 or huge, values swapped between keys, tensor offsets and types) and runs it through `run.check_input`,
+0 or huge, values swapped between keys, tensor offsets and types) and runs it through `job.check_input`,
 exactly what `parity run` does before any lane starts. Allowed outcomes: the file passes, or a ParityError
 with exit code 2 and a one-line message. Not allowed: any other exception, a hang (SIGALRM), or a large
 allocation (tracemalloc; a declared length is checked against the file before anything is read).
 
-Hypothesis runs derandomized (a fixed seed), so CI sees the same cases on every run.
+Hypothesis runs derandomized (a fixed seed), so CI sees the same cases on every job.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from gguf.gguf_reader import GGUFReader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parity import config, modelgen, run
+from parity import options
+from parity.check import job
 from parity.errors import ParityError
+from parity.models import modelgen
 
 CASE_SECONDS = 5  # one case taking longer than this is a hang
 PEAK_BYTES = 64 << 20  # Python allocations of one case (the default model's pipeline peaks near 6 MB)
@@ -204,11 +206,11 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
 def check_case(path: Path, data: bytes, what: str) -> str:
     """Run the pre-flight on one mutant; returns "pass" or the error line. Fails on anything else."""
     path.write_bytes(data)
-    opts = config.resolve({})
+    opts = options.resolve({})
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
-        run.check_input(opts, ["llama"], path, None)
+        job.check_input(opts, ["llama"], path, None)
         return "pass"
     except ParityError as exc:
         assert exc.exit_code == 2, f"{what}: {type(exc).__name__} exits {exc.exit_code}: {exc}"
@@ -370,7 +372,7 @@ def test_a_value_of_the_wrong_type_names_the_key(
 
 def test_non_numeric_scores_and_scalar_tokens_are_model_format_errors() -> None:
     from parity.errors import ModelFormatError
-    from parity.tokenizer_export import GGUFVocab
+    from parity.tokenize.export import GGUFVocab
 
     base = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"]}
     with pytest.raises(ModelFormatError, match=r"'tokenizer.ggml.scores': expected an array of finite numbers"):

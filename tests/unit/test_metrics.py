@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity import metrics
+from parity.compare import metrics
 
 
 def test_identical_logits() -> None:

@@ -13,10 +13,11 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
 from tokenizers import Tokenizer
 
-from parity import bpe, modelgen
 from parity.errors import ModelFormatError, UsageError
+from parity.models import modelgen
+from parity.tokenize import bpe
 
-REPO_LOCK = Path(modelgen.__file__).resolve().parent.parent / "lock" / "models.lock.json"
+REPO_LOCK = Path(__file__).resolve().parents[2] / "lock" / "models.lock.json"
 
 
 @pytest.fixture(scope="module")

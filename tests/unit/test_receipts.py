@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from parity import receipts
+from parity.compare import receipts
 from parity.errors import UsageError
 
 H = "a" * 64

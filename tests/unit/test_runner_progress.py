@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from parity import runner
-from parity.runner import BuildProgress
+from parity.core import proc
+from parity.core.proc import BuildProgress
 
 
 class FakeClock:
@@ -33,20 +33,20 @@ class FakeClock:
     ],
 )
 def test_parse_ninja_progress(line: str, expected: tuple[int, int] | None) -> None:
-    assert runner.parse_ninja_progress(line) == expected
+    assert proc.parse_ninja_progress(line) == expected
 
 
 def test_line_format() -> None:
-    assert runner.build_progress_line("building libllama", 123, 456, 72.4) == "  building libllama [123/456] 26% 1m12s"
-    assert runner.build_progress_line("building libllama", None, None, 3.0) == "  building libllama 3s"
-    assert runner.format_elapsed(3725) == "1h02m05s"
-    assert runner.format_elapsed(59.9) == "59s"
+    assert proc.build_progress_line("building libllama", 123, 456, 72.4) == "  building libllama [123/456] 26% 1m12s"
+    assert proc.build_progress_line("building libllama", None, None, 3.0) == "  building libllama 3s"
+    assert proc.format_elapsed(3725) == "1h02m05s"
+    assert proc.format_elapsed(59.9) == "59s"
 
 
 def test_plain_output_is_throttled_and_always_ends_with_the_final_state() -> None:
     clock, out = FakeClock(), io.StringIO()
     bp = BuildProgress("building libllama", stream=out, tty=False, clock=clock)
-    assert bp.interval == runner.PROGRESS_PLAIN_INTERVAL
+    assert bp.interval == proc.PROGRESS_PLAIN_INTERVAL
     for n in range(1, 11):  # 10 steps, one per second
         clock.now += 1.0
         bp.feed(f"[{n}/10] Building CXX object o{n}.o\n")
@@ -87,7 +87,7 @@ def test_quick_build_prints_only_the_end() -> None:
 def test_tty_redraws_one_line_and_clears_it_at_the_end() -> None:
     clock, out = FakeClock(), io.StringIO()
     bp = BuildProgress("building libllama", stream=out, tty=True, clock=clock)
-    assert bp.interval == runner.PROGRESS_TTY_INTERVAL
+    assert bp.interval == proc.PROGRESS_TTY_INTERVAL
     bp.feed("[1/4] a\n")  # no time passed: not drawn
     clock.now += 0.05
     bp.feed("[2/4] b\n")  # 0.05 s: still within the redraw interval

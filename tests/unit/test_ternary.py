@@ -1,4 +1,4 @@
-"""Tests for parity.ternary: I2_S, TQ1_0, TQ2_0 layouts, bit-for-bit, and the I2_S file reader.
+"""Tests for parity.gguf.ternary: I2_S, TQ1_0, TQ2_0 layouts, bit-for-bit, and the I2_S file reader.
 
 TQ1_0 / TQ2_0 are checked against gguf-py's independent implementation and against loops transliterated
 from mainline's ggml-quants.c; I2_S against a transliteration of bitnet.cpp's quantize_i2_s and the fork's
@@ -15,9 +15,9 @@ import numpy.typing as npt
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from parity import dequant, ternary
 from parity.errors import ModelFormatError
-from parity.gguf_file import TensorInfo, open_gguf
+from parity.gguf import dequant, ternary
+from parity.gguf.reader import TensorInfo, open_gguf
 
 from .ternary_files import copy_as_i2_s
 

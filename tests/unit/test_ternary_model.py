@@ -1,4 +1,4 @@
-"""Tests for parity.ternary_model: determinism, the lock, and the weight check of quantized files."""
+"""Tests for parity.models.ternary_model: determinism, the lock, and the weight check of quantized files."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import gguf
 import numpy as np
 import pytest
 
-from parity import modelgen, quantizer, ternary, ternary_model
+from parity.backends import quantizer
 from parity.errors import BackendUnavailable, ModelFormatError, UsageError
-from parity.gguf_file import open_gguf
+from parity.gguf import ternary
+from parity.gguf.reader import open_gguf
+from parity.models import ternary_model
 
 from .ternary_files import copy_as_i2_s
 
-REPO_LOCK = Path(modelgen.__file__).resolve().parent.parent / "lock" / "models.lock.json"
+REPO_LOCK = Path(__file__).resolve().parents[2] / "lock" / "models.lock.json"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_verify_tq_files_and_a_lossy_embedding(tmp_path: Path, f16: ternary_mode
 def test_quantize_command_keeps_the_embedding_f16_and_one_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from parity import build
+    from parity.backends import build
 
     lib = build.BuildPlan(
         "bitnet", "local", "c0ffee", "fp", {"A": "1"}, "clang", "clang++", "v", "cpu", "key", "bkey", tmp_path, tmp_path

@@ -1,4 +1,4 @@
-"""Tests for parity.numerics: activation quantizers and mirrored matmuls against C transliterations."""
+"""Tests for parity.engines.numpy.numerics: activation quantizers and mirrored matmuls against C transliterations."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy.typing as npt
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from parity import numerics, ternary
+from parity.engines.numpy import numerics
+from parity.engines.numpy.numerics import Numerics, Weight
 from parity.errors import UsageError
-from parity.numerics import Numerics, Weight
+from parity.gguf import ternary
 
 RNG = np.random.default_rng(7)
 F32 = np.float32

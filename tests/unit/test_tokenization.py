@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from parity.errors import TokenizerMismatch, UsageError
-from parity.tokenization import (
+from parity.tokenize.tokenizer import (
     HFTokenizer,
     canonical_hash,
     check_token_parity,

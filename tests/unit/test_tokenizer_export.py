@@ -2,7 +2,7 @@
 
 SentencePiece vocabularies are checked against a line-by-line Python transcription of llama.cpp's
 llm_tokenizer_spm_session; byte-level vocabularies against the independent tokenizer.json writer in
-parity.bpe. The real llama.cpp comparisons live in tests/integration/test_tokenizer_export_llama.py.
+parity.tokenize.bpe. The real llama.cpp comparisons live in tests/integration/test_tokenizer_export_llama.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import gguf
 import pytest
 from tokenizers import Tokenizer
 
-from parity import bpe
 from parity.errors import ModelFormatError, UsageError
-from parity.gguf_file import open_gguf
-from parity.tokenization import _hf_config_hash, gguf_config_hash
-from parity.tokenizer_export import (
+from parity.gguf.reader import open_gguf
+from parity.tokenize import bpe
+from parity.tokenize.export import (
     PRE_TOKENIZERS,
     add_parser,
     as_llama_cpp_sees,
@@ -33,6 +32,7 @@ from parity.tokenizer_export import (
     spm_merges,
     write_tokenizer,
 )
+from parity.tokenize.tokenizer import _hf_config_hash, gguf_config_hash
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -68,7 +68,7 @@ def write_vocab(path: Path, keys: dict[str, Any]) -> Path:
 
 
 def byte_level_keys(pre: str = "gpt-2", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A byte-level BPE vocabulary trained by parity.bpe, plus two control tokens and one user-defined token."""
+    """A byte-level BPE vocabulary trained by parity.tokenize.bpe, plus two control tokens and one user-defined token."""
     vocab = bpe.train(CORPUS, 400, special_tokens=("<|endoftext|>", "<|im_end|>", "<|user|>"))
     types = [NORMAL] * (len(vocab.tokens) - 3) + [CONTROL, NORMAL, USER_DEFINED]
     keys: dict[str, Any] = {

@@ -1,0 +1,277 @@
+"""Backend worker processes: each C++ backend runs in its own process.
+
+A crash, abort or hang inside llama.cpp kills only the worker. The harness sees a WorkerError carrying the
+signal or exit code and the last lines the worker wrote to stderr (llama.cpp's log goes there), and the
+lane is reported as failed. The worker's stderr is a file in the run's output directory (kept for
+debugging) or a temp file.
+
+Test hook: PARITY_FAULT_INJECT=abort:<method> makes the worker call abort() when it receives <method>
+(e.g. abort:eval), to exercise exactly the path a C++ abort takes. It is read only in the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from parity.errors import WorkerError
+
+STDERR_TAIL = 15
+DEFAULT_TIMEOUT = 600.0
+_HEADER = struct.Struct("<Q")
+
+
+def _send(stream: IO[bytes], obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _read_exact(stream: IO[bytes], n: int) -> bytes:
+    chunks = []
+    while n:
+        block = stream.read(n)
+        if not block:
+            raise EOFError
+        chunks.append(block)
+        n -= len(block)
+    return b"".join(chunks)
+
+
+def _recv(stream: IO[bytes]) -> Any:
+    (n,) = _HEADER.unpack(_read_exact(stream, _HEADER.size))
+    return pickle.loads(_read_exact(stream, n))
+
+
+def serve(lib_path: str, log_level: int) -> None:
+    """Worker main loop: load the bridge, then answer (method, args) requests until 'exit' or EOF.
+
+    The protocol uses a private duplicate of fd 1; fds 1 and 2 then point at the log (inherited stderr),
+    so anything llama.cpp prints can never corrupt the protocol stream.
+    """
+    proto_out = os.fdopen(os.dup(1), "wb")
+    proto_in = os.fdopen(os.dup(0), "rb")
+    os.dup2(2, 1)
+    fault = os.environ.get("PARITY_FAULT_INJECT", "")
+    from parity.backends.bridge import Bridge, BridgeError
+
+    models: dict[int, Any] = {}
+    try:
+        bridge = Bridge(Path(lib_path))
+        bridge.set_log_level(log_level)
+    except Exception as exc:
+        _send(proto_out, ("err", "load", f"cannot load bridge {lib_path}: {exc}"))
+        return
+    _send(proto_out, ("ok", {"api_generation": bridge.api_generation(), "system_info": bridge.system_info()}))
+    while True:
+        try:
+            method, args = _recv(proto_in)
+        except EOFError:
+            return
+        if method == "exit":
+            for m in models.values():
+                m.close()
+            _send(proto_out, ("ok", None))
+            return
+        if fault == f"abort:{method}":
+            os.abort()
+        try:
+            if method == "open":
+                model = bridge.open(*args)
+                models[id(model)] = model
+                result: Any = id(model)
+            elif method == "dequantize":
+                result = bridge.dequantize(*args)
+            elif method == "chat_apply_template":
+                result = bridge.chat_apply_template(*args)
+            else:
+                handle, *rest = args
+                model = models[handle]
+                if method == "close":
+                    model.close()
+                    del models[handle]
+                    result = None
+                else:
+                    result = getattr(model, method)(*rest)
+            _send(proto_out, ("ok", result))
+        except BridgeError as exc:
+            _send(proto_out, ("err", "bridge", str(exc)))
+        except Exception as exc:
+            _send(proto_out, ("err", "python", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+class Worker:
+    """A worker process serving one backend's bridge. Use as a context manager."""
+
+    def __init__(
+        self,
+        backend: str,
+        lib_path: Path,
+        *,
+        log_dir: Path | None = None,
+        log_level: int = 1,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.backend = backend
+        self.timeout = timeout
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.stderr_path = log_dir / f"worker_{backend}.log"
+        else:
+            fd, name = tempfile.mkstemp(prefix=f"parity-worker-{backend}-", suffix=".log")
+            os.close(fd)
+            self.stderr_path = Path(name)
+        self._log = open(self.stderr_path, "wb")  # noqa: SIM115 - lives as long as the worker
+        # sys.path travels explicitly so the worker imports this same parity (checkout or install).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "parity.backends.worker", str(lib_path), str(log_level)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in: IO[bytes] = self.proc.stdin
+        self._out: IO[bytes] = self.proc.stdout
+        self.hello: dict[str, Any] = self._receive("start")
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr_tail(self, n: int = STDERR_TAIL) -> str:
+        try:
+            lines = self.stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def _death(self, during: str) -> WorkerError:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.returncode
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        tail = self.stderr_tail()
+        msg = f"{self.backend} worker {how} during {during}"
+        if tail:
+            msg += "\n--- last worker stderr ---\n" + tail
+        return WorkerError(msg, fix=f"see {self.stderr_path}; rerun with --verbose for llama.cpp's full log")
+
+    def _receive(self, during: str) -> Any:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            ready, _, _ = select.select([self._out], [], [], 0.2)
+            if ready:
+                try:
+                    reply = _recv(self._out)
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    raise self._death(during) from None
+                break
+            if self.proc.poll() is not None:
+                raise self._death(during)
+            if time.monotonic() > deadline:
+                self.kill()
+                raise WorkerError(
+                    f"{self.backend} worker timed out after {self.timeout:.0f} s during {during}",
+                    fix="raise the timeout or check the model size",
+                )
+        if reply[0] == "ok":
+            return reply[1]
+        _, _kind, message = reply
+        raise WorkerError(f"{self.backend} {during} failed: {message}")
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Send one request and wait for its reply (or the worker's death)."""
+        if self.proc.poll() is not None:
+            raise self._death(method)
+        try:
+            _send(self._in, (method, args))
+        except (BrokenPipeError, OSError):
+            raise self._death(method) from None
+        return self._receive(method)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def close(self) -> None:
+        """Ask the worker to exit; kill it if it does not."""
+        if self.proc.poll() is None:
+            try:
+                _send(self._in, ("exit", ()))
+                self.proc.wait(timeout=10)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+                self.kill()
+        for stream in (self._in, self._out, self._log):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+class RemoteModel:
+    """A model opened inside a worker; methods mirror parity.backends.bridge.BridgeModel."""
+
+    def __init__(self, worker: Worker, model_path: str, params: Any) -> None:
+        self.worker = worker
+        self.handle = worker.call("open", model_path, params)
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.worker.call("info", self.handle))
+
+    def meta(self, key: str) -> str | None:
+        r = self.worker.call("meta", self.handle, key)
+        return None if r is None else str(r)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return list(self.worker.call("tokenize", self.handle, text, add_special, parse_special))
+
+    def piece(self, token: int) -> bytes:
+        return bytes(self.worker.call("piece", self.handle, token))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return str(self.worker.call("detokenize", self.handle, tokens))
+
+    def eval(self, tokens: list[int]) -> Any:
+        return self.worker.call("eval", self.handle, tokens)
+
+    def eval_stepwise(self, tokens: list[int]) -> Any:
+        return self.worker.call("eval_stepwise", self.handle, tokens)
+
+    def greedy(self, tokens: list[int], n_new: int) -> list[int]:
+        return list(self.worker.call("greedy", self.handle, tokens, n_new))
+
+    def close(self) -> None:
+        self.worker.call("close", self.handle)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]))

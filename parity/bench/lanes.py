@@ -1,0 +1,563 @@
+"""How `parity bench` measures: implementation lanes, the timed region, and the facts about the machine.
+
+A lane (`Lane`) is one implementation with one model loaded, and its one timed operation: `evaluate`, K
+back-to-back greedy evaluations, each timed where it runs. `InProcessLane` holds an engine in this process
+(the numpy engine; a test may wrap it, e.g. to slow it down); `WorkerLane` a C++ backend in a timed worker
+process (`serve` below: parity.backends.worker's protocol and isolation, but the evaluations are timed inside the
+worker, so the pipe round trip is not measured; `rpc_overhead_ms` records it for reference). `open_lane`
+opens the lane for a `LaneSpec`; `parity bench` takes it as a parameter (bench.run_bench). Peak memory:
+a worker's VmHWM read before it exits; for numpy, this process's VmHWM after resetting it before loading.
+`calibrate` and `measure` say how samples are taken and record what ran (`Figure`).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import ctypes
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from parity.backends import build
+from parity.bench import gate
+from parity.errors import ParityError, UsageError
+
+if TYPE_CHECKING:
+    from parity.backends.bridge import BackendParams
+
+MACHINE_ENV = "PARITY_BENCH_MACHINE"
+MIN_SAMPLE_S = 0.05  # a sample is at least this long: back-to-back evaluations (see calibrate)
+MAX_EVALS_PER_SAMPLE = 1000
+IMPL_LABELS = ("numpy", "llama", "bitnet", "llama-kvf16")  # implementations and the cross-check lane
+
+# ------------------------------------------------------------------------------------------- machine
+
+
+def cpu_info(text: str | None = None) -> tuple[str, list[str]]:
+    """(CPU model name, feature flags) from /proc/cpuinfo (or `text`)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+    model, flags = "", list[str]()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = value.split()
+    return model or platform.machine(), flags
+
+
+def blas_info() -> dict[str, Any]:
+    """numpy's BLAS (numpy.show_config), threadpoolctl's view when installed, and the thread env vars."""
+    import numpy as np
+
+    info: dict[str, Any] = {"numpy": np.__version__}
+    try:
+        show: Any = np.show_config
+        deps = show(mode="dicts")["Build Dependencies"]
+        blas = deps.get("blas", {})
+        info["blas"] = {k: blas.get(k) for k in ("name", "version", "openblas configuration") if k in blas}
+    except (TypeError, KeyError, AttributeError):
+        info["blas"] = None
+    try:
+        from threadpoolctl import threadpool_info  # type: ignore[import-not-found, unused-ignore]
+
+        info["threadpools"] = [
+            {k: p.get(k) for k in ("internal_api", "version", "num_threads")} for p in threadpool_info()
+        ]
+    except ImportError:
+        info["threadpools"] = None
+    info["env"] = {
+        k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+    }
+    return info
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, flags, core count, Python/numpy/BLAS; `slug` names baselines (PARITY_BENCH_MACHINE overrides)."""
+    model, flags = cpu_info()
+    n = os.cpu_count() or 1
+    return {
+        "slug": gate.slugify(os.environ.get(MACHINE_ENV) or f"{model}-{n}cpu"),
+        "hostname": platform.node(),
+        "cpu_model": model,
+        "cpu_flags": flags,
+        "n_cpus": n,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy_blas": blas_info(),
+    }
+
+
+def _openblas_setters() -> tuple[Any, Any, str] | None:
+    """(set_num_threads, get_num_threads, library path) of the OpenBLAS numpy loads into this process, if any."""
+    import numpy  # noqa: F401 - loads the BLAS library
+
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    paths = sorted({ln.split()[-1] for ln in maps if "openblas" in ln.rsplit("/", 1)[-1].lower() and "/" in ln})
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    return setter, getter, path
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int) -> Iterator[dict[str, Any]]:
+    """Limit numpy's BLAS to `n` threads while benchmarking, like the C++ engines' --threads; restore after.
+
+    threadpoolctl when installed, else OpenBLAS's own setter through ctypes (what threadpoolctl calls).
+    Without it, two BLAS threads on a shared 2-core machine make the numpy timings swing by 50x, as
+    threads spin-wait for a partner that is not scheduled. Yields what was done, for the receipt.
+    """
+    import numpy  # noqa: F401 - threadpoolctl limits the libraries already loaded
+
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        threadpool_limits = None
+    if threadpool_limits is not None:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield {"threads": n, "method": "threadpoolctl"}
+        return
+    found = _openblas_setters()
+    if found is None:
+        yield {"threads": None, "method": "not controlled (no threadpoolctl, no OpenBLAS found)"}
+        return
+    setter, getter, path = found
+    before = int(getter())
+    setter(n)
+    try:
+        yield {"threads": n, "method": f"OpenBLAS set_num_threads ({Path(path).name}); was {before}"}
+    finally:
+        setter(before)
+
+
+def _status_kb(pid: int | str, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def prompt_ids(n: int, n_vocab: int) -> list[int]:
+    """A fixed, deterministic prompt of n token ids spread over the vocabulary (content does not matter)."""
+    return [(7 + 131 * i) % n_vocab for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ lanes
+
+
+class Greedy(Protocol):
+    """Anything that evaluates a prompt and continues it greedily (an engine, a bridge model)."""
+
+    def greedy(self, tokens: list[int], n_new: int) -> list[int]: ...
+
+
+class Engine(Greedy, Protocol):
+    """What an in-process lane evaluates: parity.engines.numpy.engine.NumpyEngine (or a wrapper of it)."""
+
+    n_vocab: int
+    architecture: str
+
+
+def time_evaluations(engine: Greedy, tokens: list[int], n_new: int, count: int) -> list[float]:
+    """Seconds of each of `count` back-to-back `engine.greedy(tokens, n_new)` calls.
+
+    Each call is timed on its own (the loop around it is not), as llama-bench times each repetition; every
+    call starts from position 0 with a fresh KV cache (greedy clears it), as llama-bench clears it.
+    """
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        engine.greedy(tokens, n_new)
+        out.append((time.perf_counter_ns() - t0) / 1e9)
+    return out
+
+
+class Lane(abc.ABC):
+    """One implementation with one model loaded, open for measurement.
+
+    `evaluate` is the only timed operation: `count` back-to-back greedy evaluations of `tokens` with `n_new`
+    new tokens, timed where they run, one duration per evaluation. A lane counts the evaluations it ran
+    (`evaluations`), so what the receipt says was run can be checked against what was.
+    """
+
+    def __init__(self, label: str, impl: str, n_vocab: int, architecture: str, record: dict[str, Any]) -> None:
+        self.label, self.impl = label, impl  # label: numpy | llama | bitnet | llama-kvf16
+        self.n_vocab, self.architecture = n_vocab, architecture
+        self.record = record
+        self.evaluations = 0
+
+    def evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        """Durations (seconds) of `count` evaluations of greedy(tokens, n_new)."""
+        seconds = self._evaluate(tokens, n_new, count)
+        self.evaluations += len(seconds)
+        return seconds
+
+    @abc.abstractmethod
+    def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]: ...
+
+    @abc.abstractmethod
+    def close(self) -> dict[str, Any]:
+        """Release the implementation; returns peak-memory facts for the receipt."""
+
+
+class InProcessLane(Lane):
+    """An engine in this process (the numpy engine); tests wrap `engine` to change what is timed."""
+
+    def __init__(self, label: str, engine: Engine, record: dict[str, Any], reset_rss: bool) -> None:
+        super().__init__(label, label, engine.n_vocab, engine.architecture, record)
+        self.engine: Engine | None = engine
+        self._reset_rss = reset_rss
+
+    def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        if self.engine is None:
+            raise UsageError(f"the {self.label} lane is closed")
+        return time_evaluations(self.engine, tokens, n_new, count)
+
+    def close(self) -> dict[str, Any]:
+        hwm = _status_kb("self", "VmHWM") if self._reset_rss else None
+        self.engine = None
+        gc.collect()
+        if hwm is not None:
+            return {"peak_rss_bytes": hwm, "rss_method": "VmHWM of the harness process, reset before loading"}
+        import resource
+
+        return {
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_method": "ru_maxrss of the harness process (whole lifetime)",
+        }
+
+
+def open_numpy(model_path: Path) -> InProcessLane:
+    """The numpy engine in this process; peak RSS is this process's VmHWM, reset before loading."""
+    from parity.engines.numpy.engine import NumpyEngine
+
+    reset = _reset_peak_rss()
+    t0 = time.perf_counter()
+    engine = NumpyEngine(model_path, dtype="float32")
+    load = time.perf_counter() - t0
+    return InProcessLane("numpy", engine, {"load_s": load, "config": {"dtype": "float32"}}, reset)
+
+
+def serve(lib_path: str) -> None:
+    """Timed worker main loop (`python -m parity.bench.lanes LIB`): the bridge in this process, timed here.
+
+    Like parity.backends.worker (same framing; llama.cpp's output goes to the log, never into the protocol stream),
+    but `evaluate` returns the seconds of each evaluation measured *inside* this process, so the pipe round
+    trip and the harness's wake-up latency (about 1 ms on a busy 2-core machine) are not part of any figure.
+    """
+    from parity.backends.bridge import Bridge
+    from parity.backends.worker import _recv, _send
+
+    proto_out = os.fdopen(os.dup(1), "wb")
+    proto_in = os.fdopen(os.dup(0), "rb")
+    os.dup2(2, 1)
+    try:
+        bridge = Bridge(Path(lib_path))
+        bridge.set_log_level(1)
+    except Exception as exc:
+        _send(proto_out, ("err", "load", f"cannot load bridge {lib_path}: {exc}"))
+        return
+    _send(proto_out, ("ok", {"api_generation": bridge.api_generation(), "system_info": bridge.system_info()}))
+    model: Any = None
+    while True:
+        try:
+            method, args = _recv(proto_in)
+        except EOFError:
+            return
+        try:
+            if method == "open":
+                t0 = time.perf_counter()
+                model = bridge.open(*args)
+                result: Any = (model.info(), time.perf_counter() - t0)
+            elif method == "evaluate":
+                result = time_evaluations(model, *args)
+            elif method == "ping":
+                result = None
+            elif method == "exit":
+                if model is not None:
+                    model.close()
+                _send(proto_out, ("ok", None))
+                return
+            else:
+                raise ValueError(f"unknown method {method!r}")
+            _send(proto_out, ("ok", result))
+        except Exception as exc:
+            _send(proto_out, ("err", "bridge", f"{type(exc).__name__}: {exc}"))
+
+
+class TimedWorker:
+    """The harness side of `serve`: a child process with its own log, death detection and timeout."""
+
+    def __init__(self, label: str, lib_path: Path, log_dir: Path, timeout: float = 600.0) -> None:
+        import subprocess
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.label, self.timeout = label, timeout
+        self.log_path = log_dir / f"worker_{label}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the worker
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "parity.bench.lanes", str(lib_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+        )
+        self.hello: dict[str, Any] = self._receive("start")
+
+    def _death(self, during: str) -> ParityError:
+        from parity.errors import WorkerError
+
+        self.proc.kill()
+        code = self.proc.wait()
+        tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
+        return WorkerError(
+            f"{self.label} bench worker ended (exit code {code}) during {during}" + (f"\n{tail}" if tail else ""),
+            fix=f"see {self.log_path}",
+        )
+
+    def _receive(self, during: str) -> Any:
+        import select
+
+        from parity.backends.worker import _recv
+        from parity.errors import WorkerError
+
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + self.timeout
+        while not select.select([self.proc.stdout], [], [], 0.2)[0]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise self._death(during)
+        try:
+            reply = _recv(self.proc.stdout)
+        except (EOFError, OSError):
+            raise self._death(during) from None
+        if reply[0] != "ok":
+            raise WorkerError(f"{self.label} {during} failed: {reply[2]}")
+        return reply[1]
+
+    def call(self, method: str, *args: Any) -> Any:
+        """One request and its reply (or the worker's death as a WorkerError)."""
+        from parity.backends.worker import _send
+
+        assert self.proc.stdin is not None
+        try:
+            _send(self.proc.stdin, (method, args))
+        except OSError:
+            raise self._death(method) from None
+        return self._receive(method)
+
+    def close(self) -> None:
+        """Ask the worker to exit; kill it if it does not."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                self.call("exit")
+                self.proc.wait(timeout=10)
+            except (ParityError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self._log):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+class WorkerLane(Lane):
+    """A C++ backend in a timed worker process (`serve`); peak RSS is the worker's VmHWM read before it exits."""
+
+    def __init__(
+        self, label: str, impl: str, worker: TimedWorker, info: dict[str, Any], record: dict[str, Any]
+    ) -> None:
+        super().__init__(label, impl, int(info["n_vocab"]), str(info["architecture"]), record)
+        self.worker = worker
+
+    def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        return [float(x) for x in self.worker.call("evaluate", tokens, n_new, count)]
+
+    def close(self) -> dict[str, Any]:
+        hwm = _status_kb(self.worker.proc.pid, "VmHWM")
+        self.worker.close()
+        return {"peak_rss_bytes": hwm, "rss_method": "VmHWM of the worker process before exit"}
+
+
+def open_cpp(
+    label: str, impl: str, p: build.BuildPlan, model_path: Path, params: BackendParams, log_dir: Path
+) -> WorkerLane:
+    """A C++ backend in a timed worker process."""
+    t0 = time.perf_counter()
+    w = TimedWorker(label, p.bridge_path, log_dir)
+    started = time.perf_counter() - t0
+    try:
+        info, load = w.call("open", str(model_path), params)
+        trips = []
+        for _ in range(20):  # the round trip of a trivial call: NOT part of the figures, shown for reference
+            t2 = time.perf_counter()
+            w.call("ping")
+            trips.append(time.perf_counter() - t2)
+    except BaseException:
+        w.close()
+        raise
+    receipt = build.read_receipt(p)
+    record = {
+        "load_s": load,
+        "worker_start_s": started,
+        "rpc_overhead_ms": sorted(trips)[len(trips) // 2] * 1e3,
+        "config": params.to_dict(),
+        "backend": {
+            "commit": p.commit,
+            "source_kind": p.source_kind,
+            "cmake": receipt.get("cmake", {}),
+            "compiler": receipt.get("compiler", {}),
+            "system_info": w.hello.get("system_info", ""),
+        },
+    }
+    return WorkerLane(label, impl, w, info, record)
+
+
+@dataclass(frozen=True)
+class LaneSpec:
+    """What to open: an implementation (`impl`, its build plan; None for numpy) on a model, as lane `label`."""
+
+    label: str
+    impl: str
+    plan: build.BuildPlan | None
+    model_path: Path
+    params: BackendParams | None
+    log_dir: Path
+
+
+def open_lane(spec: LaneSpec) -> Lane:
+    """The lane `parity bench` measures for `spec` (its default lane opener)."""
+    if spec.plan is None:
+        return open_numpy(spec.model_path)
+    if spec.params is None:
+        raise UsageError(f"the {spec.label} lane needs context parameters")
+    return open_cpp(spec.label, spec.impl, spec.plan, spec.model_path, spec.params, spec.log_dir)
+
+
+LaneOpener = Callable[[LaneSpec], Lane]
+
+
+@dataclass
+class Figure:
+    """How one metric of one lane was measured: samples (tokens/s) and the evaluations behind them."""
+
+    n_tokens: int  # tokens per evaluation: the prompt (pp) or the generated tokens (tg)
+    evals_per_sample: int = 1
+    warmup_evals: int = 0  # untimed evaluations: calibration and one before every sample
+    timed_evals: int = 0
+    samples: list[float] = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        """gate.summarize of the samples, plus what ran."""
+        return {
+            **gate.summarize(self.samples),
+            "evals_per_sample": self.evals_per_sample,
+            "warmup_evals": self.warmup_evals,
+            "timed_evals": self.timed_evals,
+        }
+
+
+def workload(metric: str, ids: list[int], gen_tokens: int) -> tuple[list[int], int, int]:
+    """(tokens, n_new, tokens counted) of one evaluation: pp evaluates the whole prompt in one batch and
+    produces one token; tg produces `gen_tokens` tokens one evaluation at a time from one token at depth 0."""
+    return (ids, 1, len(ids)) if metric == "pp" else (ids[:1], gen_tokens, gen_tokens)
+
+
+def calibrate(
+    lanes: Sequence[Lane], prompt_tokens: int, gen_tokens: int, min_sample_s: float = MIN_SAMPLE_S
+) -> dict[str, dict[str, Figure]]:
+    """Warm every lane up and choose its evaluations per sample, so a sample lasts at least `min_sample_s`.
+
+    One untimed warm-up evaluation (caches, thread pools, first-touch pages), then single evaluations are
+    timed until they add up to half of `min_sample_s` (at least one): evaluations per sample =
+    ceil(min_sample_s / their median). A tiny model's 1.5 ms evaluation thus becomes a sample of about 30
+    evaluations, which one scheduler time slice (a few ms on a shared machine) cannot dominate.
+    All of these count as warm-up evaluations.
+    """
+    ids = prompt_ids(prompt_tokens, min(lane.n_vocab for lane in lanes))
+    out: dict[str, dict[str, Figure]] = {lane.label: {} for lane in lanes}
+    for metric in gate.METRICS:
+        tokens, n_new, n_tokens = workload(metric, ids, gen_tokens)
+        for lane in lanes:
+            lane.evaluate(tokens, n_new, 1)
+            probe: list[float] = []
+            while not probe or (sum(probe) < min_sample_s / 2 and len(probe) < MAX_EVALS_PER_SAMPLE):
+                probe += lane.evaluate(tokens, n_new, 1)
+            per_eval = statistics.median(probe)
+            k = math.ceil(min_sample_s / per_eval) if per_eval > 0 else MAX_EVALS_PER_SAMPLE
+            out[lane.label][metric] = Figure(n_tokens, max(1, min(k, MAX_EVALS_PER_SAMPLE)), 1 + len(probe))
+    return out
+
+
+def measure(
+    lanes: Sequence[Lane],
+    figures: dict[str, dict[str, Figure]],
+    prompt_tokens: int,
+    gen_tokens: int,
+    reps: int,
+    between: Callable[[], object] | None = None,
+) -> dict[str, dict[str, Figure]]:
+    """`reps` interleaved rounds of pp, then of tg, over every lane; adds the samples to `figures` (calibrate).
+
+    In a round each lane runs one untimed warm-up evaluation (the other lanes' work evicted its caches;
+    llama-bench too warms up once before its repetitions), then one sample: `evals_per_sample` evaluations,
+    each timed, sample = tokens x evaluations / their summed time. `between` (llama-bench's invocation)
+    runs after each round of prompt processing.
+    """
+    ids = prompt_ids(prompt_tokens, min(lane.n_vocab for lane in lanes))
+    for metric in gate.METRICS:
+        tokens, n_new, _ = workload(metric, ids, gen_tokens)
+        for _ in range(reps):
+            for lane in lanes:
+                fig = figures[lane.label][metric]
+                lane.evaluate(tokens, n_new, 1)
+                fig.warmup_evals += 1
+                seconds = lane.evaluate(tokens, n_new, fig.evals_per_sample)
+                fig.timed_evals += len(seconds)
+                fig.samples.append(fig.n_tokens * len(seconds) / sum(seconds))
+            if between is not None and metric == "pp":
+                between()
+    return figures
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

@@ -1,0 +1,541 @@
+"""`parity bench`: throughput of every implementation on every model, baselines, and a regression gate.
+
+What is timed: an evaluation is one `greedy(tokens, n_new)` call of a lane (parity.bench_lanes.Lane), timed
+where it runs (C++ engines inside their worker process, so the pipe round trip is not part of any figure;
+`rpc_overhead_ms` records it for reference). Every evaluation starts at position 0 with a fresh KV cache.
+  pp  prompt processing: ONE evaluation of all P prompt positions (one batch, logits of the last position,
+      as llama-bench's pp test does): `greedy(prompt, 1)`.
+  tg  token generation: G greedy steps from a single token at depth 0, one token per evaluation (as
+      llama-bench's tg test): `greedy([t0], G)`.
+A sample is K back-to-back evaluations (tokens x K / their summed time), K chosen per lane and metric at
+warm-up so that a sample lasts at least `min_sample_s` (bench_lanes.calibrate): a tiny model's 1.5 ms
+evaluation is not left to one scheduler time slice. Samples are taken in interleaved rounds (one of each
+lane, then the next round ...), each preceded by one untimed warm-up evaluation of that lane, so ratios such as
+numpy / llama.cpp are measured under the same machine load. Each figure records what ran: evals_per_sample,
+warmup_evals (calibration plus one per round) and timed_evals. Statistics and the gate rule: parity.bench_gate.
+
+Cross-check (llama.cpp only, unless --no-llama-bench): llama.cpp's own llama-bench, built from the same pinned
+source (parity.build_tools), runs once per round of prompt processing (between our rounds) in two
+configurations: `matched` against a second llama.cpp lane of ours with exactly its settings (batch sizes,
+F16 KV cache because this llama-bench cannot select F32, flash attention off, threads, thread-pool polling,
+one warm-up then `-r K` evaluations per invocation with K = our lane's evaluations per sample), and `default`
+(llama-bench's defaults), reported beside our precise F32-KV lane. The medians of the matched pp samples must
+agree within 10 % + noise, noise = relative MAD of both sides (exit 1 otherwise).
+
+Exit codes: 0 pass, no baseline yet, or baseline written; 1 gate failure, cross-check disagreement, or an
+implementation failing while measured; 2 usage / backend unavailable; 5 build failure (llama-bench).
+
+Python API: `finish(run_bench(opts), opts)`; `run_bench(opts, open_lane=...)` takes the function that opens
+each lane (bench_lanes.open_lane), so a caller can wrap an implementation, e.g. slow it down in a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from parity.backends import build, lock
+from parity.backends import tools as build_tools
+from parity.bench import gate as bench_gate
+from parity.bench import lanes as bench_lanes
+from parity.bench import llama_bench
+from parity.compare import receipts
+from parity.core.fs import atomic_write_text, sha256_file
+from parity.core.proc import log
+from parity.errors import ParityError, UsageError
+
+if TYPE_CHECKING:
+    from parity.backends.bridge import BackendParams
+
+BENCH_VERSION = 2
+SCHEMA_PATH = bench_gate.SCHEMA_PATH
+IMPLS = ("numpy", "llama", "bitnet")
+XCHECK_LABEL = bench_lanes.IMPL_LABELS[3]  # our llama.cpp lane in the configuration llama-bench can also express
+CROSS_CHECK_THREADS_HELP = (
+    "threads of the llama-bench cross-check, on both sides: one, because with as many threads as cores any other "
+    "load makes ggml's spin barriers swing the two harnesses apart by up to 45 percent either way"
+)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Resolved `parity bench` settings (recorded in the receipt)."""
+
+    models: tuple[str, ...] = ("default-f32",)
+    impls: tuple[str, ...] = ()  # empty: numpy, llama, and bitnet when its build is present
+    prompt_tokens: int = 64
+    gen_tokens: int = 16
+    reps: int = 5
+    threads: int = 1
+    out_dir: str = ".parity/bench"
+    baseline: bool = False
+    llama_bench: bool = True
+    format: str = "text"
+    verbose: bool = False
+    max_drop: float = bench_gate.THRESHOLD
+    min_sample_s: float = bench_lanes.MIN_SAMPLE_S
+    cross_check_threads: int = 1
+
+    def validate(self) -> None:
+        """Reject values that cannot work, naming the flag."""
+        for flag, value in (("--prompt-tokens", self.prompt_tokens), ("--gen-tokens", self.gen_tokens)):
+            if value < 1:
+                raise UsageError(f"{flag} must be >= 1, got {value}")
+        if not 0.0 < self.max_drop < 1.0:
+            raise UsageError(f"--max-drop must be in (0, 1), got {self.max_drop}", fix="e.g. --max-drop 0.10")
+        if self.reps < 1:
+            raise UsageError(f"--reps must be >= 1, got {self.reps}", fix="e.g. --reps 5")
+        if self.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        if self.cross_check_threads < 1:
+            raise UsageError(f"--cross-check-threads must be >= 1, got {self.cross_check_threads}")
+        if not 0.0 < self.min_sample_s <= 10.0:
+            raise UsageError(f"min_sample_s must be in (0, 10] seconds, got {self.min_sample_s}")
+        unknown = [i for i in self.impls if i not in IMPLS]
+        if unknown:
+            raise UsageError(f"unknown --impl {unknown[0]!r}", fix=f"use one of {', '.join(IMPLS)}")
+
+
+# ------------------------------------------------------------------------------------------------ schema
+
+
+def schema() -> dict[str, Any]:
+    """The bench receipt JSON Schema."""
+    return receipts.schema(SCHEMA_PATH)
+
+
+def validation_errors(receipt: Any) -> list[str]:
+    """Human-readable schema violations of a bench receipt (empty when valid)."""
+    return receipts.validation_errors(receipt, SCHEMA_PATH)
+
+
+def write_receipt(path: Path, receipt: dict[str, Any]) -> None:
+    """Validate, then write atomically; a receipt violating its schema is a bug and is never written."""
+    receipts.write(path, receipt, SCHEMA_PATH)
+
+
+# ------------------------------------------------------------------------------------------- environment
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to benchmark."""
+
+    name: str
+    path: Path
+    sha256: str
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "size_bytes": self.size_bytes}
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """`default-<variant>` (embedded model), a GGUF path, or a parity.fetch lock name (e.g. gemma3-270m-q4_k_m)."""
+    from parity.check.job import default_model
+
+    if spec in ("default", "default-f32", "default-f16", "default-q8_0"):
+        path, _tok = default_model(spec.removeprefix("default-") if spec != "default" else "f32")
+        name = "default-f32" if spec == "default" else spec
+    elif Path(spec).expanduser().is_file():
+        path, name = Path(spec).expanduser().resolve(), Path(spec).stem
+    elif "/" in spec or spec.endswith(".gguf"):
+        raise UsageError(f"--model {spec}: no such file", fix="pass an existing GGUF path or a model name")
+    else:
+        try:
+            from parity.models import fetch
+        except ImportError as exc:
+            raise UsageError(f"--model {spec}: not a file, and parity.fetch is unavailable", fix="pass a path") from exc
+        path, name = fetch.model_path(spec), spec
+    return ModelRef(name, path, sha256_file(path), path.stat().st_size)
+
+
+# -------------------------------------------------------------------------------------------- the run
+
+
+def select_impls(opts: BenchOptions) -> dict[str, build.BuildPlan | None]:
+    """Implementations to run and their build plans: llama is built if missing, bitnet only used if built."""
+    chosen = list(dict.fromkeys(opts.impls)) or ["numpy", "llama", "bitnet"]
+    plans: dict[str, build.BuildPlan | None] = {}
+    for impl in chosen:
+        if impl == "numpy":
+            plans[impl] = None
+            continue
+        spec = lock.get_spec(impl)
+        optional = impl == "bitnet" and not opts.impls  # used when present, never built implicitly
+        try:
+            override = lock.source_override(spec)
+            p = build.plan(spec, override)
+        except ParityError as exc:
+            if not optional:
+                raise
+            log(f"bench: skipping bitnet.cpp ({exc})")
+            continue
+        if not build.is_built(p):
+            if optional:
+                log(f"bench: bitnet.cpp is not built ({spec.override_env} unset or stale build); skipping it")
+                continue
+            if impl == "bitnet" or os.environ.get("CI"):
+                from parity.errors import BackendUnavailable
+
+                raise BackendUnavailable(
+                    f"the {impl} backend is not built", fix=f"nox -s setup_cpp -- --backend {impl}"
+                )
+            p = build.ensure_built(spec, override, verbose=opts.verbose)
+        plans[impl] = p
+    return plans
+
+
+def bench_model(
+    model: ModelRef,
+    plans: dict[str, build.BuildPlan | None],
+    opts: BenchOptions,
+    tools: build_tools.ToolsPlan | None = None,
+    open_lane: bench_lanes.LaneOpener = bench_lanes.open_lane,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Results of every implementation on one model, plus extras: architecture, samples, cross-check lane,
+    and llama-bench's figures (run between our repetitions when `tools` is given)."""
+    from parity.check.job import lane_params
+
+    out_dir = Path(opts.out_dir)
+    log_dir = out_dir / "logs"
+    params: dict[str, BackendParams] = {}
+    for impl, p in plans.items():
+        if p is not None:
+            params[impl] = lane_params(impl, _run_options(opts), opts.prompt_tokens + opts.gen_tokens)
+    results = {impl: _result(model, impl) for impl in plans}
+    lanes: list[bench_lanes.Lane] = []
+    wanted = list(plans.items())
+    if "llama" in plans and tools is not None:
+        wanted.append((XCHECK_LABEL, plans["llama"]))
+        params[XCHECK_LABEL] = xcheck_params(params["llama"], opts)
+    extra: dict[str, Any] = {"architecture": None, "xcheck": None, "llama_bench": []}
+    for label, p in wanted:
+        impl = "llama" if label == XCHECK_LABEL else label
+        spec = bench_lanes.LaneSpec(label, impl, p, model.path, params.get(label), log_dir)
+        try:
+            lane = open_lane(spec)
+        except ParityError as exc:
+            if label in results:
+                results[label].update(status="unavailable", reason=str(exc).splitlines()[0])
+            log(f"bench: {label} cannot load {model.name}: {str(exc).splitlines()[0]}")
+            continue
+        extra["architecture"] = extra["architecture"] or lane.architecture
+        lanes.append(lane)
+    runner: llama_bench.LlamaBenchRunner | None = None
+    lb_errors: list[ParityError] = []
+
+    def between() -> None:
+        if runner is not None and not lb_errors:
+            try:
+                runner.run_once()
+            except ParityError as exc:  # raised after our lanes are closed
+                lb_errors.append(exc)
+
+    figures: dict[str, dict[str, bench_lanes.Figure]] = {}
+    try:
+        if lanes:
+            figures = bench_lanes.calibrate(lanes, opts.prompt_tokens, opts.gen_tokens, opts.min_sample_s)
+            if tools is not None and XCHECK_LABEL in figures:
+                # llama-bench's repetitions per invocation = our matched lane's evaluations per sample: both
+                # sides then run one warm-up and k timed evaluations per round, and their k sum to a sample
+                runner = llama_bench.LlamaBenchRunner(
+                    tools,
+                    model.path,
+                    opts.prompt_tokens,
+                    opts.gen_tokens,
+                    opts.threads,
+                    params[XCHECK_LABEL].to_dict(),
+                    figures[XCHECK_LABEL]["pp"].evals_per_sample,
+                )
+            bench_lanes.measure(lanes, figures, opts.prompt_tokens, opts.gen_tokens, opts.reps, between)
+    except ParityError as exc:
+        for lane in lanes:
+            if lane.label in results:
+                results[lane.label].update(status="error", reason=str(exc).splitlines()[0])
+        figures = {}
+    finally:
+        for lane in lanes:
+            try:
+                lane.record.update(lane.close())
+            except ParityError as exc:
+                lane.record.update(peak_rss_bytes=None, rss_method=f"unavailable: {exc}")
+    for lane in lanes:
+        record = {**lane.record, "evaluations": lane.evaluations}
+        stats = {m: f.stats() for m, f in figures.get(lane.label, {}).items() if f.samples}
+        if lane.label == XCHECK_LABEL:
+            extra["xcheck"] = {**record, **stats} if stats else None
+            continue
+        results[lane.label].update(record)
+        if stats and results[lane.label]["status"] == "ok":
+            results[lane.label].update(stats)
+        elif results[lane.label]["status"] == "ok":
+            results[lane.label].update(status="error", reason="no samples were measured")
+    if lb_errors:
+        raise lb_errors[0]
+    if runner is not None:
+        extra["llama_bench"] = runner.results(out_dir, model.name)
+    extra["samples"] = {label: {m: f.samples for m, f in per.items()} for label, per in figures.items()}
+    return list(results.values()), extra
+
+
+def xcheck_params(llama: BackendParams, opts: BenchOptions) -> BackendParams:
+    """Our llama.cpp lane in the configuration llama-bench `matched` runs (parity.build_tools.matched_flags).
+
+    Batch sizes: one batch holding prompt + generated tokens (llama-bench clamps n_batch to its context, which
+    llama.cpp pads to 256 on both sides, so both evaluate the prompt as one ubatch). KV cache F16 (this
+    llama-bench cannot select F32), flash attention off. Threads: --cross-check-threads (default 1, see
+    CROSS_CHECK_THREADS_HELP).
+    """
+    n = opts.prompt_tokens + opts.gen_tokens
+    return dataclasses.replace(
+        llama,
+        n_ctx=n,
+        n_batch=n,
+        n_ubatch=n,
+        type_k=1,
+        type_v=1,
+        flash_attn=0,
+        n_threads=opts.cross_check_threads,
+    )
+
+
+def _result(model: ModelRef, impl: str) -> dict[str, Any]:
+    return {"model_sha256": model.sha256, "impl": impl, "status": "ok", "reason": None, "pp": None, "tg": None}
+
+
+def _run_options(opts: BenchOptions) -> Any:
+    from parity.options import RunOptions
+
+    return RunOptions(threads=opts.threads)
+
+
+def ratios(model: ModelRef, samples: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """Same-run ratios impl ÷ llama.cpp per metric, from per-repetition pairs."""
+    out: list[dict[str, Any]] = []
+    if "llama" not in samples:
+        return out
+    for impl in ("numpy", "bitnet"):
+        for metric in bench_gate.METRICS:
+            if impl in samples and samples[impl][metric] and samples["llama"][metric]:
+                qs = bench_gate.ratio_samples(samples[impl][metric], samples["llama"][metric])
+                out.append(
+                    {
+                        "model_sha256": model.sha256,
+                        "name": f"{impl}/llama",
+                        "metric": metric,
+                        "stats": bench_gate.summarize(qs),
+                    }
+                )
+    return out
+
+
+def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lanes.open_lane) -> dict[str, Any]:
+    """Measure everything, cross-check with llama-bench, gate against the baseline; returns the receipt.
+
+    `open_lane` opens each implementation's lane (bench_lanes.open_lane); a caller may wrap what it returns,
+    e.g. a test that slows one engine down inside its timed region to see the gate fail.
+    """
+    opts.validate()
+    out_dir = Path(opts.out_dir)
+    from parity.check.job import ensure_out_dir
+
+    ensure_out_dir(out_dir)
+    models = [resolve_model(m) for m in dict.fromkeys(opts.models)]
+    plans = select_impls(opts)
+    tools: build_tools.ToolsPlan | None = None
+    if "llama" in plans and opts.llama_bench:
+        spec = lock.get_spec("llama")
+        tools = build_tools.ensure_llama_bench(spec, lock.source_override(spec), verbose=opts.verbose)
+    receipt: dict[str, Any] = {
+        "kind": "parity-bench",
+        "version": BENCH_VERSION,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": bench_lanes.machine_info(),
+        "settings": {
+            "prompt_tokens": opts.prompt_tokens,
+            "gen_tokens": opts.gen_tokens,
+            "reps": opts.reps,
+            "min_sample_s": opts.min_sample_s,
+            "threads": opts.threads,
+            "cross_check_threads": opts.cross_check_threads,
+            "numpy_dtype": "float32",
+            "threshold": opts.max_drop,
+        },
+        "models": [],
+        "results": [],
+        "ratios": [],
+        "llama_bench": [],
+        "cross_check": [],
+    }
+    with bench_lanes.blas_threads(opts.threads) as blas:
+        receipt["settings"]["numpy_blas_threads"] = blas
+        for model in models:
+            bench_one(receipt, model, plans, opts, tools, open_lane)
+    if tools is not None:
+        receipt["settings"]["llama_bench_binary"] = str(tools.binary)
+    return receipt
+
+
+def bench_one(
+    receipt: dict[str, Any],
+    model: ModelRef,
+    plans: dict[str, build.BuildPlan | None],
+    opts: BenchOptions,
+    tools: build_tools.ToolsPlan | None,
+    open_lane: bench_lanes.LaneOpener = bench_lanes.open_lane,
+) -> None:
+    """Benchmark one model and add its figures to the receipt."""
+    log(f"bench: {model.name} ({model.path}) x {', '.join(plans)}: {opts.reps} reps")
+    results, extra = bench_model(model, plans, opts, tools, open_lane)
+    receipt["models"].append({**model.to_dict(), "architecture": extra["architecture"]})
+    receipt["results"] += results
+    receipt["ratios"] += ratios(model, extra["samples"])
+    runs = extra["llama_bench"]
+    receipt["llama_bench"] += [{"model_sha256": model.sha256, **r} for r in runs]
+    if extra["xcheck"] is not None and runs:
+        receipt["cross_check"] += llama_bench.cross_check(model.sha256, extra["xcheck"], runs)
+
+
+def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
+    """Write the receipt (and the baseline), apply the gate, write the report; return the exit code."""
+    from parity.bench import report as bench_report
+
+    out_dir = Path(opts.out_dir)
+    errors = [r for r in receipt["results"] if r["status"] == "error"]
+    xfail = [c for c in receipt["cross_check"] if c["status"] == "FAIL"]
+    gate: dict[str, Any] = {"baseline": None, "note": "", "threshold": opts.max_drop, "rows": []}
+    if opts.baseline:
+        directory = bench_gate.baseline_dir()
+        path = directory / bench_gate.baseline_name(time.strftime("%Y%m%d"), receipt["machine"]["slug"])
+        gate.update(baseline=str(path), note=f"baseline written: {path}")
+        status = "baseline-written"
+    else:
+        path_found, note = bench_gate.find_baseline(receipt)
+        gate["note"] = note
+        if path_found is None:
+            gate["note"] += "; create one with `parity bench --baseline` (same flags)"
+            status = "no-baseline"
+        else:
+            rows = bench_gate.compare(bench_gate.load_baseline(path_found), receipt, opts.max_drop)
+            gate.update(baseline=str(path_found), rows=[r.to_dict() for r in rows])
+            status = "fail" if bench_gate.gate_failed(rows) else "pass"
+    failed = status == "fail" or bool(errors) or bool(xfail)
+    receipt["gate"] = gate
+    receipt["status"] = status
+    receipt["exit_code"] = 1 if failed else 0
+    write_receipt(out_dir / "bench.json", receipt)
+    if opts.baseline:
+        write_receipt(Path(gate["baseline"]), receipt)
+    atomic_write_text(out_dir / "report.html", bench_report.render_html(receipt))
+    print(json.dumps(receipt, indent=2) if opts.format == "json" else bench_report.render_text(receipt))
+    return int(receipt["exit_code"])
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Register `parity bench`; dispatch the parsed arguments to `run`."""
+    p = subparsers.add_parser(
+        "bench",
+        help="throughput of numpy / llama.cpp / bitnet.cpp, cross-checked with llama-bench, gated on a baseline",
+        description=(
+            "Measure prompt processing and token generation (tokens/s) of each implementation on each model, "
+            "cross-check llama.cpp with its own llama-bench, and compare with the newest matching baseline. "
+            "Exit codes: 0 pass (or no baseline yet / baseline written), 1 a throughput or same-run ratio dropped "
+            "more than 10% beyond the measured noise, the llama-bench cross-check disagreed, or an implementation "
+            "failed; 2 usage error or backend unavailable; 5 build failure."
+        ),
+    )
+    p.add_argument("--baseline", action="store_true", help="write this run as the baseline for this machine")
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME_OR_PATH",
+        help="default-f32 (default), default-f16, default-q8_0, a lock name such as gemma3-270m-q4_k_m, "
+        "or a GGUF path; repeatable",
+    )
+    p.add_argument("--impl", action="append", dest="impls", choices=IMPLS, help="implementation (repeatable)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prompt processing (default 64)")
+    p.add_argument("--gen-tokens", type=int, default=16, help="greedy steps for token generation (default 16)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help=f"samples per figure, each after one warm-up evaluation and at least "
+        f"{bench_lanes.MIN_SAMPLE_S * 1e3:.0f} ms of evaluations (default 5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of the C++ engines, numpy's BLAS and llama-bench's default configuration (default 1: on a "
+        "2-core machine shared with anything else, 2 threads make llama.cpp's samples swing by 100x)",
+    )
+    p.add_argument("--out-dir", default=".parity/bench", metavar="DIR", help="receipt, report.html, logs")
+    p.add_argument("--no-llama-bench", action="store_true", help="skip the llama-bench cross-check (and its build)")
+    p.add_argument(
+        "--cross-check-threads", type=int, default=1, metavar="N", help=CROSS_CHECK_THREADS_HELP + " (default 1)"
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout (default text)")
+    p.add_argument("--verbose", action="store_true", help="stream build output")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=bench_gate.THRESHOLD,
+        help="gate: fail when a figure drops more than this fraction beyond the measured noise (default 0.10)",
+    )
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """BenchOptions from parsed `parity bench` arguments."""
+    return BenchOptions(
+        models=tuple(args.models or ("default-f32",)),
+        impls=tuple(args.impls or ()),
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        reps=args.reps,
+        threads=args.threads,
+        out_dir=args.out_dir,
+        baseline=args.baseline,
+        llama_bench=not args.no_llama_bench,
+        format=args.format,
+        verbose=args.verbose,
+        max_drop=args.max_drop,
+        cross_check_threads=args.cross_check_threads,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `parity bench`; returns the exit code."""
+    opts = options_from_args(args)
+    return finish(run_bench(opts), opts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry (`python -m parity.bench`) until the command is wired into parity.cli."""
+    parser = argparse.ArgumentParser(prog="parity")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    try:
+        return run(parser.parse_args(argv))
+    except ParityError as exc:
+        print(f"parity: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

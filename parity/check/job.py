@@ -1,0 +1,515 @@
+"""The main job: one implementation under test (numpy engine) against C++ reference lanes.
+
+template -> tokenize (tokenizer.json and each backend) -> token parity (exit 2) -> numpy engine once ->
+one lane per backend (worker process) -> per-position metrics -> receipt per lane -> summary -> exit code.
+Everything that can be wrong with the input is checked before any lane starts, so bad input writes no
+receipt. A lane whose worker crashes is reported as an error (exit 1), never as a pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from parity.backends import build, lock
+from parity.backends.bridge import BackendParams
+from parity.backends.worker import RemoteModel, Worker
+from parity.compare import metrics, receipts
+from parity.core.proc import log
+from parity.errors import (
+    BackendUnavailable,
+    ModelFormatError,
+    ParityError,
+    PermissionDenied,
+    RepairRecursion,
+    UsageError,
+    WorkerError,
+)
+from parity.options import RunOptions
+from parity.tokenize.tokenizer import HFTokenizer, apply_template, check_token_parity, gguf_config_hash
+
+if TYPE_CHECKING:
+    from parity.engines.numpy.engine import NumpyEngine
+    from parity.gguf.reader import GGUFFile
+
+REPAIR_GUARD_ENV = "PARITY_REPAIRING"
+
+
+@dataclass
+class Shared:
+    """What every lane shares: computed once."""
+
+    model_path: Path
+    model_sha256: str
+    architecture: str
+    template: str
+    formatted_prompt: str
+    prompt_ids: list[int]
+    generated: list[int]
+    logits: np.ndarray
+    authority: dict[str, Any]
+    n_ctx_train: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    # The file each lane loads when it is not `model_path` (the ternary family: each backend's native format).
+    lane_models: dict[str, Path] = field(default_factory=dict)
+    # Each backend's own ids for the formatted prompt (the token parity check compared them with prompt_ids).
+    backend_ids: dict[str, list[int]] = field(default_factory=dict)
+    # The model's own chat template when it was rendered: source, sha256, BOS/EOS strings, bos_stripped.
+    chat_template: dict[str, Any] | None = None
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+
+@dataclass
+class LaneResult:
+    """The outcome of one lane."""
+
+    backend: str
+    status: str  # pass | diverged | error
+    receipt_path: Path | None
+    summary: dict[str, Any] | None
+    error: str | None = None
+    greedy: dict[str, Any] | None = None
+    commit: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+def default_model(variant: str) -> tuple[Path, Path]:
+    """The embedded default model of `variant`, generated (and verified against the lock) on first use."""
+    from parity.core import paths
+    from parity.models import modelgen
+
+    m = modelgen.materialize(variant, paths.cache_dir() / "models" / "default")
+    return m.gguf_path, m.tokenizer_path
+
+
+def preflight(backend: str, opts: RunOptions) -> build.BuildPlan:
+    """Make sure `backend` is built; repair (build it) when allowed, else fail with the fixing command."""
+    spec = lock.get_spec(backend)
+    override = lock.source_override(spec)
+    fix = f"nox -s setup_cpp -- --backend {backend}"
+    if spec.default_source == "git":
+        fix += f" (offline: set {spec.override_env} to a local {backend} checkout)"
+    why = "CI is set" if os.environ.get("CI") else "--no-repair was given"
+    try:
+        p = build.plan(spec, override)
+    except BackendUnavailable as exc:  # e.g. no compiler for it: it cannot have been built here either
+        if opts.repair:
+            raise
+        raise BackendUnavailable(
+            f"the {backend} backend is not built and auto-repair is off ({why}); building it needs: {exc.message}",
+            fix=f"{fix}, after: {exc.fix}" if exc.fix else fix,
+        ) from exc
+    if build.is_built(p):
+        return p
+    if not opts.repair:
+        raise BackendUnavailable(f"the {backend} backend is not built and auto-repair is off ({why})", fix=fix)
+    if os.environ.get(REPAIR_GUARD_ENV) == backend:
+        raise RepairRecursion(f"repairing {backend} re-entered itself", fix=f"run `{fix}` by hand and read its output")
+    log(f"{backend}: not built; repairing (building it now; pass --no-repair to fail instead)")
+    os.environ[REPAIR_GUARD_ENV] = backend
+    try:
+        return build.ensure_built(spec, override, verbose=opts.verbose)
+    finally:
+        os.environ.pop(REPAIR_GUARD_ENV, None)
+
+
+def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> HFTokenizer | None:
+    """The tokenizer authority: --tokenizer (external), a tokenizer.json beside the model (auto_discovered),
+    else the vocabulary embedded in the GGUF exported to HF tokenizers (gguf_embedded). None only when the
+    GGUF's vocabulary type cannot be exported; then llama.cpp's own ids are the authority."""
+    from parity.tokenize.export import export_metadata
+
+    if tok_path is not None:
+        return HFTokenizer.load(tok_path)
+    beside = model_path.parent / "tokenizer.json"
+    if beside.is_file():
+        return HFTokenizer.load(beside, source="auto_discovered")
+    try:
+        text = export_metadata(gguf.metadata, str(model_path))
+    except ModelFormatError:
+        raise  # a malformed vocabulary (a value of the wrong type) is bad input, not an unsupported one
+    except UsageError as exc:
+        log(f"tokenizer: cannot export the GGUF vocabulary ({exc}); using llama.cpp's ids as the authority")
+        return None
+    return HFTokenizer.from_text(text, source="gguf_embedded", path=model_path, file_hash=gguf.sha256())
+
+
+def _pad(n: int, multiple: int = 64) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+# The most precise configuration each backend accepts (ggml types: 0 = F32, 1 = F16).
+# bitnet.cpp's fork rejects a V cache other than F16 unless flash attention is on, and flash attention with
+# an F32 KV cache segfaults in llama_decode; K F32 + V F16 with flash attention off works (FIELD-NOTES).
+PRECISE_KV = {"llama": (0, 0, 0), "bitnet": (0, 1, 0)}
+
+
+def lane_params(backend: str, opts: RunOptions, n_tokens: int) -> BackendParams:
+    """Context parameters for a lane: most precise KV cache, flash attention off, fixed threads, one batch."""
+    n_ctx = _pad(n_tokens)
+    type_k, type_v, flash = PRECISE_KV.get(backend, (0, 0, 0))
+    return BackendParams(
+        n_ctx=n_ctx,
+        n_threads=opts.threads,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        type_k=type_k,
+        type_v=type_v,
+        flash_attn=flash,
+        seed=opts.seed,
+    )
+
+
+def check_input(
+    opts: RunOptions,
+    lane_backends: list[str],
+    model_path: Path,
+    tok_path: Path | None,
+    lane_models: dict[str, Path] | None = None,
+) -> tuple[GGUFFile, NumpyEngine, HFTokenizer | None]:
+    """Every check of the input files that needs no backend: bad input is exit 2 here, before any lane.
+
+    The GGUF's header, metadata and tensor table (gguf_file), its hyperparameters and tensor shapes (the
+    numpy engine), each lane's tensor formats, and the tokenizer (tokenizer.json, or the GGUF vocabulary
+    exported). tests/unit/test_gguf_fuzz.py runs mutated files through exactly this function.
+    """
+    from parity.engines.numpy.engine import NumpyEngine
+    from parity.gguf.reader import open_gguf
+
+    gguf = open_gguf(model_path)  # missing / non-GGUF / truncated / malformed -> exit 2 before anything runs
+    engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture, bad hyperparameters -> exit 2
+    _check_lane_formats(opts, lane_backends, gguf, lane_models or {})  # unsupported model format -> exit 2
+    hf = resolve_tokenizer(model_path, tok_path, gguf)
+    gguf_config_hash(gguf.metadata)  # the receipt's vocabulary hash: a malformed vocabulary fails here, not later
+    return gguf, engine, hf
+
+
+def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
+    """Validate input, preflight backends, tokenize, check token parity, run the numpy engine once."""
+    t0 = time.perf_counter()
+    lane_models: dict[str, Path] = {}  # lanes that load another file than numpy (the ternary family)
+    if opts.model_gguf:
+        model_path = Path(opts.model_gguf).expanduser().resolve()
+        tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else None
+    elif opts.variant.startswith("ternary"):
+        from parity.core import paths
+        from parity.models import ternary_model
+
+        model_path, default_tok, lane_models = ternary_model.run_models(
+            opts.variant,
+            paths.cache_dir() / "models" / "ternary",
+            lane_backends,
+            verbose=opts.verbose,
+            repair=opts.repair,
+        )
+        tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
+    else:
+        model_path, default_tok = default_model(opts.variant)
+        tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
+    lane_models = {b: lane for b, lane in lane_models.items() if lane != model_path}
+    gguf, engine, hf = check_input(opts, lane_backends, model_path, tok_path, lane_models)
+    plans = {b: preflight(b, opts) for b in lane_backends}
+    seconds = {"load": time.perf_counter() - t0}
+
+    # Tokenize with every backend (vocab only) and compare with the external tokenizer.
+    t1 = time.perf_counter()
+    backend_ids: dict[str, list[int]] = {}
+    formatted: str | None = None
+    template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
+    chat_record: dict[str, Any] | None = None
+    for b, p in plans.items():
+        with Worker(
+            b,
+            p.bridge_path,
+            log_dir=Path(opts.out_dir) / "logs",
+            log_level=3 if opts.verbose else 1,
+            timeout=opts.timeout,
+        ) as w:
+            vm = _open_vocab(w, b, lane_models.get(b, model_path))
+            if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
+                template, formatted, chat_record = apply_template(
+                    opts.prompt_template,
+                    opts.prompt,
+                    opts.system_prompt,
+                    gguf.metadata,
+                    model_path,
+                    add_bos=bool(vm.info()["add_bos"]),
+                )
+            ids = vm.tokenize(formatted, True, True)
+            if opts.dump_cpp_ids:
+                log(f"{b} ids: {ids}")
+            if hf is not None:
+                ours = hf.encode(formatted)
+                if opts.dump_ids:
+                    log(f"tokenizer.json ids: {ours}")
+                    log(f"{b} ids: {ids}")
+
+                def piece(t: int, vm: RemoteModel = vm) -> str:
+                    return vm.piece(t).decode("utf-8", "replace")
+
+                check_token_parity(ours, ids, backend=b, ours_str=hf.token_str, theirs_str=piece)
+            backend_ids[b] = ids
+    assert formatted is not None, "prepare() needs at least one backend"
+    first = next(iter(backend_ids.values()))
+    for b, ids in backend_ids.items():  # backends must agree with each other too
+        check_token_parity(first, ids, backend=b, ours_str=str, theirs_str=str)
+    if hf is not None:
+        prompt_ids = hf.encode(formatted)
+        authority = hf.authority(len(prompt_ids))
+    else:
+        prompt_ids = first
+        authority = {
+            "source": "gguf_embedded",
+            "path": str(model_path),
+            "file_hash": gguf.sha256(),
+            "config_hash": gguf_config_hash(gguf.metadata),
+            "token_count": len(prompt_ids),
+        }
+    # Which tokenizers produced exactly these ids, and whether the external vocabulary is the model's own.
+    authority["checked_against"] = sorted(backend_ids)
+    authority["gguf_config_hash"] = gguf_config_hash(gguf.metadata)
+    seconds["tokenize"] = time.perf_counter() - t1
+
+    n_total = len(prompt_ids) + opts.max_tokens
+    if n_total > engine.n_ctx_train:
+        raise UsageError(
+            f"prompt ({len(prompt_ids)} tokens) + --max-tokens {opts.max_tokens} = {n_total} exceeds the model's "
+            f"context of {engine.n_ctx_train} tokens",
+            fix="shorten --prompt or lower --max-tokens",
+        )
+    t2 = time.perf_counter()
+    generated = engine.greedy(prompt_ids, opts.max_tokens) if opts.max_tokens else []
+    logits = engine.logits(prompt_ids + generated)
+    seconds["numpy_engine"] = time.perf_counter() - t2
+    shared = Shared(
+        model_path,
+        gguf.sha256(),
+        engine.architecture,
+        template,
+        formatted,
+        prompt_ids,
+        generated,
+        logits,
+        authority,
+        engine.n_ctx_train,
+        seconds,
+        lane_models,
+        backend_ids,
+    )
+    shared.chat_template = chat_record
+    return shared, plans
+
+
+def _open_vocab(w: Worker, backend: str, path: Path) -> RemoteModel:
+    """Open `path` vocab-only in the backend. A file the pre-flight accepted but the backend refuses to
+    load (or crashes on) is still bad input: exit 2 with the backend's reason on one line, before any lane."""
+    try:
+        return RemoteModel(w, str(path), BackendParams(vocab_only=1))
+    except WorkerError as exc:
+        lines = [ln.strip() for ln in exc.message.splitlines() if ln.strip() and not ln.startswith("---")]
+        reason = lines[0] if lines else "no reason given"
+        if len(lines) > 1:
+            reason += f"; last backend log line: {lines[-1]}"
+        raise ModelFormatError(
+            f"the {backend} backend cannot load {path}: {reason}",
+            fix=f"{_REBUILD_MODEL}; {exc.fix}" if exc.fix else _REBUILD_MODEL,
+        ) from exc
+
+
+_REBUILD_MODEL = "re-download or re-convert the model (the backend refuses this file)"
+
+
+def _check_lane_formats(
+    opts: RunOptions, lane_backends: list[str], gguf: GGUFFile, lane_models: dict[str, Path]
+) -> None:
+    """Refuse, before any lane runs, a lane whose backend cannot load its file's tensor types (exit 2)."""
+    from parity.gguf import ternary
+    from parity.gguf.reader import open_gguf
+
+    for b in lane_backends:
+        f = open_gguf(lane_models[b]) if b in lane_models else gguf
+        ternary.require_loadable(b, f.path, {name: t.ggml_type for name, t in f.tensors.items()})
+    if opts.numerics != "exact" and gguf.architecture != "bitnet":
+        raise UsageError(
+            f"--numerics {opts.numerics} is implemented for the bitnet architecture, not {gguf.architecture!r}",
+            fix="use --numerics exact",
+        )
+
+
+def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions, out_dir: Path) -> LaneResult:
+    """Evaluate the shared sequence in `backend`, compare, and write the lane's receipt."""
+    info = build.read_receipt(p)
+    params = lane_params(backend, opts, len(shared.sequence))
+    th = metrics.Thresholds(opts.cos_tol, opts.mse_tol)
+    base = _receipt_base(backend, p, info, shared, opts, params, th)
+    lane_model = shared.lane_models.get(backend, shared.model_path)
+    ours, base["numerics"] = _lane_numerics(backend, lane_model, shared, opts, params)
+    if lane_model != shared.model_path:
+        from parity.core.fs import sha256_file
+        from parity.models import ternary_model
+
+        lane_sha = sha256_file(lane_model)
+        base["model"] = {"path": str(lane_model), "sha256": lane_sha, "architecture": shared.architecture}
+        base["model_sha256"] = lane_sha
+        base["implementation"]["model"] = {"path": str(shared.model_path), "sha256": shared.model_sha256}
+        base["model"]["quantized_by"] = ternary_model.provenance(lane_model)
+    t0 = time.perf_counter()
+    try:
+        with Worker(
+            backend, p.bridge_path, log_dir=out_dir / "logs", log_level=3 if opts.verbose else 1, timeout=opts.timeout
+        ) as w:
+            rm = RemoteModel(w, str(lane_model), params)
+            base["backend_info"]["api_generation"] = w.hello["api_generation"]
+            base["backend_info"]["system_info"] = w.hello["system_info"]
+            ref_logits = rm.eval(shared.sequence) if opts.eval_shape == "batch" else rm.eval_stepwise(shared.sequence)
+            if opts.numerics != "exact":  # measure how far the engine's other evaluation shape lands from this one
+                other = rm.eval_stepwise(shared.sequence) if opts.eval_shape == "batch" else rm.eval(shared.sequence)
+                base["numerics"]["engine_shape_gap"] = numerics_gap(ref_logits, other, opts.eval_shape)
+            theirs = rm.greedy(shared.prompt_ids, opts.max_tokens) if opts.max_tokens else []
+            rm.close()
+            if np.shape(ref_logits) != np.shape(ours):  # e.g. a model whose vocabulary the engines read differently
+                raise WorkerError(
+                    f"{backend} returned logits of shape {np.shape(ref_logits)}, the numpy engine "
+                    f"{np.shape(ours)}: the two engines read this model differently",
+                    fix="check the model's vocabulary size and tensor shapes",
+                )
+    except WorkerError as exc:
+        base.update(
+            status="error",
+            error=str(exc),
+            rows=[],
+            positions=0,
+            summary={"all_passed": False, "first_divergence": None, "mean_mse": None, "mean_kl": None},
+        )
+        path = out_dir / f"receipt_{backend}.json"
+        receipts.write(path, base)
+        return LaneResult(backend, "error", path, None, error=str(exc), commit=p.commit)
+    rows = metrics.position_rows(ours, ref_logits, shared.sequence, metrics.parse_metrics(opts.metrics))
+    summary = metrics.summarize(rows, th)
+    # The greedy decode must match exactly, except a flip at a near-tie of the reference (metrics.greedy_check).
+    greedy = metrics.greedy_check(shared.generated, theirs, ref_logits, len(shared.prompt_ids), opts.tie_margin)
+    status = "pass" if summary["all_passed"] and greedy["verdict"] != "mismatch" else "diverged"
+    base.update(status=status, error=None, rows=rows, positions=len(rows), summary=summary, greedy=greedy)
+    base["seconds"] = {
+        **{k: round(v, 4) for k, v in shared.seconds.items()},
+        "lane": round(time.perf_counter() - t0, 4),
+    }
+    path = out_dir / f"receipt_{backend}.json"
+    receipts.write(path, base)
+    return LaneResult(backend, status, path, summary, greedy=greedy, commit=p.commit)
+
+
+def numerics_gap(ref: Any, other: Any, shape: str) -> dict[str, Any]:
+    """The engine against itself in the other evaluation shape: what mirroring the wrong shape would cost."""
+    from parity.engines.numpy.numerics import compare
+
+    return {"other_shape": "stepwise" if shape == "batch" else "batch", **compare(np.asarray(other), np.asarray(ref))}
+
+
+def _lane_numerics(
+    backend: str, lane_model: Path, shared: Shared, opts: RunOptions, params: BackendParams
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The numpy logits this lane is compared with, and the receipt's description of how they were computed."""
+    from parity.engines.numpy import numerics
+
+    num = numerics.for_lane(opts.numerics, backend, opts.eval_shape, params.type_k, params.type_v)
+    if not num.mirroring:
+        return shared.logits, num.describe() | {"dtype": opts.dtype}
+    from parity.engines.numpy.bitnet import mirrored_logits
+    from parity.engines.numpy.ops import DTYPES
+    from parity.gguf.reader import open_gguf
+
+    f = open_gguf(lane_model)
+    types = {name: t.ggml_type for name, t in f.tensors.items()}
+    t0 = time.perf_counter()
+    ours = mirrored_logits(f, shared.sequence, num, DTYPES[opts.dtype])
+    shared.seconds[f"numpy_mirror_{backend}"] = time.perf_counter() - t0
+    return ours, num.describe(types) | {"dtype": opts.dtype, "note": numerics.gap_note(num, types)}
+
+
+def _receipt_base(
+    backend: str,
+    p: build.BuildPlan,
+    info: dict[str, Any],
+    shared: Shared,
+    opts: RunOptions,
+    params: BackendParams,
+    th: metrics.Thresholds,
+) -> dict[str, Any]:
+    return {
+        "version": receipts.RECEIPT_VERSION,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": backend,
+        "model": {"path": str(shared.model_path), "sha256": shared.model_sha256, "architecture": shared.architecture},
+        "model_sha256": shared.model_sha256,
+        "backend_info": {
+            "name": backend,
+            "commit": p.commit,
+            "source_kind": p.source_kind,
+            "source_fingerprint": p.source_fingerprint,
+            "cmake": info.get("cmake", {}),
+            "compiler": info.get("compiler", {}),
+            "bridge": str(p.bridge_path),
+        },
+        "implementation": {"name": "numpy", "dtype": opts.dtype},
+        "run_config": {**params.to_dict(), "threads": params.n_threads, "eval_shape": opts.eval_shape},
+        "options": opts.to_dict(),
+        "tokenizer_authority": shared.authority,
+        "prompt": opts.prompt,
+        "prompt_template": shared.template,
+        "formatted_prompt": shared.formatted_prompt,
+        "chat_template": shared.chat_template,
+        "token_ids": shared.sequence,
+        "prompt_tokens": len(shared.prompt_ids),
+        "generated_tokens": len(shared.generated),
+        "determinism_seed": opts.seed,
+        "thresholds": th.to_dict(),
+    }
+
+
+def ensure_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot write to --out-dir {out_dir}", fix="choose a writable directory") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot use --out-dir {out_dir}: {exc.strerror}", fix="choose another directory") from exc
+
+
+def run(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, list[LaneResult]]:
+    """Prepare once, then run every lane to completion (a failed lane never stops the others)."""
+    out_dir = Path(opts.out_dir)
+    ensure_out_dir(out_dir)
+    shared, plans = prepare(opts, lane_backends)
+
+    def one(b: str) -> LaneResult:
+        try:
+            return run_lane(b, plans[b], shared, opts, out_dir)
+        except ParityError as exc:
+            return LaneResult(b, "error", None, None, error=str(exc), commit=plans[b].commit)
+
+    if opts.parallel and len(lane_backends) > 1:
+        # Each lane's C++ work happens in its own worker process; threads here only wait on them.
+        with ThreadPoolExecutor(max_workers=len(lane_backends)) as pool:
+            return shared, list(pool.map(one, lane_backends))
+    return shared, [one(b) for b in lane_backends]
+
+
+def exit_code(results: list[LaneResult]) -> int:
+    """0 when every lane passes, 1 when any lane diverged or failed."""
+    return 0 if results and all(r.passed for r in results) else 1

@@ -1,0 +1,277 @@
+"""The `bitnet` architecture (BitNet b1.58) in numpy, as BOTH C++ engines define it.
+
+Checked against bitnet.cpp's fork (src/llama.cpp, `build_bitnet`, tensors in `llm_load_tensors`) and mainline
+llama.cpp (src/models/bitnet.cpp); the two graphs are the same:
+
+    x = token_embd[tokens]
+    per layer:  h = RMSNorm(x) * attn_norm
+                q, k, v = h @ Wq, Wk, Wv   (each optionally * its 1-element `.scale` tensor, after the matmul)
+                q, k = NEOX RoPE (the two HALVES of each head rotated, LLAMA_ROPE_TYPE_NEOX)
+                a = softmax(q k^T / sqrt(head_dim), causal) v      (grouped-query)
+                a = RMSNorm(a) * attn_sub_norm;  x = x + a @ Wo (* wo.scale)
+                h = RMSNorm(x) * ffn_norm
+                f = silu(h @ Wgate (* scale)) * (h @ Wup (* scale))
+                f = RMSNorm(f) * ffn_sub_norm;   x = x + f @ Wdown (* scale)
+    logits = (RMSNorm(x) * output_norm) @ token_embd^T   (the output is ALWAYS tied: no `output.weight`)
+
+No biases: neither engine creates bias tensors for bitnet, and both reject a file with tensors they do not
+create (llama_model_loader: "wrong number of tensors"), so this loader rejects them too, naming the tensor.
+Both require Wq and Wo to be n_embd x n_embd, i.e. n_head * head_dim == n_embd.
+
+The matmuls go through `parity.engines.numpy.numerics.matmul`, so the same graph runs `exact` or mirroring one engine's
+rounding points. Shapes: n tokens, d n_embd, h/hk heads, hd head dim, f n_ff, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from parity.engines.numpy.llama import LlamaParams, llama_params
+from parity.engines.numpy.numerics import Numerics, Weight, matmul
+from parity.engines.numpy.ops import (
+    FloatType,
+    attention,
+    causal_mask,
+    int_key,
+    require_tensor,
+    rms_norm,
+    rope_cos_sin,
+    silu,
+    softmax,
+)
+from parity.errors import ModelFormatError
+from parity.gguf import ternary
+from parity.gguf.reader import GGUFFile
+
+Array = npt.NDArray[Any]
+MATMULS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+TERNARY_TYPES = (int(ternary.ForkType.I2_S), 34, 35)  # I2_S, TQ1_0, TQ2_0
+
+
+# Both engines read a bitnet model's hyperparameters exactly as they read llama's.
+BitnetParams = LlamaParams
+
+
+@dataclass(frozen=True)
+class BitnetLayer:
+    """One block: norms (float) and matmul weights (numerics.Weight), plus optional per-matmul scales."""
+
+    attn_norm: Array  # (d,)
+    attn_sub_norm: Array  # (d,)
+    ffn_norm: Array  # (d,)
+    ffn_sub_norm: Array  # (f,)
+    mm: dict[str, Weight]  # kind ("attn_q", ...) -> weight, (out, in)
+    scales: dict[str, Array] = field(default_factory=dict)  # kind -> (1,) `.scale` tensor, when present
+
+
+@dataclass(frozen=True)
+class BitnetWeights:
+    """All weights of a bitnet model; `output` is the token embedding (tied)."""
+
+    params: BitnetParams
+    token_embd: Array  # (V, d) for the lookup
+    output: Weight  # the same values as a matmul weight (V, d), with its stored type
+    layers: list[BitnetLayer]
+    output_norm: Array  # (d,)
+    weight_types: dict[str, int]  # tensor name -> ggml type, for receipts and format checks
+
+
+def bitnet_params(f: GGUFFile) -> BitnetParams:
+    """Hyperparameters (llama_model_loader / llm_load_hparams in both engines): llama's, plus one bitnet rule."""
+    arch = f.architecture
+    n_embd = int_key(f, f"{arch}.embedding_length")
+    n_head = int_key(f, f"{arch}.attention.head_count")
+    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
+    if head_dim * n_head != n_embd:
+        raise ModelFormatError(
+            f"{f.path}: {n_head} heads x head dim {head_dim} != n_embd {n_embd}",
+            fix="both engines create attn_q/attn_output as n_embd x n_embd for bitnet; fix the converter",
+        )
+    return llama_params(f)
+
+
+def expected_tensors(p: BitnetParams) -> dict[str, tuple[int, ...]]:
+    """Every tensor the engines create for bitnet, with its numpy shape (`.scale` tensors are optional)."""
+    d, f_, kv = p.n_embd, p.n_ff, p.n_head_kv * p.head_dim
+    shapes = {"token_embd.weight": (p.n_vocab, d), "output_norm.weight": (d,)}
+    mm_shapes = {
+        "attn_q": (d, d),
+        "attn_k": (kv, d),
+        "attn_v": (kv, d),
+        "attn_output": (d, d),
+        "ffn_gate": (f_, d),
+        "ffn_up": (f_, d),
+        "ffn_down": (d, f_),
+    }
+    for i in range(p.n_layer):
+        b = f"blk.{i}."
+        for kind in ("attn_norm", "attn_sub_norm", "ffn_norm"):
+            shapes[f"{b}{kind}.weight"] = (d,)
+        shapes[f"{b}ffn_sub_norm.weight"] = (f_,)
+        for kind, shape in mm_shapes.items():
+            shapes[f"{b}{kind}.weight"] = shape
+            shapes[f"{b}{kind}.scale"] = (1,)
+    return shapes
+
+
+def _weight(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType, keep_codes: bool) -> Weight:
+    w = require_tensor(f, name, shape, dtype)
+    t = f.tensors[name]
+    codes = scales = None
+    if keep_codes and t.ggml_type in TERNARY_TYPES:
+        codes, scales = ternary.ternary_codes(t.ggml_type, t.data, t.shape)
+    return Weight(name, w, t.ggml_type, codes, scales)
+
+
+def load_bitnet(f: GGUFFile, dtype: FloatType, keep_codes: bool = False) -> BitnetWeights:
+    """Read and dequantize every bitnet tensor; `keep_codes` also keeps ternary codes for mirroring."""
+    p = bitnet_params(f)
+    if p.n_head_kv <= 0 or p.n_head % p.n_head_kv != 0:
+        raise ModelFormatError(
+            f"{f.path}: head_count {p.n_head} is not a multiple of head_count_kv {p.n_head_kv}",
+            fix="check the attention head counts in the metadata",
+        )
+    expected = expected_tensors(p)
+    if "output.weight" in f.tensors:
+        raise ModelFormatError(
+            f"{f.path}: bitnet model has an 'output.weight' tensor, but both engines tie the output to token_embd "
+            "and reject the file ('wrong number of tensors')",
+            fix="drop output.weight from the file (the converter must tie the output head)",
+        )
+    extra = sorted(set(f.tensors) - set(expected))
+    if extra:
+        raise ModelFormatError(
+            f"{f.path}: tensor '{extra[0]}' is not part of the bitnet architecture "
+            f"({len(extra)} unexpected tensor(s)); both engines reject the file",
+            fix="convert the model with llama.cpp's convert_hf_to_gguf.py (BitnetForCausalLM)",
+        )
+    layers = []
+    for i in range(p.n_layer):
+        b = f"blk.{i}."
+        mm = {
+            kind: _weight(f, f"{b}{kind}.weight", expected[f"{b}{kind}.weight"], dtype, keep_codes) for kind in MATMULS
+        }
+        scales: dict[str, Array] = {}
+        for kind in MATMULS:
+            if f"{b}{kind}.scale" in f.tensors:
+                scales[kind] = require_tensor(f, f"{b}{kind}.scale", (1,), dtype)
+        layers.append(
+            BitnetLayer(
+                attn_norm=require_tensor(f, b + "attn_norm.weight", (p.n_embd,), dtype),
+                attn_sub_norm=require_tensor(f, b + "attn_sub_norm.weight", (p.n_embd,), dtype),
+                ffn_norm=require_tensor(f, b + "ffn_norm.weight", (p.n_embd,), dtype),
+                ffn_sub_norm=require_tensor(f, b + "ffn_sub_norm.weight", (p.n_ff,), dtype),
+                mm=mm,
+                scales=scales,
+            )
+        )
+    output = _weight(f, "token_embd.weight", (p.n_vocab, p.n_embd), dtype, keep_codes)
+    return BitnetWeights(
+        params=p,
+        token_embd=output.w,
+        output=output,
+        layers=layers,
+        output_norm=require_tensor(f, "output_norm.weight", (p.n_embd,), dtype),
+        weight_types={name: t.ggml_type for name, t in f.tensors.items()},
+    )
+
+
+def rope_neox(x: Array, cos: Array, sin: Array) -> Array:
+    """NEOX RoPE (LLAMA_ROPE_TYPE_NEOX): pair i is (x[i], x[i + n_rot/2]), rotated by angle i.
+
+    x is (n, heads, hd); the first n_rot = 2 * cos.shape[1] dims are rotated, the rest pass through.
+    """
+    half = cos.shape[1]
+    x0 = x[:, :, :half]  # (n, heads, n_rot/2)
+    x1 = x[:, :, half : 2 * half]  # (n, heads, n_rot/2)
+    c = cos[:, None, :]  # (n, 1, n_rot/2)
+    s = sin[:, None, :]  # (n, 1, n_rot/2)
+    out = x.copy()  # (n, heads, hd)
+    out[:, :, :half] = x0 * c - x1 * s
+    out[:, :, half : 2 * half] = x0 * s + x1 * c
+    return out
+
+
+def attention_rounded(q: Array, k: Array, v: Array, scale: float | np.floating[Any]) -> Array:
+    """`ops.attention` with the probabilities rounded to f16 before the V product.
+
+    What an engine does whose V cache is F16 and whose kernel converts the f32 probabilities to V's
+    vec_dot_type (mainline always; the fork one token at a time).
+    """
+    n, h, hd = q.shape
+    group = h // k.shape[1]
+    k = np.repeat(k, group, axis=1)  # (n, h, hd)
+    v = np.repeat(v, group, axis=1)  # (n, h, hd)
+    scores = q.transpose(1, 0, 2) @ k.transpose(1, 2, 0)  # (h, n, n)
+    scores = np.where(causal_mask(n), scores * scale, -np.inf)  # (h, n, n)
+    probs = softmax(scores, axis=-1).astype(np.float16).astype(q.dtype)  # (h, n, n) through f16
+    out = probs @ v.transpose(1, 0, 2)  # (h, n, hd)
+    return out.transpose(1, 0, 2).reshape(n, h * hd)  # (n, h*hd)
+
+
+def _proj(x: Array, layer: BitnetLayer, kind: str, num: Numerics) -> Array:
+    """One matmul plus its optional `.scale` (ggml_mul after ggml_mul_mat, as build_lora_mm does)."""
+    y = matmul(x, layer.mm[kind], num)  # (n, out)
+    scale = layer.scales.get(kind)
+    return y if scale is None else y * scale  # (n, out)
+
+
+def bitnet_block(x: Array, layer: BitnetLayer, p: BitnetParams, cos: Array, sin: Array, num: Numerics) -> Array:
+    """One bitnet block: x + Wo(subnorm(attn(norm(x)))); then + Wdown(subnorm(swiglu(norm(.))))."""
+    n = x.shape[0]
+    h = rms_norm(x, layer.attn_norm, p.rms_eps)  # (n, d)
+    q = _proj(h, layer, "attn_q", num).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
+    k = _proj(h, layer, "attn_k", num).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
+    v = _proj(h, layer, "attn_v", num).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
+    q = rope_neox(q, cos, sin)  # (n, h, hd)
+    k = num.cache(rope_neox(k, cos, sin), num.k_f16)  # (n, hk, hd): as the KV cache stores it
+    v = num.cache(v, num.v_f16)  # (n, hk, hd)
+    scale = 1.0 / np.sqrt(x.dtype.type(p.head_dim))  # 1.0f/sqrtf(float(n_embd_head))
+    a = attention_rounded(q, k, v, scale) if num.round_probs else attention(q, k, v, scale)  # (n, d)
+    a = rms_norm(a, layer.attn_sub_norm, p.rms_eps)  # (n, d)
+    x = x + _proj(a, layer, "attn_output", num)  # (n, d)
+    h = rms_norm(x, layer.ffn_norm, p.rms_eps)  # (n, d)
+    g = silu(_proj(h, layer, "ffn_gate", num)) * _proj(h, layer, "ffn_up", num)  # (n, f)
+    g = rms_norm(g, layer.ffn_sub_norm, p.rms_eps)  # (n, f)
+    return x + _proj(g, layer, "ffn_down", num)  # (n, d)
+
+
+def bitnet_forward(w: BitnetWeights, tokens: Array, last_only: bool = False, num: Numerics | None = None) -> Array:
+    """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`."""
+    num = num or Numerics()
+    p = w.params
+    x = w.token_embd[tokens]  # (n, d)
+    cos, sin = rope_cos_sin(
+        np.arange(tokens.shape[0]), p.n_rot, p.rope_base, p.rope_freq_scale, None, x.dtype.type
+    )  # (n, hd/2) each
+    for layer in w.layers:
+        x = bitnet_block(x, layer, p, cos, sin, num)  # (n, d)
+    if last_only:
+        x = x[-1:]  # (1, d)
+    x = rms_norm(x, w.output_norm, p.rms_eps)  # (n, d)
+    return matmul(x, w.output, num)  # (n, V): the tied head
+
+
+Forward = Callable[[Array, bool], Array]
+
+
+def build_bitnet(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
+    """ARCHITECTURES entry: the `exact` forward, n_vocab, n_ctx_train."""
+    weights = load_bitnet(f, dtype)
+
+    def forward(tokens: Array, last_only: bool) -> Array:
+        return bitnet_forward(weights, tokens, last_only)
+
+    return forward, weights.params.n_vocab, weights.params.n_ctx_train
+
+
+def mirrored_logits(f: GGUFFile, tokens: list[int], num: Numerics, dtype: FloatType) -> npt.NDArray[np.float64]:
+    """Logits of every position with `num`'s rounding points, on the weights exactly as `f` stores them."""
+    weights = load_bitnet(f, dtype, keep_codes=True)
+    ids = np.asarray(tokens, dtype=np.int64)
+    return bitnet_forward(weights, ids, False, num).astype(np.float64)

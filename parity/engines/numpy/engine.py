@@ -1,0 +1,91 @@
+"""The numpy engine: one builder per architecture (llama, gemma3, bitnet) behind `NumpyEngine`.
+
+The plain reference path: a full forward pass per call. Faster paths are checked against it, never the
+other way round. Each architecture module holds its graph; parity.engines.numpy.ops the shared operations.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from parity.engines.numpy.bitnet import build_bitnet
+from parity.engines.numpy.gemma3 import build_gemma3
+from parity.engines.numpy.llama import build_llama
+from parity.engines.numpy.ops import DTYPES, Array, FloatType, Forward
+from parity.errors import ModelFormatError, UsageError
+from parity.gguf.reader import GGUFFile, open_gguf
+
+__all__ = ["ARCHITECTURES", "DTYPES", "NumpyEngine"]
+
+# One builder per architecture: (gguf, dtype) -> (forward, n_vocab, n_ctx_train).
+ARCHITECTURES: dict[str, Callable[[GGUFFile, FloatType], tuple[Forward, int, int]]] = {
+    "llama": build_llama,
+    "gemma3": build_gemma3,
+    "bitnet": build_bitnet,
+}
+
+
+class NumpyEngine:
+    """The reference implementation under test: a full forward pass per call, in numpy."""
+
+    name = "numpy"
+
+    def __init__(self, model: GGUFFile | str | os.PathLike[str], *, dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise UsageError(f"unsupported numpy engine dtype '{dtype}'", fix=f"use one of {', '.join(DTYPES)}")
+        self.gguf = model if isinstance(model, GGUFFile) else open_gguf(model)
+        self.architecture = self.gguf.architecture
+        self.dtype = dtype
+        builder = ARCHITECTURES.get(self.architecture)
+        if builder is None:
+            raise ModelFormatError(
+                f"unsupported architecture '{self.architecture}' in {self.gguf.path}: "
+                f"the numpy engine supports {', '.join(ARCHITECTURES)}",
+                fix="use a model of a supported architecture",
+            )
+        self._forward, self.n_vocab, self.n_ctx_train = builder(self.gguf, DTYPES[dtype])
+
+    def _check_tokens(self, tokens: Sequence[int], n_extra: int = 0) -> Array:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1:
+            raise UsageError(f"token ids must be a flat sequence, got shape {ids.shape}", fix="pass a list of ints")
+        if ids.size == 0:
+            raise UsageError("no tokens to evaluate", fix="pass a non-empty list of token ids")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(f"token ids must be integers, got {ids.dtype}", fix="pass a list of int token ids")
+        bad = np.flatnonzero((ids < 0) | (ids >= self.n_vocab))
+        if bad.size:
+            i = int(bad[0])
+            raise UsageError(
+                f"token id {int(ids[i])} at position {i} is outside the vocabulary [0, {self.n_vocab})",
+                fix="tokenize with this model's vocabulary",
+            )
+        if ids.size + n_extra > self.n_ctx_train:
+            raise UsageError(
+                f"{ids.size + n_extra} positions exceed the model's training context {self.n_ctx_train}",
+                fix="use a shorter prompt or fewer new tokens",
+            )
+        return ids.astype(np.int64)
+
+    def logits(self, tokens: Sequence[int]) -> npt.NDArray[np.float64]:
+        """Logits for every position of one forward pass: (len(tokens), n_vocab), returned as float64."""
+        ids = self._check_tokens(tokens)
+        return self._forward(ids, False).astype(np.float64)
+
+    def greedy(self, tokens: Sequence[int], n_new: int) -> list[int]:
+        """Argmax continuation of `n_new` tokens, recomputing the whole forward pass each step."""
+        if n_new < 0:
+            raise UsageError(f"n_new must be >= 0, got {n_new}", fix="ask for zero or more new tokens")
+        # the last generated token is never fed back, so it needs no position of its own
+        ids = list(self._check_tokens(tokens, max(n_new - 1, 0)).tolist())
+        out: list[int] = []
+        for _ in range(n_new):
+            last = self._forward(np.asarray(ids, dtype=np.int64), True)[0]  # (V,)
+            nxt = int(np.argmax(last))
+            out.append(nxt)
+            ids.append(nxt)
+        return out

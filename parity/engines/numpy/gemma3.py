@@ -1,0 +1,349 @@
+"""Gemma 3 for the numpy reference engine, following llama.cpp's `gemma3` graph (src/models/gemma3.cpp).
+
+Differences from llama, all taken from that graph and from `llama_model_gemma3::load_arch_hparams`:
+- embeddings are multiplied by sqrt(n_embd) (`sqrtf` in llama.cpp, the engine dtype here);
+- Q and K are RMS-normed per head (`attn_q_norm`, `attn_k_norm`) before NEOX-mode RoPE, which rotates
+  the pairs (x[i], x[i + n_rot/2]) instead of adjacent pairs;
+- Q is multiplied by the attention scale after RoPE and the softmax scale is 1; the scale is
+  1/sqrt(head_dim), except for the 62-layer (27B) model, which uses 1/sqrt(n_embd / n_head);
+- the attention and FFN outputs are RMS-normed again (`post_attention_norm`, `post_ffw_norm`) before
+  their residual adds; the norm weights already include Gemma's "+1" (the converter folds it in);
+- the FFN is GELU(gate) * up with the tanh approximation of GELU (computed exactly here; ggml's CPU
+  backend reads it from an f16 table, see `gelu_tanh`; tests/integration/test_gemma3_llama.py bounds the
+  effect on an all-F32 model: max |Δ| < 5e-3);
+- layers alternate between sliding-window ("local") and full ("global") attention. With a window n_swa,
+  a local layer's query at position p sees keys at positions k with p - n_swa < k <= p (llama.cpp masks
+  a key when p - k >= n_swa) and uses RoPE base `rope.freq_base_swa` (default 10000) with no frequency
+  scaling; global layers use `rope.freq_base` and the trained `rope.scaling.factor`. Without
+  `attention.sliding_window_pattern` in the file, every 6th layer (5, 11, 17, ...) is global;
+- the output head is tied to `token_embd` unless the file has `output.weight`, and the logits are
+  soft-capped, cap * tanh(logits / cap), only when `final_logit_softcapping` is in the file. Gemma 3
+  has no attention-logit soft-capping (that is Gemma 2).
+
+Shapes: n = tokens, d = n_embd, h = query heads, hk = KV heads, hd = head dim, f = n_ff, V = vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from parity.engines.numpy.ops import (
+    Array,
+    FloatType,
+    Forward,
+    attention,
+    causal_mask,
+    float_key,
+    int_key,
+    linear,
+    load_tensor,
+    n_vocab_of,
+    require_tensor,
+    rms_norm,
+    rope_cos_sin,
+    rope_freq_scale,
+)
+from parity.errors import ModelFormatError
+from parity.gguf.reader import GGUFFile
+
+SWA_PERIOD_DEFAULT = 6  # llama.cpp's load_swa_pattern(ml, 6) when the file does not say
+ROPE_BASE_SWA_DEFAULT = 10000.0  # llama_hparams::rope_freq_base_train_swa
+N_LAYER_27B = 62  # the one Gemma 3 size whose attention scale uses n_embd / n_head
+
+# ggml-cpu/vec.h
+GELU_COEF_A = 0.044715
+SQRT_2_OVER_PI = 0.79788456080286535587989211986876
+
+
+# ---------------------------------------------------------------------------------------------------
+# Operations
+
+
+def rope_neox(x: Array, cos: Array, sin: Array) -> Array:
+    """NEOX-mode RoPE (LLAMA_ROPE_TYPE_NEOX): rotates the pairs (x[i], x[i + n_rot/2]) for i < n_rot/2.
+
+    x is (n, heads, hd); the first n_rot = 2 * cos.shape[1] dims are rotated, the rest pass through.
+    Pair i turns by the angle of index i, as ggml_rope's `rotate_pairs` with stride n_rot/2.
+    """
+    half = cos.shape[1]
+    x0 = x[:, :, 0:half]  # (n, heads, n_rot/2)
+    x1 = x[:, :, half : 2 * half]  # (n, heads, n_rot/2)
+    c = cos[:, None, :]  # (n, 1, n_rot/2)
+    s = sin[:, None, :]  # (n, 1, n_rot/2)
+    out = x.copy()  # (n, heads, hd)
+    out[:, :, 0:half] = x0 * c - x1 * s
+    out[:, :, half : 2 * half] = x0 * s + x1 * c
+    return out
+
+
+def gelu_tanh(x: Array) -> Array:
+    """GELU, tanh approximation, as ggml_gelu_f32: 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2))).
+
+    The formula is evaluated exactly in the engine dtype. ggml's CPU backend instead looks the result up
+    in a table indexed by x rounded to f16 (GGML_GELU_FP16), which the reference deliberately does not copy:
+    that table is an implementation shortcut of one backend, not part of the model.
+    """
+    t = x.dtype.type
+    inner = t(SQRT_2_OVER_PI) * x * (t(1.0) + t(GELU_COEF_A) * x * x)  # same shape as x
+    out: Array = t(0.5) * x * (t(1.0) + np.tanh(inner))  # same shape as x
+    return out
+
+
+def geglu_ffn(x: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
+    """LLM_FFN_GELU + LLM_FFN_PAR (ggml_geglu_split): down(gelu(gate(x)) * up(x))."""
+    gate = linear(x, w_gate)  # (n, f)
+    up = linear(x, w_up)  # (n, f)
+    return linear(gelu_tanh(gate) * up, w_down)  # (n, d)
+
+
+def sliding_window_mask(n: int, n_swa: int) -> Array:
+    """(n, n) bool [query, key]: causal, and a key is dropped when query - key >= n_swa.
+
+    This is `llama_hparams::is_masked_swa` for LLAMA_SWA_TYPE_STANDARD (p1 - p0 >= n_swa, p0 the key's
+    position, p1 the query's), so each query sees itself and the n_swa - 1 keys before it.
+    """
+    pos = np.arange(n)  # (n,)
+    distance = pos[:, None] - pos[None, :]  # (n, n): query - key
+    return causal_mask(n) & (distance < n_swa)  # (n, n)
+
+
+def softcap(x: Array, cap: float) -> Array:
+    """cap * tanh(x / cap), written as llama.cpp's graph does it: scale by 1/cap, tanh, scale by cap."""
+    t = x.dtype.type
+    out: Array = np.tanh(x * (t(1.0) / t(cap))) * t(cap)  # same shape as x
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass(frozen=True)
+class Gemma3Params:
+    """Hyperparameters of a gemma3 model, with llama.cpp's defaults for keys the file leaves out."""
+
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    rms_eps: float
+    rope_base: float  # global layers
+    rope_freq_scale: float  # global layers
+    rope_base_swa: float  # sliding-window layers (their frequency scale is always 1)
+    n_swa: int  # sliding window; 0 = every layer attends to the whole context
+    is_swa: tuple[bool, ...]  # per layer: True for sliding-window attention
+    attn_scale: float  # multiplies Q after RoPE
+    final_logit_softcap: float  # 0 = no soft-capping
+    n_ctx_train: int
+
+
+@dataclass(frozen=True)
+class Gemma3Layer:
+    """One Gemma 3 block's weights, dequantized; shapes (out, in) in numpy order."""
+
+    attn_norm: Array  # (d,)
+    wq: Array  # (h*hd, d)
+    wk: Array  # (hk*hd, d)
+    wv: Array  # (hk*hd, d)
+    q_norm: Array  # (hd,)
+    k_norm: Array  # (hd,)
+    wo: Array  # (d, h*hd)
+    attn_post_norm: Array  # (d,)
+    ffn_norm: Array  # (d,)
+    w_gate: Array  # (f, d)
+    w_up: Array  # (f, d)
+    w_down: Array  # (d, f)
+    ffn_post_norm: Array  # (d,)
+
+
+@dataclass(frozen=True)
+class Gemma3Weights:
+    """All weights of a Gemma 3 model, dequantized to the engine dtype."""
+
+    params: Gemma3Params
+    token_embd: Array  # (V, d)
+    layers: list[Gemma3Layer]
+    output_norm: Array  # (d,)
+    output: Array  # (V, d); the same array as token_embd when the output is tied
+
+
+def _swa_layers(f: GGUFFile, n_layer: int, n_swa: int) -> tuple[bool, ...]:
+    """Which layers use the sliding window: llama_model_base::load_swa_pattern with period 6 by default.
+
+    The pattern key is either a per-layer array (nonzero = sliding) or a period P, where layer il slides
+    unless il % P == P - 1 (P = 0: every layer slides; P = 1: none). Without a window no layer slides.
+    """
+    if n_swa <= 0:
+        return (False,) * n_layer
+    key = f"{f.architecture}.attention.sliding_window_pattern"
+    if isinstance(f.get(key), list):
+        # like llama.cpp: entries past the last layer are ignored, layers past the array's end stay global
+        entries = f.get(key)
+        if not all(isinstance(v, bool) for v in entries):  # llama.cpp writes bools; accept integers too
+            entries = f.get_array(key, int)
+        flags = tuple(bool(v) for v in entries[:n_layer])
+        return flags + (False,) * (n_layer - len(flags))
+    period = f.get_int(key, SWA_PERIOD_DEFAULT, min=0, gguf_types=("uint32",))
+    return tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
+
+
+def _same_as(f: GGUFFile, key: str, value: int) -> None:
+    """Reject files whose SWA layers would differ in shape from the global ones (not a Gemma 3 layout)."""
+    found = f.get_int(key, -1, min=0, gguf_types=("uint32",)) if key in f.metadata else None
+    if found is not None and found != value:
+        raise ModelFormatError(
+            f"{f.path}: '{key}' is {found} but the global layers use {value}",
+            fix="the numpy gemma3 engine needs the same head size and RoPE width in every layer",
+        )
+
+
+def gemma3_params(f: GGUFFile) -> Gemma3Params:
+    """Read gemma3 hyperparameters as llama.cpp does (load_hparams, then llama_model_gemma3's own)."""
+    arch = f.architecture
+    n_embd = int_key(f, f"{arch}.embedding_length")
+    n_head = int_key(f, f"{arch}.attention.head_count")
+    n_layer = int_key(f, f"{arch}.block_count")
+    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
+    n_rot = int_key(f, f"{arch}.rope.dimension_count", head_dim)
+    if n_rot > head_dim or n_rot % 2:
+        raise ModelFormatError(
+            f"{f.path}: '{arch}.rope.dimension_count' is {n_rot}, which does not fit the head dimension {head_dim}",
+            fix="RoPE needs an even number of dimensions no larger than the head; check the converter",
+        )
+    if int_key(f, f"{arch}.attention.value_length", head_dim) != head_dim:
+        raise ModelFormatError(
+            f"{f.path}: '{arch}.attention.value_length' differs from the key length {head_dim}",
+            fix="the gemma3 graph requires equal key and value head sizes; check the converter",
+        )
+    _same_as(f, f"{arch}.attention.key_length_swa", head_dim)
+    _same_as(f, f"{arch}.attention.value_length_swa", head_dim)
+    _same_as(f, f"{arch}.rope.dimension_count_swa", n_rot)
+    n_swa = int_key(f, f"{arch}.attention.sliding_window", 0, min=0)
+    # ref: gemma_pytorch config.py, quoted by llama.cpp: the 27B model scales by 1/sqrt(d_model / n_head)
+    scale_dim = max(n_embd // n_head, 1) if n_layer == N_LAYER_27B else head_dim
+    return Gemma3Params(
+        n_vocab=n_vocab_of(f),
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_ff=int_key(f, f"{arch}.feed_forward_length"),
+        n_head=n_head,
+        n_head_kv=int_key(f, f"{arch}.attention.head_count_kv", n_head),
+        head_dim=head_dim,
+        n_rot=n_rot,
+        rms_eps=float_key(f, f"{arch}.attention.layer_norm_rms_epsilon", min=0.0),
+        rope_base=float_key(f, f"{arch}.rope.freq_base", 10000.0, min=0.0),
+        rope_freq_scale=rope_freq_scale(f),
+        rope_base_swa=float_key(f, f"{arch}.rope.freq_base_swa", ROPE_BASE_SWA_DEFAULT, min=0.0),
+        n_swa=max(n_swa, 0),
+        is_swa=_swa_layers(f, n_layer, n_swa),
+        attn_scale=1.0 / math.sqrt(scale_dim),  # rounded to the engine dtype where it is applied
+        final_logit_softcap=float_key(f, f"{arch}.final_logit_softcapping", 0.0, min=0.0),
+        n_ctx_train=int_key(f, f"{arch}.context_length"),
+    )
+
+
+def load_gemma3(f: GGUFFile, dtype: FloatType) -> Gemma3Weights:
+    """Read and dequantize every gemma3 tensor (names as in llama.cpp's LLM_TENSOR table)."""
+    p = gemma3_params(f)
+    d, f_, hd = p.n_embd, p.n_ff, p.head_dim
+    q_out, kv_out = p.n_head * hd, p.n_head_kv * hd
+    if p.n_head_kv <= 0 or p.n_head % p.n_head_kv != 0:
+        raise ModelFormatError(
+            f"{f.path}: head_count {p.n_head} is not a multiple of head_count_kv {p.n_head_kv}",
+            fix="check the attention head counts in the metadata",
+        )
+    for name in ("dense_2.weight", "dense_3.weight"):
+        if name in f.tensors:
+            raise ModelFormatError(
+                f"{f.path}: tensor '{name}' belongs to an embedding model, which the numpy engine does not run",
+                fix="use a Gemma 3 text-generation model",
+            )
+
+    def req(name: str, shape: tuple[int, ...]) -> Array:
+        return require_tensor(f, name, shape, dtype)
+
+    token_embd = req("token_embd.weight", (p.n_vocab, d))
+    layers = []
+    for i in range(p.n_layer):
+        b = f"blk.{i}."
+        layers.append(
+            Gemma3Layer(
+                attn_norm=req(b + "attn_norm.weight", (d,)),
+                wq=req(b + "attn_q.weight", (q_out, d)),
+                wk=req(b + "attn_k.weight", (kv_out, d)),
+                wv=req(b + "attn_v.weight", (kv_out, d)),
+                q_norm=req(b + "attn_q_norm.weight", (hd,)),
+                k_norm=req(b + "attn_k_norm.weight", (hd,)),
+                wo=req(b + "attn_output.weight", (d, q_out)),
+                attn_post_norm=req(b + "post_attention_norm.weight", (d,)),
+                ffn_norm=req(b + "ffn_norm.weight", (d,)),
+                w_gate=req(b + "ffn_gate.weight", (f_, d)),
+                w_up=req(b + "ffn_up.weight", (f_, d)),
+                w_down=req(b + "ffn_down.weight", (d, f_)),
+                ffn_post_norm=req(b + "post_ffw_norm.weight", (d,)),
+            )
+        )
+    output = load_tensor(f, "output.weight", (p.n_vocab, d), dtype, required=False)
+    return Gemma3Weights(
+        params=p,
+        token_embd=token_embd,
+        layers=layers,
+        output_norm=req("output_norm.weight", (d,)),
+        output=token_embd if output is None else output,  # tied, as llama.cpp's TENSOR_DUPLICATED
+    )
+
+
+def gemma3_block(x: Array, layer: Gemma3Layer, p: Gemma3Params, cos: Array, sin: Array, allowed: Array) -> Array:
+    """One Gemma 3 block: x + post_norm(attn(norm(x))); then + post_norm(ffn(norm(.)))."""
+    n = x.shape[0]
+    h = rms_norm(x, layer.attn_norm, p.rms_eps)  # (n, d)
+    q = linear(h, layer.wq).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
+    k = linear(h, layer.wk).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
+    v = linear(h, layer.wv).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
+    q = rope_neox(rms_norm(q, layer.q_norm, p.rms_eps), cos, sin)  # (n, h, hd): norm over hd, per head
+    k = rope_neox(rms_norm(k, layer.k_norm, p.rms_eps), cos, sin)  # (n, hk, hd)
+    q = q * x.dtype.type(p.attn_scale)  # (n, h, hd): the graph scales Q, then attends with scale 1
+    a = attention(q, k, v, 1.0, allowed)  # (n, h*hd)
+    a = rms_norm(linear(a, layer.wo), layer.attn_post_norm, p.rms_eps)  # (n, d)
+    x = x + a  # (n, d)
+    h = rms_norm(x, layer.ffn_norm, p.rms_eps)  # (n, d)
+    h = geglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down)  # (n, d)
+    return x + rms_norm(h, layer.ffn_post_norm, p.rms_eps)  # (n, d)
+
+
+def gemma3_forward(w: Gemma3Weights, tokens: Array, last_only: bool = False) -> Array:
+    """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`."""
+    p = w.params
+    n = tokens.shape[0]
+    t = w.token_embd.dtype.type
+    x = w.token_embd[tokens] * np.sqrt(t(p.n_embd))  # (n, d): sqrtf(n_embd) in the float32 engine
+    positions = np.arange(n)  # (n,)
+    rope_global = rope_cos_sin(positions, p.n_rot, p.rope_base, p.rope_freq_scale, None, t)  # (n, n_rot/2) x2
+    rope_local = rope_cos_sin(positions, p.n_rot, p.rope_base_swa, 1.0, None, t)  # (n, n_rot/2) x2
+    mask_global = causal_mask(n)  # (n, n)
+    mask_local = sliding_window_mask(n, p.n_swa) if p.n_swa > 0 else mask_global  # (n, n)
+    for layer, swa in zip(w.layers, p.is_swa, strict=True):
+        cos, sin = rope_local if swa else rope_global
+        x = gemma3_block(x, layer, p, cos, sin, mask_local if swa else mask_global)  # (n, d)
+    if last_only:
+        x = x[-1:]  # (1, d): llama.cpp also skips the head for rows it does not output
+    x = rms_norm(x, w.output_norm, p.rms_eps)  # (n, d)
+    logits = linear(x, w.output)  # (n, V)
+    return softcap(logits, p.final_logit_softcap) if p.final_logit_softcap else logits  # (n, V)
+
+
+def build_gemma3(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
+    """The engine's builder for `gemma3`: dequantize once, return (forward, n_vocab, n_ctx_train)."""
+    weights = load_gemma3(f, dtype)
+
+    def forward(tokens: Array, last_only: bool) -> Array:
+        return gemma3_forward(weights, tokens, last_only)
+
+    return forward, weights.params.n_vocab, weights.params.n_ctx_train
