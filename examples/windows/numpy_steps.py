@@ -27,7 +27,7 @@ try:
 except ImportError:  # running from a checkout: use the parity next to this example
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from parity.engine_numpy import NumpyEngine
+from parity.engines.numpy.engine import NumpyEngine
 from parity.workflow.impls import persistable, step_record
 
 
