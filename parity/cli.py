@@ -1,5 +1,5 @@
 """The `parity` command. Exit codes: 0 pass, 1 divergence, 2 usage/tokenizer/backend/bad model, 3 network,
-4 permission, 5 build, 6 repair recursion, 70 internal error (DESIGN.md, "Contracts").
+4 permission, 5 build, 6 repair recursion, 70 internal error (docs/ARCHITECTURE.md, "Contracts").
 
 Exit 70 (EX_SOFTWARE) is any exception that is not one of parity's errors: a bug in parity, never a verdict
 on the model. It prints one line, "internal error, please report", with the path of a log file holding the

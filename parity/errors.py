@@ -1,4 +1,4 @@
-"""Error classes. Each carries the process exit code it maps to (see DESIGN.md, "Contracts").
+"""Error classes. Each carries the process exit code it maps to (see docs/ARCHITECTURE.md, "Contracts").
 
 A message says what happened and what to do about it; `cli.main()` prints it on one line and shows a
 traceback only with `--debug`.

@@ -1,1 +1,3 @@
-"""parity.bench."""
+"""`parity bench`: main (the command), lanes (what is timed), gate (statistics, baselines, the regression
+gate), llama_bench (the cross-check), report (text and HTML). Imports parity.check and below.
+"""

@@ -1,6 +1,6 @@
 """`parity bench`: throughput of every implementation on every model, baselines, and a regression gate.
 
-What is timed: an evaluation is one `greedy(tokens, n_new)` call of a lane (parity.bench_lanes.Lane), timed
+What is timed: an evaluation is one `greedy(tokens, n_new)` call of a lane (parity.bench.lanes.Lane), timed
 where it runs (C++ engines inside their worker process, so the pipe round trip is not part of any figure;
 `rpc_overhead_ms` records it for reference). Every evaluation starts at position 0 with a fresh KV cache.
   pp  prompt processing: ONE evaluation of all P prompt positions (one batch, logits of the last position,
@@ -12,10 +12,10 @@ warm-up so that a sample lasts at least `min_sample_s` (bench_lanes.calibrate): 
 evaluation is not left to one scheduler time slice. Samples are taken in interleaved rounds (one of each
 lane, then the next round ...), each preceded by one untimed warm-up evaluation of that lane, so ratios such as
 numpy / llama.cpp are measured under the same machine load. Each figure records what ran: evals_per_sample,
-warmup_evals (calibration plus one per round) and timed_evals. Statistics and the gate rule: parity.bench_gate.
+warmup_evals (calibration plus one per round) and timed_evals. Statistics and the gate rule: parity.bench.gate.
 
 Cross-check (llama.cpp only, unless --no-llama-bench): llama.cpp's own llama-bench, built from the same pinned
-source (parity.build_tools), runs once per round of prompt processing (between our rounds) in two
+source (parity.backends.tools), runs once per round of prompt processing (between our rounds) in two
 configurations: `matched` against a second llama.cpp lane of ours with exactly its settings (batch sizes,
 F16 KV cache because this llama-bench cannot select F32, flash attention off, threads, thread-pool polling,
 one warm-up then `-r K` evaluations per invocation with K = our lane's evaluations per sample), and `default`
@@ -291,7 +291,7 @@ def bench_model(
 
 
 def xcheck_params(llama: BackendParams, opts: BenchOptions) -> BackendParams:
-    """Our llama.cpp lane in the configuration llama-bench `matched` runs (parity.build_tools.matched_flags).
+    """Our llama.cpp lane in the configuration llama-bench `matched` runs (parity.bench.llama_bench.matched_flags).
 
     Batch sizes: one batch holding prompt + generated tokens (llama-bench clamps n_batch to its context, which
     llama.cpp pads to 256 on both sides, so both evaluate the prompt as one ubatch). KV cache F16 (this

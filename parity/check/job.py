@@ -152,7 +152,7 @@ def _pad(n: int, multiple: int = 64) -> int:
 
 # The most precise configuration each backend accepts (ggml types: 0 = F32, 1 = F16).
 # bitnet.cpp's fork rejects a V cache other than F16 unless flash attention is on, and flash attention with
-# an F32 KV cache segfaults in llama_decode; K F32 + V F16 with flash attention off works (FIELD-NOTES).
+# an F32 KV cache segfaults in llama_decode; K F32 + V F16 with flash attention off works (measured when the lanes were written; see docs/ARCHITECTURE.md, "Backends").
 PRECISE_KV = {"llama": (0, 0, 0), "bitnet": (0, 1, 0)}
 
 

@@ -544,7 +544,7 @@ def test_parity_help_shows_the_whole_exit_code_list(capsys: pytest.CaptureFixtur
     from parity import cli
 
     assert cli.__doc__ is not None
-    codes = " ".join(cli.__doc__.split("Exit codes:", 1)[1].split("(DESIGN.md", 1)[0].split())
+    codes = " ".join(cli.__doc__.split("Exit codes:", 1)[1].split("(docs/ARCHITECTURE.md", 1)[0].split())
     assert "4 permission" in codes and "6 repair recursion" in codes  # the docstring wraps the list
     assert f"Exit codes: {codes}" in _help(["--help"], capsys)
 

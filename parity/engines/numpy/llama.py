@@ -1,4 +1,4 @@
-"""The numpy reference engine: a plain forward pass, one pure function per operation.
+"""The `llama` architecture of the numpy reference engine: hyperparameters, weights and the forward pass.
 
 Written in the style of picoGPT / llama3.np: weights are passed in explicitly, every line carries its
 shape, and there are no speed tricks. Faster paths are checked against this one, never the other way
