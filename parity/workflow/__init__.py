@@ -6,7 +6,8 @@ tokens) and is compared field by field. Verified windows are never recomputed: t
 written atomically with backup generations, validated on load, guarded by a lock.
 
 Modules: `config` (the implementations TOML), `compare` (per-field tolerances), `impls` (numpy, llama,
-bitnet engines and the external-command protocol), `state` (persisted state, recovery, lock), `runner`
+bitnet engines and the external-command protocol), `state` (persisted state, recovery), `journal` (the
+append-only journal: records, replay, pruning), `lock` (the run directory's lock), `runner`
 (windows, resume, regression), `reports` (divergence reports, archives), `status` (Markdown + HTML page),
 `cli` (the `windows` subcommand).
 """

@@ -221,7 +221,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from parity.workflow import reports, runner, status
-    from parity.workflow.state import RunLock, StateStore
+    from parity.workflow.lock import RunLock
+    from parity.workflow.state import StateStore
 
     _, run_dir = runner.resolve_run_dir(args.config, args.run_dir)
     if args.archive:

@@ -29,7 +29,8 @@ from parity.workflow import compare, reports, status
 from parity.workflow import config as wconfig
 from parity.workflow.config import ImplSpec, WindowsConfig
 from parity.workflow.impls import Implementation, RunContext, WindowOutput, create, persistable, resolve_context
-from parity.workflow.state import RunLock, StateStore, add_event, new_state, now
+from parity.workflow.lock import RunLock
+from parity.workflow.state import StateStore, add_event, new_state, now
 
 Factory = Callable[[ImplSpec, RunContext], Implementation]
 DONE = ("verified", "diverged", "unverified")  # attempt statuses that carry a result

@@ -1,9 +1,8 @@
-"""The persisted state of a windows run: state.json, its journal, and the lock that guards them.
+"""The persisted state of a windows run: the state document, and the store that loads and saves it.
 
 The state (schema: parity/schema/windows_state.schema.json) is kept as a compacted `state.json` plus an
-append-only journal, `journal.jsonl`: one line per save holding only what changed (the windows touched,
-the keys replaced, the entries appended), its sequence number, the run it belongs to and a SHA-256 of its
-data, so each record checks itself. A window costs two small appends, whatever the run's length. Every
+append-only journal, `journal.jsonl` (journal.py): one line per save holding only what changed, each record
+checking itself. A window costs two small appends, whatever the run's length. Every
 save checks the run's invariants first (an inconsistent state is a bug and is never written). The journal
 is compacted into state.json - backups rotated (`state.json.bak`, `.bak.2`, `.bak.3`), temp file, fsync,
 rename - at the end of a pass and whenever the journal since the last compaction outgrows the state, so the
@@ -14,47 +13,36 @@ records after it: a torn last line (a kill during an append) is ignored, a damag
 (reported; it and later records are moved to `corrupt/` before the next append). A corrupt state.json is
 reported, moved to `corrupt/`, and the newest valid backup brought up to date from the journal, so a run
 recovered from a backup loses nothing the journal holds. If no valid copy exists the load fails, naming the
-files: a run is never silently reset.
-
-The lock is an flock on `state.lock` (released by the kernel when the holder dies, however it dies); the
-file also records the holder's PID, so a lock left behind by a killed run is reported as stale and taken
-over, and a live holder is named in the error.
+files: a run is never silently reset. The caller holds the run directory's lock (lock.py) to write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import heapq
 import json
 import os
 import re
-import socket
 import time
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from parity.core import paths
 from parity.core.fs import atomic_write_bytes, atomic_write_text
 from parity.errors import UsageError
 from parity.workflow.fastschema import compile_schema
+from parity.workflow.journal import APPEND_ONLY, JOURNAL_NAME, Changes, Journal, quarantine
 
 STATE_VERSION = 1
 STATE_KIND = "parity-windows-state"
 STATE_NAME = "state.json"
 BACKUP_NAMES = ("state.json.bak", "state.json.bak.2", "state.json.bak.3")
-LOCK_NAME = "state.lock"
 SCHEMA_PATH = paths.schema_path("windows_state.schema.json")
 WINDOW_STATUSES = ("pending", "in_progress", "verified", "diverged", "unverified", "interrupted", "stale")
 MAX_EVENTS = 2000  # older events are summarised into one, so a long-lived run's state stays small
-JOURNAL_NAME = "journal.jsonl"
 COMPACT_MIN_BYTES = 1 << 20  # compact when the journal since the last compaction exceeds this and the state's size
-APPEND_ONLY = ("timeline", "events")  # lists a save usually only appends to (journaled as their new tail)
-_SEQ_HEAD = re.compile(rb'\{"seq": (\d+), ')
-_RECORD_HEAD = re.compile(rb'\{"seq": (\d+), "run": ("(?:[^"\\]|\\.)*"), "sha256": "([0-9a-f]{64})", "data": ')
 _SEQ_LINE = re.compile(rb'\n  "seq": (\d+),')
 
 
@@ -206,22 +194,6 @@ def _read_valid(path: Path) -> tuple[dict[str, Any] | None, str]:
     return result, ""
 
 
-def _ends(items: list[Any]) -> tuple[int, str | None, str | None]:
-    """(length, first item's JSON, last item's JSON): enough to tell that a list was only appended to."""
-    if not items:
-        return 0, None, None
-    return len(items), json.dumps(items[0], ensure_ascii=False), json.dumps(items[-1], ensure_ascii=False)
-
-
-def _lines(raw: bytes) -> list[bytes]:
-    """`raw` cut after every newline (the last piece has none when the file ends in a torn line)."""
-    parts = raw.split(b"\n")
-    out = [p + b"\n" for p in parts[:-1]]
-    if parts[-1]:
-        out.append(parts[-1])
-    return out
-
-
 def _open_attempts(state: dict[str, Any]) -> dict[int, list[int]]:
     """window index -> numbers of its attempts in progress."""
     out = {}
@@ -241,38 +213,6 @@ def _peek_seq(path: Path) -> int | None:
         return None
     m = _SEQ_LINE.search(head)
     return int(m.group(1)) if m else None
-
-
-def run_id(state: dict[str, Any]) -> str:
-    """Which run a journal record belongs to: the run's name and creation time."""
-    return f"{state['run']['name']}@{state['run']['created']}"
-
-
-def record_line(seq: int, run: str, data: dict[str, Any]) -> bytes:
-    """One journal line: `{"seq": N, "run": ..., "sha256": <digest of the data text>, "data": {...}}`."""
-    payload = json.dumps(data, ensure_ascii=False)
-    digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()
-    return f'{{"seq": {seq}, "run": {json.dumps(run)}, "sha256": "{digest}", "data": {payload}}}\n'.encode()
-
-
-def parse_record(line: bytes) -> tuple[int, str, dict[str, Any]] | None:
-    """(seq, run, data) of a complete, undamaged journal line, else None (torn, edited or bit-flipped)."""
-    if not line.endswith(b"\n"):
-        return None
-    m = _RECORD_HEAD.match(line)
-    if m is None or not line.endswith(b"}\n"):
-        return None
-    payload = line[m.end() : -2]
-    if hashlib.sha256(payload).hexdigest() != m.group(3).decode():
-        return None
-    try:
-        data = json.loads(payload.decode("utf-8"))
-        run = json.loads(m.group(2).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict) or not isinstance(run, str):
-        return None
-    return int(m.group(1)), run, data
 
 
 @cache
@@ -296,16 +236,6 @@ def _record_valid(state: dict[str, Any], data: dict[str, Any]) -> bool:
         and all(k.isdigit() and int(k) < n and window(v) for k, v in wins.items())
         and all(k in APPEND_ONLY and keys[k](v) for k, v in appends.items())
     )
-
-
-def apply_record(state: dict[str, Any], data: dict[str, Any]) -> None:
-    """Apply one journal record's changes to `state`."""
-    for k, v in data.get("set", {}).items():
-        state[k] = v
-    for i, w in data.get("windows", {}).items():
-        state["windows"][int(i)] = w
-    for k, items in data.get("append", {}).items():
-        state[k].extend(items)
 
 
 class _Progress:
@@ -342,13 +272,10 @@ class StateStore:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.path = run_dir / STATE_NAME
-        self.journal = run_dir / JOURNAL_NAME
-        self.changed: set[str] = set()  # top-level keys (and "windows") the last save changed
-        self._snap: dict[str, Any] | None = None  # what the journal holds: JSON text per key / per window
+        self.journal = Journal(run_dir)
+        self._changes = Changes()  # what the journal holds, so a save journals only what changed
         self._progress: _Progress | None = None
         self._open: dict[int, list[int]] = {}  # window index -> numbers of its attempts in progress
-        self._journal_ready = False
-        self._journal_bytes = 0  # appended since the last compaction
         self._state_bytes = 0  # size of the last compacted state.json
         self.last_compaction = 0.0  # seconds the last compaction took (for the benchmark)
 
@@ -392,7 +319,7 @@ class StateStore:
         else:
             note += "; windows finished after that save are not verified and will be recomputed"
         if repair:
-            moved = self._quarantine(self.path)
+            moved = quarantine(self.run_dir, self.path)
             if moved:
                 note += f"; the damaged file is kept as {moved}"
             self._loaded(state)
@@ -402,54 +329,20 @@ class StateStore:
 
     def _replay(self, state: dict[str, Any], source: str) -> tuple[int, list[str]]:
         """Apply the journal records saved after `state` (contiguous, undamaged, of this run); returns how many."""
-        try:
-            raw = self.journal.read_bytes()
-        except FileNotFoundError:
-            return 0, []
-        rid, seq, applied, problem = run_id(state), state["seq"], 0, ""
-        for n, line in enumerate(_lines(raw), 1):
-            head = _SEQ_HEAD.match(line)
-            if head is not None and line.endswith(b"\n") and int(head.group(1)) <= seq:
-                continue  # already part of the compacted copy
-            rec = parse_record(line)
-            if rec is None:
-                torn = not line.endswith(b"\n")  # a kill during the last write: never acknowledged, ignored
-                problem = "" if torn else f"record {n} is damaged; it and later records were not applied"
-                break
-            rec_seq, rec_run, data = rec
-            if rec_run != rid:
-                problem = f"record {n} belongs to another run ({rec_run}); not applied"
-                break
-            if rec_seq != seq + 1 or not _record_valid(state, data):
-                problem = (
-                    f"record {n} (save #{rec_seq}) does not follow save #{seq}; it and later records were not applied"
-                )
-                break
-            apply_record(state, data)
-            seq, applied = rec_seq, applied + 1
-        notes = [f"{self.journal}: {problem}"] if problem else []
+        applied, problem = self.journal.replay(state, lambda data: _record_valid(state, data))
+        notes = [f"{self.journal.path}: {problem}"] if problem else []
         if applied and semantic_errors(state):
             state.clear()
             state.update(_read_valid(self.run_dir / source)[0] or {})
-            return 0, [f"{self.journal} does not apply to {source} consistently; ignored (kept in place)"]
+            return 0, [f"{self.journal.path} does not apply to {source} consistently; ignored (kept in place)"]
         return applied, notes
 
     def _loaded(self, state: dict[str, Any]) -> None:
         """Remember what is on disk, so the next save journals only what changed."""
-        self._snapshot(state)
+        self._changes.take(state)
+        self._open = _open_attempts(state)
         self._progress = _Progress(state)
         self._state_bytes = self.path.stat().st_size if self.path.exists() else 0
-
-    def _quarantine(self, path: Path, data: bytes | None = None) -> Path | None:
-        dest = self.run_dir / "corrupt" / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.{os.getpid()}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if data is not None:
-            atomic_write_bytes(dest, data)
-            return dest
-        if not path.exists():
-            return None
-        os.replace(path, dest)
-        return dest
 
     # -- saving --------------------------------------------------------------------------------------
 
@@ -459,6 +352,11 @@ class StateStore:
             self._progress = _Progress(state)
             windows = ()
         return self._progress.update(state, windows)
+
+    @property
+    def changed(self) -> set[str]:
+        """Top-level keys (and "windows") the last save changed."""
+        return self._changes.changed
 
     def save(
         self, state: dict[str, Any], windows: Iterable[int] | None = None, *, compact: bool = True, durable: bool = True
@@ -480,7 +378,7 @@ class StateStore:
                 {"time": now(), "kind": "events-summarised", "message": f"{len(dropped)} older events summarised"},
                 *state["events"][len(dropped) :],
             ]
-        dirty = None if windows is None or self._snap is None else sorted(set(windows))
+        dirty = None if windows is None or self._changes.snap is None else sorted(set(windows))
         state["verified_end"], state["verified_steps"] = self.progress(state, dirty)
         if dirty is None:
             errors = semantic_errors(state)
@@ -489,10 +387,10 @@ class StateStore:
             errors = self._quick_errors(state, dirty)
         if errors:
             raise AssertionError(f"internal error: windows state for {self.run_dir} is invalid: {errors[:3]}")
-        data = self._diff(state, dirty)
+        data = self._changes.diff(state, dirty)
         first = not self.path.exists()
-        self._append(state, data, durable=durable)
-        if compact or first or self._journal_bytes > max(COMPACT_MIN_BYTES, self._state_bytes):
+        self.journal.append(state, data, durable=durable)
+        if compact or first or self.journal.bytes > max(COMPACT_MIN_BYTES, self._state_bytes):
             self.compact(state)
 
     def compact(self, state: dict[str, Any]) -> None:
@@ -501,8 +399,11 @@ class StateStore:
         text = dump_state(state).encode("utf-8")
         self._write(text, rotate=True)
         self._state_bytes = len(text)
-        self._journal_bytes = 0
-        self._prune_journal()
+        self.journal.bytes = 0
+        # keep the records any compacted copy (state.json or a backup) may need to be brought up to date
+        seqs = [s for s in (_peek_seq(self.run_dir / n) for n in (STATE_NAME, *BACKUP_NAMES)) if s is not None]
+        if seqs:
+            self.journal.prune(min(seqs))
         self.last_compaction = time.perf_counter() - t0
 
     def _quick_errors(self, state: dict[str, Any], dirty: list[int]) -> list[str]:
@@ -528,131 +429,6 @@ class StateStore:
         if len(ids) != len(set(ids)):
             errors.append("divergence ids are not unique")
         return errors
-
-    def _snapshot(self, state: dict[str, Any]) -> None:
-        snap: dict[str, Any] = {}
-        for k, v in state.items():
-            if k == "windows":
-                snap[k] = [json.dumps(w, ensure_ascii=False) for w in v]
-            elif k in APPEND_ONLY:
-                snap[k] = _ends(v)
-            else:
-                snap[k] = json.dumps(v, ensure_ascii=False)
-        self._snap = snap
-        self._open = _open_attempts(state)
-
-    def _diff(self, state: dict[str, Any], dirty: list[int] | None) -> dict[str, Any]:
-        """The journal record's data: what changed since the last save (and the snapshot updated to match)."""
-        if self._snap is None:  # nothing journaled yet (a new run): the first record holds everything
-            self._snap = {"windows": [""] * len(state["windows"])}
-        snap = self._snap
-        sets: dict[str, Any] = {}
-        appends: dict[str, Any] = {}
-        wins: dict[str, Any] = {}
-        self.changed = set()
-        for k, v in state.items():
-            if k == "windows":
-                old = snap[k]
-                if len(old) != len(v):
-                    old[:] = [""] * len(v)
-                    dirty = None
-                for i in range(len(v)) if dirty is None else dirty:
-                    text = json.dumps(v[i], ensure_ascii=False)
-                    if text != old[i]:
-                        old[i] = text
-                        wins[str(i)] = v[i]
-                if wins:
-                    self.changed.add("windows")
-            elif k in APPEND_ONLY:
-                n, first, last = snap.get(k, (0, None, None))
-                grown = len(v) >= n and (
-                    n == 0
-                    or (
-                        json.dumps(v[0], ensure_ascii=False) == first
-                        and json.dumps(v[n - 1], ensure_ascii=False) == last
-                    )
-                )
-                if not grown:
-                    sets[k] = v
-                elif len(v) > n:
-                    appends[k] = v[n:]
-                if k in sets or k in appends:
-                    self.changed.add(k)
-                snap[k] = _ends(v)
-            else:
-                text = json.dumps(v, ensure_ascii=False)
-                if snap.get(k) != text:
-                    snap[k] = text
-                    sets[k] = v
-                    self.changed.add(k)
-        data: dict[str, Any] = {"set": sets}
-        if wins:
-            data["windows"] = wins
-        if appends:
-            data["append"] = appends
-        return data
-
-    def _append(self, state: dict[str, Any], data: dict[str, Any], *, durable: bool) -> None:
-        """Append one record to the journal, fsynced when `durable` (a kill leaves at most a torn last line)."""
-        if not self._journal_ready:
-            self._prepare_journal(state)
-        line = record_line(state["seq"], run_id(state), data)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            os.write(fd, line)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._journal_bytes += len(line)
-
-    def _prepare_journal(self, state: dict[str, Any]) -> None:
-        """Before the first append: cut the journal after its last record of this run that precedes this save.
-
-        What is cut was never applied (a torn last line, damage, another run's records): a torn line is
-        dropped, anything else is kept in corrupt/ first.
-        """
-        self._journal_ready = True
-        try:
-            raw = self.journal.read_bytes()
-        except FileNotFoundError:
-            return
-        rid, limit, good, last = run_id(state), state["seq"] - 1, 0, 0
-        for line in _lines(raw):
-            rec = parse_record(line)
-            if rec is None or rec[1] != rid or rec[0] > limit or rec[0] <= last:
-                break
-            last = rec[0]
-            good += len(line)
-        rest = raw[good:]
-        if not rest:
-            return
-        if b"\n" in rest:
-            self._quarantine(self.journal, rest)
-        with open(self.journal, "r+b") as f:
-            f.truncate(good)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _prune_journal(self) -> None:
-        """Keep the records any compacted copy (state.json or a backup) may need to be brought up to date."""
-        seqs = [s for s in (_peek_seq(self.run_dir / n) for n in (STATE_NAME, *BACKUP_NAMES)) if s is not None]
-        if not seqs:
-            return
-        keep_after = min(seqs)
-        try:
-            raw = self.journal.read_bytes()
-        except FileNotFoundError:
-            return
-        cut = 0
-        for line in _lines(raw):
-            head = _SEQ_HEAD.match(line)
-            if head is None or int(head.group(1)) > keep_after:
-                break
-            cut += len(line)
-        if cut:
-            atomic_write_bytes(self.journal, raw[cut:])
 
     def _write(self, text: bytes, *, rotate: bool) -> None:
         if rotate and self.path.exists():
@@ -693,84 +469,3 @@ def replace_text(path: Path, text: str) -> None:
 def add_event(state: dict[str, Any], kind: str, message: str) -> None:
     """Record something that happened to the run (recoveries, takeovers, interruptions, archives)."""
     state["events"].append({"time": now(), "kind": kind, "message": message})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RunLock:
-    """Exclusive lock on a run directory; use as a context manager. `notes` says if a stale lock was taken over."""
-
-    def __init__(self, run_dir: Path, command: str) -> None:
-        self.path = run_dir / LOCK_NAME
-        self.command = command
-        self.notes: list[str] = []
-        self._f: IO[str] | None = None
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def acquire(self) -> None:
-        """Take the lock or raise UsageError naming the live holder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(f)
-            f.close()
-            who = (
-                f"PID {holder.get('pid')} ({holder.get('command', '?')}, since {holder.get('started', '?')})"
-                if holder
-                else "another process"
-            )
-            raise UsageError(
-                f"run directory {self.path.parent} is in use by {who}",
-                fix="wait for it to finish, or stop that process; a lock of a dead process is taken over automatically",
-            ) from None
-        holder = self._holder(f)
-        if holder.get("pid"):
-            pid = int(holder["pid"])
-            state = "still running but no longer holding the lock" if _pid_alive(pid) else "no longer running"
-            self.notes.append(
-                f"stale lock on {self.path.parent} from PID {pid} ({holder.get('command', '?')}, started "
-                f"{holder.get('started', '?')}; {state}) taken over"
-            )
-        f.seek(0)
-        f.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": now()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-        self._f = f
-
-    @staticmethod
-    def _holder(f: IO[str]) -> dict[str, Any]:
-        f.seek(0)
-        try:
-            data = json.loads(f.read() or "{}")
-        except json.JSONDecodeError:
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def release(self) -> None:
-        """Clear the holder record and unlock (the file stays: unlinking a locked path races with takers)."""
-        if self._f is None:
-            return
-        with contextlib.suppress(OSError):
-            self._f.seek(0)
-            self._f.truncate()
-            self._f.flush()
-        fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
-        self._f.close()
-        self._f = None

@@ -126,7 +126,8 @@ def run_bench(
     """Run the benchmark; returns its figures (see the module docstring). `run_dir` is kept, a temporary one not."""
     from parity.workflow import runner
     from parity.workflow.impls import create
-    from parity.workflow.state import JOURNAL_NAME, STATE_NAME, StateStore
+    from parity.workflow.journal import JOURNAL_NAME
+    from parity.workflow.state import STATE_NAME, StateStore
 
     if windows < 2 * EDGE + 1:
         raise ValueError(f"--windows must be at least {2 * EDGE + 1} (first and last {EDGE} are compared)")

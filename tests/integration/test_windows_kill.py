@@ -168,7 +168,7 @@ def test_live_lock_holder_is_named_and_a_dead_one_is_taken_over(tmp_path: Path) 
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from parity.workflow.state import RunLock; "
+            "import sys, time; from pathlib import Path; from parity.workflow.lock import RunLock; "
             "lock = RunLock(Path(sys.argv[1]), 'holder for the test'); lock.acquire(); print('locked', flush=True); time.sleep(120)",
             str(run_dir),
         ],

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from parity.errors import UsageError
-from parity.workflow import state
+from parity.workflow import journal, lock, state
 
 DIGEST = "0" * 64
 
@@ -132,25 +132,25 @@ def test_temp_files_of_killed_writes_are_cleaned(tmp_path: Path) -> None:
 
 
 def test_lock_excludes_a_second_holder_and_names_it(tmp_path: Path) -> None:
-    with state.RunLock(tmp_path, "parity windows run") as lock:
-        assert lock.notes == []
+    with lock.RunLock(tmp_path, "parity windows run") as held:
+        assert held.notes == []
         with pytest.raises(UsageError, match=f"in use by PID {os.getpid()} \\(parity windows run"):
-            state.RunLock(tmp_path, "parity windows resume").acquire()
-    with state.RunLock(tmp_path, "again") as lock:  # released cleanly: no stale-lock note
-        assert lock.notes == []
+            lock.RunLock(tmp_path, "parity windows resume").acquire()
+    with lock.RunLock(tmp_path, "again") as held:  # released cleanly: no stale-lock note
+        assert held.notes == []
 
 
 def test_stale_lock_of_a_dead_pid_is_reported_and_taken_over(tmp_path: Path) -> None:
     dead = 2**31 - 2  # above any pid_max: no such process
-    (tmp_path / state.LOCK_NAME).write_text(
+    (tmp_path / lock.LOCK_NAME).write_text(
         json.dumps({"pid": dead, "command": "parity windows run", "started": "2025-01-01T00:00:00.000Z"})
     )
-    with state.RunLock(tmp_path, "parity windows resume") as lock:
-        (note,) = lock.notes
+    with lock.RunLock(tmp_path, "parity windows resume") as held:
+        (note,) = held.notes
         assert f"stale lock on {tmp_path} from PID {dead}" in note and "no longer running" in note
-        holder = json.loads((tmp_path / state.LOCK_NAME).read_text())
+        holder = json.loads((tmp_path / lock.LOCK_NAME).read_text())
         assert holder["pid"] == os.getpid() and holder["command"] == "parity windows resume"
-    assert (tmp_path / state.LOCK_NAME).read_text() == ""
+    assert (tmp_path / lock.LOCK_NAME).read_text() == ""
 
 
 def _journal_run(tmp_path: Path, saves: int = 4) -> tuple[state.StateStore, dict[str, Any]]:
@@ -168,7 +168,7 @@ def _journal_run(tmp_path: Path, saves: int = 4) -> tuple[state.StateStore, dict
 def test_journal_brings_state_json_up_to_date(tmp_path: Path) -> None:
     _store, st = _journal_run(tmp_path)
     assert json.loads((tmp_path / "state.json").read_text())["seq"] == 1  # compacted once, the rest journaled
-    lines = (tmp_path / state.JOURNAL_NAME).read_bytes().splitlines(keepends=True)
+    lines = (tmp_path / journal.JOURNAL_NAME).read_bytes().splitlines(keepends=True)
     assert [json.loads(line)["seq"] for line in lines] == [2, 3, 4, 5]  # #1 is in state.json, no backup needs it
     assert "windows" not in json.loads(lines[-1])["data"]["set"]  # a record holds what changed, not the state
     loaded, notes = state.StateStore(tmp_path).load(repair=False)
@@ -177,25 +177,25 @@ def test_journal_brings_state_json_up_to_date(tmp_path: Path) -> None:
 
 def test_torn_last_record_is_ignored_and_cut_before_the_next_append(tmp_path: Path) -> None:
     _store, st = _journal_run(tmp_path)
-    journal = tmp_path / state.JOURNAL_NAME
-    good = journal.read_bytes()
+    jpath = tmp_path / journal.JOURNAL_NAME
+    good = jpath.read_bytes()
     last = good.splitlines(keepends=True)[-1]
-    journal.write_bytes(good[: len(good) - len(last) // 2])  # a kill in the middle of the last write
+    jpath.write_bytes(good[: len(good) - len(last) // 2])  # a kill in the middle of the last write
     s2 = state.StateStore(tmp_path)
     loaded, notes = s2.load(repair=True)
     assert loaded is not None and loaded["seq"] == st["seq"] - 1 and notes == []
     s2.save(loaded, [0], compact=False)
-    records = [json.loads(line) for line in journal.read_bytes().splitlines()]  # every line is whole again
+    records = [json.loads(line) for line in jpath.read_bytes().splitlines()]  # every line is whole again
     assert [r["seq"] for r in records] == [2, 3, 4, 5]
     assert not (tmp_path / "corrupt").exists()  # a torn line was never a record: nothing to keep
 
 
 def test_damaged_record_stops_the_replay_and_is_kept(tmp_path: Path) -> None:
     _store, _st = _journal_run(tmp_path)
-    journal = tmp_path / state.JOURNAL_NAME
-    lines = journal.read_bytes().splitlines(keepends=True)
+    jpath = tmp_path / journal.JOURNAL_NAME
+    lines = jpath.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"save 1"', b'"save X"')  # bit rot in save #3: the checksum no longer matches
-    journal.write_bytes(b"".join(lines))
+    jpath.write_bytes(b"".join(lines))
     s2 = state.StateStore(tmp_path)
     loaded, notes = s2.load(repair=True)
     assert loaded is not None and loaded["seq"] == 2 and "record 2 is damaged" in notes[0]
@@ -211,7 +211,7 @@ def test_journal_of_another_run_is_not_applied(tmp_path: Path) -> None:
     st2 = json.loads((other / "state.json").read_text())
     st2["run"]["created"] = "2020-01-01T00:00:00.000Z"
     state.StateStore(other).save(st2)  # the same files, but a run created at another time
-    (other / state.JOURNAL_NAME).write_bytes((tmp_path / state.JOURNAL_NAME).read_bytes())
+    (other / journal.JOURNAL_NAME).write_bytes((tmp_path / journal.JOURNAL_NAME).read_bytes())
     loaded, notes = state.StateStore(other).load(repair=False)
     assert loaded is not None and loaded["run"]["created"] == "2020-01-01T00:00:00.000Z"
     assert not notes or "another run" in notes[0]
@@ -239,11 +239,11 @@ def test_compaction_is_due_when_the_journal_outgrows_the_state(tmp_path: Path, m
         seqs.append(json.loads((tmp_path / "state.json").read_text())["seq"])
     compactions = sorted(set(seqs))
     assert 1 < len(compactions) < 30, compactions  # compacted now and then, never on every save
-    journal = (tmp_path / state.JOURNAL_NAME).stat().st_size
-    assert journal < 8 * max(size, (tmp_path / "state.json").stat().st_size)  # pruned to what the backups need
+    journal_size = (tmp_path / journal.JOURNAL_NAME).stat().st_size
+    assert journal_size < 8 * max(size, (tmp_path / "state.json").stat().st_size)  # pruned to what the backups need
     names = [n for n in (state.STATE_NAME, *state.BACKUP_NAMES) if (tmp_path / n).exists()]
     oldest = min(json.loads((tmp_path / n).read_text())["seq"] for n in names)
-    first = json.loads((tmp_path / state.JOURNAL_NAME).read_bytes().splitlines()[0])["seq"]
+    first = json.loads((tmp_path / journal.JOURNAL_NAME).read_bytes().splitlines()[0])["seq"]
     assert first == oldest + 1  # every backup can still be brought up to date
 
 
