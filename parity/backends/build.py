@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.backends import lock
-from parity.core import paths
+from parity.core import machine, paths
 from parity.core.fs import atomic_write_json, file_lock
 from parity.core.proc import Timer, log, run
 from parity.errors import BackendUnavailable, BuildError
@@ -82,14 +82,7 @@ def _compiler_version(cxx: str) -> str:
 
 def cpu_fingerprint() -> str:
     """Machine + CPU feature flags: a GGML_NATIVE build is only valid on a CPU with the same flags."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                break
-    except OSError:
-        pass
+    flags = " ".join(sorted(machine.cpu_info().flags))
     return f"{platform.machine()}:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 

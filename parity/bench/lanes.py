@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from parity.backends import build
 from parity.bench import gate
+from parity.core import machine
 from parity.errors import ParityError, UsageError
 
 if TYPE_CHECKING:
@@ -43,20 +44,9 @@ IMPL_LABELS = ("numpy", "llama", "bitnet", "llama-kvf16")  # implementations and
 
 
 def cpu_info(text: str | None = None) -> tuple[str, list[str]]:
-    """(CPU model name, feature flags) from /proc/cpuinfo (or `text`)."""
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            text = ""
-    model, flags = "", list[str]()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not model:
-            model = value.strip()
-        elif key.strip() in ("flags", "Features") and not flags:
-            flags = value.split()
-    return model or platform.machine(), flags
+    """(CPU model name, feature flags) from /proc/cpuinfo (or `text`), read by parity.core.machine."""
+    info = machine.cpu_info(text)
+    return info.model, list(info.flags)
 
 
 def blas_info() -> dict[str, Any]:
