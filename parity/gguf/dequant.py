@@ -19,16 +19,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType
 
 from parity.errors import ModelFormatError
 from parity.gguf import ternary
 from parity.gguf.reader import TensorInfo
+from parity.gguf.types import TYPES
 
 F32Array = npt.NDArray[np.float32]
 U8Array = npt.NDArray[np.uint8]
-
-QK_K = 256  # super-block size of the K-quants
 
 
 def _as_bytes(data: npt.NDArray[Any]) -> U8Array:
@@ -39,7 +38,7 @@ def _as_bytes(data: npt.NDArray[Any]) -> U8Array:
 def _blocks(data: npt.NDArray[Any], qtype: GGMLQuantizationType) -> U8Array:
     """Raw bytes reshaped to (n_blocks, type_size)."""
     raw = _as_bytes(data)
-    type_size = GGML_QUANT_SIZES[qtype][1]
+    type_size = TYPES[qtype].type_size
     if raw.size % type_size != 0:
         raise ValueError(f"{raw.size} bytes is not a whole number of {qtype.name} blocks of {type_size} bytes")
     return raw.reshape(-1, type_size)
@@ -51,7 +50,8 @@ def _f16(b: U8Array) -> F32Array:
 
 
 def dequantize_f32(data: npt.NDArray[Any]) -> F32Array:
-    """F32: a copy of the raw values (ggml reads them directly)."""
+    """F32: a copy of the raw values; ggml has no C function to mirror (ggml.c's type_traits[GGML_TYPE_F32] has no
+    `to_float`: ggml reads F32 data as it is)."""
     return _as_bytes(data).view("<f4").astype(np.float32)
 
 

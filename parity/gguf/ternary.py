@@ -23,44 +23,28 @@ TQ1_0 / TQ2_0 (ggml-common.h, ggml-quants.c of mainline) keep an f16 absmax `d` 
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from gguf.constants import GGMLQuantizationType
+
+from parity.gguf.types import I2_S_TRAILER, LOADABLE_TYPES, QK_I2_S, TYPES
+
+# Re-exported: the numpy engine and the ternary model family name these through this module.
+from parity.gguf.types import QK_K as QK_K
+from parity.gguf.types import ForkType as ForkType
+from parity.gguf.types import type_name as type_name
 
 F32Array = npt.NDArray[np.float32]
 U8Array = npt.NDArray[np.uint8]
 I8Array = npt.NDArray[np.int8]
 
-QK_I2_S = 128  # values per I2_S code block (ggml-bitnet-mad.cpp QK_I2_S)
-I2_S_TRAILER = 32  # bytes after the codes: the float32 scale plus alignment padding (fork ggml_nbytes)
-QK_K = 256  # values per TQ1_0 / TQ2_0 block
-TQ2_0_BLOCK = 66  # uint8 qs[64] + f16 d
-TQ1_0_BLOCK = 54  # uint8 qs[48] + uint8 qh[4] + f16 d
+TQ1_0, TQ2_0 = GGMLQuantizationType.TQ1_0, GGMLQuantizationType.TQ2_0
+TQ2_0_BLOCK = TYPES[TQ2_0].type_size  # uint8 qs[64] + f16 d
+TQ1_0_BLOCK = TYPES[TQ1_0].type_size  # uint8 qs[48] + uint8 qh[4] + f16 d
 # ggml_quantize_requires / llama_tensor_quantize_internal: rows are cut into chunks of at least this many values
 MIN_CHUNK_SIZE = 32 * 512
-
-
-class ForkType(IntEnum):
-    """GGML type ids that exist only in bitnet.cpp's llama.cpp fork (ggml/include/ggml.h, 406a5036).
-
-    An IntEnum so that it hashes and compares like the plain id, next to gguf-py's GGMLQuantizationType.
-    Mainline reuses 36-38 for removed types and 39 for MXFP4, so these ids mean I2_S/TL1/TL2 only in
-    files written by the fork; parity reads 36 as I2_S (the only one of them the fork's CPU build uses).
-    """
-
-    I2_S = 36
-
-
-# Which stored tensor types each backend's loader accepts; anything else is "unsupported model format".
-# Mainline: 0-42 minus the removed ids (ggml.h: 4, 5, 31-33, 36-38). Fork: 0-36 minus 4, 5; its TL1/TL2
-# (38/39) need a TL build, which parity's lock does not make, and 37 (I8_S) is an activation-only type.
-_MAINLINE_REMOVED = {4, 5, 31, 32, 33, 36, 37, 38}
-LOADABLE_TYPES: dict[str, frozenset[int]] = {
-    "llama": frozenset(t for t in range(43) if t not in _MAINLINE_REMOVED),
-    "bitnet": frozenset(t for t in range(37) if t not in (4, 5)),
-}
 
 
 def _as_bytes(data: npt.NDArray[Any]) -> U8Array:
@@ -94,10 +78,10 @@ def i2_s_codes(data: npt.NDArray[Any]) -> tuple[npt.NDArray[np.int8], np.float32
 
 
 def dequantize_i2_s(data: npt.NDArray[Any]) -> F32Array:
-    """I2_S -> float32: (q - 1) * scale with the tensor's single scale, as the fork's matmul applies it.
+    """I2_S: mirrors the weight bitnet.cpp's `ggml_compute_forward_mul_mat` (the fork's ggml.c) computes with.
 
-    The fork registers no `to_float` for I2_S (ggml.c type_traits); the weight it computes with is
-    `(q - 1) * i2_scale` (ggml_compute_forward_mul_mat: `(sum - act_sum) / act_scale * scale`).
+    The fork registers no `to_float` for I2_S (ggml.c type_traits); its matmul computes
+    `(sum - act_sum) / act_scale * scale`, i.e. the weight `(q - 1) * i2_scale` with the tensor's single scale.
     """
     t, scale = i2_s_codes(data)
     return t.astype(np.float32) * scale
@@ -267,8 +251,8 @@ def ternary_codes(
     if ggml_type == ForkType.I2_S:
         t, s = i2_s_codes(data)
         return t.reshape(rows, cols), np.full((1, 1), s, dtype=np.float32)
-    if ggml_type in (34, 35):  # TQ1_0, TQ2_0
-        t, d = tq1_0_codes(data) if ggml_type == 34 else tq2_0_codes(data)
+    if ggml_type in (TQ1_0, TQ2_0):
+        t, d = tq1_0_codes(data) if ggml_type == TQ1_0 else tq2_0_codes(data)
         return t.reshape(rows, cols), d.reshape(rows, cols // QK_K)
     raise ValueError(f"ggml type {ggml_type} is not a ternary format")
 
@@ -299,18 +283,6 @@ def check_loadable(backend: str, types: dict[str, int]) -> list[tuple[str, int]]
     if allowed is None:
         return []
     return [(name, t) for name, t in types.items() if t not in allowed]
-
-
-def type_name(ggml_type: int) -> str:
-    """Name of a ggml type id as parity reads it (gguf-py's names, plus the fork's I2_S)."""
-    if ggml_type == ForkType.I2_S:
-        return "I2_S"
-    from gguf.constants import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType(ggml_type).name
-    except ValueError:
-        return f"type {ggml_type}"
 
 
 def require_loadable(backend: str, path: object, types: dict[str, int]) -> None:

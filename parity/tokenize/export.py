@@ -312,7 +312,7 @@ class GGUFVocab:
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], source: str) -> GGUFVocab:
         """Read and check the `tokenizer.ggml.*` keys; `source` names the file in error messages."""
-        from parity.gguf.reader import Metadata  # lazily: `parity --help` need not import numpy/gguf
+        from parity.gguf.metadata import Metadata  # lazily: `parity --help` need not import numpy/gguf
 
         md = Metadata.wrap(metadata, source)
         if "tokenizer.ggml.model" not in md:

@@ -106,7 +106,7 @@ def _hf_config_hash(data: dict[str, Any]) -> str:
 
 def gguf_config_hash(metadata: dict[str, Any]) -> str:
     """Config hash of a GGUF-embedded vocabulary (control tokens count as special)."""
-    from parity.gguf.reader import Metadata  # a value of the wrong type is a ModelFormatError naming the key
+    from parity.gguf.metadata import Metadata  # a value of the wrong type is a ModelFormatError naming the key
 
     md = Metadata.wrap(metadata, "GGUF")
     tokens = list(md.get_array("tokenizer.ggml.tokens", str, []))

@@ -243,3 +243,35 @@ def test_size_mismatch_is_reported() -> None:
     raw = np.zeros(34, dtype=np.uint8)  # one Q8_0 block = 32 values, but the shape claims 64
     with pytest.raises(ModelFormatError, match="holds 32 values, expected 64"):
         dequant.dequantize(TensorInfo("w", int(Q.Q8_0), (64,), raw, 0, 34))
+
+
+# The ggml C function each dequantizer mirrors (ggml.c's type_traits[...].to_float, or what the fork computes
+# with); None: ggml has no C function for the type (it reads F32 as it is).
+C_FUNCTIONS = {
+    "F32": None,
+    "F16": "ggml_fp16_to_fp32_row",
+    "BF16": "ggml_bf16_to_fp32_row",
+    "Q8_0": "dequantize_row_q8_0",
+    "Q4_0": "dequantize_row_q4_0",
+    "Q4_1": "dequantize_row_q4_1",
+    "Q5_0": "dequantize_row_q5_0",
+    "Q5_1": "dequantize_row_q5_1",
+    "Q4_K": "dequantize_row_q4_K",
+    "Q6_K": "dequantize_row_q6_K",
+    "TQ1_0": "dequantize_row_tq1_0",
+    "TQ2_0": "dequantize_row_tq2_0",
+    "I2_S": "ggml_compute_forward_mul_mat",
+}
+
+
+@pytest.mark.parametrize("name", dequant.supported_types())
+def test_each_dequantizer_names_the_c_function_it_mirrors(name: str) -> None:
+    fn = next(f for t, f in dequant.DEQUANTIZERS.items() if t.name == name)
+    doc = fn.__doc__ or ""
+    assert name in C_FUNCTIONS, f"{name}: add the C function its dequantizer mirrors to C_FUNCTIONS"
+    c_function = C_FUNCTIONS[name]
+    if c_function is None:
+        assert "no C function" in doc, fn.__name__
+    else:
+        assert f"`{c_function}`" in doc, f"{fn.__name__} does not name `{c_function}`"
+    assert sum(f is fn for f in dequant.DEQUANTIZERS.values()) == 1, f"{fn.__name__} serves more than one type"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from parity.errors import ModelFormatError, UsageError
-from parity.gguf.reader import HEADER_SIZE, GGUFFile, open_gguf
+from parity.gguf.checks import HEADER_SIZE
+from parity.gguf.reader import GGUFFile, open_gguf
 
 RNG = np.random.default_rng(1234)
 EMBD = RNG.standard_normal((10, 64)).astype(np.float32)  # numpy (rows, cols) = ggml ne [64, 10]
