@@ -27,17 +27,9 @@ from parity.backends import build
 from parity.backends.bridge import BackendParams
 from parity.backends.worker import RemoteModel, Worker
 from parity.gguf.reader import open_gguf
-from parity.tokenize.export import (
-    ATTR_CONTROL,
-    ATTR_UNKNOWN,
-    PRE_TOKENIZERS,
-    GGUFVocab,
-    PreTokenizer,
-    build_document,
-    export_metadata,
-    render,
-    token_attributes,
-)
+from parity.tokenize.export import build_document, export_metadata, render
+from parity.tokenize.gguf_vocab import ATTR_CONTROL, ATTR_UNKNOWN, GGUFVocab, token_attributes
+from parity.tokenize.pretokenizers import PRE_TOKENIZERS, PreTokenizer
 from parity.tokenize.tokenizer import HFTokenizer, gguf_config_hash
 from tests.integration.conftest import locked_gemma
 

@@ -372,7 +372,7 @@ def test_a_value_of_the_wrong_type_names_the_key(
 
 def test_non_numeric_scores_and_scalar_tokens_are_model_format_errors() -> None:
     from parity.errors import ModelFormatError
-    from parity.tokenize.export import GGUFVocab
+    from parity.tokenize.gguf_vocab import GGUFVocab
 
     base = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"]}
     with pytest.raises(ModelFormatError, match=r"'tokenizer.ggml.scores': expected an array of finite numbers"):

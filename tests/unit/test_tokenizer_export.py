@@ -22,16 +22,8 @@ from tokenizers import Tokenizer
 from parity.errors import ModelFormatError, UsageError
 from parity.gguf.reader import open_gguf
 from parity.tokenize import bpe
-from parity.tokenize.export import (
-    PRE_TOKENIZERS,
-    add_parser,
-    as_llama_cpp_sees,
-    export_from_gguf,
-    export_metadata,
-    run,
-    spm_merges,
-    write_tokenizer,
-)
+from parity.tokenize.export import add_parser, export_from_gguf, export_metadata, run, spm_merges, write_tokenizer
+from parity.tokenize.pretokenizers import PRE_TOKENIZERS, as_llama_cpp_sees
 from parity.tokenize.tokenizer import _hf_config_hash, gguf_config_hash
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
