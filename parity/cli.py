@@ -105,11 +105,20 @@ def _add_run_only_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), help="numpy engine precision (default float32)")
     p.add_argument("--timeout", type=float, help="seconds a backend call may take before the worker is killed")
     p.add_argument(
+        "--impl",
+        metavar="SPEC",
+        help="the implementation under test (default numpy): numpy[:dtype=float32|float64], or a C++ engine in "
+        "another configuration, e.g. llama:type_k=f16,flash_attn=on (keys: type_k, type_v, flash_attn, threads, "
+        "n_batch, n_ubatch, eval_shape)",
+    )
+    p.add_argument(
+        "--reference",
         "--backend",
         action="append",
         dest="backends",
-        metavar="NAME",
-        help="reference backend lane (repeatable; default llama)",
+        metavar="SPEC",
+        help="a reference lane (repeatable; default llama, in its most precise configuration): llama, bitnet, "
+        "or with options, e.g. llama:type_k=f16",
     )
 
 
@@ -131,7 +140,7 @@ _COMMON_KEYS = (
     "metrics",
     "parallel",
 )
-_RUN_KEYS = (*_COMMON_KEYS, "variant", "mse_tol", "threads", "dtype", "timeout", "eval_shape", "numerics")
+_RUN_KEYS = (*_COMMON_KEYS, "impl", "variant", "mse_tol", "threads", "dtype", "timeout", "eval_shape", "numerics")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ class RunOptions:
     """Everything a parity run depends on; recorded in receipts."""
 
     model_gguf: str | None = None
+    impl: str = "numpy"  # the implementation under test, a spec (parity.engines.spec): numpy:dtype=float64, llama:...
     tokenizer: str | None = None
     variant: str = "f32"
     prompt: str = "What is 2+2?"
@@ -69,6 +70,9 @@ class RunOptions:
         from parity.compare.metrics import parse_metrics
 
         parse_metrics(self.metrics)
+        from parity.engines import spec
+
+        spec.parse(self.impl)  # a malformed --impl is exit 2 here; `numpy:dtype=...` wins over --dtype
         from parity.engines.numpy.numerics import check_mode
         from parity.models.ternary_model import RUN_VARIANTS
 

@@ -1,13 +1,15 @@
-"""The main job: one implementation under test (numpy engine) against C++ reference lanes.
+"""The main job: one implementation under test (`--impl`, default numpy) against C++ reference lanes.
 
-template -> tokenize (tokenizer.json and each backend) -> token parity (exit 2) -> numpy engine once ->
-one lane per backend (worker process) -> per-position metrics -> receipt per lane -> summary -> exit code.
+template -> tokenize (tokenizer.json and each backend) -> token parity (exit 2) -> the implementation under
+test once -> one lane per reference (`--reference` specs, each a worker process) -> per-position metrics ->
+receipt per lane -> summary -> exit code. Implementations come from spec strings (parity.engines.spec).
 Everything that can be wrong with the input is checked before any lane starts, so bad input writes no
 receipt. A lane whose worker crashes is reported as an error (exit 1), never as a pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,9 @@ from parity.backends.bridge import BackendParams
 from parity.backends.worker import RemoteModel, Worker
 from parity.compare import metrics, receipts
 from parity.core.proc import log
+from parity.engines import spec as impl_specs
+from parity.engines.bridged import BridgedImplementation, apply_spec
+from parity.engines.spec import ImplSpec
 from parity.errors import (
     BackendUnavailable,
     ModelFormatError,
@@ -62,6 +67,8 @@ class Shared:
     backend_ids: dict[str, list[int]] = field(default_factory=dict)
     # The model's own chat template when it was rendered: source, sha256, BOS/EOS strings, bos_stripped.
     chat_template: dict[str, Any] | None = None
+    # The implementation under test as receipts describe it (Implementation.describe()).
+    implementation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sequence(self) -> list[int]:
@@ -196,8 +203,39 @@ def check_input(
     return gguf, engine, hf
 
 
-def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
-    """Validate input, preflight backends, tokenize, check token parity, run the numpy engine once."""
+def reference_specs(texts: list[str]) -> list[ImplSpec]:
+    """Parse `--reference` specs: C++ engines only (the authority), each lane named once (exit 2 otherwise)."""
+    refs = [impl_specs.parse(t) for t in texts]
+    for r in refs:
+        if not r.bridged:
+            raise UsageError(
+                f"--reference {r.text}: a reference is a C++ engine ({', '.join(impl_specs.BRIDGED)})",
+                fix=f"test {r.text} with --impl {r.text} against --reference llama",
+            )
+    labels = [r.label for r in refs]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--reference given twice: {labels}", fix="name each reference lane once")
+    return refs
+
+
+def with_impl_dtype(opts: RunOptions) -> RunOptions:
+    """`--impl numpy:dtype=float64` sets the numpy engine's dtype (it wins over --dtype)."""
+    dtype = impl_specs.parse(opts.impl).get("dtype")
+    return dataclasses.replace(opts, dtype=dtype) if dtype else opts
+
+
+def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
+    """Validate input, preflight backends, tokenize, check token parity, run the implementation under test once.
+
+    Returns the shared work and one build plan per backend kind (the references' and a bridged --impl's)."""
+    refs = reference_specs(lane_specs)
+    opts = with_impl_dtype(opts)
+    impl_spec = impl_specs.parse(opts.impl)
+    if impl_spec.bridged and opts.numerics != "exact":
+        raise UsageError(
+            f"--numerics {opts.numerics} mirrors C++ rounding in the numpy engine, not in {impl_spec.text}"
+        )
+    lane_backends = list(dict.fromkeys(r.kind for r in refs))
     t0 = time.perf_counter()
     lane_models: dict[str, Path] = {}  # lanes that load another file than numpy (the ternary family)
     if opts.model_gguf:
@@ -221,6 +259,9 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
     lane_models = {b: lane for b, lane in lane_models.items() if lane != model_path}
     gguf, engine, hf = check_input(opts, lane_backends, model_path, tok_path, lane_models)
     plans = {b: preflight(b, opts) for b in lane_backends}
+    impl_plan: build.BuildPlan | None = plans.get(impl_spec.kind)
+    if impl_spec.bridged and impl_plan is None:
+        impl_plan = preflight(impl_spec.kind, opts)
     seconds = {"load": time.perf_counter() - t0}
 
     # Tokenize with every backend (vocab only) and compare with the external tokenizer.
@@ -290,9 +331,12 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
             fix="shorten --prompt or lower --max-tokens",
         )
     t2 = time.perf_counter()
-    generated = engine.greedy(prompt_ids, opts.max_tokens) if opts.max_tokens else []
-    logits = engine.logits(prompt_ids + generated)
-    seconds["numpy_engine"] = time.perf_counter() - t2
+    impl = _open_impl(impl_spec, impl_plan, engine, model_path, opts, n_total)
+    with impl:
+        generated = impl.greedy(prompt_ids, opts.max_tokens)
+        logits = impl.logits(prompt_ids + generated)
+        described = impl.describe()
+    seconds["numpy_engine" if impl_spec.kind == "numpy" else "implementation"] = time.perf_counter() - t2
     shared = Shared(
         model_path,
         gguf.sha256(),
@@ -309,7 +353,31 @@ def prepare(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, dict[st
         backend_ids,
     )
     shared.chat_template = chat_record
+    shared.implementation = described
     return shared, plans
+
+
+def _open_impl(
+    s: ImplSpec, plan: build.BuildPlan | None, engine: NumpyEngine, model: Path, opts: RunOptions, n_tokens: int
+) -> Any:
+    """The implementation under test: the numpy engine pre-flight already built, or a bridged backend."""
+    if not s.bridged:
+        from parity.engines.numpy.impl import NumpyImplementation
+
+        return NumpyImplementation(engine, s.text)
+    assert plan is not None
+    params = apply_spec(s, lane_params(s.kind, opts, n_tokens))
+    return BridgedImplementation(
+        s,
+        plan,
+        model,
+        params,
+        eval_shape=opts.eval_shape,
+        log_dir=Path(opts.out_dir) / "logs",
+        log_name=f"impl-{s.label}",
+        verbose=opts.verbose,
+        timeout=opts.timeout,
+    )
 
 
 def _open_vocab(w: Worker, backend: str, path: Path) -> RemoteModel:
@@ -348,14 +416,19 @@ def _check_lane_formats(
         )
 
 
-def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions, out_dir: Path) -> LaneResult:
-    """Evaluate the shared sequence in `backend`, compare, and write the lane's receipt."""
+def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: RunOptions, out_dir: Path) -> LaneResult:
+    """Evaluate the shared sequence in the reference `lane` (a spec), compare, and write the lane's receipt."""
+    lane = impl_specs.parse(lane) if isinstance(lane, str) else lane
+    backend, label = lane.kind, lane.label
+    eval_shape = lane.get("eval_shape") or opts.eval_shape
     info = build.read_receipt(p)
-    params = lane_params(backend, opts, len(shared.sequence))
+    params = apply_spec(lane, lane_params(backend, opts, len(shared.sequence)))
     th = metrics.Thresholds(opts.cos_tol, opts.mse_tol)
-    base = _receipt_base(backend, p, info, shared, opts, params, th)
+    base = _receipt_base(backend, p, info, shared, opts, params, th, eval_shape)
+    if lane.options:  # the default lanes' receipts stay as they were
+        base["reference"] = {"spec": lane.text, "lane": label}
     lane_model = shared.lane_models.get(backend, shared.model_path)
-    ours, base["numerics"] = _lane_numerics(backend, lane_model, shared, opts, params)
+    ours, base["numerics"] = _lane_numerics(backend, lane_model, shared, opts, params, eval_shape)
     if lane_model != shared.model_path:
         from parity.core.fs import sha256_file
         from parity.models import ternary_model
@@ -367,21 +440,28 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
         base["model"]["quantized_by"] = ternary_model.provenance(lane_model)
     t0 = time.perf_counter()
     try:
-        with Worker(
-            backend, p.bridge_path, log_dir=out_dir / "logs", log_level=3 if opts.verbose else 1, timeout=opts.timeout
-        ) as w:
-            rm = RemoteModel(w, str(lane_model), params)
-            base["backend_info"]["api_generation"] = w.hello["api_generation"]
-            base["backend_info"]["system_info"] = w.hello["system_info"]
-            ref_logits = rm.eval(shared.sequence) if opts.eval_shape == "batch" else rm.eval_stepwise(shared.sequence)
+        with BridgedImplementation(
+            lane,
+            p,
+            lane_model,
+            params,
+            eval_shape=eval_shape,
+            log_dir=out_dir / "logs",
+            log_name=backend if not lane.options else label,
+            verbose=opts.verbose,
+            timeout=opts.timeout,
+        ) as ref:
+            base["backend_info"]["api_generation"] = ref.hello["api_generation"]
+            base["backend_info"]["system_info"] = ref.hello["system_info"]
+            ref_logits = ref.logits(shared.sequence)
             if opts.numerics != "exact":  # measure how far the engine's other evaluation shape lands from this one
-                other = rm.eval_stepwise(shared.sequence) if opts.eval_shape == "batch" else rm.eval(shared.sequence)
-                base["numerics"]["engine_shape_gap"] = numerics_gap(ref_logits, other, opts.eval_shape)
-            theirs = rm.greedy(shared.prompt_ids, opts.max_tokens) if opts.max_tokens else []
-            rm.close()
+                other_shape = "stepwise" if eval_shape == "batch" else "batch"
+                other = ref.evaluate(shared.sequence, other_shape)
+                base["numerics"]["engine_shape_gap"] = numerics_gap(ref_logits, other, eval_shape)
+            theirs = ref.greedy(shared.prompt_ids, opts.max_tokens)
             if np.shape(ref_logits) != np.shape(ours):  # e.g. a model whose vocabulary the engines read differently
                 raise WorkerError(
-                    f"{backend} returned logits of shape {np.shape(ref_logits)}, the numpy engine "
+                    f"{label} returned logits of shape {np.shape(ref_logits)}, the implementation under test "
                     f"{np.shape(ours)}: the two engines read this model differently",
                     fix="check the model's vocabulary size and tensor shapes",
                 )
@@ -393,9 +473,9 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
             positions=0,
             summary={"all_passed": False, "first_divergence": None, "mean_mse": None, "mean_kl": None},
         )
-        path = out_dir / f"receipt_{backend}.json"
+        path = out_dir / f"receipt_{label}.json"
         receipts.write(path, base)
-        return LaneResult(backend, "error", path, None, error=str(exc), commit=p.commit)
+        return LaneResult(label, "error", path, None, error=str(exc), commit=p.commit)
     rows = metrics.position_rows(ours, ref_logits, shared.sequence, metrics.parse_metrics(opts.metrics))
     summary = metrics.summarize(rows, th)
     # The greedy decode must match exactly, except a flip at a near-tie of the reference (metrics.greedy_check).
@@ -406,9 +486,9 @@ def run_lane(backend: str, p: build.BuildPlan, shared: Shared, opts: RunOptions,
         **{k: round(v, 4) for k, v in shared.seconds.items()},
         "lane": round(time.perf_counter() - t0, 4),
     }
-    path = out_dir / f"receipt_{backend}.json"
+    path = out_dir / f"receipt_{label}.json"
     receipts.write(path, base)
-    return LaneResult(backend, status, path, summary, greedy=greedy, commit=p.commit)
+    return LaneResult(label, status, path, summary, greedy=greedy, commit=p.commit)
 
 
 def numerics_gap(ref: Any, other: Any, shape: str) -> dict[str, Any]:
@@ -419,12 +499,12 @@ def numerics_gap(ref: Any, other: Any, shape: str) -> dict[str, Any]:
 
 
 def _lane_numerics(
-    backend: str, lane_model: Path, shared: Shared, opts: RunOptions, params: BackendParams
+    backend: str, lane_model: Path, shared: Shared, opts: RunOptions, params: BackendParams, eval_shape: str
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The numpy logits this lane is compared with, and the receipt's description of how they were computed."""
+    """The logits this lane is compared with, and the receipt's description of how they were computed."""
     from parity.engines.numpy import numerics
 
-    num = numerics.for_lane(opts.numerics, backend, opts.eval_shape, params.type_k, params.type_v)
+    num = numerics.for_lane(opts.numerics, backend, eval_shape, params.type_k, params.type_v)
     if not num.mirroring:
         return shared.logits, num.describe() | {"dtype": opts.dtype}
     from parity.engines.numpy.bitnet import mirrored_logits
@@ -447,6 +527,7 @@ def _receipt_base(
     opts: RunOptions,
     params: BackendParams,
     th: metrics.Thresholds,
+    eval_shape: str,
 ) -> dict[str, Any]:
     return {
         "version": receipts.RECEIPT_VERSION,
@@ -463,8 +544,8 @@ def _receipt_base(
             "compiler": info.get("compiler", {}),
             "bridge": str(p.bridge_path),
         },
-        "implementation": {"name": "numpy", "dtype": opts.dtype},
-        "run_config": {**params.to_dict(), "threads": params.n_threads, "eval_shape": opts.eval_shape},
+        "implementation": dict(shared.implementation),
+        "run_config": {**params.to_dict(), "threads": params.n_threads, "eval_shape": eval_shape},
         "options": opts.to_dict(),
         "tokenizer_authority": shared.authority,
         "prompt": opts.prompt,
@@ -491,23 +572,25 @@ def ensure_out_dir(out_dir: Path) -> None:
         raise UsageError(f"cannot use --out-dir {out_dir}: {exc.strerror}", fix="choose another directory") from exc
 
 
-def run(opts: RunOptions, lane_backends: list[str]) -> tuple[Shared, list[LaneResult]]:
-    """Prepare once, then run every lane to completion (a failed lane never stops the others)."""
+def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResult]]:
+    """Prepare once, then run every reference lane to completion (a failed lane never stops the others)."""
     out_dir = Path(opts.out_dir)
     ensure_out_dir(out_dir)
-    shared, plans = prepare(opts, lane_backends)
+    opts = with_impl_dtype(opts)
+    shared, plans = prepare(opts, lane_specs)
+    lanes = reference_specs(lane_specs)
 
-    def one(b: str) -> LaneResult:
+    def one(lane: ImplSpec) -> LaneResult:
         try:
-            return run_lane(b, plans[b], shared, opts, out_dir)
+            return run_lane(lane, plans[lane.kind], shared, opts, out_dir)
         except ParityError as exc:
-            return LaneResult(b, "error", None, None, error=str(exc), commit=plans[b].commit)
+            return LaneResult(lane.label, "error", None, None, error=str(exc), commit=plans[lane.kind].commit)
 
-    if opts.parallel and len(lane_backends) > 1:
+    if opts.parallel and len(lanes) > 1:
         # Each lane's C++ work happens in its own worker process; threads here only wait on them.
-        with ThreadPoolExecutor(max_workers=len(lane_backends)) as pool:
-            return shared, list(pool.map(one, lane_backends))
-    return shared, [one(b) for b in lane_backends]
+        with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+            return shared, list(pool.map(one, lanes))
+    return shared, [one(lane) for lane in lanes]
 
 
 def exit_code(results: list[LaneResult]) -> int:

@@ -223,3 +223,38 @@ def test_planted_tie_flip_passes_and_is_reported(llama_plan: build.BuildPlan, tm
     assert g["verdict"] == "tie_flip" and g["first_difference"] == k and g["ref_prob_gap"] < 0.99
     text = summary.as_text(shared, [lane], job.exit_code([lane]))
     assert f"tie flip at step {k} (gap {gap:.3g}" in text and "exit 0" in text
+
+
+def test_impl_and_reference_specs_are_recorded(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    code, summary, err = _run(tmp_path, "--impl", "numpy:dtype=float64", "--reference", "llama:type_k=f16")
+    assert code == 0, err
+    r = receipts.load(tmp_path / "receipt_llama-type_k-f16.json")
+    assert r["implementation"] == {"name": "numpy", "dtype": "float64", "spec": "numpy:dtype=float64"}
+    assert r["reference"] == {"spec": "llama:type_k=f16", "lane": "llama-type_k-f16"}
+    assert r["run_config"]["type_k"] == 1 and r["run_config"]["type_v"] == 0 and r["options"]["dtype"] == "float64"
+    assert summary["lanes"]["llama-type_k-f16"]["status"] == "pass"
+
+
+def test_a_cpp_engine_as_the_implementation_under_test(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    """llama.cpp with an F16 K cache and flash attention, checked against llama.cpp's most precise lane."""
+    code, _, err = _run(tmp_path, "--impl", "llama:type_k=f16,flash_attn=on", "--reference", "llama")
+    assert code == 0, err
+    r = _receipt(tmp_path)
+    impl = r["implementation"]
+    assert impl["name"] == "llama" and impl["spec"] == "llama:type_k=f16,flash_attn=on"
+    assert impl["run_config"]["type_k"] == 1 and impl["run_config"]["flash_attn"] == 1
+    assert r["run_config"]["type_k"] == 0 and r["run_config"]["flash_attn"] == 0  # the reference: most precise
+    s = r["summary"]
+    assert 0 < s["max_abs"] < 0.05 and s["decisive_positions"] > 0, s  # F16 K rounding: small, never zero
+
+
+def test_bad_impl_or_reference_spec_exits_2_before_anything_runs(tmp_path: Path) -> None:
+    for args in (
+        ["--impl", "llama:typek=f16"],
+        ["--reference", "numpy"],
+        ["--reference", "llama", "--reference", "llama"],
+    ):
+        proc = run_cli("run", "--out-dir", str(tmp_path), *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.count("parity: error:") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert not list(tmp_path.glob("receipt_*.json"))

@@ -1,0 +1,102 @@
+"""A C++ backend (llama.cpp, bitnet.cpp) as an Implementation: its bridge in a worker process.
+
+Any context parameters (KV cache types, flash attention, threads, batch sizes, evaluation shape) come from
+the spec (parity.engines.spec); the rest from the lane's most precise configuration. A crash, abort or hang
+in C++ is a WorkerError (a lane error, exit 1), never a harness crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.backends.bridge import BackendParams
+from parity.backends.build import BuildPlan
+from parity.backends.worker import RemoteModel, Worker
+from parity.engines.base import Implementation
+from parity.engines.spec import FLASH_ATTN, GGML_TYPES, ImplSpec
+
+
+def apply_spec(spec: ImplSpec, base: BackendParams) -> BackendParams:
+    """`base` with the context parameters the spec sets (type_k, type_v, flash_attn, threads, batch sizes)."""
+    changes: dict[str, int] = {}
+    for key in ("type_k", "type_v"):
+        value = spec.get(key)
+        if value is not None:
+            changes[key] = GGML_TYPES[value]
+    if (fa := spec.get("flash_attn")) is not None:
+        changes["flash_attn"] = FLASH_ATTN[fa]
+    for key, field in (("threads", "n_threads"), ("n_batch", "n_batch"), ("n_ubatch", "n_ubatch")):
+        value_int = spec.int_option(key)
+        if value_int is not None:
+            changes[field] = value_int
+    return dataclasses.replace(base, **changes)
+
+
+class BridgedImplementation(Implementation):
+    """One backend worker with `model` loaded under `params`; logits in `eval_shape` (batch or stepwise)."""
+
+    def __init__(
+        self,
+        spec: ImplSpec,
+        plan: BuildPlan,
+        model: Path,
+        params: BackendParams,
+        *,
+        eval_shape: str = "batch",
+        log_dir: Path | None = None,
+        log_name: str | None = None,
+        verbose: bool = False,
+        timeout: float = 600.0,
+    ) -> None:
+        self.spec = spec.text
+        self.kind = spec.kind
+        self.plan = plan
+        self.params = params
+        self.eval_shape = spec.get("eval_shape") or eval_shape
+        self._worker = Worker(
+            log_name or spec.label, plan.bridge_path, log_dir=log_dir, log_level=3 if verbose else 1, timeout=timeout
+        )
+        try:
+            self._model = RemoteModel(self._worker, str(model), params)
+        except BaseException:
+            self._worker.close()
+            raise
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.kind,
+            "spec": self.spec,
+            "commit": self.plan.commit,
+            "api_generation": self._worker.hello["api_generation"],
+            "run_config": {**self.params.to_dict(), "eval_shape": self.eval_shape},
+        }
+
+    @property
+    def hello(self) -> dict[str, Any]:
+        """What the worker reported at start: api_generation, system_info."""
+        return dict(self._worker.hello)
+
+    def evaluate(self, tokens: Sequence[int], shape: str) -> np.ndarray:
+        """Logits of every position, in one decode (batch) or one token per decode (stepwise)."""
+        ids = list(tokens)
+        return np.asarray(self._model.eval(ids) if shape == "batch" else self._model.eval_stepwise(ids))
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.evaluate(tokens, self.eval_shape)
+
+    def greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:
+        return self._model.greedy(list(prompt_ids), n) if n else []
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int] | None:
+        return self._model.tokenize(text, add_special, parse_special)
+
+    def close(self) -> None:
+        try:
+            self._model.close()
+        finally:
+            self._worker.close()
