@@ -5,6 +5,10 @@ signal or exit code and the last lines the worker wrote to stderr (llama.cpp's l
 lane is reported as failed. The worker's stderr is a file in the run's output directory (kept for
 debugging) or a temp file.
 
+Timed mode (for `parity bench`): `RemoteModel.time_greedy` runs K back-to-back greedy evaluations and returns
+the seconds of each, measured inside the worker (`time_greedy`), so the pipe round trip and the harness's
+wake-up latency are not part of any figure; `Worker.ping` is a round trip that does nothing, to measure them.
+
 Test hook: PARITY_FAULT_INJECT=abort:<method> makes the worker call abort() when it receives <method>
 (e.g. abort:eval), to exercise exactly the path a C++ abort takes. It is read only in the worker.
 """
@@ -55,6 +59,20 @@ def _recv(stream: IO[bytes]) -> Any:
     return pickle.loads(_read_exact(stream, n))
 
 
+def time_greedy(model: Any, tokens: list[int], n_new: int, count: int) -> list[float]:
+    """Seconds of each of `count` back-to-back `model.greedy(tokens, n_new)` calls, timed where they run.
+
+    Each call is timed on its own (the loop around it is not), as llama-bench times each repetition; every
+    call starts from position 0 with a fresh KV cache (greedy clears it), as llama-bench clears it.
+    """
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        model.greedy(tokens, n_new)
+        out.append((time.perf_counter_ns() - t0) / 1e9)
+    return out
+
+
 def serve(lib_path: str, log_level: int) -> None:
     """Worker main loop: load the bridge, then answer (method, args) requests until 'exit' or EOF.
 
@@ -96,10 +114,14 @@ def serve(lib_path: str, log_level: int) -> None:
                 result = bridge.dequantize(*args)
             elif method == "chat_apply_template":
                 result = bridge.chat_apply_template(*args)
+            elif method == "ping":
+                result = None
             else:
                 handle, *rest = args
                 model = models[handle]
-                if method == "close":
+                if method == "time_greedy":
+                    result = time_greedy(model, *rest)
+                elif method == "close":
                     model.close()
                     del models[handle]
                     result = None
@@ -219,6 +241,10 @@ class Worker:
             raise self._death(method) from None
         return self._receive(method)
 
+    def ping(self) -> None:
+        """One round trip that does nothing in the worker (what a call costs besides its work)."""
+        self.call("ping")
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -268,6 +294,10 @@ class RemoteModel:
 
     def greedy(self, tokens: list[int], n_new: int) -> list[int]:
         return list(self.worker.call("greedy", self.handle, tokens, n_new))
+
+    def time_greedy(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        """`time_greedy` in the worker: seconds of each of `count` greedy(tokens, n_new), timed there."""
+        return [float(x) for x in self.worker.call("time_greedy", self.handle, tokens, n_new, count)]
 
     def close(self) -> None:
         self.worker.call("close", self.handle)

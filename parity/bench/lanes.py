@@ -2,9 +2,9 @@
 
 A lane (`Lane`) is one implementation with one model loaded, and its one timed operation: `evaluate`, K
 back-to-back greedy evaluations, each timed where it runs. `InProcessLane` holds an engine in this process
-(the numpy engine; a test may wrap it, e.g. to slow it down); `WorkerLane` a C++ backend in a timed worker
-process (`serve` below: parity.backends.worker's protocol and isolation, but the evaluations are timed inside the
-worker, so the pipe round trip is not measured; `rpc_overhead_ms` records it for reference). `open_lane`
+(the numpy engine; a test may wrap it, e.g. to slow it down); `WorkerLane` a C++ backend in THE worker process
+(parity.backends.worker) in its timed mode: the evaluations are timed inside the worker, so the pipe round
+trip is not measured (`rpc_overhead_ms` records it for reference). `open_lane`
 opens the lane for a `LaneSpec`; `parity bench` takes it as a parameter (bench.run_bench). Peak memory:
 a worker's VmHWM read before it exits; for numpy, this process's VmHWM after resetting it before loading.
 `calibrate` and `measure` say how samples are taken and record what ran (`Figure`).
@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from parity.backends import build
+from parity.backends.worker import RemoteModel, Worker, time_greedy
 from parity.bench import gate
 from parity.core import machine
-from parity.errors import ParityError, UsageError
+from parity.errors import UsageError
 
 if TYPE_CHECKING:
     from parity.backends.bridge import BackendParams
@@ -185,20 +186,6 @@ class Engine(Greedy, Protocol):
     architecture: str
 
 
-def time_evaluations(engine: Greedy, tokens: list[int], n_new: int, count: int) -> list[float]:
-    """Seconds of each of `count` back-to-back `engine.greedy(tokens, n_new)` calls.
-
-    Each call is timed on its own (the loop around it is not), as llama-bench times each repetition; every
-    call starts from position 0 with a fresh KV cache (greedy clears it), as llama-bench clears it.
-    """
-    out = []
-    for _ in range(count):
-        t0 = time.perf_counter_ns()
-        engine.greedy(tokens, n_new)
-        out.append((time.perf_counter_ns() - t0) / 1e9)
-    return out
-
-
 class Lane(abc.ABC):
     """One implementation with one model loaded, open for measurement.
 
@@ -238,7 +225,7 @@ class InProcessLane(Lane):
     def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
         if self.engine is None:
             raise UsageError(f"the {self.label} lane is closed")
-        return time_evaluations(self.engine, tokens, n_new, count)
+        return time_greedy(self.engine, tokens, n_new, count)
 
     def close(self) -> dict[str, Any]:
         hwm = _status_kb("self", "VmHWM") if self._reset_rss else None
@@ -265,145 +252,20 @@ def open_numpy(model_path: Path) -> InProcessLane:
     return InProcessLane("numpy", engine, {"load_s": load, "config": {"dtype": "float32"}}, reset)
 
 
-def serve(lib_path: str) -> None:
-    """Timed worker main loop (`python -m parity.bench.lanes LIB`): the bridge in this process, timed here.
-
-    Like parity.backends.worker (same framing; llama.cpp's output goes to the log, never into the protocol stream),
-    but `evaluate` returns the seconds of each evaluation measured *inside* this process, so the pipe round
-    trip and the harness's wake-up latency (about 1 ms on a busy 2-core machine) are not part of any figure.
-    """
-    from parity.backends.bridge import Bridge
-    from parity.backends.worker import _recv, _send
-
-    proto_out = os.fdopen(os.dup(1), "wb")
-    proto_in = os.fdopen(os.dup(0), "rb")
-    os.dup2(2, 1)
-    try:
-        bridge = Bridge(Path(lib_path))
-        bridge.set_log_level(1)
-    except Exception as exc:
-        _send(proto_out, ("err", "load", f"cannot load bridge {lib_path}: {exc}"))
-        return
-    _send(proto_out, ("ok", {"api_generation": bridge.api_generation(), "system_info": bridge.system_info()}))
-    model: Any = None
-    while True:
-        try:
-            method, args = _recv(proto_in)
-        except EOFError:
-            return
-        try:
-            if method == "open":
-                t0 = time.perf_counter()
-                model = bridge.open(*args)
-                result: Any = (model.info(), time.perf_counter() - t0)
-            elif method == "evaluate":
-                result = time_evaluations(model, *args)
-            elif method == "ping":
-                result = None
-            elif method == "exit":
-                if model is not None:
-                    model.close()
-                _send(proto_out, ("ok", None))
-                return
-            else:
-                raise ValueError(f"unknown method {method!r}")
-            _send(proto_out, ("ok", result))
-        except Exception as exc:
-            _send(proto_out, ("err", "bridge", f"{type(exc).__name__}: {exc}"))
-
-
-class TimedWorker:
-    """The harness side of `serve`: a child process with its own log, death detection and timeout."""
-
-    def __init__(self, label: str, lib_path: Path, log_dir: Path, timeout: float = 600.0) -> None:
-        import subprocess
-
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.label, self.timeout = label, timeout
-        self.log_path = log_dir / f"worker_{label}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the worker
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "parity.bench.lanes", str(lib_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-        )
-        self.hello: dict[str, Any] = self._receive("start")
-
-    def _death(self, during: str) -> ParityError:
-        from parity.errors import WorkerError
-
-        self.proc.kill()
-        code = self.proc.wait()
-        tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
-        return WorkerError(
-            f"{self.label} bench worker ended (exit code {code}) during {during}" + (f"\n{tail}" if tail else ""),
-            fix=f"see {self.log_path}",
-        )
-
-    def _receive(self, during: str) -> Any:
-        import select
-
-        from parity.backends.worker import _recv
-        from parity.errors import WorkerError
-
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + self.timeout
-        while not select.select([self.proc.stdout], [], [], 0.2)[0]:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise self._death(during)
-        try:
-            reply = _recv(self.proc.stdout)
-        except (EOFError, OSError):
-            raise self._death(during) from None
-        if reply[0] != "ok":
-            raise WorkerError(f"{self.label} {during} failed: {reply[2]}")
-        return reply[1]
-
-    def call(self, method: str, *args: Any) -> Any:
-        """One request and its reply (or the worker's death as a WorkerError)."""
-        from parity.backends.worker import _send
-
-        assert self.proc.stdin is not None
-        try:
-            _send(self.proc.stdin, (method, args))
-        except OSError:
-            raise self._death(method) from None
-        return self._receive(method)
-
-    def close(self) -> None:
-        """Ask the worker to exit; kill it if it does not."""
-        import subprocess
-
-        if self.proc.poll() is None:
-            try:
-                self.call("exit")
-                self.proc.wait(timeout=10)
-            except (ParityError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self._log):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-
-
 class WorkerLane(Lane):
-    """A C++ backend in a timed worker process (`serve`); peak RSS is the worker's VmHWM read before it exits."""
+    """A C++ backend in a worker process, timed there; peak RSS is the worker's VmHWM read before it exits."""
 
     def __init__(
-        self, label: str, impl: str, worker: TimedWorker, info: dict[str, Any], record: dict[str, Any]
+        self, label: str, impl: str, worker: Worker, model: RemoteModel, info: dict[str, Any], record: dict[str, Any]
     ) -> None:
         super().__init__(label, impl, int(info["n_vocab"]), str(info["architecture"]), record)
-        self.worker = worker
+        self.worker, self.model = worker, model
 
     def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
-        return [float(x) for x in self.worker.call("evaluate", tokens, n_new, count)]
+        return self.model.time_greedy(tokens, n_new, count)
 
     def close(self) -> dict[str, Any]:
-        hwm = _status_kb(self.worker.proc.pid, "VmHWM")
+        hwm = _status_kb(self.worker.pid, "VmHWM")
         self.worker.close()
         return {"peak_rss_bytes": hwm, "rss_method": "VmHWM of the worker process before exit"}
 
@@ -411,16 +273,19 @@ class WorkerLane(Lane):
 def open_cpp(
     label: str, impl: str, p: build.BuildPlan, model_path: Path, params: BackendParams, log_dir: Path
 ) -> WorkerLane:
-    """A C++ backend in a timed worker process."""
+    """A C++ backend in a worker process (parity.backends.worker), evaluations timed inside it."""
     t0 = time.perf_counter()
-    w = TimedWorker(label, p.bridge_path, log_dir)
+    w = Worker(label, p.bridge_path, log_dir=log_dir)
     started = time.perf_counter() - t0
     try:
-        info, load = w.call("open", str(model_path), params)
+        t1 = time.perf_counter()
+        model = RemoteModel(w, str(model_path), params)
+        info = model.info()
+        load = time.perf_counter() - t1
         trips = []
         for _ in range(20):  # the round trip of a trivial call: NOT part of the figures, shown for reference
             t2 = time.perf_counter()
-            w.call("ping")
+            w.ping()
             trips.append(time.perf_counter() - t2)
     except BaseException:
         w.close()
@@ -439,7 +304,7 @@ def open_cpp(
             "system_info": w.hello.get("system_info", ""),
         },
     }
-    return WorkerLane(label, impl, w, info, record)
+    return WorkerLane(label, impl, w, model, info, record)
 
 
 @dataclass(frozen=True)
@@ -547,7 +412,3 @@ def measure(
             if between is not None and metric == "pp":
                 between()
     return figures
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1])

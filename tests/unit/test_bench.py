@@ -268,6 +268,21 @@ class FakeLane(bench_lanes.Lane):
         return {}
 
 
+def test_time_greedy_times_each_evaluation_where_it_runs() -> None:
+    """The worker's timed mode (and the numpy lane) time each greedy call on its own, one duration per call."""
+    from parity.backends.worker import time_greedy
+
+    calls: list[tuple[list[int], int]] = []
+
+    class Model:
+        def greedy(self, tokens: list[int], n_new: int) -> list[int]:
+            calls.append((tokens, n_new))
+            return [0] * n_new
+
+    seconds = time_greedy(Model(), [1, 2, 3], 4, 5)
+    assert len(seconds) == 5 and all(s >= 0 for s in seconds) and calls == [([1, 2, 3], 4)] * 5
+
+
 def test_calibrate_chooses_evaluations_per_sample_and_counts_the_warm_up() -> None:
     calls: list[str] = []
     fast, slow = FakeLane("llama", calls, 0.002), FakeLane("numpy", calls, 0.2)
