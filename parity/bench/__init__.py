@@ -1,3 +1,4 @@
-"""`parity bench`: main (the command), lanes (what is timed), gate (statistics, baselines, the regression
-gate), llama_bench (the cross-check), report (text and HTML). Imports parity.check and below.
+"""`parity bench`: main (the command), inputs (models and implementations), lanes (what is timed), gate
+(statistics, baselines, the regression gate), llama_bench (the cross-check), report (text and HTML). Imports
+parity.check and below.
 """

@@ -25,8 +25,10 @@ agree within 10 % + noise, noise = relative MAD of both sides (exit 1 otherwise)
 Exit codes: 0 pass, no baseline yet, or baseline written; 1 gate failure, cross-check disagreement, or an
 implementation failing while measured; 2 usage / backend unavailable; 5 build failure (llama-bench).
 
-Python API: `finish(run_bench(opts), opts)`; `run_bench(opts, open_lane=...)` takes the function that opens
-each lane (bench_lanes.open_lane), so a caller can wrap an implementation, e.g. slow it down in a test.
+Models and implementations are chosen in parity.bench.inputs. Errors go to parity.cli's one funnel: `run`
+returns the exit code or raises ParityError. Python API: `finish(run_bench(opts), opts)`;
+`run_bench(opts, open_lane=...)` takes the function that opens each lane (bench_lanes.open_lane), so a caller
+can wrap an implementation, e.g. slow it down in a test.
 """
 
 from __future__ import annotations
@@ -34,10 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,10 +44,10 @@ from typing import TYPE_CHECKING, Any
 from parity.backends import build, lock
 from parity.backends import tools as build_tools
 from parity.bench import gate as bench_gate
+from parity.bench import inputs, llama_bench
 from parity.bench import lanes as bench_lanes
-from parity.bench import llama_bench
 from parity.compare import receipts
-from parity.core.fs import atomic_write_text, sha256_file
+from parity.core.fs import atomic_write_text
 from parity.core.proc import log
 from parity.errors import ParityError, UsageError
 
@@ -57,7 +56,6 @@ if TYPE_CHECKING:
 
 BENCH_VERSION = 2
 SCHEMA_PATH = bench_gate.SCHEMA_PATH
-IMPLS = ("numpy", "llama", "bitnet")
 XCHECK_LABEL = bench_lanes.IMPL_LABELS[3]  # our llama.cpp lane in the configuration llama-bench can also express
 CROSS_CHECK_THREADS_HELP = (
     "threads of the llama-bench cross-check, on both sides: one, because with as many threads as cores any other "
@@ -99,9 +97,9 @@ class BenchOptions:
             raise UsageError(f"--cross-check-threads must be >= 1, got {self.cross_check_threads}")
         if not 0.0 < self.min_sample_s <= 10.0:
             raise UsageError(f"min_sample_s must be in (0, 10] seconds, got {self.min_sample_s}")
-        unknown = [i for i in self.impls if i not in IMPLS]
+        unknown = [i for i in self.impls if i not in inputs.IMPLS]
         if unknown:
-            raise UsageError(f"unknown --impl {unknown[0]!r}", fix=f"use one of {', '.join(IMPLS)}")
+            raise UsageError(f"unknown --impl {unknown[0]!r}", fix=f"use one of {', '.join(inputs.IMPLS)}")
 
 
 # ------------------------------------------------------------------------------------------------ schema
@@ -122,83 +120,11 @@ def write_receipt(path: Path, receipt: dict[str, Any]) -> None:
     receipts.write(path, receipt, SCHEMA_PATH)
 
 
-# ------------------------------------------------------------------------------------------- environment
-
-
-# ----------------------------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model to benchmark."""
-
-    name: str
-    path: Path
-    sha256: str
-    size_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "size_bytes": self.size_bytes}
-
-
-def resolve_model(spec: str) -> ModelRef:
-    """`default-<variant>` (embedded model), a GGUF path, or a parity.fetch lock name (e.g. gemma3-270m-q4_k_m)."""
-    from parity.check.job import default_model
-
-    if spec in ("default", "default-f32", "default-f16", "default-q8_0"):
-        path, _tok = default_model(spec.removeprefix("default-") if spec != "default" else "f32")
-        name = "default-f32" if spec == "default" else spec
-    elif Path(spec).expanduser().is_file():
-        path, name = Path(spec).expanduser().resolve(), Path(spec).stem
-    elif "/" in spec or spec.endswith(".gguf"):
-        raise UsageError(f"--model {spec}: no such file", fix="pass an existing GGUF path or a model name")
-    else:
-        try:
-            from parity.models import fetch
-        except ImportError as exc:
-            raise UsageError(f"--model {spec}: not a file, and parity.fetch is unavailable", fix="pass a path") from exc
-        path, name = fetch.model_path(spec), spec
-    return ModelRef(name, path, sha256_file(path), path.stat().st_size)
-
-
 # -------------------------------------------------------------------------------------------- the run
 
 
-def select_impls(opts: BenchOptions) -> dict[str, build.BuildPlan | None]:
-    """Implementations to run and their build plans: llama is built if missing, bitnet only used if built."""
-    chosen = list(dict.fromkeys(opts.impls)) or ["numpy", "llama", "bitnet"]
-    plans: dict[str, build.BuildPlan | None] = {}
-    for impl in chosen:
-        if impl == "numpy":
-            plans[impl] = None
-            continue
-        spec = lock.get_spec(impl)
-        optional = impl == "bitnet" and not opts.impls  # used when present, never built implicitly
-        try:
-            override = lock.source_override(spec)
-            p = build.plan(spec, override)
-        except ParityError as exc:
-            if not optional:
-                raise
-            log(f"bench: skipping bitnet.cpp ({exc})")
-            continue
-        if not build.is_built(p):
-            if optional:
-                log(f"bench: bitnet.cpp is not built ({spec.override_env} unset or stale build); skipping it")
-                continue
-            if impl == "bitnet" or os.environ.get("CI"):
-                from parity.errors import BackendUnavailable
-
-                raise BackendUnavailable(
-                    f"the {impl} backend is not built", fix=f"nox -s setup_cpp -- --backend {impl}"
-                )
-            p = build.ensure_built(spec, override, verbose=opts.verbose)
-        plans[impl] = p
-    return plans
-
-
 def bench_model(
-    model: ModelRef,
+    model: inputs.ModelRef,
     plans: dict[str, build.BuildPlan | None],
     opts: BenchOptions,
     tools: build_tools.ToolsPlan | None = None,
@@ -311,7 +237,7 @@ def xcheck_params(llama: BackendParams, opts: BenchOptions) -> BackendParams:
     )
 
 
-def _result(model: ModelRef, impl: str) -> dict[str, Any]:
+def _result(model: inputs.ModelRef, impl: str) -> dict[str, Any]:
     return {"model_sha256": model.sha256, "impl": impl, "status": "ok", "reason": None, "pp": None, "tg": None}
 
 
@@ -321,7 +247,7 @@ def _run_options(opts: BenchOptions) -> Any:
     return RunOptions(threads=opts.threads)
 
 
-def ratios(model: ModelRef, samples: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+def ratios(model: inputs.ModelRef, samples: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
     """Same-run ratios impl ÷ llama.cpp per metric, from per-repetition pairs."""
     out: list[dict[str, Any]] = []
     if "llama" not in samples:
@@ -352,8 +278,8 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
     from parity.check.job import ensure_out_dir
 
     ensure_out_dir(out_dir)
-    models = [resolve_model(m) for m in dict.fromkeys(opts.models)]
-    plans = select_impls(opts)
+    models = [inputs.resolve_model(m) for m in dict.fromkeys(opts.models)]
+    plans = inputs.select_impls(opts.impls, opts.verbose)
     tools: build_tools.ToolsPlan | None = None
     if "llama" in plans and opts.llama_bench:
         spec = lock.get_spec("llama")
@@ -390,7 +316,7 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
 
 def bench_one(
     receipt: dict[str, Any],
-    model: ModelRef,
+    model: inputs.ModelRef,
     plans: dict[str, build.BuildPlan | None],
     opts: BenchOptions,
     tools: build_tools.ToolsPlan | None,
@@ -468,7 +394,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="default-f32 (default), default-f16, default-q8_0, a lock name such as gemma3-270m-q4_k_m, "
         "or a GGUF path; repeatable",
     )
-    p.add_argument("--impl", action="append", dest="impls", choices=IMPLS, help="implementation (repeatable)")
+    p.add_argument("--impl", action="append", dest="impls", choices=inputs.IMPLS, help="implementation (repeatable)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prompt processing (default 64)")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy steps for token generation (default 16)")
     p.add_argument(
@@ -524,18 +450,3 @@ def run(args: argparse.Namespace) -> int:
     """Run `parity bench`; returns the exit code."""
     opts = options_from_args(args)
     return finish(run_bench(opts), opts)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (`python -m parity.bench`) until the command is wired into parity.cli."""
-    parser = argparse.ArgumentParser(prog="parity")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        return run(parser.parse_args(argv))
-    except ParityError as exc:
-        print(f"parity: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
