@@ -5,11 +5,12 @@ steps first; every alternate then computes the same steps (for LLM engines teach
 tokens) and is compared field by field. Verified windows are never recomputed: the run's state is a JSON file,
 written atomically with backup generations, validated on load, guarded by a lock.
 
-Modules: `config` (the implementations TOML), `compare` (per-field tolerances), `impls` (numpy, llama,
-bitnet engines and the external-command protocol), `state` (persisted state, recovery), `journal` (the
-append-only journal: records, replay, pruning), `lock` (the run directory's lock), `runner`
-(windows, resume, regression), `reports` (divergence reports, archives), `status` (Markdown + HTML page),
-`cli` (the `windows` subcommand).
+Modules: `config` (the implementations TOML), `compare` (per-field tolerances), `impls` (the interface; the
+numpy, llama and bitnet engines), `external` (the external command protocol v1), `registry` (kind ->
+implementation), `state` (persisted state, recovery), `journal` (the append-only journal: records, replay,
+pruning), `lock` (the run directory's lock), `runner` (passes: run, resume, regression), `window` (one
+window: compute, compare, persist), `reports` (divergence reports, archives), `status` (Markdown + HTML
+page), `cli` (the `windows` subcommand), `windows_bench` (the harness's own cost).
 """
 
 from __future__ import annotations

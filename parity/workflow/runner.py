@@ -21,8 +21,9 @@ from parity.errors import UsageError
 from parity.workflow import config as wconfig
 from parity.workflow import reports, status
 from parity.workflow.config import ImplSpec, WindowsConfig
-from parity.workflow.impls import Implementation, RunContext, create, resolve_context
+from parity.workflow.impls import Implementation, RunContext, resolve_context
 from parity.workflow.lock import RunLock
+from parity.workflow.registry import create
 from parity.workflow.state import StateStore, add_event, new_state, now
 from parity.workflow.window import Observer, WindowWork, settle
 

@@ -125,8 +125,8 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the benchmark; returns its figures (see the module docstring). `run_dir` is kept, a temporary one not."""
     from parity.workflow import runner
-    from parity.workflow.impls import create
     from parity.workflow.journal import JOURNAL_NAME
+    from parity.workflow.registry import create
     from parity.workflow.state import STATE_NAME, StateStore
 
     if windows < 2 * EDGE + 1:

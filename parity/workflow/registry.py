@@ -1,0 +1,19 @@
+"""Which class implements each kind of a windows implementation (`kind = ...` in the implementations file)."""
+
+from __future__ import annotations
+
+from parity.workflow.config import ImplSpec
+from parity.workflow.external import CommandImpl
+from parity.workflow.impls import BridgeImpl, Implementation, NumpyImpl, RunContext
+
+KIND_CLASSES: dict[str, type[Implementation]] = {
+    "numpy": NumpyImpl,
+    "llama": BridgeImpl,
+    "bitnet": BridgeImpl,
+    "command": CommandImpl,
+}
+
+
+def create(spec: ImplSpec, ctx: RunContext) -> Implementation:
+    """The implementation object for a spec (nothing is built or started until its first window)."""
+    return KIND_CLASSES[spec.kind](spec, ctx)
