@@ -9,7 +9,6 @@ Nothing is dequantized here: tensors stay zero-copy views of the memory map.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy.typing as npt
 from gguf.constants import GGUFValueType
 from gguf.gguf_reader import GGUFReader, ReaderField
 
+from parity.core.fs import sha256_file
 from parity.errors import ModelFormatError, UsageError
 from parity.gguf.checks import REDOWNLOAD, CheckedReader, check_header, value_type_name
 from parity.gguf.metadata import INT_TYPES, Metadata
@@ -160,11 +160,7 @@ class GGUFFile:
     def sha256(self) -> str:
         """Hex SHA-256 of the whole file, streamed in 1 MiB chunks and cached."""
         if self._sha256 is None:
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    digest.update(chunk)
-            self._sha256 = digest.hexdigest()
+            self._sha256 = sha256_file(self.path)
         return self._sha256
 
 
