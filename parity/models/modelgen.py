@@ -20,19 +20,18 @@ import hashlib
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 import numpy.typing as npt
 
 from parity.core import paths
-from parity.errors import ModelFormatError, PermissionDenied, UsageError
+from parity.core.fs import atomic_write_bytes, atomic_write_file, sha256_file, sha256_if_readable
+from parity.errors import ModelFormatError, UsageError
 from parity.tokenize import bpe
 
 VARIANTS: tuple[str, ...] = ("f32", "f16", "q8_0")
@@ -181,45 +180,6 @@ def _add_tensor(writer: gguf.GGUFWriter, variant: str, name: str, data: Float32A
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> str:
-    """Write via `write(tmp)` to a temp file beside `path`, fsync, rename over `path`; return its SHA-256."""
-    # A unique name rather than mkstemp: mkstemp creates mode 0600, and the files should honour the umask.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with tmp.open("rb+") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except PermissionError as exc:
-        tmp.unlink(missing_ok=True)
-        raise PermissionDenied(
-            f"cannot write the default model in {path.parent}: {exc.strerror}",
-            fix="choose a writable directory",
-        ) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable; directories cannot be opened this way on every OS.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return digest
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return digest
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-
-
 def _write_gguf(path: Path, variant: str) -> None:
     vocab = trained_vocab()
     writer = gguf.GGUFWriter(path, "llama")
@@ -241,10 +201,15 @@ def generate(variant: str, out_dir: Path) -> GeneratedModel:
     out_dir = Path(out_dir)
     gguf_path = out_dir / GGUF_NAME
     tokenizer_path = out_dir / TOKENIZER_NAME
-    tokenizer_text = bpe.tokenizer_json(trained_vocab()).encode("utf-8")
-    tokenizer_sha = _atomic_write(tokenizer_path, lambda tmp: _write_bytes(tmp, tokenizer_text))
-    gguf_sha = _atomic_write(gguf_path, lambda tmp: _write_gguf(tmp, variant))
-    return GeneratedModel(variant, gguf_path, tokenizer_path, gguf_sha, tokenizer_sha)
+    write_model_files(out_dir, lambda tmp: _write_gguf(tmp, variant))
+    return GeneratedModel(variant, gguf_path, tokenizer_path, sha256_file(gguf_path), sha256_file(tokenizer_path))
+
+
+def write_model_files(out_dir: Path, write_gguf: Callable[[Path], None]) -> None:
+    """Write `tokenizer.json` (the trained vocabulary) and `model.gguf` (by `write_gguf(path)`) into `out_dir`,
+    each atomically (parity.core.fs): a reader never sees a half-written model. Shared with ternary_model."""
+    atomic_write_bytes(Path(out_dir) / TOKENIZER_NAME, bpe.tokenizer_json(trained_vocab()).encode("utf-8"))
+    atomic_write_file(Path(out_dir) / GGUF_NAME, write_gguf)
 
 
 def lock_path() -> Path:
@@ -258,29 +223,6 @@ def lock_path() -> Path:
 def lock_name(variant: str) -> str:
     """Return the lock entry name of a variant, e.g. "default-f32"."""
     return f"default-{variant}"
-
-
-def lock_entry(model: GeneratedModel) -> dict[str, Any]:
-    """Return the `models.lock.json` entry describing `model` (used when the lock is rewritten on purpose)."""
-    return {
-        "name": lock_name(model.variant),
-        "tier": "synthetic",
-        "url": f"generated:default/{model.variant}",
-        "sha256": model.gguf_sha256,
-        "size_bytes": model.gguf_path.stat().st_size,
-        "description": (
-            f"parity's embedded default model, {model.variant.upper()}: llama architecture, "
-            f"{len(trained_vocab().tokens)}-token byte-level BPE, n_embd {N_EMBD}, {N_LAYER} layers, "
-            f"{N_HEAD} heads / {N_HEAD_KV} KV heads, n_ff {N_FF}, random weights (parity.models.modelgen)"
-        ),
-        "companions": [
-            {
-                "name": TOKENIZER_NAME,
-                "sha256": model.tokenizer_sha256,
-                "size_bytes": model.tokenizer_path.stat().st_size,
-            }
-        ],
-    }
 
 
 def _locked_hashes(variant: str) -> tuple[str, str]:
@@ -303,14 +245,6 @@ def _locked_hashes(variant: str) -> tuple[str, str]:
     )
 
 
-def _sha256_file(path: Path) -> str | None:
-    try:
-        with path.open("rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError:
-        return None
-
-
 def materialize(variant: str, root: Path) -> GeneratedModel:
     """Return the default model under `root/<variant>/`, regenerating it unless its files match the lock.
 
@@ -322,7 +256,7 @@ def materialize(variant: str, root: Path) -> GeneratedModel:
     out_dir = Path(root) / variant
     gguf_path = out_dir / GGUF_NAME
     tokenizer_path = out_dir / TOKENIZER_NAME
-    if _sha256_file(gguf_path) == gguf_sha and _sha256_file(tokenizer_path) == tokenizer_sha:
+    if sha256_if_readable(gguf_path) == gguf_sha and sha256_if_readable(tokenizer_path) == tokenizer_sha:
         return GeneratedModel(variant, gguf_path, tokenizer_path, gguf_sha, tokenizer_sha)
     model = generate(variant, out_dir)
     mismatched = [

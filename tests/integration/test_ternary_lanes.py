@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from parity.backends import build, lock
+from parity.backends import build, lock, quantizer
 from parity.check import job
 from parity.compare import receipts
 from parity.core import paths
+from parity.core.proc import run
 from parity.errors import ModelFormatError
 from parity.gguf.reader import open_gguf
 from parity.models import ternary_model
@@ -116,7 +117,9 @@ def test_bitnet_quantizer_output_reads_exactly(i2_s_model: Path) -> None:
 @pytest.mark.bitnet_cpp
 def test_two_thread_i2_s_file_is_caught(bitnet_plan: build.BuildPlan, tmp_path: Path) -> None:
     source = ternary_model.materialize("f16", _root())
-    bad = ternary_model.quantize(source, "i2_s", tmp_path / "two", threads=2)
+    bad = tmp_path / "two.gguf"  # what parity's quantize step would write with 2 threads instead of 1
+    qp = quantizer.ensure_quantizer("bitnet")
+    run(quantizer.quantize_command(qp, source.gguf_path, bad, "I2_S", threads=2), log_file=tmp_path / "q.log")
     with pytest.raises(ModelFormatError) as exc:
         ternary_model.verify(bad, source.gguf_path, "i2_s")
     text = str(exc.value)

@@ -19,7 +19,8 @@ import pytest
 
 from parity.compare import receipts
 from parity.core import download, fs
-from parity.models import fetch, modelgen
+from parity.models import fetch
+from parity.models import lock as models_lock
 from parity.workflow import reports, state, status
 
 from .test_receipts import v1
@@ -138,7 +139,7 @@ def test_bench_json(tmp_path: Path, umask: int) -> None:
 
 
 def test_default_model_writer(tmp_path: Path, umask: int) -> None:
-    modelgen._atomic_write(tmp_path / "m.bin", lambda tmp: modelgen._write_bytes(tmp, b"abc"))
+    fs.atomic_write_file(tmp_path / "m.bin", lambda tmp: tmp.write_bytes(b"abc"))  # model.gguf's writer
     assert mode(tmp_path / "m.bin") == expected(umask)
 
 
@@ -164,7 +165,7 @@ def test_fetched_file_its_metadata_and_partial(tmp_path: Path, monkeypatch: pyte
 
     # A partial left 0o600 (an older version, another umask) is renamed into place with the current umask's mode.
     partial = tmp_path / "p.partial"
-    download.copy_verified(tmp_path / "up" / "m.bin", fetch.load_lock()[0].file, partial)
+    download.copy_verified(tmp_path / "up" / "m.bin", models_lock.load_lock()[0].file, partial)
     assert mode(partial) == expected(umask)
     result.path.unlink()
     partial.replace(result.path.with_name(result.path.name + ".partial"))

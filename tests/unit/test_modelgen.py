@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +12,12 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
 from tokenizers import Tokenizer
 
+from parity.core.fs import sha256_file
 from parity.errors import ModelFormatError, UsageError
 from parity.models import modelgen
 from parity.tokenize import bpe
+
+from .lock_entries import default_model_entry
 
 REPO_LOCK = Path(__file__).resolve().parents[2] / "lock" / "models.lock.json"
 
@@ -36,10 +38,6 @@ def _locked() -> dict[str, dict[str, object]]:
     return {entry["name"]: entry for entry in document["models"]}
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture
 def repo_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(modelgen.LOCK_ENV, raising=False)
@@ -50,8 +48,8 @@ def test_generating_twice_gives_identical_bytes(generated: dict[str, modelgen.Ge
         second = modelgen.generate(variant, tmp_path / variant)
         assert second.gguf_path.read_bytes() == first.gguf_path.read_bytes()
         assert second.tokenizer_path.read_bytes() == first.tokenizer_path.read_bytes()
-        assert second.gguf_sha256 == first.gguf_sha256 == _sha(first.gguf_path)
-        assert second.tokenizer_sha256 == first.tokenizer_sha256 == _sha(first.tokenizer_path)
+        assert second.gguf_sha256 == first.gguf_sha256 == sha256_file(first.gguf_path)
+        assert second.tokenizer_sha256 == first.tokenizer_sha256 == sha256_file(first.tokenizer_path)
     assert sorted(p.name for p in (tmp_path / "f32").iterdir()) == ["model.gguf", "tokenizer.json"]
 
 
@@ -59,7 +57,7 @@ def test_hashes_match_the_lock(generated: dict[str, modelgen.GeneratedModel]) ->
     locked = _locked()
     for variant, model in generated.items():
         entry = locked[f"default-{variant}"]
-        assert modelgen.lock_entry(model) == entry
+        assert default_model_entry(model) == entry
         assert entry["sha256"] == model.gguf_sha256
         assert entry["size_bytes"] == model.gguf_path.stat().st_size
 
@@ -215,11 +213,11 @@ def test_materialize_reuses_then_repairs(tmp_path: Path, repo_lock: None) -> Non
 
     first.gguf_path.write_bytes(first.gguf_path.read_bytes()[:-1] + b"\x01")
     repaired = modelgen.materialize("q8_0", tmp_path)
-    assert repaired == first and _sha(repaired.gguf_path) == first.gguf_sha256
+    assert repaired == first and sha256_file(repaired.gguf_path) == first.gguf_sha256
 
     first.tokenizer_path.unlink()
     repaired = modelgen.materialize("q8_0", tmp_path)
-    assert _sha(repaired.tokenizer_path) == first.tokenizer_sha256
+    assert sha256_file(repaired.tokenizer_path) == first.tokenizer_sha256
 
     shutil.rmtree(tmp_path / "q8_0")
     assert modelgen.materialize("q8_0", tmp_path) == first

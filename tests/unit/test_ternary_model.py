@@ -15,6 +15,7 @@ from parity.gguf import ternary
 from parity.gguf.reader import open_gguf
 from parity.models import ternary_model
 
+from .lock_entries import ternary_entry
 from .ternary_files import copy_as_i2_s
 
 REPO_LOCK = Path(__file__).resolve().parents[2] / "lock" / "models.lock.json"
@@ -30,7 +31,7 @@ def test_generated_variants_match_the_lock(tmp_path: Path, f16: ternary_model.Te
     f32 = ternary_model.generate("f32", tmp_path / "f32")
     for model in (f16, f32):
         entry = locked[ternary_model.lock_name(model.variant)]
-        assert entry == ternary_model.lock_entry(model)
+        assert entry == ternary_entry(model)
         assert entry["tier"] == "synthetic" and entry["sha256"] == model.gguf_sha256
     again = ternary_model.generate("f16", tmp_path / "again")
     assert again.gguf_path.read_bytes() == f16.gguf_path.read_bytes()  # byte-identical every run
