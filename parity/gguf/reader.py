@@ -10,7 +10,6 @@ Nothing is dequantized here: tensors stay zero-copy views of the memory map.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from gguf.gguf_reader import GGUFReader, ReaderField
 from parity.core.fs import sha256_file
 from parity.errors import ModelFormatError, UsageError
 from parity.gguf.checks import REDOWNLOAD, CheckedReader, check_header, value_type_name
-from parity.gguf.metadata import INT_TYPES, Metadata
+from parity.gguf.metadata import Metadata
 from parity.gguf.types import type_name
 
 
@@ -98,6 +97,13 @@ class GGUFFile:
             for t in reader.tensors
         }
         self._sha256: str | None = None
+        # Metadata's typed accessors (parity.gguf.metadata): a value of the wrong type, out of range or missing
+        # is a ModelFormatError naming the key, what was expected and what the file holds.
+        self.get_int = self.metadata.get_int
+        self.get_float = self.metadata.get_float
+        self.get_str = self.metadata.get_str
+        self.get_bool = self.metadata.get_bool
+        self.get_array = self.metadata.get_array
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, v{self.version}, {len(self.tensors)} tensors)"
@@ -106,42 +112,6 @@ class GGUFFile:
     def architecture(self) -> str:
         """The `general.architecture` value, e.g. "llama"."""
         return self.metadata.get_str("general.architecture")
-
-    def get_int(
-        self,
-        key: str,
-        default: int | None = None,
-        *,
-        min: int | None = None,
-        max: int | None = None,
-        gguf_types: Iterable[str] | None = INT_TYPES,
-        per_layer: bool = False,
-    ) -> int:
-        """`Metadata.get_int`: an integer, or ModelFormatError naming the key and what was expected."""
-        return self.metadata.get_int(key, default, min=min, max=max, gguf_types=gguf_types, per_layer=per_layer)
-
-    def get_float(
-        self,
-        key: str,
-        default: float | None = None,
-        *,
-        min: float | None = None,
-        gguf_types: Iterable[str] | None = ("float32",),
-    ) -> float:
-        """`Metadata.get_float`: a finite float, or ModelFormatError naming the key and what was expected."""
-        return self.metadata.get_float(key, default, min=min, gguf_types=gguf_types)
-
-    def get_str(self, key: str, default: str | None = None) -> str:
-        """`Metadata.get_str`: a string, or ModelFormatError naming the key."""
-        return self.metadata.get_str(key, default)
-
-    def get_bool(self, key: str, default: bool) -> bool:
-        """`Metadata.get_bool`: a bool, or ModelFormatError naming the key."""
-        return self.metadata.get_bool(key, default)
-
-    def get_array(self, key: str, elem: type, default: list[Any] | None = None) -> list[Any]:
-        """`Metadata.get_array`: an array of `elem`, or ModelFormatError naming the key."""
-        return self.metadata.get_array(key, elem, default)
 
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value, or `default` when the key is absent."""
