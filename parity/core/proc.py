@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from parity.core.progress import PLAIN_INTERVAL, TTY_INTERVAL, StatusLine
 from parity.errors import BuildError, ParityError
 
 TAIL_LINES = 40
-# A terminal redraw costs little, but more than ~10 per second only flickers.
-PROGRESS_TTY_INTERVAL = 0.1
-# Log files and CI consoles keep every line, so one every few seconds is plenty.
-PROGRESS_PLAIN_INTERVAL = 5.0
+# How often a build's status line is redrawn (parity.core.progress): on a terminal, and in logs / CI consoles.
+PROGRESS_TTY_INTERVAL = TTY_INTERVAL
+PROGRESS_PLAIN_INTERVAL = PLAIN_INTERVAL
 # ninja's default status format, set explicitly so a user's NINJA_STATUS cannot hide the progress.
 NINJA_STATUS = "[%f/%t] "
 _NINJA_PROGRESS = re.compile(r"^\[(\d+)/(\d+)\] ")
@@ -84,7 +84,7 @@ def build_progress_line(label: str, done: int | None, total: int | None, elapsed
     return f"  {label} [{done}/{total}] {100 * done // total}% {format_elapsed(elapsed)}"
 
 
-class BuildProgress:
+class BuildProgress(StatusLine):
     """The status line of one build, fed the build's output line by line.
 
     On a TTY the line is redrawn in place (at most every `interval` s, default 0.1); otherwise a plain line is
@@ -101,18 +101,10 @@ class BuildProgress:
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(stream=stream, tty=tty, interval=interval, clock=clock)
         self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = tty if tty is not None else _isatty(self.stream)
-        self.interval = (
-            interval if interval is not None else (PROGRESS_TTY_INTERVAL if self.tty else PROGRESS_PLAIN_INTERVAL)
-        )
-        self.clock = clock
-        self.t0 = clock()
-        self._last = self.t0
         self.done: int | None = None
         self.total: int | None = None
-        self._drawn = False
         self._text = ""
 
     def line(self, now: float | None = None) -> str:
@@ -134,34 +126,19 @@ class BuildProgress:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
-        self._last = now
         text = self.line(now)
-        if self.tty:
-            if self._drawn and text == self._text:
-                return  # a terminal already shows it
-            self.stream.write("\r" + text + "\x1b[K")
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        if self.tty and self._drawn and text == self._text:
+            self._last = now
+            return  # a terminal already shows it
+        self.show(text, now)
         self._text = text
-        self._drawn = True
 
     def close(self) -> None:
         """The final state: a last plain line, or on a TTY the terminal line cleared for the step summary."""
         if self.tty:
-            if self._drawn:
-                self.stream.write("\r\x1b[K")
-                self.stream.flush()
-            self._drawn = False
+            self.clear()
             return
         self._draw(self.clock())
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def _lines_with_ticks(stream: Iterable[str], interval: float) -> Iterator[str | None]:

@@ -1,6 +1,7 @@
-"""The terminal display of a transfer: pure formatting functions (`format_bytes`, `format_rate`, `format_eta`,
-`progress_bar`, `progress_line`, testable without a terminal or a clock) and `Progress`, which redraws one line
-in place on a TTY and prints a plain line every few seconds elsewhere (log files, CI consoles).
+"""Progress on the terminal: `StatusLine`, one line redrawn in place on a TTY and printed as a plain line every
+few seconds elsewhere (log files, CI consoles); `Progress`, a transfer's line (parity.core.download), on top of
+it, as is parity.core.proc's BuildProgress. Formatting is pure functions (`format_bytes`, `format_rate`,
+`format_eta`, `progress_bar`, `progress_line`), testable without a terminal or a clock.
 """
 
 from __future__ import annotations
@@ -66,7 +67,46 @@ def progress_line(label: str, done: int, total: int, rate: float, *, bar: bool) 
     return "  ".join(parts)
 
 
-class Progress:
+class StatusLine:
+    """One status line on `stream` (default stderr): `show` redraws it in place on a TTY and prints it as a plain
+    line otherwise; `clear` wipes a redrawn line. `interval` (default TTY_INTERVAL on a TTY, else PLAIN_INTERVAL)
+    is how often subclasses redraw; `clock` is injectable for tests."""
+
+    def __init__(
+        self,
+        *,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = tty if tty is not None else _isatty(self.stream)
+        self.interval = interval if interval is not None else (TTY_INTERVAL if self.tty else PLAIN_INTERVAL)
+        self.clock = clock
+        self.t0 = clock()
+        self._last = self.t0
+        self._drawn = False  # a line was printed (and, on a TTY, is still on screen)
+
+    def show(self, text: str, now: float) -> None:
+        """Print `text` as the status line at time `now`."""
+        self._last = now
+        if self.tty:
+            self.stream.write("\r" + text + "\x1b[K")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+        self._drawn = True
+
+    def clear(self) -> None:
+        """Wipe a redrawn terminal line, so the caller's summary line starts at column 0."""
+        if self.tty and self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
+
+
+class Progress(StatusLine):
     """Reports the progress of one transfer of `total` bytes.
 
     The first update is shown at once (a slow link shows progress from its first bytes); after that, on a TTY
@@ -85,17 +125,11 @@ class Progress:
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(stream=stream, tty=tty, interval=interval, clock=clock)
         self.label = label
         self.total = total
         self.start = start
         self.done = start
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = tty if tty is not None else _isatty(self.stream)
-        self.interval = interval if interval is not None else (TTY_INTERVAL if self.tty else PLAIN_INTERVAL)
-        self.clock = clock
-        self.t0 = clock()
-        self._last = self.t0
-        self._drawn = False  # a line was printed (and, on a TTY, is still on screen)
 
     def rate(self, now: float | None = None) -> float:
         """Bytes per second transferred since this Progress began (resumed bytes excluded)."""
@@ -114,20 +148,11 @@ class Progress:
             return
         if not self._drawn and done >= self.total:
             return  # done in one block: the caller's summary line says so, a 100% line would be noise
-        self._last = now
-        if self.tty:
-            self.stream.write("\r" + self.line(now) + "\x1b[K")
-        else:
-            self.stream.write(self.line(now) + "\n")
-        self.stream.flush()
-        self._drawn = True
+        self.show(self.line(now), now)
 
     def close(self) -> None:
         """Clear a redrawn terminal line, so the caller's summary line starts at column 0."""
-        if self.tty and self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
+        self.clear()
 
     def __enter__(self) -> Progress:
         return self
