@@ -24,7 +24,7 @@ from typing import Any
 
 from parity.backends import lock
 from parity.core import machine, paths
-from parity.core.fs import atomic_write_json, file_lock
+from parity.core.fs import atomic_write_file, atomic_write_json, file_lock
 from parity.core.proc import Timer, log, run
 from parity.errors import BackendUnavailable, BuildError
 
@@ -276,10 +276,12 @@ def _build_bridge(p: BuildPlan, *, verbose: bool) -> None:
             raise BuildError(
                 f"scikit-build-core produced no {member} in {wheel.name}", fix="see " + str(p.bridge_dir / "bridge.log")
             ) from exc
-    tmp_so = p.bridge_path.with_suffix(".so.tmp")
-    tmp_so.write_bytes(data)
-    os.chmod(tmp_so, 0o755)
-    os.replace(tmp_so, p.bridge_path)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o755)
+
+    atomic_write_file(p.bridge_path, write)
 
 
 def plan_dict(p: BuildPlan) -> dict[str, Any]:
