@@ -1,9 +1,9 @@
 """`parity windows run|resume|status|report`: the command-line face of the windows workflow.
 
 `add_parser(subparsers)` adds the `windows` command to parity's parser; `run(args)` executes it and
-returns the exit code (0 everything in scope verified, 1 a divergence or an unverified window, 2 usage).
-ParityErrors propagate to the caller, which prints them on one line (parity.cli.main, or this package's
-`python -m parity.workflow` entry point).
+returns the exit code (0 everything in scope verified, 1 a divergence or an unverified window). Errors are
+raised as ParityErrors and reported by parity.cli.main, the one error funnel (docs/ARCHITECTURE.md,
+"Layers" and "Contracts"); `python -m parity windows ...` is the same command as `parity windows ...`.
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p_bench.add_argument("--window", type=int, default=6, metavar="W", help="steps per window (default 6)")
     p_bench.add_argument(
         "--command",
+        dest="bench_command",  # not `command`: parity.cli dispatches on args.command
         choices=("sh", "python", "inprocess"),
         default="sh",
         help="the command: a /bin/sh script (default), a Python script (~20-30 ms to start), or inprocess (a sleep "
@@ -134,7 +135,7 @@ def _bench(args: argparse.Namespace) -> int:
         windows=args.windows,
         command_ms=args.command_ms,
         window=args.window,
-        command=args.command,
+        command=args.bench_command,
         run_dir=args.run_dir,
     )
     if args.json:
@@ -290,32 +291,3 @@ def run(args: argparse.Namespace) -> int:
     if action == "bench":
         return _bench(args)
     raise UsageError(f"unknown windows action {action!r}", fix="use run, resume, status, report or bench")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser (`python -m parity.workflow ACTION ...`) equal to `parity windows ACTION ...`."""
-    parser = argparse.ArgumentParser(prog="parity")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m parity.workflow`: arguments as after `parity`, e.g. `windows run --config F`."""
-    import os
-    import traceback
-
-    from parity.errors import ParityError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except ParityError as exc:
-        if args.debug or os.environ.get("PARITY_DEBUG"):
-            traceback.print_exc()
-        print(f"parity: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("parity: interrupted", file=sys.stderr)
-        return 130

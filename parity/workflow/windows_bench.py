@@ -180,7 +180,7 @@ def run_bench(
         )
         t0 = time.perf_counter()
         proc = subprocess.run(  # nothing left to compute: the command never runs, so `inprocess` works here too
-            [sys.executable, "-m", "parity.workflow", "windows", "resume", "--run-dir", str(rdir), "--quiet"],
+            [sys.executable, "-m", "parity", "windows", "resume", "--run-dir", str(rdir), "--quiet"],
             capture_output=True,
             text=True,
             env=env,

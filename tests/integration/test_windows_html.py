@@ -22,10 +22,10 @@ CHROMIUM_FIX = "apt-get update && apt-get install -y chromium"
 
 
 def windows_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """`python -m parity.workflow windows ...` (the same code `parity windows ...` runs) as a user would."""
+    """`python -m parity windows ...` (the same as `parity windows ...`, through parity.cli.main) as a user would."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(
-        [sys.executable, "-m", "parity.workflow", "windows", *args],
+        [sys.executable, "-m", "parity", "windows", *args],
         capture_output=True,
         text=True,
         env=env,

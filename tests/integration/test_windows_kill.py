@@ -46,7 +46,7 @@ def logged_config(tmp_path: Path, log: Path) -> Path:
 def spawn(*args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen(
-        [sys.executable, "-m", "parity.workflow", "windows", *args],
+        [sys.executable, "-m", "parity", "windows", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from parity.errors import ParityError, UsageError
+import parity.cli
+from parity.errors import UsageError
 from parity.workflow import cli, impls
 
 NUMPY_CONFIG = """
@@ -42,14 +43,12 @@ options = {{ dtype = "{alt_dtype}" }}
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return cli.build_parser().parse_args(["windows", *argv])
+    return parity.cli.build_parser().parse_args(["windows", *argv])
 
 
 def main(*argv: str) -> int:
-    try:
-        return cli.run(parse(*argv))
-    except ParityError as exc:
-        return exc.exit_code
+    """`parity windows ...` through parity.cli.main, the one error funnel (errors become exit codes there)."""
+    return parity.cli.main(["windows", *argv])
 
 
 @pytest.fixture
@@ -72,6 +71,11 @@ def test_add_parser_wires_the_windows_command() -> None:
         12,
     )
     assert parser.parse_args(["windows", "report", "--run-dir", "d", "--archive"]).archive
+
+
+def test_bench_command_option_does_not_clobber_the_dispatch() -> None:
+    args = parse("bench", "--command", "inprocess")  # parity.cli.main dispatches on args.command
+    assert (args.command, args.windows_action, args.bench_command) == ("windows", "bench", "inprocess")
 
 
 def test_numpy_float32_vs_float64_run_status_report(
