@@ -18,9 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
 
 from parity.core.progress import PLAIN_INTERVAL, TTY_INTERVAL, StatusLine
 from parity.errors import BuildError, ParityError
@@ -92,20 +91,9 @@ class BuildProgress(StatusLine):
     output, so a long compile step still shows the clock moving. `clock` is injectable for tests.
     """
 
-    def __init__(
-        self,
-        label: str,
-        *,
-        stream: TextIO | None = None,
-        tty: bool | None = None,
-        interval: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(stream=stream, tty=tty, interval=interval, clock=clock)
-        self.label = label
-        self.done: int | None = None
-        self.total: int | None = None
-        self._text = ""
+    done: int | None = None  # ninja's [done/total], once the output has shown one
+    total: int | None = None
+    _text = ""  # the line last shown
 
     def line(self, now: float | None = None) -> str:
         """The current status line."""

@@ -68,18 +68,20 @@ def progress_line(label: str, done: int, total: int, rate: float, *, bar: bool) 
 
 
 class StatusLine:
-    """One status line on `stream` (default stderr): `show` redraws it in place on a TTY and prints it as a plain
-    line otherwise; `clear` wipes a redrawn line. `interval` (default TTY_INTERVAL on a TTY, else PLAIN_INTERVAL)
-    is how often subclasses redraw; `clock` is injectable for tests."""
+    """The status line of `label` on `stream` (default stderr): `show` redraws it in place on a TTY and prints it
+    as a plain line otherwise; `clear` wipes a redrawn line. `interval` (default TTY_INTERVAL on a TTY, else
+    PLAIN_INTERVAL) is how often subclasses redraw; `clock` is injectable for tests."""
 
     def __init__(
         self,
+        label: str,
         *,
         stream: TextIO | None = None,
         tty: bool | None = None,
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.tty = tty if tty is not None else _isatty(self.stream)
         self.interval = interval if interval is not None else (TTY_INTERVAL if self.tty else PLAIN_INTERVAL)
@@ -125,8 +127,7 @@ class Progress(StatusLine):
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(stream=stream, tty=tty, interval=interval, clock=clock)
-        self.label = label
+        super().__init__(label, stream=stream, tty=tty, interval=interval, clock=clock)
         self.total = total
         self.start = start
         self.done = start
