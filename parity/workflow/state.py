@@ -134,8 +134,8 @@ def semantic_errors(state: dict[str, Any]) -> list[str]:
         numbers = [a["n"] for a in w["attempts"]]
         if numbers != sorted(set(numbers)) or (numbers and numbers[0] < 1):
             # Increasing, not necessarily 1..n: a number whose traces exist on disk is never used again, even
-            # when the state recovered from a backup does not know that attempt (README: traces are never
-            # overwritten).
+            # when the state recovered from a backup does not know that attempt (README.md, section
+            # "Nothing is lost": traces are never overwritten).
             errors.append(f"window {w['start']}: attempts are numbered {numbers}, expected increasing from 1")
         in_progress += [(w["start"], a["n"]) for a in w["attempts"] if a["status"] == "in_progress"]
     ptr = state["in_progress"]
