@@ -32,7 +32,7 @@ class ModelRef:
 
 def resolve_model(spec: str) -> ModelRef:
     """`default-<variant>` (embedded model), a GGUF path, or a parity.fetch lock name (e.g. gemma3-270m-q4_k_m)."""
-    from parity.check.job import default_model
+    from parity.models.modelgen import default_model
 
     if spec in ("default", "default-f32", "default-f16", "default-q8_0"):
         path, _tok = default_model(spec.removeprefix("default-") if spec != "default" else "f32")

@@ -9,8 +9,6 @@ receipt. A lane whose worker crashes is reported as an error (exit 1), never as 
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,31 +17,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from parity.backends import build, lock
+from parity.backends import build
 from parity.backends.bridge import BackendParams
 from parity.backends.worker import RemoteModel, Worker
+from parity.check import inputs
 from parity.compare import metrics, receipts
 from parity.core.proc import log
 from parity.engines import spec as impl_specs
 from parity.engines.bridged import BridgedImplementation, apply_spec
 from parity.engines.spec import ImplSpec
 from parity.errors import (
-    BackendUnavailable,
-    ModelFormatError,
     ParityError,
     PermissionDenied,
-    RepairRecursion,
     UsageError,
     WorkerError,
 )
+from parity.models import modelgen
 from parity.options import RunOptions
-from parity.tokenize.tokenizer import HFTokenizer, apply_template, check_token_parity, gguf_config_hash
+from parity.tokenize.tokenizer import apply_template, check_token_parity, gguf_config_hash
 
 if TYPE_CHECKING:
     from parity.engines.numpy.engine import NumpyEngine
-    from parity.gguf.reader import GGUFFile
-
-REPAIR_GUARD_ENV = "PARITY_REPAIRING"
 
 
 @dataclass
@@ -92,67 +86,6 @@ class LaneResult:
         return self.status == "pass"
 
 
-def default_model(variant: str) -> tuple[Path, Path]:
-    """The embedded default model of `variant`, generated (and verified against the lock) on first use."""
-    from parity.core import paths
-    from parity.models import modelgen
-
-    m = modelgen.materialize(variant, paths.cache_dir() / "models" / "default")
-    return m.gguf_path, m.tokenizer_path
-
-
-def preflight(backend: str, opts: RunOptions) -> build.BuildPlan:
-    """Make sure `backend` is built; repair (build it) when allowed, else fail with the fixing command."""
-    spec = lock.get_spec(backend)
-    override = lock.source_override(spec)
-    fix = f"nox -s setup_cpp -- --backend {backend}"
-    if spec.default_source == "git":
-        fix += f" (offline: set {spec.override_env} to a local {backend} checkout)"
-    why = "CI is set" if os.environ.get("CI") else "--no-repair was given"
-    try:
-        p = build.plan(spec, override)
-    except BackendUnavailable as exc:  # e.g. no compiler for it: it cannot have been built here either
-        if opts.repair:
-            raise
-        raise BackendUnavailable(
-            f"the {backend} backend is not built and auto-repair is off ({why}); building it needs: {exc.message}",
-            fix=f"{fix}, after: {exc.fix}" if exc.fix else fix,
-        ) from exc
-    if build.is_built(p):
-        return p
-    if not opts.repair:
-        raise BackendUnavailable(f"the {backend} backend is not built and auto-repair is off ({why})", fix=fix)
-    if os.environ.get(REPAIR_GUARD_ENV) == backend:
-        raise RepairRecursion(f"repairing {backend} re-entered itself", fix=f"run `{fix}` by hand and read its output")
-    log(f"{backend}: not built; repairing (building it now; pass --no-repair to fail instead)")
-    os.environ[REPAIR_GUARD_ENV] = backend
-    try:
-        return build.ensure_built(spec, override, verbose=opts.verbose)
-    finally:
-        os.environ.pop(REPAIR_GUARD_ENV, None)
-
-
-def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> HFTokenizer | None:
-    """The tokenizer authority: --tokenizer (external), a tokenizer.json beside the model (auto_discovered),
-    else the vocabulary embedded in the GGUF exported to HF tokenizers (gguf_embedded). None only when the
-    GGUF's vocabulary type cannot be exported; then llama.cpp's own ids are the authority."""
-    from parity.tokenize.export import export_metadata
-
-    if tok_path is not None:
-        return HFTokenizer.load(tok_path)
-    beside = model_path.parent / "tokenizer.json"
-    if beside.is_file():
-        return HFTokenizer.load(beside, source="auto_discovered")
-    try:
-        text = export_metadata(gguf.metadata, str(model_path))
-    except ModelFormatError:
-        raise  # a malformed vocabulary (a value of the wrong type) is bad input, not an unsupported one
-    except UsageError as exc:
-        log(f"tokenizer: cannot export the GGUF vocabulary ({exc}); using llama.cpp's ids as the authority")
-        return None
-    return HFTokenizer.from_text(text, source="gguf_embedded", path=model_path, file_hash=gguf.sha256())
-
-
 def _pad(n: int, multiple: int = 64) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
@@ -179,57 +112,12 @@ def lane_params(backend: str, opts: RunOptions, n_tokens: int) -> BackendParams:
     )
 
 
-def check_input(
-    opts: RunOptions,
-    lane_backends: list[str],
-    model_path: Path,
-    tok_path: Path | None,
-    lane_models: dict[str, Path] | None = None,
-) -> tuple[GGUFFile, NumpyEngine, HFTokenizer | None]:
-    """Every check of the input files that needs no backend: bad input is exit 2 here, before any lane.
-
-    The GGUF's header, metadata and tensor table (gguf_file), its hyperparameters and tensor shapes (the
-    numpy engine), each lane's tensor formats, and the tokenizer (tokenizer.json, or the GGUF vocabulary
-    exported). tests/unit/test_gguf_fuzz.py runs mutated files through exactly this function.
-    """
-    from parity.engines.numpy.engine import NumpyEngine
-    from parity.gguf.reader import open_gguf
-
-    gguf = open_gguf(model_path)  # missing / non-GGUF / truncated / malformed -> exit 2 before anything runs
-    engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture, bad hyperparameters -> exit 2
-    _check_lane_formats(opts, lane_backends, gguf, lane_models or {})  # unsupported model format -> exit 2
-    hf = resolve_tokenizer(model_path, tok_path, gguf)
-    gguf_config_hash(gguf.metadata)  # the receipt's vocabulary hash: a malformed vocabulary fails here, not later
-    return gguf, engine, hf
-
-
-def reference_specs(texts: list[str]) -> list[ImplSpec]:
-    """Parse `--reference` specs: C++ engines only (the authority), each lane named once (exit 2 otherwise)."""
-    refs = [impl_specs.parse(t) for t in texts]
-    for r in refs:
-        if not r.bridged:
-            raise UsageError(
-                f"--reference {r.text}: a reference is a C++ engine ({', '.join(impl_specs.BRIDGED)})",
-                fix=f"test {r.text} with --impl {r.text} against --reference llama",
-            )
-    labels = [r.label for r in refs]
-    if len(set(labels)) != len(labels):
-        raise UsageError(f"--reference given twice: {labels}", fix="name each reference lane once")
-    return refs
-
-
-def with_impl_dtype(opts: RunOptions) -> RunOptions:
-    """`--impl numpy:dtype=float64` sets the numpy engine's dtype (it wins over --dtype)."""
-    dtype = impl_specs.parse(opts.impl).get("dtype")
-    return dataclasses.replace(opts, dtype=dtype) if dtype else opts
-
-
 def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
     """Validate input, preflight backends, tokenize, check token parity, run the implementation under test once.
 
     Returns the shared work and one build plan per backend kind (the references' and a bridged --impl's)."""
-    refs = reference_specs(lane_specs)
-    opts = with_impl_dtype(opts)
+    refs = inputs.reference_specs(lane_specs)
+    opts = inputs.with_impl_dtype(opts)
     impl_spec = impl_specs.parse(opts.impl)
     if impl_spec.bridged and opts.numerics != "exact":
         raise UsageError(
@@ -254,14 +142,14 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
         )
         tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
     else:
-        model_path, default_tok = default_model(opts.variant)
+        model_path, default_tok = modelgen.default_model(opts.variant)
         tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
     lane_models = {b: lane for b, lane in lane_models.items() if lane != model_path}
-    gguf, engine, hf = check_input(opts, lane_backends, model_path, tok_path, lane_models)
-    plans = {b: preflight(b, opts) for b in lane_backends}
+    gguf, engine, hf = inputs.check_input(opts, lane_backends, model_path, tok_path, lane_models)
+    plans = {b: inputs.preflight(b, opts) for b in lane_backends}
     impl_plan: build.BuildPlan | None = plans.get(impl_spec.kind)
     if impl_spec.bridged and impl_plan is None:
-        impl_plan = preflight(impl_spec.kind, opts)
+        impl_plan = inputs.preflight(impl_spec.kind, opts)
     seconds = {"load": time.perf_counter() - t0}
 
     # Tokenize with every backend (vocab only) and compare with the external tokenizer.
@@ -278,7 +166,7 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
             log_level=3 if opts.verbose else 1,
             timeout=opts.timeout,
         ) as w:
-            vm = _open_vocab(w, b, lane_models.get(b, model_path))
+            vm = inputs.open_vocab(w, b, lane_models.get(b, model_path))
             if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
                 template, formatted, chat_record = apply_template(
                     opts.prompt_template,
@@ -378,42 +266,6 @@ def _open_impl(
         verbose=opts.verbose,
         timeout=opts.timeout,
     )
-
-
-def _open_vocab(w: Worker, backend: str, path: Path) -> RemoteModel:
-    """Open `path` vocab-only in the backend. A file the pre-flight accepted but the backend refuses to
-    load (or crashes on) is still bad input: exit 2 with the backend's reason on one line, before any lane."""
-    try:
-        return RemoteModel(w, str(path), BackendParams(vocab_only=1))
-    except WorkerError as exc:
-        lines = [ln.strip() for ln in exc.message.splitlines() if ln.strip() and not ln.startswith("---")]
-        reason = lines[0] if lines else "no reason given"
-        if len(lines) > 1:
-            reason += f"; last backend log line: {lines[-1]}"
-        raise ModelFormatError(
-            f"the {backend} backend cannot load {path}: {reason}",
-            fix=f"{_REBUILD_MODEL}; {exc.fix}" if exc.fix else _REBUILD_MODEL,
-        ) from exc
-
-
-_REBUILD_MODEL = "re-download or re-convert the model (the backend refuses this file)"
-
-
-def _check_lane_formats(
-    opts: RunOptions, lane_backends: list[str], gguf: GGUFFile, lane_models: dict[str, Path]
-) -> None:
-    """Refuse, before any lane runs, a lane whose backend cannot load its file's tensor types (exit 2)."""
-    from parity.gguf import ternary
-    from parity.gguf.reader import open_gguf
-
-    for b in lane_backends:
-        f = open_gguf(lane_models[b]) if b in lane_models else gguf
-        ternary.require_loadable(b, f.path, {name: t.ggml_type for name, t in f.tensors.items()})
-    if opts.numerics != "exact" and gguf.architecture != "bitnet":
-        raise UsageError(
-            f"--numerics {opts.numerics} is implemented for the bitnet architecture, not {gguf.architecture!r}",
-            fix="use --numerics exact",
-        )
 
 
 def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: RunOptions, out_dir: Path) -> LaneResult:
@@ -576,9 +428,9 @@ def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResul
     """Prepare once, then run every reference lane to completion (a failed lane never stops the others)."""
     out_dir = Path(opts.out_dir)
     ensure_out_dir(out_dir)
-    opts = with_impl_dtype(opts)
+    opts = inputs.with_impl_dtype(opts)
     shared, plans = prepare(opts, lane_specs)
-    lanes = reference_specs(lane_specs)
+    lanes = inputs.reference_specs(lane_specs)
 
     def one(lane: ImplSpec) -> LaneResult:
         try:

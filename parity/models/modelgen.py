@@ -275,3 +275,9 @@ def materialize(variant: str, root: Path) -> GeneratedModel:
             "parity/data/corpus.txt against the lock; rewrite the lock only on purpose",
         )
     return model
+
+
+def default_model(variant: str) -> tuple[Path, Path]:
+    """The embedded default model of `variant`, generated (and verified against the lock) on first use."""
+    m = materialize(variant, paths.cache_dir() / "models" / "default")
+    return m.gguf_path, m.tokenizer_path

@@ -75,9 +75,9 @@ def resolve_context(cfg: WindowsConfig, run_dir: Path, end: int) -> RunContext:
     if not cfg.llm:
         inp = dict(cfg.input)
         return RunContext(cfg, run_dir, False, inp, digest=hashlib.sha256(_canonical(inp).encode()).hexdigest())
-    from parity.check.job import default_model
     from parity.engines.numpy.ops import int_key
     from parity.gguf.reader import open_gguf
+    from parity.models.modelgen import default_model
     from parity.tokenize.tokenizer import HFTokenizer, apply_template
 
     inp = dict(cfg.input)
@@ -291,13 +291,13 @@ class BridgeImpl(Implementation):
             return self._model
         from parity import options as parity_config
         from parity.backends.worker import RemoteModel, Worker
-        from parity.check import job as parity_run
+        from parity.check import inputs, job
 
         backend = self.spec.kind
         cli: dict[str, Any] = {"threads": self.spec.options.get("threads"), "timeout": self.spec.options.get("timeout")}
         try:
             opts = parity_config.resolve(cli)
-            plan = parity_run.preflight(backend, opts)
+            plan = inputs.preflight(backend, opts)
         except ParityError as exc:
             self._fatal = f"{self.name} ({backend}) is unavailable: {exc}"
             raise Unavailable(self._fatal) from exc
@@ -308,7 +308,7 @@ class BridgeImpl(Implementation):
         log_dir = self.ctx.run_dir / "logs" / f"{self.name}-{stamp}-{os.getpid()}-{self._starts}"
         self._worker = Worker(backend, plan.bridge_path, log_dir=log_dir, timeout=opts.timeout)
         try:
-            params = parity_run.lane_params(backend, opts, self.ctx.n_positions)
+            params = job.lane_params(backend, opts, self.ctx.n_positions)
             self._model = RemoteModel(self._worker, str(self.ctx.model_path), params)
         except ParityError:
             self.close()

@@ -293,7 +293,7 @@ def test_gemma_auto_renders_its_own_chat_template(llama_plan: build.BuildPlan, t
 def test_a_failing_template_exits_2_with_the_fix(
     llama_plan: build.BuildPlan, tmp_path: Path, template: str, says: str
 ) -> None:
-    from parity.check.job import default_model
+    from parity.models.modelgen import default_model
 
     gguf_path, tok = default_model("f32")
     model = _with_chat_template(gguf_path, tmp_path / "bad-template.gguf", template)

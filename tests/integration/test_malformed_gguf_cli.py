@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from parity import options
 from parity.backends import build
-from parity.check import job
+from parity.check import inputs
 from parity.errors import ParityError
 from parity.models import modelgen
 from tests.integration.conftest import run_cli
@@ -72,7 +72,7 @@ def test_mutants_through_parity_run(
     model = work / "model.gguf"
     model.write_bytes(bytes(mutate(bytearray(base.data))))
     try:
-        job.check_input(options.resolve({}), ["llama"], model, None)
+        inputs.check_input(options.resolve({}), ["llama"], model, None)
         accepted = True
     except ParityError:
         accepted = False

@@ -90,7 +90,7 @@ def test_worker_abort_is_a_failed_lane(llama_plan: build.BuildPlan, tmp_path: Pa
 
 
 def test_mismatched_tokenizer_exits_2_before_logits(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
-    from parity.check.job import default_model
+    from parity.models.modelgen import default_model
 
     _, tok = default_model("f32")
     data = json.loads(tok.read_text())
@@ -120,7 +120,7 @@ def _gguf_with_arch(path: Path, arch: str) -> Path:
 
 
 def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
-    from parity.check.job import default_model
+    from parity.models.modelgen import default_model
 
     model, _ = default_model("f32")
     truncated = tmp_path / "truncated.gguf"

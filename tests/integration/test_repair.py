@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from parity import options
-from parity.check import job
+from parity.check import inputs
 from parity.errors import BackendUnavailable, RepairRecursion, UsageError
 
 from .conftest import run_cli
@@ -23,15 +23,15 @@ def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_no_repair_names_the_fix(empty_cache: Path) -> None:
     opts = options.resolve({"repair": False}, pyproject=empty_cache / "none.toml")
     with pytest.raises(BackendUnavailable) as e:
-        job.preflight("llama", opts)
+        inputs.preflight("llama", opts)
     assert "nox -s setup_cpp -- --backend llama" in str(e.value) and e.value.exit_code == 2
 
 
 def test_repair_that_reenters_itself_is_exit_6(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(job.REPAIR_GUARD_ENV, "llama")
+    monkeypatch.setenv(inputs.REPAIR_GUARD_ENV, "llama")
     opts = options.resolve({"repair": True}, pyproject=empty_cache / "none.toml")
     with pytest.raises(RepairRecursion) as e:
-        job.preflight("llama", opts)
+        inputs.preflight("llama", opts)
     assert e.value.exit_code == 6
 
 
@@ -39,7 +39,7 @@ def test_bitnet_source_override_that_does_not_exist(empty_cache: Path, monkeypat
     monkeypatch.setenv("PARITY_BITNET_SRC", str(empty_cache / "no-such-checkout"))
     opts = options.resolve({"repair": True}, pyproject=empty_cache / "none.toml")
     with pytest.raises(UsageError, match="PARITY_BITNET_SRC"):
-        job.preflight("bitnet", opts)
+        inputs.preflight("bitnet", opts)
 
 
 def test_parity_both_without_bitnet_source_exits_2_and_writes_nothing(empty_cache: Path) -> None:

@@ -2,7 +2,7 @@
 
 Each example mutates the default model in one of the ways a damaged or hostile file differs from a good
 one (byte flips in the header/KV region, value type tags, length fields, truncation, count fields set to
-0 or huge, values swapped between keys, tensor offsets and types) and runs it through `job.check_input`,
+0 or huge, values swapped between keys, tensor offsets and types) and runs it through `inputs.check_input`,
 exactly what `parity run` does before any lane starts. Allowed outcomes: the file passes, or a ParityError
 with exit code 2 and a one-line message. Not allowed: any other exception, a hang (SIGALRM), or a large
 allocation (tracemalloc; a declared length is checked against the file before anything is read).
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parity import options
-from parity.check import job
+from parity.check import inputs
 from parity.errors import ParityError
 from parity.models import modelgen
 
@@ -210,7 +210,7 @@ def check_case(path: Path, data: bytes, what: str) -> str:
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
-        job.check_input(opts, ["llama"], path, None)
+        inputs.check_input(opts, ["llama"], path, None)
         return "pass"
     except ParityError as exc:
         assert exc.exit_code == 2, f"{what}: {type(exc).__name__} exits {exc.exit_code}: {exc}"

@@ -1,0 +1,162 @@
+"""Input checks of the main job: everything that can be wrong before any lane runs is exit 2 here.
+
+The model file (GGUF pre-flight, the numpy engine's hyperparameters, each lane's tensor formats), the
+tokenizer authority, the implementation and reference specs, and whether each backend is built (repair
+builds it unless --no-repair or CI). tests/unit/test_gguf_fuzz.py runs mutated files through check_input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from parity.backends import build, lock
+from parity.backends.bridge import BackendParams
+from parity.backends.worker import RemoteModel, Worker
+from parity.core.proc import log
+from parity.engines import spec as impl_specs
+from parity.engines.spec import ImplSpec
+from parity.errors import BackendUnavailable, ModelFormatError, RepairRecursion, UsageError, WorkerError
+from parity.options import RunOptions
+from parity.tokenize.tokenizer import HFTokenizer, gguf_config_hash
+
+if TYPE_CHECKING:
+    from parity.engines.numpy.engine import NumpyEngine
+    from parity.gguf.reader import GGUFFile
+
+REPAIR_GUARD_ENV = "PARITY_REPAIRING"
+
+
+def preflight(backend: str, opts: RunOptions) -> build.BuildPlan:
+    """Make sure `backend` is built; repair (build it) when allowed, else fail with the fixing command."""
+    spec = lock.get_spec(backend)
+    override = lock.source_override(spec)
+    fix = f"nox -s setup_cpp -- --backend {backend}"
+    if spec.default_source == "git":
+        fix += f" (offline: set {spec.override_env} to a local {backend} checkout)"
+    why = "CI is set" if os.environ.get("CI") else "--no-repair was given"
+    try:
+        p = build.plan(spec, override)
+    except BackendUnavailable as exc:  # e.g. no compiler for it: it cannot have been built here either
+        if opts.repair:
+            raise
+        raise BackendUnavailable(
+            f"the {backend} backend is not built and auto-repair is off ({why}); building it needs: {exc.message}",
+            fix=f"{fix}, after: {exc.fix}" if exc.fix else fix,
+        ) from exc
+    if build.is_built(p):
+        return p
+    if not opts.repair:
+        raise BackendUnavailable(f"the {backend} backend is not built and auto-repair is off ({why})", fix=fix)
+    if os.environ.get(REPAIR_GUARD_ENV) == backend:
+        raise RepairRecursion(f"repairing {backend} re-entered itself", fix=f"run `{fix}` by hand and read its output")
+    log(f"{backend}: not built; repairing (building it now; pass --no-repair to fail instead)")
+    os.environ[REPAIR_GUARD_ENV] = backend
+    try:
+        return build.ensure_built(spec, override, verbose=opts.verbose)
+    finally:
+        os.environ.pop(REPAIR_GUARD_ENV, None)
+
+
+def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> HFTokenizer | None:
+    """The tokenizer authority: --tokenizer (external), a tokenizer.json beside the model (auto_discovered),
+    else the vocabulary embedded in the GGUF exported to HF tokenizers (gguf_embedded). None only when the
+    GGUF's vocabulary type cannot be exported; then llama.cpp's own ids are the authority."""
+    from parity.tokenize.export import export_metadata
+
+    if tok_path is not None:
+        return HFTokenizer.load(tok_path)
+    beside = model_path.parent / "tokenizer.json"
+    if beside.is_file():
+        return HFTokenizer.load(beside, source="auto_discovered")
+    try:
+        text = export_metadata(gguf.metadata, str(model_path))
+    except ModelFormatError:
+        raise  # a malformed vocabulary (a value of the wrong type) is bad input, not an unsupported one
+    except UsageError as exc:
+        log(f"tokenizer: cannot export the GGUF vocabulary ({exc}); using llama.cpp's ids as the authority")
+        return None
+    return HFTokenizer.from_text(text, source="gguf_embedded", path=model_path, file_hash=gguf.sha256())
+
+
+def check_input(
+    opts: RunOptions,
+    lane_backends: list[str],
+    model_path: Path,
+    tok_path: Path | None,
+    lane_models: dict[str, Path] | None = None,
+) -> tuple[GGUFFile, NumpyEngine, HFTokenizer | None]:
+    """Every check of the input files that needs no backend: bad input is exit 2 here, before any lane.
+
+    The GGUF's header, metadata and tensor table (gguf_file), its hyperparameters and tensor shapes (the
+    numpy engine), each lane's tensor formats, and the tokenizer (tokenizer.json, or the GGUF vocabulary
+    exported). tests/unit/test_gguf_fuzz.py runs mutated files through exactly this function.
+    """
+    from parity.engines.numpy.engine import NumpyEngine
+    from parity.gguf.reader import open_gguf
+
+    gguf = open_gguf(model_path)  # missing / non-GGUF / truncated / malformed -> exit 2 before anything runs
+    engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture, bad hyperparameters -> exit 2
+    check_lane_formats(opts, lane_backends, gguf, lane_models or {})  # unsupported model format -> exit 2
+    hf = resolve_tokenizer(model_path, tok_path, gguf)
+    gguf_config_hash(gguf.metadata)  # the receipt's vocabulary hash: a malformed vocabulary fails here, not later
+    return gguf, engine, hf
+
+
+def reference_specs(texts: list[str]) -> list[ImplSpec]:
+    """Parse `--reference` specs: C++ engines only (the authority), each lane named once (exit 2 otherwise)."""
+    refs = [impl_specs.parse(t) for t in texts]
+    for r in refs:
+        if not r.bridged:
+            raise UsageError(
+                f"--reference {r.text}: a reference is a C++ engine ({', '.join(impl_specs.BRIDGED)})",
+                fix=f"test {r.text} with --impl {r.text} against --reference llama",
+            )
+    labels = [r.label for r in refs]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--reference given twice: {labels}", fix="name each reference lane once")
+    return refs
+
+
+def with_impl_dtype(opts: RunOptions) -> RunOptions:
+    """`--impl numpy:dtype=float64` sets the numpy engine's dtype (it wins over --dtype)."""
+    dtype = impl_specs.parse(opts.impl).get("dtype")
+    return dataclasses.replace(opts, dtype=dtype) if dtype else opts
+
+
+def open_vocab(w: Worker, backend: str, path: Path) -> RemoteModel:
+    """Open `path` vocab-only in the backend. A file the pre-flight accepted but the backend refuses to
+    load (or crashes on) is still bad input: exit 2 with the backend's reason on one line, before any lane."""
+    try:
+        return RemoteModel(w, str(path), BackendParams(vocab_only=1))
+    except WorkerError as exc:
+        lines = [ln.strip() for ln in exc.message.splitlines() if ln.strip() and not ln.startswith("---")]
+        reason = lines[0] if lines else "no reason given"
+        if len(lines) > 1:
+            reason += f"; last backend log line: {lines[-1]}"
+        raise ModelFormatError(
+            f"the {backend} backend cannot load {path}: {reason}",
+            fix=f"{_REBUILD_MODEL}; {exc.fix}" if exc.fix else _REBUILD_MODEL,
+        ) from exc
+
+
+_REBUILD_MODEL = "re-download or re-convert the model (the backend refuses this file)"
+
+
+def check_lane_formats(
+    opts: RunOptions, lane_backends: list[str], gguf: GGUFFile, lane_models: dict[str, Path]
+) -> None:
+    """Refuse, before any lane runs, a lane whose backend cannot load its file's tensor types (exit 2)."""
+    from parity.gguf import ternary
+    from parity.gguf.reader import open_gguf
+
+    for b in lane_backends:
+        f = open_gguf(lane_models[b]) if b in lane_models else gguf
+        ternary.require_loadable(b, f.path, {name: t.ggml_type for name, t in f.tensors.items()})
+    if opts.numerics != "exact" and gguf.architecture != "bitnet":
+        raise UsageError(
+            f"--numerics {opts.numerics} is implemented for the bitnet architecture, not {gguf.architecture!r}",
+            fix="use --numerics exact",
+        )
