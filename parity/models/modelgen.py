@@ -145,15 +145,46 @@ def _add_metadata(writer: gguf.GGUFWriter, variant: str, vocab: bpe.BpeVocab) ->
     writer.add_file_type(int(_FILE_TYPES[variant]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(n_vocab)
-    writer.add_context_length(N_CTX)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
-    writer.add_feed_forward_length(N_FF)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD_KV)
-    writer.add_layer_norm_rms_eps(RMS_EPS)
-    writer.add_rope_dimension_count(HEAD_DIM)
-    writer.add_rope_freq_base(ROPE_FREQ_BASE)
+    add_shape_and_vocab(
+        writer,
+        vocab,
+        n_ctx=N_CTX,
+        n_embd=N_EMBD,
+        n_layer=N_LAYER,
+        n_ff=N_FF,
+        n_head=N_HEAD,
+        n_head_kv=N_HEAD_KV,
+        rms_eps=RMS_EPS,
+        head_dim=HEAD_DIM,
+        rope_base=ROPE_FREQ_BASE,
+    )
+
+
+def add_shape_and_vocab(
+    writer: gguf.GGUFWriter,
+    vocab: bpe.BpeVocab,
+    *,
+    n_ctx: int,
+    n_embd: int,
+    n_layer: int,
+    n_ff: int,
+    n_head: int,
+    n_head_kv: int,
+    rms_eps: float,
+    head_dim: int,
+    rope_base: float,
+) -> None:
+    """The hyperparameters and the byte-level BPE vocabulary of parity's generated models, in a fixed order
+    (the files are byte-identical on every run; their hashes are in the lock)."""
+    writer.add_context_length(n_ctx)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(rms_eps)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope_base)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(TOKENIZER_PRE)
     writer.add_token_list(list(vocab.tokens))

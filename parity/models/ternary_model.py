@@ -34,7 +34,7 @@ import numpy.typing as npt
 from parity.core.fs import atomic_write_file, atomic_write_json, sha256_file, sha256_if_readable
 from parity.errors import BackendUnavailable, ModelFormatError, UsageError
 from parity.gguf import ternary
-from parity.models.modelgen import TOKENIZER_PRE, lock_path, trained_vocab, write_model_files
+from parity.models.modelgen import add_shape_and_vocab, lock_path, trained_vocab, write_model_files
 from parity.tokenize import bpe
 
 GENERATED: tuple[str, ...] = ("f32", "f16")
@@ -168,28 +168,19 @@ def _add_metadata(writer: gguf.GGUFWriter, variant: str, vocab: bpe.BpeVocab) ->
     file_type = gguf.LlamaFileType.ALL_F32 if variant == "f32" else gguf.LlamaFileType.MOSTLY_F16
     writer.add_file_type(int(file_type))
     writer.add_vocab_size(len(vocab.tokens))
-    writer.add_context_length(N_CTX)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
-    writer.add_feed_forward_length(N_FF)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD_KV)
-    writer.add_layer_norm_rms_eps(RMS_EPS)
-    writer.add_rope_dimension_count(HEAD_DIM)
-    writer.add_rope_freq_base(ROPE_FREQ_BASE)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(TOKENIZER_PRE)
-    writer.add_token_list(list(vocab.tokens))
-    special = set(vocab.special_tokens)
-    writer.add_token_types(
-        [int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in vocab.tokens]
+    add_shape_and_vocab(
+        writer,
+        vocab,
+        n_ctx=N_CTX,
+        n_embd=N_EMBD,
+        n_layer=N_LAYER,
+        n_ff=N_FF,
+        n_head=N_HEAD,
+        n_head_kv=N_HEAD_KV,
+        rms_eps=RMS_EPS,
+        head_dim=HEAD_DIM,
+        rope_base=ROPE_FREQ_BASE,
     )
-    writer.add_token_merges(vocab.merge_strings)
-    writer.add_bos_token_id(vocab.token_id(bpe.BOS))
-    writer.add_eos_token_id(vocab.token_id(bpe.EOS))
-    writer.add_pad_token_id(vocab.token_id(bpe.PAD))
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
 
 
 def _write_gguf(path: Path, variant: str) -> None:
