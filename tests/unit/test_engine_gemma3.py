@@ -16,8 +16,8 @@ import numpy.typing as npt
 import pytest
 
 from parity.engines.numpy.engine import NumpyEngine
-from parity.engines.numpy.gemma3 import gelu_tanh, gemma3_params, rope_neox, sliding_window_mask, softcap
-from parity.engines.numpy.ops import attention, rope_cos_sin
+from parity.engines.numpy.gemma3 import gelu_tanh, gemma3_params, sliding_window_mask, softcap
+from parity.engines.numpy.ops import attention, rope_cos_sin, rope_neox
 from parity.errors import ModelFormatError
 from parity.gguf.reader import open_gguf
 

@@ -41,6 +41,7 @@ from parity.engines.numpy.ops import (
     require_tensor,
     rms_norm,
     rope_cos_sin,
+    rope_neox,
     silu,
     softmax,
 )
@@ -179,22 +180,6 @@ def load_bitnet(f: GGUFFile, dtype: FloatType, keep_codes: bool = False) -> Bitn
         output_norm=require_tensor(f, "output_norm.weight", (p.n_embd,), dtype),
         weight_types={name: t.ggml_type for name, t in f.tensors.items()},
     )
-
-
-def rope_neox(x: Array, cos: Array, sin: Array) -> Array:
-    """NEOX RoPE (LLAMA_ROPE_TYPE_NEOX): pair i is (x[i], x[i + n_rot/2]), rotated by angle i.
-
-    x is (n, heads, hd); the first n_rot = 2 * cos.shape[1] dims are rotated, the rest pass through.
-    """
-    half = cos.shape[1]
-    x0 = x[:, :, :half]  # (n, heads, n_rot/2)
-    x1 = x[:, :, half : 2 * half]  # (n, heads, n_rot/2)
-    c = cos[:, None, :]  # (n, 1, n_rot/2)
-    s = sin[:, None, :]  # (n, 1, n_rot/2)
-    out = x.copy()  # (n, heads, hd)
-    out[:, :, :half] = x0 * c - x1 * s
-    out[:, :, half : 2 * half] = x0 * s + x1 * c
-    return out
 
 
 def attention_rounded(q: Array, k: Array, v: Array, scale: float | np.floating[Any]) -> Array:

@@ -45,6 +45,7 @@ from parity.engines.numpy.ops import (
     rms_norm,
     rope_cos_sin,
     rope_freq_scale,
+    rope_neox,
 )
 from parity.errors import ModelFormatError
 from parity.gguf.reader import GGUFFile
@@ -60,23 +61,6 @@ SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 
 # ---------------------------------------------------------------------------------------------------
 # Operations
-
-
-def rope_neox(x: Array, cos: Array, sin: Array) -> Array:
-    """NEOX-mode RoPE (LLAMA_ROPE_TYPE_NEOX): rotates the pairs (x[i], x[i + n_rot/2]) for i < n_rot/2.
-
-    x is (n, heads, hd); the first n_rot = 2 * cos.shape[1] dims are rotated, the rest pass through.
-    Pair i turns by the angle of index i, as ggml_rope's `rotate_pairs` with stride n_rot/2.
-    """
-    half = cos.shape[1]
-    x0 = x[:, :, 0:half]  # (n, heads, n_rot/2)
-    x1 = x[:, :, half : 2 * half]  # (n, heads, n_rot/2)
-    c = cos[:, None, :]  # (n, 1, n_rot/2)
-    s = sin[:, None, :]  # (n, 1, n_rot/2)
-    out = x.copy()  # (n, heads, hd)
-    out[:, :, 0:half] = x0 * c - x1 * s
-    out[:, :, half : 2 * half] = x0 * s + x1 * c
-    return out
 
 
 def gelu_tanh(x: Array) -> Array:

@@ -83,6 +83,23 @@ def rope(x: Array, cos: Array, sin: Array) -> Array:
     return out
 
 
+def rope_neox(x: Array, cos: Array, sin: Array) -> Array:
+    """NEOX-mode RoPE (LLAMA_ROPE_TYPE_NEOX): rotates the pairs (x[i], x[i + n_rot/2]) for i < n_rot/2.
+
+    x is (n, heads, hd); the first n_rot = 2 * cos.shape[1] dims are rotated, the rest pass through.
+    Pair i turns by the angle of index i, as ggml_rope's `rotate_pairs` with stride n_rot/2.
+    """
+    half = cos.shape[1]
+    x0 = x[:, :, 0:half]  # (n, heads, n_rot/2)
+    x1 = x[:, :, half : 2 * half]  # (n, heads, n_rot/2)
+    c = cos[:, None, :]  # (n, 1, n_rot/2)
+    s = sin[:, None, :]  # (n, 1, n_rot/2)
+    out = x.copy()  # (n, heads, hd)
+    out[:, :, 0:half] = x0 * c - x1 * s
+    out[:, :, half : 2 * half] = x0 * s + x1 * c
+    return out
+
+
 def softmax(x: Array, axis: int = -1) -> Array:
     """Numerically stable softmax; -inf entries get probability 0."""
     e: Array = np.exp(x - np.max(x, axis=axis, keepdims=True))  # same shape as x
