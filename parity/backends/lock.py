@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,32 +215,40 @@ def _local_fingerprint(root: Path, ignore: set[str] | None = None) -> tuple[str,
         return "unknown (local tree)", "local-stat:" + h.hexdigest()[:32]
 
 
-def _acquire_sdist(spec: BackendSpec, sd: SdistSource) -> Path:
-    dest = paths.third_party_dir() / spec.name / sd.sha256[:16]
+def _acquire_once(spec: BackendSpec, key: str, fill: Callable[[Path], str]) -> Path:
+    """third_party/<backend>/<key>/src, made once by `fill(dest)` under a lock; its marker (the JSON `fill`
+    returns) is written last, so a half-made tree is never taken for a complete one."""
+    dest = paths.third_party_dir() / spec.name / key
     marker = dest / ".parity-source.json"
     if marker.is_file():
         return dest / "src"
     with file_lock(paths.third_party_dir() / f".{spec.name}.lock", what=f"{spec.name} source"):
-        if marker.is_file():
-            return dest / "src"
-        archive = _obtain_archive(sd)
-        with Timer(f"{spec.name}: extract {sd.subdir}"):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
-            try:
-                n = safe_extract(archive, tmp / "src", member_prefix=sd.subdir + "/", strip=sd.subdir + "/")
-                if n == 0 or not (tmp / "src" / "CMakeLists.txt").is_file():
-                    raise UsageError(
-                        f"{archive} has no {sd.subdir}/CMakeLists.txt", fix="check the lock's subdir entry"
-                    )
-                if dest.exists():
-                    shutil.rmtree(dest)
-                tmp.rename(dest)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-        atomic_write_text(marker, f'{{"sha256": "{sd.sha256}", "subdir": "{sd.subdir}", "commit": "{spec.commit}"}}\n')
+        if not marker.is_file():
+            atomic_write_text(marker, fill(dest))
     return dest / "src"
+
+
+def _acquire_sdist(spec: BackendSpec, sd: SdistSource) -> Path:
+    return _acquire_once(spec, sd.sha256[:16], lambda dest: _extract_sdist(spec, sd, dest))
+
+
+def _extract_sdist(spec: BackendSpec, sd: SdistSource, dest: Path) -> str:
+    """Extract the sdist's llama.cpp tree into `dest`; the marker record."""
+    archive = _obtain_archive(sd)
+    with Timer(f"{spec.name}: extract {sd.subdir}"):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+        try:
+            n = safe_extract(archive, tmp / "src", member_prefix=sd.subdir + "/", strip=sd.subdir + "/")
+            if n == 0 or not (tmp / "src" / "CMakeLists.txt").is_file():
+                raise UsageError(f"{archive} has no {sd.subdir}/CMakeLists.txt", fix="check the lock's subdir entry")
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return f'{{"sha256": "{sd.sha256}", "subdir": "{sd.subdir}", "commit": "{spec.commit}"}}\n'
 
 
 def _obtain_archive(sd: SdistSource) -> Path:
@@ -307,33 +316,30 @@ def _download(url: str, target: Path, sd: SdistSource, policy: DownloadPolicy) -
 
 
 def _acquire_git(spec: BackendSpec, *, verbose: bool) -> Path:
-    dest = paths.third_party_dir() / spec.name / spec.commit[:16]
-    marker = dest / ".parity-source.json"
-    if marker.is_file():
-        return dest / "src"
-    with file_lock(paths.third_party_dir() / f".{spec.name}.lock", what=f"{spec.name} source"):
-        if marker.is_file():
-            return dest / "src"
-        if dest.exists():
-            shutil.rmtree(dest)
-        src = dest / "src"
-        try:
-            with Timer(f"{spec.name}: git clone {spec.git_url}"):
-                run(["git", "clone", "--no-checkout", spec.git_url, src], verbose=verbose)
-                run(["git", "-C", src, "checkout", "--detach", spec.commit], verbose=verbose)
-                for sub in spec.submodules:
-                    run(["git", "-C", src, "submodule", "update", "--init", "--recursive", sub.path], verbose=verbose)
-                    got = run(["git", "-C", src / sub.path, "rev-parse", "HEAD"]).strip()
-                    if not got.startswith(sub.commit):
-                        raise UsageError(f"{sub.path} is at {got}, the lock pins {sub.commit}")
-        except Exception as exc:
-            shutil.rmtree(dest, ignore_errors=True)
-            out = getattr(exc, "output", "") or str(exc)
-            if any(s in out for s in ("Could not resolve host", "unable to access", "Connection", "timed out")):
-                raise NetworkError(
-                    f"cannot clone {spec.git_url}: network unavailable",
-                    fix=f"set {spec.override_env} to a local checkout",
-                ) from exc
-            raise
-        atomic_write_text(marker, f'{{"git_url": "{spec.git_url}", "commit": "{spec.commit}"}}\n')
-    return dest / "src"
+    return _acquire_once(spec, spec.commit[:16], lambda dest: _clone(spec, dest, verbose=verbose))
+
+
+def _clone(spec: BackendSpec, dest: Path, *, verbose: bool) -> str:
+    """Clone the pinned commit (and submodules) into `dest`; the marker record."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    src = dest / "src"
+    try:
+        with Timer(f"{spec.name}: git clone {spec.git_url}"):
+            run(["git", "clone", "--no-checkout", spec.git_url, src], verbose=verbose)
+            run(["git", "-C", src, "checkout", "--detach", spec.commit], verbose=verbose)
+            for sub in spec.submodules:
+                run(["git", "-C", src, "submodule", "update", "--init", "--recursive", sub.path], verbose=verbose)
+                got = run(["git", "-C", src / sub.path, "rev-parse", "HEAD"]).strip()
+                if not got.startswith(sub.commit):
+                    raise UsageError(f"{sub.path} is at {got}, the lock pins {sub.commit}")
+    except Exception as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        out = getattr(exc, "output", "") or str(exc)
+        if any(s in out for s in ("Could not resolve host", "unable to access", "Connection", "timed out")):
+            raise NetworkError(
+                f"cannot clone {spec.git_url}: network unavailable",
+                fix=f"set {spec.override_env} to a local checkout",
+            ) from exc
+        raise
+    return f'{{"git_url": "{spec.git_url}", "commit": "{spec.commit}"}}\n'
