@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import numpy.typing as npt
 from parity.core.fs import atomic_write_file, atomic_write_json, sha256_file, sha256_if_readable
 from parity.errors import BackendUnavailable, ModelFormatError, UsageError
 from parity.gguf import ternary
-from parity.models.modelgen import add_shape_and_vocab, lock_path, trained_vocab, write_model_files
+from parity.models.modelgen import GeneratedModel, add_shape_and_vocab, lock_path, trained_vocab, write_model_files
 from parity.tokenize import bpe
 
 GENERATED: tuple[str, ...] = ("f32", "f16")
@@ -75,15 +74,8 @@ SCALES = {"blk.1.attn_q.scale": 1.25, "blk.1.ffn_down.scale": 0.8125}
 Float32Array = npt.NDArray[np.float32]
 
 
-@dataclass(frozen=True)
-class TernaryModel:
-    """One variant on disk: GGUF + tokenizer.json and their SHA-256s."""
-
-    variant: str
-    gguf_path: Path
-    tokenizer_path: Path
-    gguf_sha256: str
-    tokenizer_sha256: str
+# One variant on disk: GGUF + tokenizer.json and their SHA-256s (the same record as the default model's).
+TernaryModel = GeneratedModel
 
 
 def check_variant(variant: str) -> None:
