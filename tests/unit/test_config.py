@@ -62,3 +62,21 @@ def test_repair_off_when_ci_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 def test_bool_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PARITY_VERBOSE", "yes")
     assert options.resolve({}, pyproject=tmp_path / "none.toml").verbose is True
+
+
+def test_every_parity_environment_variable_is_listed_in_options() -> None:
+    """A PARITY_* variable a module reads must be an option's (PARITY_<FIELD>) or listed in options.ENVIRONMENT
+    (or be one parity sets for its children, options.CHILD_ENVIRONMENT): one place says what each one does."""
+    import re
+
+    root = Path(options.__file__).resolve().parent
+    found: dict[str, str] = {}
+    for path in [*root.rglob("*.py"), root.parent / "lock" / "backends.toml"]:
+        for name in re.findall(r"PARITY_[A-Z0-9_]*[A-Z0-9]", path.read_text(encoding="utf-8")):
+            found.setdefault(name, str(path))
+    fields = {f"PARITY_{f.upper()}" for f in options.RunOptions.__dataclass_fields__}
+    cmake = {"PARITY_BACKEND", "PARITY_LLAMA_PREFIX"}  # CMake cache variables of the bridge build, not environment
+    known = fields | set(options.ENVIRONMENT) | set(options.CHILD_ENVIRONMENT) | cmake
+    unlisted = {n: p for n, p in found.items() if n not in known and not n.startswith("PARITY_WINDOW")}
+    assert not unlisted, f"PARITY_* variables not listed in parity/options.py: {unlisted}"
+    assert not set(options.ENVIRONMENT) - set(found), "listed but read nowhere"
