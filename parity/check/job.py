@@ -24,7 +24,9 @@ from parity.check import inputs
 from parity.compare import metrics, receipts
 from parity.core.proc import log
 from parity.engines import spec as impl_specs
+from parity.engines.base import Implementation
 from parity.engines.bridged import BridgedImplementation, apply_spec
+from parity.engines.registry import OpenContext, open_implementation
 from parity.engines.spec import ImplSpec
 from parity.errors import (
     ParityError,
@@ -247,25 +249,20 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
 
 def _open_impl(
     s: ImplSpec, plan: build.BuildPlan | None, engine: NumpyEngine, model: Path, opts: RunOptions, n_tokens: int
-) -> Any:
-    """The implementation under test: the numpy engine pre-flight already built, or a bridged backend."""
-    if not s.bridged:
-        from parity.engines.numpy.impl import NumpyImplementation
-
-        return NumpyImplementation(engine, s.text)
-    assert plan is not None
-    params = apply_spec(s, lane_params(s.kind, opts, n_tokens))
-    return BridgedImplementation(
-        s,
-        plan,
+) -> Implementation:
+    """The implementation under test, from the registry (the numpy engine pre-flight built is reused)."""
+    ctx = OpenContext(
         model,
-        params,
+        params=lane_params(s.kind, opts, n_tokens) if s.bridged else None,
+        plan=plan,
         eval_shape=opts.eval_shape,
+        dtype=opts.dtype,
         log_dir=Path(opts.out_dir) / "logs",
         log_name=f"impl-{s.label}",
         verbose=opts.verbose,
         timeout=opts.timeout,
     )
+    return open_implementation(s, ctx, engine)
 
 
 def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: RunOptions, out_dir: Path) -> LaneResult:
