@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from parity.core.fs import atomic_write_json, atomic_write_text, sha256_file
+from parity.core.fs import atomic_write_file, atomic_write_json, atomic_write_text, sha256_file
 from parity.errors import PermissionDenied
 from parity.workflow.compare import FieldDiff, jsonable
 from parity.workflow.state import add_event, now, replace_text
@@ -256,11 +256,14 @@ def rebuild_index(run_dir: Path, state: Mapping[str, Any]) -> Path:
 
 
 def _pack(run_dir: Path, files: list[Path], name: str) -> tuple[Path, str]:
-    """Tar+gzip `files` (relative names), verify every member against its source, return (path, sha256)."""
+    """Tar+gzip `files` (relative names), verify every member against its source, return (path, sha256).
+
+    Written through core/fs.atomic_write_file: the archive appears only once it is complete and verified,
+    with the mode every output gets (0o666 minus the umask).
+    """
     dest = _unique(run_dir / "archive" / name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".partial")
-    try:
+
+    def write(tmp: Path) -> None:
         with tarfile.open(tmp, "w:gz") as tar:
             for f in files:
                 tar.add(f, arcname=str(f.relative_to(run_dir)), recursive=False)
@@ -270,15 +273,13 @@ def _pack(run_dir: Path, files: list[Path], name: str) -> tuple[Path, str]:
             rel = str(f.relative_to(run_dir))
             if sizes.get(rel) != f.stat().st_size:
                 raise OSError(f"archive check failed for {rel}")
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write_file(dest, write)
     except PermissionError as exc:
-        tmp.unlink(missing_ok=True)
         raise PermissionDenied(
             f"cannot write archive {dest}: {exc.strerror}", fix="make the run directory writable"
         ) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest, sha256_file(dest)
 
 

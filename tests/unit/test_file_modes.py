@@ -173,3 +173,9 @@ def test_fetched_file_its_metadata_and_partial(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(fetch, "_sources", lambda item, ctx: [fetch._Source("file", str(tmp_path / "up" / "m.bin"))])
     (again,) = fetch.fetch_models("ci", cache_dir=tmp_path / "cache")
     assert again.status == "fetched" and mode(again.path) == expected(umask)
+
+
+def test_history_archive(tmp_path: Path, umask: int) -> None:
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    archive, _ = reports._pack(tmp_path, [tmp_path / "t.jsonl"], "a.tar.gz")
+    assert mode(archive) == expected(umask)

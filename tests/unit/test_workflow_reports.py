@@ -6,6 +6,9 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
+
+from parity.core import fs
 from parity.workflow import reports
 
 from .test_workflow_runner import Script, run_pass, write_config
@@ -66,3 +69,13 @@ def test_archive_moves_old_traces_and_fixed_reports_behind_placeholders(tmp_path
     index = reports.rebuild_index(run_dir, st)
     line = json.loads(index.read_text().splitlines()[0])
     assert line["status"] == "fixed" and line["archived_in"] == record["path"]
+
+
+def test_an_archive_that_fails_its_check_leaves_no_file(tmp_path: Path) -> None:
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    (tmp_path / "d").mkdir()  # a directory's member has size 0, its stat size does not: the check fails
+    with pytest.raises(OSError, match="archive check failed for d"):
+        reports._pack(tmp_path, [tmp_path / "t.jsonl", tmp_path / "d"], "a.tar.gz")
+    assert list((tmp_path / "archive").iterdir()) == []
+    archive, sha = reports._pack(tmp_path, [tmp_path / "t.jsonl"], "a.tar.gz")
+    assert archive == tmp_path / "archive" / "a.tar.gz" and sha == fs.sha256_file(archive)
