@@ -48,6 +48,36 @@ def _top(row: np.ndarray, k: int) -> np.ndarray:
     return cand[order][:k]
 
 
+@dataclass(frozen=True)
+class Distances:
+    """The distances between two logit matrices at every position, in float64: the one place they are computed."""
+
+    ours: np.ndarray  # (n, V)
+    ref: np.ndarray  # (n, V)
+    cosine: np.ndarray  # (n,)
+    diff: np.ndarray  # (n, V): ours - ref
+    logp_ref: np.ndarray  # (n, V): log_softmax(ref)
+    kl: np.ndarray  # (n,): KL(ref || ours), unclamped (rounding can make it -1e-17)
+
+
+def distances(ours: np.ndarray, ref: np.ndarray) -> Distances:
+    """Cosine, difference and KL(ref || ours) per position of two (n, V) logit matrices of the same shape."""
+    if ours.shape != ref.shape:
+        raise ValueError(f"logit shapes differ: {ours.shape} vs {ref.shape}")
+    a = ours.astype(np.float64)  # (n, V)
+    b = ref.astype(np.float64)  # (n, V)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-300)  # (n,)
+    lp_a, lp_b = _log_softmax(a), _log_softmax(b)  # (n, V)
+    kl = (np.exp(lp_b) * (lp_b - lp_a)).sum(-1)  # (n,)
+    return Distances(ours=a, ref=b, cosine=cos, diff=a - b, logp_ref=lp_b, kl=kl)
+
+
+def logit_gap(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """min cosine, max |delta| and mean KL(ref || ours) over positions (a receipt's `engine_shape_gap` numbers)."""
+    d = distances(ours, ref)
+    return {"min_cosine": float(d.cosine.min()), "max_abs": float(np.abs(d.diff).max()), "mean_kl": float(d.kl.mean())}
+
+
 def position_rows(
     ours: np.ndarray, ref: np.ndarray, tokens: list[int], metrics: frozenset[str] = frozenset(METRICS)
 ) -> list[dict[str, Any]]:
@@ -55,14 +85,8 @@ def position_rows(
 
     KL is null unless "kl" is in `metrics`, top-k agreement null unless "topk" is (top-5 ids are always kept).
     """
-    if ours.shape != ref.shape:
-        raise ValueError(f"logit shapes differ: {ours.shape} vs {ref.shape}")
-    a = ours.astype(np.float64)  # (n, V)
-    b = ref.astype(np.float64)  # (n, V)
-    diff = a - b  # (n, V)
-    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-300)  # (n,)
-    lp_a, lp_b = _log_softmax(a), _log_softmax(b)  # (n, V)
-    kl = (np.exp(lp_b) * (lp_b - lp_a)).sum(-1)  # (n,)
+    dist = distances(ours, ref)
+    a, b, diff, cos, lp_b, kl = dist.ours, dist.ref, dist.diff, dist.cosine, dist.logp_ref, dist.kl
     rows = []
     for i in range(a.shape[0]):
         top_a = _top(a[i], TOPK)

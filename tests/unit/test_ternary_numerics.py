@@ -162,6 +162,19 @@ def test_compare_summarizes_like_a_receipt() -> None:
     assert shifted["mean_kl"] == pytest.approx(0.0, abs=1e-12) and shifted["max_abs"] == pytest.approx(1.0)
 
 
+def test_compare_is_the_metrics_of_the_receipt_rows() -> None:
+    from parity.compare import metrics
+
+    ours, ref = RNG.standard_normal((4, 32)), RNG.standard_normal((4, 32))
+    rows = metrics.position_rows(ours, ref, [0, 1, 2, 3])
+    gap = numerics.compare(ours, ref)
+    assert gap["min_cosine"] == min(r["cosine"] for r in rows)
+    assert gap["max_abs"] == max(r["max_abs"] for r in rows)
+    assert gap["mean_kl"] == pytest.approx(float(np.mean([r["kl"] for r in rows])), rel=1e-12)
+    with pytest.raises(ValueError, match="logit shapes differ"):
+        numerics.compare(ours[:1], ref)
+
+
 def test_unknown_modes_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="--numerics must be one of exact, mirror"):
         numerics.check_mode("fast", "batch")

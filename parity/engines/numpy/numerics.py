@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 from gguf.constants import GGMLQuantizationType as Q
 
+from parity.compare.metrics import logit_gap
 from parity.errors import UsageError
 from parity.gguf.ternary import QK_K, ForkType
 
@@ -266,15 +267,5 @@ def gap_note(num: Numerics, weight_types: dict[str, int]) -> str | None:
 
 
 def compare(ours: Array, ref: Array) -> dict[str, float]:
-    """min cosine, max |delta|, mean KL(ref || ours) over positions: the summary numbers of a receipt."""
-
-    def log_softmax(x: Array) -> Array:
-        m = np.max(x, axis=-1, keepdims=True)
-        out: Array = x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
-        return out
-
-    a, b = ours.astype(np.float64), ref.astype(np.float64)
-    cos = np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    lr, lo = log_softmax(b), log_softmax(a)
-    kl = np.sum(np.exp(lr) * (lr - lo), axis=-1)
-    return {"min_cosine": float(cos.min()), "max_abs": float(np.abs(a - b).max()), "mean_kl": float(kl.mean())}
+    """min cosine, max |delta|, mean KL(ref || ours) over positions: the receipt numbers of compare/metrics.logit_gap."""
+    return logit_gap(ours, ref)
