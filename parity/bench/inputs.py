@@ -1,5 +1,9 @@
 """What `parity bench` measures: the models (`resolve_model`) and the implementations with their build plans
 (`select_impls`).
+
+Implementations are spec strings of the one registry (parity.engines.spec, parity.engines.registry): `numpy`,
+`numpy:dtype=float64`, `llama`, `llama:type_k=f16,flash_attn=on`, `bitnet`, ... A lane is named by its spec's
+label (`llama`, `llama-type_k-f16`), so the default lanes keep the names baselines know them by.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from typing import Any
 from parity.backends import build, lock
 from parity.core.fs import sha256_file
 from parity.core.proc import log
+from parity.engines import spec as impl_specs
+from parity.engines.spec import ImplSpec
 from parity.errors import ParityError, UsageError
 
-IMPLS = ("numpy", "llama", "bitnet")
+IMPLS = ("numpy", "llama", "bitnet")  # the default lanes (bitnet only where built)
+NOT_TIMED = ("eval_shape",)  # spec options that do not change what bench times (greedy decoding)
 
 
 @dataclass(frozen=True)
@@ -50,35 +57,73 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(name, path, sha256_file(path), path.stat().st_size)
 
 
-def select_impls(impls: tuple[str, ...], verbose: bool = False) -> dict[str, build.BuildPlan | None]:
-    """Implementations to run (`impls`, --impl; empty: all of IMPLS) and their build plans: llama is built if
-    missing (streaming the build's output when `verbose`), bitnet only used if built unless asked for."""
-    chosen = list(dict.fromkeys(impls)) or list(IMPLS)
-    plans: dict[str, build.BuildPlan | None] = {}
-    for impl in chosen:
-        if impl == "numpy":
-            plans[impl] = None
-            continue
-        spec = lock.get_spec(impl)
-        optional = impl == "bitnet" and not impls  # used when present, never built implicitly
-        try:
-            override = lock.source_override(spec)
-            p = build.plan(spec, override)
-        except ParityError as exc:
-            if not optional:
-                raise
-            log(f"bench: skipping bitnet.cpp ({exc})")
-            continue
-        if not build.is_built(p):
-            if optional:
-                log(f"bench: bitnet.cpp is not built ({spec.override_env} unset or stale build); skipping it")
-                continue
-            if impl == "bitnet" or os.environ.get("CI"):
-                from parity.errors import BackendUnavailable
+@dataclass(frozen=True)
+class Impl:
+    """One lane to measure: an implementation spec and the build plan of its kind (None for numpy)."""
 
-                raise BackendUnavailable(
-                    f"the {impl} backend is not built", fix=f"nox -s setup_cpp -- --backend {impl}"
+    spec: ImplSpec
+    plan: build.BuildPlan | None
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+def parse_impls(texts: tuple[str, ...]) -> list[ImplSpec]:
+    """--impl values as specs, one per label (empty: IMPLS); UsageError (exit 2) naming a bad one."""
+    specs: dict[str, ImplSpec] = {}
+    for text in texts or IMPLS:
+        s = impl_specs.parse(text)
+        if s.kind not in IMPLS:
+            raise UsageError(
+                f"--impl {text}: parity bench measures {', '.join(IMPLS)} (KIND[:key=value,...])",
+                fix="compare an engine of your own with `parity run --impl`; benchmark one of these kinds",
+            )
+        for key in NOT_TIMED:
+            if s.get(key) is not None:
+                raise UsageError(
+                    f"--impl {text}: {key} does not apply to parity bench (it times greedy decoding)",
+                    fix=f"drop {key}=...",
                 )
-            p = build.ensure_built(spec, override, verbose=verbose)
-        plans[impl] = p
-    return plans
+        specs.setdefault(s.label, s)
+    return list(specs.values())
+
+
+def select_impls(impls: tuple[str, ...], verbose: bool = False) -> dict[str, Impl]:
+    """Lanes to run by label (`impls`, --impl spec strings; empty: IMPLS) with their kinds' build plans: llama
+    is built if missing (streaming the build's output when `verbose`), bitnet only used if built unless asked
+    for."""
+    chosen = parse_impls(impls)
+    plans: dict[str, build.BuildPlan | None] = {"numpy": None}
+    out: dict[str, Impl] = {}
+    for s in chosen:
+        if s.kind not in plans:
+            plan = _plan(s.kind, optional=s.kind == "bitnet" and not impls, verbose=verbose)
+            if plan is None:
+                continue
+            plans[s.kind] = plan
+        out[s.label] = Impl(s, plans[s.kind])
+    return out
+
+
+def _plan(impl: str, optional: bool, verbose: bool) -> build.BuildPlan | None:
+    """The build plan of a C++ kind; None when `optional` (the default bitnet lane) and not built."""
+    spec = lock.get_spec(impl)
+    try:
+        override = lock.source_override(spec)
+        p = build.plan(spec, override)
+    except ParityError as exc:
+        if not optional:
+            raise
+        log(f"bench: skipping bitnet.cpp ({exc})")
+        return None
+    if not build.is_built(p):
+        if optional:
+            log(f"bench: bitnet.cpp is not built ({spec.override_env} unset or stale build); skipping it")
+            return None
+        if impl == "bitnet" or os.environ.get("CI"):
+            from parity.errors import BackendUnavailable
+
+            raise BackendUnavailable(f"the {impl} backend is not built", fix=f"nox -s setup_cpp -- --backend {impl}")
+        p = build.ensure_built(spec, override, verbose=verbose)
+    return p

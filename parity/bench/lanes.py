@@ -4,8 +4,10 @@ A lane (`Lane`) is one implementation with one model loaded, and its one timed o
 back-to-back greedy evaluations, each timed where it runs. `InProcessLane` holds an engine in this process
 (the numpy engine; a test may wrap it, e.g. to slow it down); `WorkerLane` a C++ backend in THE worker process
 (parity.backends.worker) in its timed mode: the evaluations are timed inside the worker, so the pipe round
-trip is not measured (`rpc_overhead_ms` records it for reference). `open_lane`
-opens the lane for a `LaneSpec`; `parity bench` takes it as a parameter (bench.run_bench). Peak memory:
+trip is not measured (`rpc_overhead_ms` records it for reference). `open_lane` opens the lane for a `LaneSpec`
+(an implementation spec of parity.engines.spec: the numpy lane is opened through parity.engines.registry, a C++
+lane's context parameters are the bench's base parameters with the spec applied, parity.bench.main.lane_params);
+`parity bench` takes it as a parameter (bench.run_bench). Peak memory:
 a worker's VmHWM read before it exits; for numpy, this process's VmHWM after resetting it before loading.
 `calibrate` and `measure` say how samples are taken and record what ran (`Figure`).
 """
@@ -31,6 +33,7 @@ from parity.backends import build
 from parity.backends.worker import RemoteModel, Worker, time_greedy
 from parity.bench import gate
 from parity.core import machine
+from parity.engines.spec import ImplSpec
 from parity.errors import UsageError
 
 if TYPE_CHECKING:
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
 MACHINE_ENV = "PARITY_BENCH_MACHINE"
 MIN_SAMPLE_S = 0.05  # a sample is at least this long: back-to-back evaluations (see calibrate)
 MAX_EVALS_PER_SAMPLE = 1000
-IMPL_LABELS = ("numpy", "llama", "bitnet", "llama-kvf16")  # implementations and the cross-check lane
+XCHECK_LABEL = "llama-kvf16"  # the cross-check lane (no spec label has this form: `llama-<key>-<value>`)
 
 # ------------------------------------------------------------------------------------------- machine
 
@@ -195,7 +198,7 @@ class Lane(abc.ABC):
     """
 
     def __init__(self, label: str, impl: str, n_vocab: int, architecture: str, record: dict[str, Any]) -> None:
-        self.label, self.impl = label, impl  # label: numpy | llama | bitnet | llama-kvf16
+        self.label, self.impl = label, impl  # label: a spec's (numpy, llama-type_k-f16) or XCHECK_LABEL; impl: kind
         self.n_vocab, self.architecture = n_vocab, architecture
         self.record = record
         self.evaluations = 0
@@ -218,7 +221,7 @@ class InProcessLane(Lane):
     """An engine in this process (the numpy engine); tests wrap `engine` to change what is timed."""
 
     def __init__(self, label: str, engine: Engine, record: dict[str, Any], reset_rss: bool) -> None:
-        super().__init__(label, label, engine.n_vocab, engine.architecture, record)
+        super().__init__(label, "numpy", engine.n_vocab, engine.architecture, record)
         self.engine: Engine | None = engine
         self._reset_rss = reset_rss
 
@@ -241,15 +244,20 @@ class InProcessLane(Lane):
         }
 
 
-def open_numpy(model_path: Path) -> InProcessLane:
-    """The numpy engine in this process; peak RSS is this process's VmHWM, reset before loading."""
-    from parity.engines.numpy.engine import NumpyEngine
+def open_numpy(model_path: Path, spec: ImplSpec | None = None) -> InProcessLane:
+    """The numpy engine in this process, opened through the registry (spec `numpy[:dtype=...]`, default float32);
+    peak RSS is this process's VmHWM, reset before loading."""
+    from parity.engines.numpy.impl import NumpyImplementation
+    from parity.engines.registry import OpenContext, open_implementation
 
+    spec = spec or ImplSpec("numpy")
     reset = _reset_peak_rss()
     t0 = time.perf_counter()
-    engine = NumpyEngine(model_path, dtype="float32")
+    impl = open_implementation(spec, OpenContext(model=model_path))
     load = time.perf_counter() - t0
-    return InProcessLane("numpy", engine, {"load_s": load, "config": {"dtype": "float32"}}, reset)
+    assert isinstance(impl, NumpyImplementation)
+    engine = impl.engine  # timed directly: the in-process lane calls greedy with nothing in between
+    return InProcessLane(spec.label, engine, {"load_s": load, "config": {"dtype": engine.dtype}}, reset)
 
 
 class WorkerLane(Lane):
@@ -309,10 +317,11 @@ def open_cpp(
 
 @dataclass(frozen=True)
 class LaneSpec:
-    """What to open: an implementation (`impl`, its build plan; None for numpy) on a model, as lane `label`."""
+    """What to open: an implementation (`impl`, its build plan; None for numpy) on a model, as lane `label`;
+    `params`: a C++ lane's context parameters (spec applied)."""
 
     label: str
-    impl: str
+    impl: ImplSpec
     plan: build.BuildPlan | None
     model_path: Path
     params: BackendParams | None
@@ -321,11 +330,11 @@ class LaneSpec:
 
 def open_lane(spec: LaneSpec) -> Lane:
     """The lane `parity bench` measures for `spec` (its default lane opener)."""
-    if spec.plan is None:
-        return open_numpy(spec.model_path)
-    if spec.params is None:
-        raise UsageError(f"the {spec.label} lane needs context parameters")
-    return open_cpp(spec.label, spec.impl, spec.plan, spec.model_path, spec.params, spec.log_dir)
+    if spec.impl.kind == "numpy":
+        return open_numpy(spec.model_path, spec.impl)
+    if spec.plan is None or spec.params is None:
+        raise UsageError(f"the {spec.label} lane needs a build plan and context parameters")
+    return open_cpp(spec.label, spec.impl.kind, spec.plan, spec.model_path, spec.params, spec.log_dir)
 
 
 LaneOpener = Callable[[LaneSpec], Lane]

@@ -25,6 +25,13 @@ agree within 10 % + noise, noise = relative MAD of both sides (exit 1 otherwise)
 Exit codes: 0 pass, no baseline yet, or baseline written; 1 gate failure, cross-check disagreement, or an
 implementation failing while measured; 2 usage / backend unavailable; 5 build failure (llama-bench).
 
+Implementations are spec strings of the one registry (parity.engines.spec: `numpy`, `numpy:dtype=float64`,
+`llama`, `llama:type_k=f16,flash_attn=on`, `bitnet`, ...; --impl, repeatable; default numpy, llama, and bitnet
+where built). A lane is named by its spec's label (`llama-type_k-f16`) in the receipt, the report and the gate,
+so the default lanes keep their names; a C++ lane's context parameters are the bench's base parameters (the
+most precise configuration, parity.check.job.lane_params) with the spec applied (parity.engines.bridged.apply_spec,
+see `lane_params`). Same-run ratios divide every other lane by the `llama` lane, when there is one.
+
 Models and implementations are chosen in parity.bench.inputs. Errors go to parity.cli's one funnel: `run`
 returns the exit code or raises ParityError. Python API: `finish(run_bench(opts), opts)`;
 `run_bench(opts, open_lane=...)` takes the function that opens each lane (bench_lanes.open_lane), so a caller
@@ -49,6 +56,8 @@ from parity.bench import lanes as bench_lanes
 from parity.compare import receipts
 from parity.core.fs import atomic_write_text
 from parity.core.proc import log
+from parity.engines.bridged import apply_spec
+from parity.engines.spec import ImplSpec
 from parity.errors import ParityError, UsageError
 
 if TYPE_CHECKING:
@@ -56,7 +65,7 @@ if TYPE_CHECKING:
 
 BENCH_VERSION = 2
 SCHEMA_PATH = bench_gate.SCHEMA_PATH
-XCHECK_LABEL = bench_lanes.IMPL_LABELS[3]  # our llama.cpp lane in the configuration llama-bench can also express
+XCHECK_LABEL = bench_lanes.XCHECK_LABEL  # our llama.cpp lane in the configuration llama-bench can also express
 CROSS_CHECK_THREADS_HELP = (
     "threads of the llama-bench cross-check, on both sides: one, because with as many threads as cores any other "
     "load makes ggml's spin barriers swing the two harnesses apart by up to 45 percent either way"
@@ -68,7 +77,7 @@ class BenchOptions:
     """Resolved `parity bench` settings (recorded in the receipt)."""
 
     models: tuple[str, ...] = ("default-f32",)
-    impls: tuple[str, ...] = ()  # empty: numpy, llama, and bitnet when its build is present
+    impls: tuple[str, ...] = ()  # spec strings; empty: numpy, llama, and bitnet when its build is present
     prompt_tokens: int = 64
     gen_tokens: int = 16
     reps: int = 5
@@ -97,9 +106,7 @@ class BenchOptions:
             raise UsageError(f"--cross-check-threads must be >= 1, got {self.cross_check_threads}")
         if not 0.0 < self.min_sample_s <= 10.0:
             raise UsageError(f"min_sample_s must be in (0, 10] seconds, got {self.min_sample_s}")
-        unknown = [i for i in self.impls if i not in inputs.IMPLS]
-        if unknown:
-            raise UsageError(f"unknown --impl {unknown[0]!r}", fix=f"use one of {', '.join(inputs.IMPLS)}")
+        inputs.parse_impls(self.impls)
 
 
 # ------------------------------------------------------------------------------------------------ schema
@@ -123,33 +130,48 @@ def write_receipt(path: Path, receipt: dict[str, Any]) -> None:
 # -------------------------------------------------------------------------------------------- the run
 
 
+def lane_params(spec: ImplSpec, opts: BenchOptions) -> BackendParams | None:
+    """A C++ lane's context parameters: the bench's base parameters for its kind (the most precise
+    configuration, one batch of prompt + generated tokens, --threads) with the spec applied; None for numpy."""
+    return apply_spec(spec, _base_params(spec.kind, opts)) if spec.bridged else None
+
+
+def _base_params(kind: str, opts: BenchOptions) -> BackendParams:
+    """parity.check.job.lane_params of `kind` (its most precise configuration) for one batch of the bench's
+    prompt + generated tokens, at --threads."""
+    from parity.check.job import lane_params as base_params
+
+    return base_params(kind, _run_options(opts), opts.prompt_tokens + opts.gen_tokens)
+
+
+def llama_plan(impls: dict[str, inputs.Impl]) -> build.BuildPlan | None:
+    """The llama.cpp build of the run (the cross-check's), when a lane is of kind llama."""
+    return next((i.plan for i in impls.values() if i.spec.kind == "llama"), None)
+
+
 def bench_model(
     model: inputs.ModelRef,
-    plans: dict[str, build.BuildPlan | None],
+    impls: dict[str, inputs.Impl],
     opts: BenchOptions,
     tools: build_tools.ToolsPlan | None = None,
     open_lane: bench_lanes.LaneOpener = bench_lanes.open_lane,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Results of every implementation on one model, plus extras: architecture, samples, cross-check lane,
+    """Results of every lane (by label) on one model, plus extras: architecture, samples, cross-check lane,
     and llama-bench's figures (run between our repetitions when `tools` is given)."""
-    from parity.check.job import lane_params
-
     out_dir = Path(opts.out_dir)
     log_dir = out_dir / "logs"
-    params: dict[str, BackendParams] = {}
-    for impl, p in plans.items():
-        if p is not None:
-            params[impl] = lane_params(impl, _run_options(opts), opts.prompt_tokens + opts.gen_tokens)
-    results = {impl: _result(model, impl) for impl in plans}
+    results = {label: _result(model, i.spec) for label, i in impls.items()}
+    wanted = [
+        bench_lanes.LaneSpec(label, i.spec, i.plan, model.path, lane_params(i.spec, opts), log_dir)
+        for label, i in impls.items()
+    ]
+    xplan, xparams = llama_plan(impls), xcheck_params(opts)
+    if xplan is not None and tools is not None:
+        wanted.append(bench_lanes.LaneSpec(XCHECK_LABEL, ImplSpec("llama"), xplan, model.path, xparams, log_dir))
     lanes: list[bench_lanes.Lane] = []
-    wanted = list(plans.items())
-    if "llama" in plans and tools is not None:
-        wanted.append((XCHECK_LABEL, plans["llama"]))
-        params[XCHECK_LABEL] = xcheck_params(params["llama"], opts)
     extra: dict[str, Any] = {"architecture": None, "xcheck": None, "llama_bench": []}
-    for label, p in wanted:
-        impl = "llama" if label == XCHECK_LABEL else label
-        spec = bench_lanes.LaneSpec(label, impl, p, model.path, params.get(label), log_dir)
+    for spec in wanted:
+        label = spec.label
         try:
             lane = open_lane(spec)
         except ParityError as exc:
@@ -182,7 +204,7 @@ def bench_model(
                     opts.prompt_tokens,
                     opts.gen_tokens,
                     opts.threads,
-                    params[XCHECK_LABEL].to_dict(),
+                    xparams.to_dict(),
                     figures[XCHECK_LABEL]["pp"].evals_per_sample,
                 )
             bench_lanes.measure(lanes, figures, opts.prompt_tokens, opts.gen_tokens, opts.reps, between)
@@ -216,8 +238,9 @@ def bench_model(
     return list(results.values()), extra
 
 
-def xcheck_params(llama: BackendParams, opts: BenchOptions) -> BackendParams:
-    """Our llama.cpp lane in the configuration llama-bench `matched` runs (parity.bench.llama_bench.matched_flags).
+def xcheck_params(opts: BenchOptions) -> BackendParams:
+    """Our llama.cpp lane in the configuration llama-bench `matched` runs (parity.bench.llama_bench.matched_flags),
+    from the base parameters of the `llama` kind (whatever --impl specs the run has).
 
     Batch sizes: one batch holding prompt + generated tokens (llama-bench clamps n_batch to its context, which
     llama.cpp pads to 256 on both sides, so both evaluate the prompt as one ubatch). KV cache F16 (this
@@ -226,7 +249,7 @@ def xcheck_params(llama: BackendParams, opts: BenchOptions) -> BackendParams:
     """
     n = opts.prompt_tokens + opts.gen_tokens
     return dataclasses.replace(
-        llama,
+        _base_params("llama", opts),
         n_ctx=n,
         n_batch=n,
         n_ubatch=n,
@@ -237,8 +260,17 @@ def xcheck_params(llama: BackendParams, opts: BenchOptions) -> BackendParams:
     )
 
 
-def _result(model: inputs.ModelRef, impl: str) -> dict[str, Any]:
-    return {"model_sha256": model.sha256, "impl": impl, "status": "ok", "reason": None, "pp": None, "tg": None}
+def _result(model: inputs.ModelRef, spec: ImplSpec) -> dict[str, Any]:
+    """A lane's result, named by its spec's label (`impl`, what the gate matches) and spec string (`spec`)."""
+    return {
+        "model_sha256": model.sha256,
+        "impl": spec.label,
+        "spec": spec.text,
+        "status": "ok",
+        "reason": None,
+        "pp": None,
+        "tg": None,
+    }
 
 
 def _run_options(opts: BenchOptions) -> Any:
@@ -248,11 +280,14 @@ def _run_options(opts: BenchOptions) -> Any:
 
 
 def ratios(model: inputs.ModelRef, samples: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
-    """Same-run ratios impl ÷ llama.cpp per metric, from per-repetition pairs."""
+    """Same-run ratios lane ÷ llama.cpp (the `llama` lane) per metric, from per-repetition pairs; every other
+    lane in order, the cross-check lane excepted (default: numpy/llama, bitnet/llama)."""
     out: list[dict[str, Any]] = []
     if "llama" not in samples:
         return out
-    for impl in ("numpy", "bitnet"):
+    for impl in samples:
+        if impl in ("llama", XCHECK_LABEL):
+            continue
         for metric in bench_gate.METRICS:
             if impl in samples and samples[impl][metric] and samples["llama"][metric]:
                 qs = bench_gate.ratio_samples(samples[impl][metric], samples["llama"][metric])
@@ -279,9 +314,9 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
 
     ensure_out_dir(out_dir)
     models = [inputs.resolve_model(m) for m in dict.fromkeys(opts.models)]
-    plans = inputs.select_impls(opts.impls, opts.verbose)
+    impls = inputs.select_impls(opts.impls, opts.verbose)
     tools: build_tools.ToolsPlan | None = None
-    if "llama" in plans and opts.llama_bench:
+    if llama_plan(impls) is not None and opts.llama_bench:
         spec = lock.get_spec("llama")
         tools = build_tools.ensure_llama_bench(spec, lock.source_override(spec), verbose=opts.verbose)
     receipt: dict[str, Any] = {
@@ -308,7 +343,7 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
     with bench_lanes.blas_threads(opts.threads) as blas:
         receipt["settings"]["numpy_blas_threads"] = blas
         for model in models:
-            bench_one(receipt, model, plans, opts, tools, open_lane)
+            bench_one(receipt, model, impls, opts, tools, open_lane)
     if tools is not None:
         receipt["settings"]["llama_bench_binary"] = str(tools.binary)
     return receipt
@@ -317,14 +352,14 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
 def bench_one(
     receipt: dict[str, Any],
     model: inputs.ModelRef,
-    plans: dict[str, build.BuildPlan | None],
+    impls: dict[str, inputs.Impl],
     opts: BenchOptions,
     tools: build_tools.ToolsPlan | None,
     open_lane: bench_lanes.LaneOpener = bench_lanes.open_lane,
 ) -> None:
     """Benchmark one model and add its figures to the receipt."""
-    log(f"bench: {model.name} ({model.path}) x {', '.join(plans)}: {opts.reps} reps")
-    results, extra = bench_model(model, plans, opts, tools, open_lane)
+    log(f"bench: {model.name} ({model.path}) x {', '.join(i.spec.text for i in impls.values())}: {opts.reps} reps")
+    results, extra = bench_model(model, impls, opts, tools, open_lane)
     receipt["models"].append({**model.to_dict(), "architecture": extra["architecture"]})
     receipt["results"] += results
     receipt["ratios"] += ratios(model, extra["samples"])
@@ -394,7 +429,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="default-f32 (default), default-f16, default-q8_0, a lock name such as gemma3-270m-q4_k_m, "
         "or a GGUF path; repeatable",
     )
-    p.add_argument("--impl", action="append", dest="impls", choices=inputs.IMPLS, help="implementation (repeatable)")
+    p.add_argument(
+        "--impl",
+        action="append",
+        dest="impls",
+        metavar="SPEC",
+        help="implementation spec, repeatable: numpy, numpy:dtype=float64, llama, llama:type_k=f16,flash_attn=on, "
+        "bitnet, ... (KIND[:key=value,...], as `parity run --impl`; default: numpy, llama, and bitnet where built); "
+        "a lane is named by the spec's label, e.g. llama-type_k-f16",
+    )
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prompt processing (default 64)")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy steps for token generation (default 16)")
     p.add_argument(

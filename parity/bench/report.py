@@ -244,7 +244,7 @@ def svg_chart(receipt: dict[str, Any], metric: str, width: int = 760) -> str:
         if model != last_model and last_model is not None:
             y += 10
         last_model = model
-        color = COLORS.get(label.split(" ")[0], "#888")
+        color = COLORS.get(label.split(" ")[0]) or COLORS.get(label.split("-")[0], "#888")  # a spec label: its kind
         name = html.escape(f"{model} · {label}")
         out.append(f'<text x="{label_w - 6}" y="{y + 15}" font-size="12" text-anchor="end">{name}</text>')
         out.append(

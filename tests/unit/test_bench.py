@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,12 @@ from parity.backends import build
 from parity.backends import lock as backends
 from parity.backends import tools as build_tools
 from parity.bench import gate as bench_gate
+from parity.bench import inputs as bench_inputs
 from parity.bench import lanes as bench_lanes
 from parity.bench import llama_bench
 from parity.bench import main as bench
 from parity.bench import report as bench_report
+from parity.engines.spec import parse
 from parity.errors import UsageError
 
 DATA = Path(__file__).parent / "data"
@@ -352,13 +356,143 @@ def test_cli_flags() -> None:
     args = parser.parse_args(
         [
             *("bench", "--model", "a.gguf", "--model", "gemma3-270m-q4_k_m", "--impl", "numpy", "--impl", "llama"),
-            *("--reps", "3", "--no-llama-bench", "--format", "json", "--baseline"),
+            *("--impl", "llama:type_k=f16,flash_attn=on", "--reps", "3", "--no-llama-bench", "--format", "json"),
+            "--baseline",
         ]
     )
     opts = bench.options_from_args(args)
-    assert opts.models == ("a.gguf", "gemma3-270m-q4_k_m") and opts.impls == ("numpy", "llama")
+    assert opts.models == ("a.gguf", "gemma3-270m-q4_k_m")
+    assert opts.impls == ("numpy", "llama", "llama:type_k=f16,flash_attn=on")
     assert opts.reps == 3 and not opts.llama_bench and opts.baseline and opts.format == "json"
     assert bench.options_from_args(parser.parse_args(["bench"])).models == ("default-f32",)
+
+
+# ------------------------------------------------------------------------------------ implementation specs
+
+
+def test_default_lanes_keep_the_names_baselines_know() -> None:
+    """No --impl: numpy, llama, bitnet, each labelled as before, so a baseline's (model, impl) pairs still match."""
+    assert [s.label for s in bench_inputs.parse_impls(())] == ["numpy", "llama", "bitnet"]
+    assert [s.text for s in bench_inputs.parse_impls(("numpy", "llama"))] == ["numpy", "llama"]
+    receipt = make_receipt()
+    labels = [
+        bench._result(bench_inputs.ModelRef("m", Path("/m"), SHA, 1), s)["impl"]
+        for s in map(parse, ("numpy", "llama", "bitnet"))
+    ]
+    assert labels == ["numpy", "llama", "bitnet"]
+    assert bench_gate.match_key(receipt)[-1] == ((SHA, "llama"), (SHA, "numpy"))
+
+
+def test_impl_specs_become_lane_labels_and_context_parameters() -> None:
+    opts = bench.BenchOptions(threads=2, prompt_tokens=64, gen_tokens=16)
+    specs = bench_inputs.parse_impls(
+        ("llama:type_k=f16,flash_attn=on", "numpy:dtype=float64", "llama", "bitnet:type_v=q8_0", "llama")
+    )
+    assert [s.label for s in specs] == [
+        "llama-type_k-f16-flash_attn-on",
+        "numpy-dtype-float64",
+        "llama",
+        "bitnet-type_v-q8_0",
+    ]
+    base = bench.lane_params(parse("llama"), opts)
+    assert base is not None and (base.type_k, base.type_v, base.flash_attn, base.n_threads) == (0, 0, 0, 2)
+    assert base.n_ctx >= 80 and base.n_batch == base.n_ctx  # one batch of prompt + generated tokens
+    f16 = bench.lane_params(specs[0], opts)
+    assert f16 is not None and (f16.type_k, f16.type_v, f16.flash_attn) == (1, 0, 1)
+    assert f16 == dataclasses.replace(base, type_k=1, flash_attn=1)  # the rest is the bench's base configuration
+    bitnet = bench.lane_params(specs[3], opts)
+    assert bitnet is not None and (bitnet.type_k, bitnet.type_v) == (0, 8)  # K stays F32 (check.job.PRECISE_KV)
+    threads = bench.lane_params(parse("llama:threads=3,n_ubatch=16"), opts)
+    assert threads is not None and (threads.n_threads, threads.n_ubatch) == (3, 16)
+    assert bench.lane_params(specs[1], opts) is None  # numpy: no C++ context
+    # the cross-check lane is the llama kind's base, whatever specs the run has
+    x = bench.xcheck_params(opts)
+    assert (x.type_k, x.type_v, x.flash_attn, x.n_batch, x.n_threads) == (1, 1, 0, 80, 1)
+    result = bench._result(bench_inputs.ModelRef("m", Path("/m"), SHA, 1), specs[0])
+    assert result["impl"] == "llama-type_k-f16-flash_attn-on" and result["spec"] == "llama:type_k=f16,flash_attn=on"
+
+
+def test_select_impls_one_build_per_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[tuple[str, bool]] = []
+
+    def plan(kind: str, optional: bool, verbose: bool) -> Any:
+        built.append((kind, optional))
+        return None if kind == "bitnet" else f"plan-{kind}"
+
+    monkeypatch.setattr(bench_inputs, "_plan", plan)
+    impls = bench_inputs.select_impls(("numpy:dtype=float64", "llama:type_k=f16", "llama"))
+    assert list(impls) == ["numpy-dtype-float64", "llama-type_k-f16", "llama"] and built == [("llama", False)]
+    assert impls["numpy-dtype-float64"].plan is None and impls["llama"].plan == impls["llama-type_k-f16"].plan
+    llama = impls["llama"].plan
+    assert llama is not None and bench.llama_plan(impls) is llama
+    built.clear()
+    assert list(bench_inputs.select_impls(())) == ["numpy", "llama"]  # bitnet: only where built
+    assert built == [("llama", False), ("bitnet", True)]
+
+
+def test_numpy_lane_is_opened_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from parity.engines import registry
+    from parity.engines.numpy.impl import NumpyImplementation
+
+    opened: list[tuple[str, Any]] = []
+
+    class Engine:
+        n_vocab, architecture = 512, "llama"
+
+        def __init__(self, dtype: str) -> None:
+            self.dtype = dtype
+
+        def greedy(self, tokens: list[int], n_new: int) -> list[int]:
+            return [0] * n_new
+
+    def open_implementation(spec: Any, ctx: Any, engine: Any = None) -> NumpyImplementation:
+        opened.append((spec.text, ctx))
+        return NumpyImplementation(Engine(spec.get("dtype") or ctx.dtype), spec.text)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry, "open_implementation", open_implementation)
+    spec = bench_lanes.LaneSpec("numpy-dtype-float64", parse("numpy:dtype=float64"), None, Path("/m"), None, Path("/l"))
+    lane = bench_lanes.open_lane(spec)
+    assert isinstance(lane, bench_lanes.InProcessLane) and lane.label == "numpy-dtype-float64" and lane.impl == "numpy"
+    assert lane.record["config"] == {"dtype": "float64"} and opened[0][0] == "numpy:dtype=float64"
+    assert opened[0][1].model == Path("/m") and lane.evaluate([1, 2], 3, 2) and lane.evaluations == 2
+
+
+def test_ratios_and_receipts_name_spec_lanes() -> None:
+    samples = {
+        label: {"pp": [100.0, 110.0], "tg": [10.0, 11.0]}
+        for label in ("numpy", "llama", "llama-type_k-f16", bench.XCHECK_LABEL)
+    }
+    model = bench_inputs.ModelRef("m", Path("/m"), SHA, 1)
+    names = [(q["name"], q["metric"]) for q in bench.ratios(model, samples)]
+    assert names == [(n, m) for n in ("numpy/llama", "llama-type_k-f16/llama") for m in ("pp", "tg")]
+    r = make_receipt()
+    f16 = {**copy.deepcopy(r["results"][1]), "impl": "llama-type_k-f16", "spec": "llama:type_k=f16"}
+    r["results"].append(f16)
+    r["ratios"] += [{**q, "model_sha256": SHA} for q in bench.ratios(model, samples)]
+    assert bench.validation_errors(r) == []
+    assert ("throughput", "llama-type_k-f16", "pp") in {(g.kind, g.subject, g.metric) for g in bench_gate.compare(r, r)}
+    assert "llama-type_k-f16" in bench_report.render_text(
+        r
+    ) and "default-f32 · llama-type_k-f16" in bench_report.render_html(r)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("gpu", "unknown implementation 'gpu'"),
+        ("llama:type_k=f99", "implementation spec 'llama:type_k=f99': type_k='f99' is not valid"),
+        ("numpy:type_k=f16", "numpy has no option 'type_k'"),
+        ("llama:eval_shape=stepwise", "--impl llama:eval_shape=stepwise: eval_shape does not apply"),
+        ("cmd:./engine", "cmd:./engine"),  # an external kind (where registered) is not benchmarked either
+    ],
+)
+def test_a_bad_impl_spec_exits_2_naming_it(spec: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from parity import cli
+
+    assert cli.main(["bench", "--impl", "numpy", "--impl", spec]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(UsageError, match=re.escape(message)):
+        bench.BenchOptions(impls=(spec,)).validate()
 
 
 # ------------------------------------------------------------------------------------------ llama-bench
