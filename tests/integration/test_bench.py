@@ -194,6 +194,24 @@ def test_receipt_records_the_warm_up_that_really_ran(tmp_path: Path, monkeypatch
     assert numpy["evaluations"] == sum(ran.values()) and set(ran) == {(8, 1), (1, 2)}
 
 
+def test_impl_spec_lane_benches_its_configuration(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    """`--impl llama:type_k=f16` is a lane of its own, named by the spec's label, with an F16 K cache."""
+    args = ("--no-llama-bench", "--impl", "llama", "--impl", "llama:type_k=f16", "--reps", "2")
+    code, out, err = _bench(tmp_path, tmp_path / "baselines", *args)
+    assert code == 0, out + err
+    r = _receipt(tmp_path)
+    by_impl = {x["impl"]: x for x in r["results"]}
+    assert list(by_impl) == ["llama", "llama-type_k-f16"] and "llama-type_k-f16" in out
+    f16, precise = by_impl["llama-type_k-f16"], by_impl["llama"]
+    assert f16["status"] == "ok" and f16["spec"] == "llama:type_k=f16" and len(f16["pp"]["samples"]) == 2
+    assert (f16["config"]["type_k"], f16["config"]["type_v"]) == (1, 0) and precise["config"]["type_k"] == 0
+    assert {k: v for k, v in f16["config"].items() if k != "type_k"} == {
+        k: v for k, v in precise["config"].items() if k != "type_k"
+    }
+    assert {q["name"] for q in r["ratios"]} == {"llama-type_k-f16/llama"}
+    assert (tmp_path / "logs" / "worker_llama-type_k-f16.log").is_file()
+
+
 def test_llama_bench_cross_check_agrees(llama_bench_tools: tools.ToolsPlan, tmp_path: Path) -> None:
     """Our matched llama.cpp lane and llama-bench measure the same work, so their pp figures must agree.
 
