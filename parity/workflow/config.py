@@ -16,9 +16,12 @@ top_logits = { abs = 1e-3 }
 name = "llama"
 role = "reference"         # exactly one reference; one or more alternates
 kind = "llama"             # numpy | llama | bitnet | command
+options = { type_k = "f16", threads = 1 }
 ```
 
-Unknown keys are rejected with a suggestion, like `[tool.parity]`.
+Unknown keys are rejected with a suggestion, like `[tool.parity]`. The options of the LLM kinds are the
+options of their spec strings (parity.engines.spec): `kind = "llama"` with `options = { type_k = "f16" }`
+is `--impl llama:type_k=f16`, checked by the same rules; `timeout` is the windows run's own.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parity.engines import spec as engine_specs
 from parity.errors import UsageError
 
 KINDS = ("numpy", "llama", "bitnet", "command")
@@ -46,11 +50,11 @@ _TOP_KEYS = ("run", "input", "fields", "implementation")
 _RUN_KEYS = ("start", "steps", "end", "window", "dir", "continue_on_divergence")
 _IMPL_KEYS = ("name", "role", "kind", "options")
 _RULE_KEYS = ("abs", "rel", "optional", "ties_within", "mode")
+# Options of the LLM kinds that are the windows run's own, not the implementation spec's (parity.engines.spec).
+WINDOWS_ONLY_OPTIONS: dict[str, tuple[str, ...]] = {"numpy": (), "llama": ("timeout",), "bitnet": ("timeout",)}
 # Options each kind accepts; a command's own parameters go in `params` and reach it untouched.
 _OPTION_KEYS: dict[str, tuple[str, ...]] = {
-    "numpy": ("dtype",),
-    "llama": ("threads", "timeout"),
-    "bitnet": ("threads", "timeout"),
+    **{kind: (*engine_specs.KINDS[kind], *extra) for kind, extra in WINDOWS_ONLY_OPTIONS.items()},
     "command": ("command", "timeout", "cwd", "env", "append_args", "params"),
 }
 _LLM_INPUT_KEYS = ("prompt", "prompt_ids")
@@ -156,6 +160,31 @@ class ImplSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "kind": self.kind, "options": dict(self.options)}
+
+    @property
+    def engine(self) -> engine_specs.ImplSpec:
+        """The implementation spec of an LLM kind (what parity.engines.registry opens); not for `command`."""
+        return engine_spec(self.kind, self.options, f"implementation '{self.name}'")
+
+
+def engine_spec(kind: str, options: Mapping[str, Any], where: str) -> engine_specs.ImplSpec:
+    """The spec string an LLM kind's options stand for, validated by parity.engines.spec (UsageError naming
+    the option). TOML integers stand for their digits; windows-only options (`timeout`) are left out."""
+    _reject_unknown(options, _OPTION_KEYS[kind], f"{where} options (kind {kind})")
+    items: list[str] = []
+    for key, value in options.items():
+        if key in WINDOWS_ONLY_OPTIONS[kind]:
+            continue
+        text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+        if not text or any(c in text for c in ",=:"):  # not one spec value
+            raise UsageError(
+                f"{where}: options.{key} = {value!r} is not valid", fix=f"{key} takes {engine_specs.KINDS[kind][key]}"
+            )
+        items.append(f"{key}={text}")
+    try:
+        return engine_specs.parse(f"{kind}:{','.join(items)}" if items else kind)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc.message}", fix=exc.fix) from exc
 
 
 @dataclass(frozen=True)
@@ -263,10 +292,8 @@ def _parse_options(kind: str, name: str, options: Any, where: str) -> dict[str, 
         t = out["timeout"]
         if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
             raise UsageError(f"{where}: options.timeout of '{name}' must be a number of seconds > 0, got {t!r}")
-    if kind == "numpy" and out.get("dtype", "float32") not in ("float32", "float64"):
-        raise UsageError(f"{where}: options.dtype of '{name}' must be float32 or float64, got {out['dtype']!r}")
-    if "threads" in out:
-        _int(out["threads"], f"options.threads of '{name}'", where, 1)
+    if kind in WINDOWS_ONLY_OPTIONS:
+        engine_spec(kind, out, f"{where}: implementation '{name}'")
     return out
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from parity.engines import spec as engine_spec
 from parity.errors import UsageError
 from parity.workflow import config
 
@@ -124,3 +125,38 @@ vals = { rel = 0.1, optional = true }
         parse(MINIMAL + '[fields]\nids = { ties_within = "nope" }\n')
     with pytest.raises(UsageError, match="did you mean 'abs'"):
         parse(MINIMAL + "[fields]\npc = { ab = 1 }\n")
+
+
+LLM = MINIMAL.replace('program = ["push 1"]', 'prompt = "hi"').replace(
+    'kind = "command"\noptions = { command = "python3 a.py" }', 'kind = "llama"\noptions = { OPTIONS }', 1
+)
+
+
+def test_llm_options_are_the_spec_string_options() -> None:
+    cfg = parse(LLM.replace("OPTIONS", 'type_k = "f16", flash_attn = "on", threads = 1, timeout = 30'))
+    ref = cfg.reference
+    assert ref.engine == engine_spec.parse("llama:type_k=f16,flash_attn=on,threads=1")  # timeout is the run's own
+    assert ref.options == {"type_k": "f16", "flash_attn": "on", "threads": 1, "timeout": 30}  # recorded as written
+    assert parse(LLM.replace("OPTIONS", "")).reference.engine == engine_spec.parse("llama")
+    numpy = parse(
+        LLM.replace('kind = "llama"\noptions = { OPTIONS }', 'kind = "numpy"\noptions = { dtype = "float64" }')
+    )
+    assert numpy.reference.engine.text == "numpy:dtype=float64"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ('type_kk = "f16"', "unknown key 'type_kk'.*did you mean 'type_k'"),
+        ('type_k = "f17"', "type_k='f17' is not valid.*type_k takes KV cache K type"),
+        ('flash_attn = "yes"', "flash_attn='yes' is not valid.*on\\|off\\|auto"),
+        ("threads = 0", "threads='0' is not valid.*positive integer"),
+        ("flash_attn = true", "options.flash_attn = True is not valid.*on\\|off\\|auto"),
+        ('eval_shape = "batch,type_k=f16"', "options.eval_shape = .* is not valid"),
+        ("dtype = 'float64'", "unknown key 'dtype'"),
+        ("timeout = 0", "timeout"),
+    ],
+)
+def test_bad_llm_options_are_usage_errors_naming_them(options: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(LLM.replace("OPTIONS", options))
