@@ -17,8 +17,10 @@ the reference's tokens, so one alternate call evaluates prefix + window in one p
 rows. An implementation that cannot answer (fails to build, crashes, times out, exits non-zero, breaks the
 protocol) yields a WindowOutput with `error` set: it did not take part in that window.
 
-Built in here: the numpy engine and the C++ backends through the bridge; external commands (the windows
-command protocol v1) are in external.py, and registry.py makes an implementation of each kind.
+Built in here: adapters over the Implementations parity.engines.registry opens for the LLM kinds (numpy,
+llama, bitnet: a TOML `kind` + `options` means what the spec string `KIND:key=value,...` means); external
+commands (the windows command protocol v1) are in external.py, and registry.py makes an implementation of
+each kind.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from parity.workflow.config import DEFAULT_TOP_K, ImplSpec, WindowsConfig
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from parity.engines.base import Implementation as EngineImplementation
 
 
 class Unavailable(Exception):
@@ -234,69 +238,100 @@ class Implementation(ABC):
         """Release processes and memory (idempotent)."""
 
 
-class NumpyImpl(Implementation):
-    """parity's numpy engine, in process. The reference decodes step by step (no KV cache: each step is a
-    full forward pass of prompt + tokens so far); an alternate evaluates prefix + window in one pass."""
+class EngineImpl(Implementation):
+    """A built-in LLM engine: the Implementation parity.engines.registry opens for the spec's `kind` and
+    `options` (the same as `--impl KIND:key=value,...`), opened on first use and kept between windows.
 
-    def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
-        super().__init__(spec, ctx)
-        self._engine: Any = None
-
-    def _open(self) -> Any:
-        if self._engine is None:
-            from parity.engines.numpy.engine import NumpyEngine
-
-            assert self.ctx.model_path is not None
-            self._engine = NumpyEngine(self.ctx.model_path, dtype=str(self.spec.options.get("dtype", "float32")))
-        return self._engine
-
-    def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
-        engine = self._open()
-        prompt = list(self.ctx.prompt_ids)
-        k = self.ctx.top_k
-        if self.role == "reference":
-            seq = prompt + tokens[:start]
-            out = []
-            for j in range(count):
-                row = engine.logits(seq)[-1]  # (V,)
-                rec = step_record(start + j, len(seq) - 1, row, k)
-                out.append(rec)
-                seq.append(rec["token"])
-            return out
-        first = len(prompt) - 1 + start
-        rows = engine.logits(prompt + tokens[: start + count - 1])[first : first + count]  # (count, V)
-        return [step_record(start + j, first + j, rows[j], k) for j in range(len(rows))]
-
-
-class BridgeImpl(Implementation):
-    """llama.cpp or bitnet.cpp through parity's bridge in a worker process (built on first use).
-
-    The reference proposes a window with the backend's KV-cached greedy decode, then confirms it with one
-    batched decode of prefix + proposal: if a row's argmax disagrees with the proposal (a near-tie between
-    the two evaluation shapes), the window continues from the batched row's choice. An alternate evaluates
-    prefix + window in one decode.
+    An alternate is teacher-forced: one `logits` call over prefix + window, keeping the window's rows. How
+    the reference decodes its window depends on the engine (`_reference`). A ParityError (a crashed or hung
+    worker) closes the engine; the next window opens a new one.
     """
 
     def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
         super().__init__(spec, ctx)
-        self._worker: Any = None
-        self._model: Any = None
+        self._impl: EngineImplementation | None = None
+
+    @abstractmethod
+    def _open(self) -> EngineImplementation:
+        """The engine's Implementation (from parity.engines.registry.open_implementation)."""
+
+    @abstractmethod
+    def _reference(self, impl: EngineImplementation, start: int, count: int, tokens: list[int]) -> list[dict[str, Any]]:
+        """The reference's records of steps [start, start + count), decoded from its own choices."""
+
+    def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
+        try:
+            if self._impl is None:
+                self._impl = self._open()
+            if self.role == "reference":
+                return self._reference(self._impl, start, count, tokens)
+            return self._teacher_forced(self._impl, start, count, tokens)
+        except ParityError:
+            self.close()  # a crashed worker is replaced on the next window
+            raise
+
+    def _teacher_forced(
+        self, impl: EngineImplementation, start: int, count: int, tokens: list[int]
+    ) -> list[dict[str, Any]]:
+        import numpy as np
+
+        prompt = list(self.ctx.prompt_ids)
+        first = len(prompt) - 1 + start
+        rows = np.asarray(impl.logits(prompt + tokens[: start + count - 1]))[first : first + count]  # (count, V)
+        return [step_record(start + j, first + j, rows[j], self.ctx.top_k) for j in range(len(rows))]
+
+    def close(self) -> None:
+        if self._impl is not None:
+            with contextlib.suppress(ParityError, OSError):
+                self._impl.close()
+        self._impl = None
+
+
+class NumpyImpl(EngineImpl):
+    """parity's numpy engine, in process. The reference decodes step by step (no KV cache: each step is a
+    full forward pass of prompt + tokens so far)."""
+
+    def _open(self) -> EngineImplementation:
+        from parity.engines.registry import OpenContext, open_implementation
+
+        assert self.ctx.model_path is not None
+        return open_implementation(self.spec.engine, OpenContext(self.ctx.model_path))
+
+    def _reference(self, impl: EngineImplementation, start: int, count: int, tokens: list[int]) -> list[dict[str, Any]]:
+        seq = list(self.ctx.prompt_ids) + tokens[:start]
+        out = []
+        for j in range(count):
+            row = impl.logits(seq)[-1]  # (V,)
+            rec = step_record(start + j, len(seq) - 1, row, self.ctx.top_k)
+            out.append(rec)
+            seq.append(rec["token"])
+        return out
+
+
+class BridgeImpl(EngineImpl):
+    """llama.cpp or bitnet.cpp through parity's bridge in a worker process (built on first use), under the
+    lane's most precise parameters with the spec's options applied (parity.engines.bridged).
+
+    The reference proposes a window with the backend's KV-cached greedy decode, then confirms it with one
+    `logits` call over prefix + proposal: if a row's argmax disagrees with the proposal (a near-tie between
+    the two evaluation shapes), the window continues from that row's choice.
+    """
+
+    def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
+        super().__init__(spec, ctx)
         self._fatal: str | None = None  # a build/load failure is not retried every window
         self._starts = 0
 
-    def _open(self) -> Any:
+    def _open(self) -> EngineImplementation:
         if self._fatal:
             raise Unavailable(self._fatal)
-        if self._model is not None:
-            return self._model
         from parity import options as parity_config
-        from parity.backends.worker import RemoteModel, Worker
         from parity.check import inputs, job
+        from parity.engines.registry import OpenContext, open_implementation
 
         backend = self.spec.kind
-        cli: dict[str, Any] = {"threads": self.spec.options.get("threads"), "timeout": self.spec.options.get("timeout")}
         try:
-            opts = parity_config.resolve(cli)
+            opts = parity_config.resolve({"timeout": self.spec.options.get("timeout")})
             plan = inputs.preflight(backend, opts)
         except ParityError as exc:
             self._fatal = f"{self.name} ({backend}) is unavailable: {exc}"
@@ -306,49 +341,30 @@ class BridgeImpl(Implementation):
         self._starts += 1
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         log_dir = self.ctx.run_dir / "logs" / f"{self.name}-{stamp}-{os.getpid()}-{self._starts}"
-        self._worker = Worker(backend, plan.bridge_path, log_dir=log_dir, timeout=opts.timeout)
-        try:
-            params = job.lane_params(backend, opts, self.ctx.n_positions)
-            self._model = RemoteModel(self._worker, str(self.ctx.model_path), params)
-        except ParityError:
-            self.close()
-            raise
-        return self._model
+        assert self.ctx.model_path is not None
+        ctx = OpenContext(
+            self.ctx.model_path,
+            params=job.lane_params(backend, opts, self.ctx.n_positions),
+            plan=plan,
+            log_dir=log_dir,
+            log_name=backend,
+            timeout=opts.timeout,
+        )
+        return open_implementation(self.spec.engine, ctx)
 
-    def _window(self, start: int, count: int, tokens: list[int], trace_dir: Path) -> list[dict[str, Any]]:
-        try:
-            return self._compute(start, count, tokens)
-        except ParityError:
-            self.close()  # a crashed worker is replaced on the next window
-            raise
-
-    def _compute(self, start: int, count: int, tokens: list[int]) -> list[dict[str, Any]]:
+    def _reference(self, impl: EngineImplementation, start: int, count: int, tokens: list[int]) -> list[dict[str, Any]]:
         import numpy as np
 
-        model = self._open()
-        prompt = list(self.ctx.prompt_ids)
-        k = self.ctx.top_k
-        if self.role != "reference":
-            first = len(prompt) - 1 + start
-            rows = np.asarray(model.eval(prompt + tokens[: start + count - 1]))[first : first + count]
-            return [step_record(start + j, first + j, rows[j], k) for j in range(len(rows))]
-        seq = prompt + tokens[:start]
+        seq = list(self.ctx.prompt_ids) + tokens[:start]
         out: list[dict[str, Any]] = []
         while len(out) < count:
             remaining = count - len(out)
-            proposal = list(model.greedy(seq, remaining))
-            rows = np.asarray(model.eval(seq + proposal[:-1]))[len(seq) - 1 :]  # (remaining, V)
+            proposal = impl.greedy(seq, remaining)
+            rows = np.asarray(impl.logits(seq + proposal[:-1]))[len(seq) - 1 :]  # (remaining, V)
             for j in range(remaining):
-                rec = step_record(start + len(out), len(seq) - 1, rows[j], k)
+                rec = step_record(start + len(out), len(seq) - 1, rows[j], self.ctx.top_k)
                 out.append(rec)
                 seq = [*seq, rec["token"]]
                 if rec["token"] != proposal[j]:
                     break  # later rows were computed on the proposal's token, not this one
         return out
-
-    def close(self) -> None:
-        if self._worker is not None:
-            with contextlib.suppress(ParityError, OSError):
-                self._worker.close()
-        self._worker = None
-        self._model = None

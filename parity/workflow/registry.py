@@ -1,4 +1,7 @@
-"""Which class implements each kind of a windows implementation (`kind = ...` in the implementations file)."""
+"""Which class implements each kind of a windows implementation (`kind = ...` in the implementations file).
+
+The LLM kinds are adapters over what parity.engines.registry opens for their spec; `command` is protocol v1.
+"""
 
 from __future__ import annotations
 
