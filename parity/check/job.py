@@ -65,6 +65,8 @@ class Shared:
     chat_template: dict[str, Any] | None = None
     # The implementation under test as receipts describe it (Implementation.describe()).
     implementation: dict[str, Any] = field(default_factory=dict)
+    # Why the implementation under test produced nothing (crash, hang, malformed reply): every lane is an error.
+    impl_error: str | None = None
 
     @property
     def sequence(self) -> list[int]:
@@ -221,11 +223,23 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
             fix="shorten --prompt or lower --max-tokens",
         )
     t2 = time.perf_counter()
-    impl = _open_impl(impl_spec, impl_plan, engine, model_path, opts, n_total)
-    with impl:
-        generated = impl.greedy(prompt_ids, opts.max_tokens)
-        logits = impl.logits(prompt_ids + generated)
-        described = impl.describe()
+    # The implementation under test, once. Its own tokenizer (if it has one) joins the token parity check
+    # (exit 2); its crash, hang or garbage is recorded and becomes an error in every lane (exit 1).
+    generated: list[int] = []
+    logits = np.zeros((0, 0), dtype=np.float32)
+    described: dict[str, Any] = {"spec": impl_spec.text, "name": impl_spec.kind}
+    impl_error: str | None = None
+    try:
+        with _open_impl(impl_spec, impl_plan, engine, model_path, opts, n_total) as impl:
+            described = impl.describe()
+            own_ids = impl.tokenize(formatted, True, True)
+            if own_ids is not None:
+                check_token_parity(prompt_ids, own_ids, backend=impl_spec.text, ours_str=str, theirs_str=str)
+                backend_ids[f"impl:{impl_spec.text}"] = own_ids
+            generated = impl.greedy(prompt_ids, opts.max_tokens)
+            logits = impl.logits(prompt_ids + generated)
+    except WorkerError as exc:
+        impl_error = str(exc)
     seconds["numpy_engine" if impl_spec.kind == "numpy" else "implementation"] = time.perf_counter() - t2
     shared = Shared(
         model_path,
@@ -244,6 +258,7 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
     )
     shared.chat_template = chat_record
     shared.implementation = described
+    shared.impl_error = impl_error
     return shared, plans
 
 
@@ -277,6 +292,8 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
     if lane.options:  # the default lanes' receipts stay as they were
         base["reference"] = {"spec": lane.text, "lane": label}
     lane_model = shared.lane_models.get(backend, shared.model_path)
+    if shared.impl_error is not None:
+        return _error_lane(label, p, base, f"the implementation under test failed: {shared.impl_error}", out_dir)
     ours, base["numerics"] = _lane_numerics(backend, lane_model, shared, opts, params, eval_shape)
     if lane_model != shared.model_path:
         from parity.core.fs import sha256_file
@@ -315,16 +332,7 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
                     fix="check the model's vocabulary size and tensor shapes",
                 )
     except WorkerError as exc:
-        base.update(
-            status="error",
-            error=str(exc),
-            rows=[],
-            positions=0,
-            summary={"all_passed": False, "first_divergence": None, "mean_mse": None, "mean_kl": None},
-        )
-        path = out_dir / f"receipt_{label}.json"
-        receipts.write(path, base)
-        return LaneResult(label, "error", path, None, error=str(exc), commit=p.commit)
+        return _error_lane(label, p, base, str(exc), out_dir)
     rows = metrics.position_rows(ours, ref_logits, shared.sequence, metrics.parse_metrics(opts.metrics))
     summary = metrics.summarize(rows, th)
     # The greedy decode must match exactly, except a flip at a near-tie of the reference (metrics.greedy_check).
@@ -338,6 +346,20 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
     path = out_dir / f"receipt_{label}.json"
     receipts.write(path, base)
     return LaneResult(label, status, path, summary, greedy=greedy, commit=p.commit)
+
+
+def _error_lane(label: str, p: build.BuildPlan, base: dict[str, Any], error: str, out_dir: Path) -> LaneResult:
+    """A lane that could not compare: its receipt says why (status error), never a pass."""
+    base.update(
+        status="error",
+        error=error,
+        rows=[],
+        positions=0,
+        summary={"all_passed": False, "first_divergence": None, "mean_mse": None, "mean_kl": None},
+    )
+    path = out_dir / f"receipt_{label}.json"
+    receipts.write(path, base)
+    return LaneResult(label, "error", path, None, error=error, commit=p.commit)
 
 
 def numerics_gap(ref: Any, other: Any, shape: str) -> dict[str, Any]:

@@ -29,6 +29,12 @@ KINDS: dict[str, dict[str, str]] = {
     "bitnet": BRIDGED_OPTIONS,
 }
 BRIDGED = ("llama", "bitnet")
+# Kinds whose whole value after the colon is one free-form argument (docs/PROTOCOL.md for cmd/py).
+FREEFORM = {
+    "cmd": ("argv", "a command speaking protocol v2, e.g. cmd:'./my-engine --threads 2'"),
+    "py": ("target", "a Python factory package.module:factory, or a parity.implementations plugin name"),
+    "logits": ("path", "an .npz with arrays tokens and logits"),
+}
 
 
 @dataclass(frozen=True)
@@ -40,12 +46,16 @@ class ImplSpec:
 
     @property
     def text(self) -> str:
+        if self.kind in FREEFORM:
+            return f"{self.kind}:{self.options[0][1]}"
         opts = ",".join(f"{k}={v}" for k, v in self.options)
         return f"{self.kind}:{opts}" if opts else self.kind
 
     @property
     def label(self) -> str:
-        """File-name-safe lane name: `llama`, `llama-type_k-f16`."""
+        """File-name-safe lane name: `llama`, `llama-type_k-f16` (external kinds: the kind)."""
+        if self.kind in FREEFORM:
+            return self.kind
         return "-".join([self.kind, *(f"{k}-{v}" for k, v in self.options)])
 
     @property
@@ -81,8 +91,14 @@ def _check_value(text: str, kind: str, key: str, value: str) -> None:
 def parse(text: str) -> ImplSpec:
     """`KIND[:key=value,...]` -> ImplSpec; UsageError (exit 2) naming what is wrong."""
     kind, _, rest = text.strip().partition(":")
+    if kind in FREEFORM:
+        key, what = FREEFORM[kind]
+        if not rest.strip():
+            raise UsageError(f"implementation spec '{text}': {kind} needs {what}", fix=f"{kind}:VALUE")
+        return ImplSpec(kind, ((key, rest.strip()),))
     if kind not in KINDS:
-        raise UsageError(f"unknown implementation '{text}'", fix=f"use one of: {', '.join(KINDS)} (KIND:key=value,...)")
+        kinds = ", ".join([*KINDS, *(f"{k}:..." for k in FREEFORM)])
+        raise UsageError(f"unknown implementation '{text}'", fix=f"use one of: {kinds} (KIND:key=value,...)")
     options: list[tuple[str, str]] = []
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")

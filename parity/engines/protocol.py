@@ -1,0 +1,106 @@
+"""Protocol v2 framing (docs/PROTOCOL.md): a JSON header line, then `payload_bytes` bytes of payload.
+
+Both sides use it: parity.engines.external (parity talking to an engine, with deadlines) and
+parity.engines.pyhost (a Python object served as an engine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import time
+from typing import IO, Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 2
+MAX_HEADER = 1 << 20  # a header line longer than this is garbage, not a message
+
+
+class FrameError(Exception):
+    """The peer broke the framing (not JSON, too long, closed early, late)."""
+
+
+def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """One message: the header (with payload_bytes when there is a payload) and the payload."""
+    if payload:
+        header = {**header, "payload_bytes": len(payload)}
+    return json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n" + payload
+
+
+def logits_payload(logits: np.ndarray) -> tuple[dict[str, Any], bytes]:
+    """Header fields and payload of a logits reply: little-endian float32, row-major [positions, vocab]."""
+    arr = np.ascontiguousarray(logits, dtype="<f4")
+    return {"shape": list(arr.shape), "dtype": "float32"}, arr.tobytes()
+
+
+def decode_logits(header: dict[str, Any], payload: bytes, n_tokens: int) -> np.ndarray:
+    """The [n_tokens, vocab] float32 array of a logits reply; FrameError naming what is wrong."""
+    shape = header.get("shape")
+    if header.get("dtype", "float32") != "float32":
+        raise FrameError(f"logits dtype {header.get('dtype')!r}, protocol v2 sends float32")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise FrameError(f"logits shape {shape!r} is not [positions, vocab]")
+    if shape[0] != n_tokens:
+        raise FrameError(f"logits for {shape[0]} positions, {n_tokens} tokens were sent")
+    if len(payload) != 4 * shape[0] * shape[1]:
+        raise FrameError(f"payload of {len(payload)} bytes for shape {shape} (expected {4 * shape[0] * shape[1]})")
+    out = np.frombuffer(payload, dtype="<f4").reshape(shape[0], shape[1]).astype(np.float32)
+    if not np.isfinite(out).all():
+        bad = np.argwhere(~np.isfinite(out))[0]
+        raise FrameError(f"logits are not finite (first at position {bad[0]}, token {bad[1]})")
+    return out
+
+
+class Reader:
+    """Reads messages from a file descriptor with a deadline per message (select + os.read)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        ready, _, _ = select.select([self.fd], [], [], left)
+        if not ready:
+            raise TimeoutError
+        chunk = os.read(self.fd, 1 << 20)
+        if not chunk:
+            raise FrameError("the engine closed its standard output")
+        self.buf += chunk
+
+    def read(self, deadline: float) -> tuple[dict[str, Any], bytes]:
+        """(header, payload) of the next message."""
+        while b"\n" not in self.buf:
+            if len(self.buf) > MAX_HEADER:
+                raise FrameError(f"no header line in the first {MAX_HEADER} bytes: {bytes(self.buf[:80])!r}")
+            self._fill(deadline)
+        line, _, rest = bytes(self.buf).partition(b"\n")
+        self.buf = bytearray(rest)
+        try:
+            header = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FrameError(f"header is not JSON: {line[:120]!r}") from exc
+        if not isinstance(header, dict):
+            raise FrameError(f"header is not a JSON object: {line[:120]!r}")
+        n = header.get("payload_bytes", 0)
+        if not isinstance(n, int) or n < 0:
+            raise FrameError(f"payload_bytes {n!r} is not a byte count")
+        while len(self.buf) < n:
+            self._fill(deadline)
+        payload = bytes(self.buf[:n])
+        del self.buf[:n]
+        return header, payload
+
+
+def read_blocking(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
+    """The next message from a blocking stream (the engine side); None at end of input."""
+    line = stream.readline(MAX_HEADER)
+    if not line:
+        return None
+    header = json.loads(line.decode("utf-8"))
+    n = int(header.get("payload_bytes", 0)) if isinstance(header, dict) else 0
+    return header, stream.read(n) if n else b""
