@@ -44,7 +44,9 @@ def command_argv(spec: ImplSpec) -> list[str]:
     exe = shutil.which(argv[0]) if "/" not in argv[0] else (argv[0] if Path(argv[0]).is_file() else None)
     if exe is None:
         raise UsageError(f"--impl {spec.text}: command {argv[0]!r} not found", fix="give a path or a program on PATH")
-    return [str(Path(exe).absolute()), *argv[1:]] if "/" in argv[0] else argv  # not resolve(): a venv python is a symlink
+    return (
+        [str(Path(exe).absolute()), *argv[1:]] if "/" in argv[0] else argv
+    )  # not resolve(): a venv python is a symlink
 
 
 class CommandImplementation(Implementation):
