@@ -27,6 +27,13 @@ def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
     # default=None everywhere: "not given" lets [tool.parity] and PARITY_* env supply the value.
     p.add_argument("--model-gguf", metavar="PATH", help="GGUF model to check (default: the embedded default model)")
     p.add_argument(
+        "--impl",
+        metavar="SPEC",
+        help="the implementation under test (default numpy): numpy[:dtype=float32|float64], cmd:ARGV (protocol v2, "
+        "docs/PROTOCOL.md), py:module:factory, logits:FILE.npz, or a C++ engine in another configuration, e.g. llama:type_k=f16,flash_attn=on (keys: type_k, type_v, flash_attn, threads, "
+        "n_batch, n_ubatch, eval_shape)",
+    )
+    p.add_argument(
         "--tokenizer",
         metavar="PATH",
         help="tokenizer.json for HF tokenizers (default: the default model's; else the GGUF's own vocabulary)",
@@ -105,13 +112,6 @@ def _add_run_only_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), help="numpy engine precision (default float32)")
     p.add_argument("--timeout", type=float, help="seconds a backend call may take before the worker is killed")
     p.add_argument(
-        "--impl",
-        metavar="SPEC",
-        help="the implementation under test (default numpy): numpy[:dtype=float32|float64], or a C++ engine in "
-        "another configuration, e.g. llama:type_k=f16,flash_attn=on (keys: type_k, type_v, flash_attn, threads, "
-        "n_batch, n_ubatch, eval_shape)",
-    )
-    p.add_argument(
         "--reference",
         "--backend",
         action="append",
@@ -124,6 +124,7 @@ def _add_run_only_flags(p: argparse.ArgumentParser) -> None:
 
 _COMMON_KEYS = (
     "model_gguf",
+    "impl",
     "tokenizer",
     "prompt",
     "max_tokens",
@@ -140,7 +141,7 @@ _COMMON_KEYS = (
     "metrics",
     "parallel",
 )
-_RUN_KEYS = (*_COMMON_KEYS, "impl", "variant", "mse_tol", "threads", "dtype", "timeout", "eval_shape", "numerics")
+_RUN_KEYS = (*_COMMON_KEYS, "variant", "mse_tol", "threads", "dtype", "timeout", "eval_shape", "numerics")
 
 
 def build_parser() -> argparse.ArgumentParser:
