@@ -12,7 +12,7 @@ import pytest
 from parity.engines.numpy import bitnet
 from parity.engines.numpy.engine import ARCHITECTURES, NumpyEngine
 from parity.engines.numpy.numerics import Numerics
-from parity.engines.numpy.ops import rms_norm, rope_cos_sin, silu
+from parity.engines.numpy.ops import attention, rms_norm, rope_cos_sin, silu, softmax
 from parity.errors import ModelFormatError
 from parity.gguf.reader import open_gguf
 from parity.models import ternary_model
@@ -132,6 +132,16 @@ def test_mirror_numerics_stay_close_to_exact(models: dict[str, Path]) -> None:
         mirrored = bitnet.mirrored_logits(f, TOKENS, Numerics("mirror", backend, "batch", False, True), np.float32)
         cos = np.sum(mirrored * exact, 1) / np.linalg.norm(mirrored, axis=1) / np.linalg.norm(exact, axis=1)
         assert 0.99 < float(cos.min()) < 1.0  # int8 / Q8_K activations: close, never identical
+
+
+def test_attention_can_round_its_probabilities_through_f16() -> None:
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((5, 4, 8)).astype(np.float32) for _ in range(3))
+    probs = softmax(np.where(np.tril(np.ones((5, 5), bool)), np.einsum("qhd,khd->hqk", q, k) * 0.5, -np.inf))
+    rounded = probs.astype(np.float16).astype(np.float32)  # (h, n, n), as an engine with an F16 V cache
+    want = np.einsum("hqk,khd->qhd", rounded, v).reshape(5, 32)
+    got = attention(q, k, v, 0.5, f16_probs=True)
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6) and not np.array_equal(got, attention(q, k, v, 0.5))
 
 
 def _rewrite(src: Path, dst: Path, drop: set[str], add: dict[str, npt.NDArray[np.float32]]) -> None:

@@ -24,9 +24,7 @@ rounding points. Shapes: n tokens, d n_embd, h/hk heads, hd head dim, f n_ff, V 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,22 +32,22 @@ import numpy.typing as npt
 from parity.engines.numpy.llama import LlamaParams, llama_params
 from parity.engines.numpy.numerics import Numerics, Weight, matmul
 from parity.engines.numpy.ops import (
+    Array,
     FloatType,
+    Forward,
     attention,
-    causal_mask,
-    int_key,
+    bound,
     require_tensor,
     rms_norm,
     rope_cos_sin,
     rope_neox,
     silu,
-    softmax,
 )
 from parity.errors import ModelFormatError
 from parity.gguf import ternary
 from parity.gguf.reader import GGUFFile
 
-Array = npt.NDArray[Any]
+NORMS = ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")  # BitnetLayer's field names
 MATMULS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 TERNARY_TYPES = (int(ternary.ForkType.I2_S), 34, 35)  # I2_S, TQ1_0, TQ2_0
 
@@ -84,16 +82,13 @@ class BitnetWeights:
 
 def bitnet_params(f: GGUFFile) -> BitnetParams:
     """Hyperparameters (llama_model_loader / llm_load_hparams in both engines): llama's, plus one bitnet rule."""
-    arch = f.architecture
-    n_embd = int_key(f, f"{arch}.embedding_length")
-    n_head = int_key(f, f"{arch}.attention.head_count")
-    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
-    if head_dim * n_head != n_embd:
+    p = llama_params(f)
+    if p.head_dim * p.n_head != p.n_embd:
         raise ModelFormatError(
-            f"{f.path}: {n_head} heads x head dim {head_dim} != n_embd {n_embd}",
+            f"{f.path}: {p.n_head} heads x head dim {p.head_dim} != n_embd {p.n_embd}",
             fix="both engines create attn_q/attn_output as n_embd x n_embd for bitnet; fix the converter",
         )
-    return llama_params(f)
+    return p
 
 
 def expected_tensors(p: BitnetParams) -> dict[str, tuple[int, ...]]:
@@ -111,9 +106,8 @@ def expected_tensors(p: BitnetParams) -> dict[str, tuple[int, ...]]:
     }
     for i in range(p.n_layer):
         b = f"blk.{i}."
-        for kind in ("attn_norm", "attn_sub_norm", "ffn_norm"):
-            shapes[f"{b}{kind}.weight"] = (d,)
-        shapes[f"{b}ffn_sub_norm.weight"] = (f_,)
+        for kind in NORMS:
+            shapes[f"{b}{kind}.weight"] = (f_,) if kind == "ffn_sub_norm" else (d,)
         for kind, shape in mm_shapes.items():
             shapes[f"{b}{kind}.weight"] = shape
             shapes[f"{b}{kind}.scale"] = (1,)
@@ -132,11 +126,6 @@ def _weight(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType, ke
 def load_bitnet(f: GGUFFile, dtype: FloatType, keep_codes: bool = False) -> BitnetWeights:
     """Read and dequantize every bitnet tensor; `keep_codes` also keeps ternary codes for mirroring."""
     p = bitnet_params(f)
-    if p.n_head_kv <= 0 or p.n_head % p.n_head_kv != 0:
-        raise ModelFormatError(
-            f"{f.path}: head_count {p.n_head} is not a multiple of head_count_kv {p.n_head_kv}",
-            fix="check the attention head counts in the metadata",
-        )
     expected = expected_tensors(p)
     if "output.weight" in f.tensors:
         raise ModelFormatError(
@@ -161,42 +150,17 @@ def load_bitnet(f: GGUFFile, dtype: FloatType, keep_codes: bool = False) -> Bitn
         for kind in MATMULS:
             if f"{b}{kind}.scale" in f.tensors:
                 scales[kind] = require_tensor(f, f"{b}{kind}.scale", (1,), dtype)
-        layers.append(
-            BitnetLayer(
-                attn_norm=require_tensor(f, b + "attn_norm.weight", (p.n_embd,), dtype),
-                attn_sub_norm=require_tensor(f, b + "attn_sub_norm.weight", (p.n_embd,), dtype),
-                ffn_norm=require_tensor(f, b + "ffn_norm.weight", (p.n_embd,), dtype),
-                ffn_sub_norm=require_tensor(f, b + "ffn_sub_norm.weight", (p.n_ff,), dtype),
-                mm=mm,
-                scales=scales,
-            )
-        )
-    output = _weight(f, "token_embd.weight", (p.n_vocab, p.n_embd), dtype, keep_codes)
+        norms = {kind: require_tensor(f, f"{b}{kind}.weight", expected[f"{b}{kind}.weight"], dtype) for kind in NORMS}
+        layers.append(BitnetLayer(**norms, mm=mm, scales=scales))
+    output = _weight(f, "token_embd.weight", expected["token_embd.weight"], dtype, keep_codes)
     return BitnetWeights(
         params=p,
         token_embd=output.w,
         output=output,
         layers=layers,
-        output_norm=require_tensor(f, "output_norm.weight", (p.n_embd,), dtype),
+        output_norm=require_tensor(f, "output_norm.weight", expected["output_norm.weight"], dtype),
         weight_types={name: t.ggml_type for name, t in f.tensors.items()},
     )
-
-
-def attention_rounded(q: Array, k: Array, v: Array, scale: float | np.floating[Any]) -> Array:
-    """`ops.attention` with the probabilities rounded to f16 before the V product.
-
-    What an engine does whose V cache is F16 and whose kernel converts the f32 probabilities to V's
-    vec_dot_type (mainline always; the fork one token at a time).
-    """
-    n, h, hd = q.shape
-    group = h // k.shape[1]
-    k = np.repeat(k, group, axis=1)  # (n, h, hd)
-    v = np.repeat(v, group, axis=1)  # (n, h, hd)
-    scores = q.transpose(1, 0, 2) @ k.transpose(1, 2, 0)  # (h, n, n)
-    scores = np.where(causal_mask(n), scores * scale, -np.inf)  # (h, n, n)
-    probs = softmax(scores, axis=-1).astype(np.float16).astype(q.dtype)  # (h, n, n) through f16
-    out = probs @ v.transpose(1, 0, 2)  # (h, n, hd)
-    return out.transpose(1, 0, 2).reshape(n, h * hd)  # (n, h*hd)
 
 
 def _proj(x: Array, layer: BitnetLayer, kind: str, num: Numerics) -> Array:
@@ -217,7 +181,7 @@ def bitnet_block(x: Array, layer: BitnetLayer, p: BitnetParams, cos: Array, sin:
     k = num.cache(rope_neox(k, cos, sin), num.k_f16)  # (n, hk, hd): as the KV cache stores it
     v = num.cache(v, num.v_f16)  # (n, hk, hd)
     scale = 1.0 / np.sqrt(x.dtype.type(p.head_dim))  # 1.0f/sqrtf(float(n_embd_head))
-    a = attention_rounded(q, k, v, scale) if num.round_probs else attention(q, k, v, scale)  # (n, d)
+    a = attention(q, k, v, scale, f16_probs=num.round_probs)  # (n, d)
     a = rms_norm(a, layer.attn_sub_norm, p.rms_eps)  # (n, d)
     x = x + _proj(a, layer, "attn_output", num)  # (n, d)
     h = rms_norm(x, layer.ffn_norm, p.rms_eps)  # (n, d)
@@ -242,17 +206,9 @@ def bitnet_forward(w: BitnetWeights, tokens: Array, last_only: bool = False, num
     return matmul(x, w.output, num)  # (n, V): the tied head
 
 
-Forward = Callable[[Array, bool], Array]
-
-
 def build_bitnet(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
     """ARCHITECTURES entry: the `exact` forward, n_vocab, n_ctx_train."""
-    weights = load_bitnet(f, dtype)
-
-    def forward(tokens: Array, last_only: bool) -> Array:
-        return bitnet_forward(weights, tokens, last_only)
-
-    return forward, weights.params.n_vocab, weights.params.n_ctx_train
+    return bound(load_bitnet(f, dtype), bitnet_forward)
 
 
 def mirrored_logits(f: GGUFFile, tokens: list[int], num: Numerics, dtype: FloatType) -> npt.NDArray[np.float64]:

@@ -32,19 +32,22 @@ import numpy as np
 
 from parity.engines.numpy.ops import (
     Array,
+    BlockWeights,
     FloatType,
     Forward,
+    Hparams,
     attention,
+    block_weights,
+    bound,
     causal_mask,
+    embeddings_and_head,
     float_key,
     int_key,
     linear,
-    load_tensor,
-    n_vocab_of,
+    read_hparams,
     require_tensor,
     rms_norm,
     rope_cos_sin,
-    rope_freq_scale,
     rope_neox,
 )
 from parity.errors import ModelFormatError
@@ -106,44 +109,26 @@ def softcap(x: Array, cap: float) -> Array:
 
 
 @dataclass(frozen=True)
-class Gemma3Params:
-    """Hyperparameters of a gemma3 model, with llama.cpp's defaults for keys the file leaves out."""
+class Gemma3Params(Hparams):
+    """Hyperparameters of a gemma3 model, with llama.cpp's defaults for keys the file leaves out.
 
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_rot: int
-    rms_eps: float
-    rope_base: float  # global layers
-    rope_freq_scale: float  # global layers
+    `rope_base` and `rope_freq_scale` (ops.Hparams) are the global layers'.
+    """
+
     rope_base_swa: float  # sliding-window layers (their frequency scale is always 1)
     n_swa: int  # sliding window; 0 = every layer attends to the whole context
     is_swa: tuple[bool, ...]  # per layer: True for sliding-window attention
     attn_scale: float  # multiplies Q after RoPE
     final_logit_softcap: float  # 0 = no soft-capping
-    n_ctx_train: int
 
 
 @dataclass(frozen=True)
-class Gemma3Layer:
-    """One Gemma 3 block's weights, dequantized; shapes (out, in) in numpy order."""
+class Gemma3Layer(BlockWeights):
+    """One Gemma 3 block's weights, dequantized: llama's (ops.BlockWeights) plus the Q/K and post norms."""
 
-    attn_norm: Array  # (d,)
-    wq: Array  # (h*hd, d)
-    wk: Array  # (hk*hd, d)
-    wv: Array  # (hk*hd, d)
     q_norm: Array  # (hd,)
     k_norm: Array  # (hd,)
-    wo: Array  # (d, h*hd)
     attn_post_norm: Array  # (d,)
-    ffn_norm: Array  # (d,)
-    w_gate: Array  # (f, d)
-    w_up: Array  # (f, d)
-    w_down: Array  # (d, f)
     ffn_post_norm: Array  # (d,)
 
 
@@ -191,97 +176,46 @@ def _same_as(f: GGUFFile, key: str, value: int) -> None:
 def gemma3_params(f: GGUFFile) -> Gemma3Params:
     """Read gemma3 hyperparameters as llama.cpp does (load_hparams, then llama_model_gemma3's own)."""
     arch = f.architecture
-    n_embd = int_key(f, f"{arch}.embedding_length")
-    n_head = int_key(f, f"{arch}.attention.head_count")
-    n_layer = int_key(f, f"{arch}.block_count")
-    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
-    n_rot = int_key(f, f"{arch}.rope.dimension_count", head_dim)
-    if n_rot > head_dim or n_rot % 2:
-        raise ModelFormatError(
-            f"{f.path}: '{arch}.rope.dimension_count' is {n_rot}, which does not fit the head dimension {head_dim}",
-            fix="RoPE needs an even number of dimensions no larger than the head; check the converter",
-        )
-    if int_key(f, f"{arch}.attention.value_length", head_dim) != head_dim:
-        raise ModelFormatError(
-            f"{f.path}: '{arch}.attention.value_length' differs from the key length {head_dim}",
-            fix="the gemma3 graph requires equal key and value head sizes; check the converter",
-        )
-    _same_as(f, f"{arch}.attention.key_length_swa", head_dim)
-    _same_as(f, f"{arch}.attention.value_length_swa", head_dim)
-    _same_as(f, f"{arch}.rope.dimension_count_swa", n_rot)
+    hp = read_hparams(f, partial_rope=True)
+    _same_as(f, f"{arch}.attention.key_length_swa", hp.head_dim)
+    _same_as(f, f"{arch}.attention.value_length_swa", hp.head_dim)
+    _same_as(f, f"{arch}.rope.dimension_count_swa", hp.n_rot)
     n_swa = int_key(f, f"{arch}.attention.sliding_window", 0, min=0)
     # ref: gemma_pytorch config.py, quoted by llama.cpp: the 27B model scales by 1/sqrt(d_model / n_head)
-    scale_dim = max(n_embd // n_head, 1) if n_layer == N_LAYER_27B else head_dim
+    scale_dim = max(hp.n_embd // hp.n_head, 1) if hp.n_layer == N_LAYER_27B else hp.head_dim
     return Gemma3Params(
-        n_vocab=n_vocab_of(f),
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_ff=int_key(f, f"{arch}.feed_forward_length"),
-        n_head=n_head,
-        n_head_kv=int_key(f, f"{arch}.attention.head_count_kv", n_head),
-        head_dim=head_dim,
-        n_rot=n_rot,
-        rms_eps=float_key(f, f"{arch}.attention.layer_norm_rms_epsilon", min=0.0),
-        rope_base=float_key(f, f"{arch}.rope.freq_base", 10000.0, min=0.0),
-        rope_freq_scale=rope_freq_scale(f),
+        **vars(hp),
         rope_base_swa=float_key(f, f"{arch}.rope.freq_base_swa", ROPE_BASE_SWA_DEFAULT, min=0.0),
         n_swa=max(n_swa, 0),
-        is_swa=_swa_layers(f, n_layer, n_swa),
+        is_swa=_swa_layers(f, hp.n_layer, n_swa),
         attn_scale=1.0 / math.sqrt(scale_dim),  # rounded to the engine dtype where it is applied
         final_logit_softcap=float_key(f, f"{arch}.final_logit_softcapping", 0.0, min=0.0),
-        n_ctx_train=int_key(f, f"{arch}.context_length"),
     )
 
 
 def load_gemma3(f: GGUFFile, dtype: FloatType) -> Gemma3Weights:
     """Read and dequantize every gemma3 tensor (names as in llama.cpp's LLM_TENSOR table)."""
     p = gemma3_params(f)
-    d, f_, hd = p.n_embd, p.n_ff, p.head_dim
-    q_out, kv_out = p.n_head * hd, p.n_head_kv * hd
-    if p.n_head_kv <= 0 or p.n_head % p.n_head_kv != 0:
-        raise ModelFormatError(
-            f"{f.path}: head_count {p.n_head} is not a multiple of head_count_kv {p.n_head_kv}",
-            fix="check the attention head counts in the metadata",
-        )
     for name in ("dense_2.weight", "dense_3.weight"):
         if name in f.tensors:
             raise ModelFormatError(
                 f"{f.path}: tensor '{name}' belongs to an embedding model, which the numpy engine does not run",
                 fix="use a Gemma 3 text-generation model",
             )
-
-    def req(name: str, shape: tuple[int, ...]) -> Array:
-        return require_tensor(f, name, shape, dtype)
-
-    token_embd = req("token_embd.weight", (p.n_vocab, d))
+    token_embd, output_norm, output = embeddings_and_head(f, p, dtype)
     layers = []
     for i in range(p.n_layer):
         b = f"blk.{i}."
         layers.append(
             Gemma3Layer(
-                attn_norm=req(b + "attn_norm.weight", (d,)),
-                wq=req(b + "attn_q.weight", (q_out, d)),
-                wk=req(b + "attn_k.weight", (kv_out, d)),
-                wv=req(b + "attn_v.weight", (kv_out, d)),
-                q_norm=req(b + "attn_q_norm.weight", (hd,)),
-                k_norm=req(b + "attn_k_norm.weight", (hd,)),
-                wo=req(b + "attn_output.weight", (d, q_out)),
-                attn_post_norm=req(b + "post_attention_norm.weight", (d,)),
-                ffn_norm=req(b + "ffn_norm.weight", (d,)),
-                w_gate=req(b + "ffn_gate.weight", (f_, d)),
-                w_up=req(b + "ffn_up.weight", (f_, d)),
-                w_down=req(b + "ffn_down.weight", (d, f_)),
-                ffn_post_norm=req(b + "post_ffw_norm.weight", (d,)),
+                **block_weights(f, i, p, dtype),
+                q_norm=require_tensor(f, b + "attn_q_norm.weight", (p.head_dim,), dtype),
+                k_norm=require_tensor(f, b + "attn_k_norm.weight", (p.head_dim,), dtype),
+                attn_post_norm=require_tensor(f, b + "post_attention_norm.weight", (p.n_embd,), dtype),
+                ffn_post_norm=require_tensor(f, b + "post_ffw_norm.weight", (p.n_embd,), dtype),
             )
         )
-    output = load_tensor(f, "output.weight", (p.n_vocab, d), dtype, required=False)
-    return Gemma3Weights(
-        params=p,
-        token_embd=token_embd,
-        layers=layers,
-        output_norm=req("output_norm.weight", (d,)),
-        output=token_embd if output is None else output,  # tied, as llama.cpp's TENSOR_DUPLICATED
-    )
+    return Gemma3Weights(params=p, token_embd=token_embd, layers=layers, output_norm=output_norm, output=output)
 
 
 def gemma3_block(x: Array, layer: Gemma3Layer, p: Gemma3Params, cos: Array, sin: Array, allowed: Array) -> Array:
@@ -325,9 +259,4 @@ def gemma3_forward(w: Gemma3Weights, tokens: Array, last_only: bool = False) -> 
 
 def build_gemma3(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
     """The engine's builder for `gemma3`: dequantize once, return (forward, n_vocab, n_ctx_train)."""
-    weights = load_gemma3(f, dtype)
-
-    def forward(tokens: Array, last_only: bool) -> Array:
-        return gemma3_forward(weights, tokens, last_only)
-
-    return forward, weights.params.n_vocab, weights.params.n_ctx_train
+    return bound(load_gemma3(f, dtype), gemma3_forward)

@@ -17,56 +17,32 @@ import numpy as np
 
 from parity.engines.numpy.ops import (
     Array,
+    BlockWeights,
     FloatType,
     Forward,
+    Hparams,
     attention,
-    float_key,
-    int_key,
+    block_weights,
+    bound,
+    embeddings_and_head,
     linear,
     load_tensor,
-    n_vocab_of,
-    require_tensor,
+    read_hparams,
     rms_norm,
     rope,
     rope_cos_sin,
-    rope_freq_scale,
     swiglu_ffn,
 )
-from parity.errors import ModelFormatError
 from parity.gguf.reader import GGUFFile
 
-
-@dataclass(frozen=True)
-class LlamaParams:
-    """Hyperparameters of a llama-architecture model, as llama.cpp reads them."""
-
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_rot: int
-    rms_eps: float
-    rope_base: float
-    rope_freq_scale: float
-    n_ctx_train: int
+# A llama model's hyperparameters are exactly the shared ones (ops.read_hparams), RoPE over the whole head.
+LlamaParams = Hparams
 
 
 @dataclass(frozen=True)
-class LlamaLayer:
+class LlamaLayer(BlockWeights):
     """One transformer block's weights, dequantized; shapes (out, in) in numpy order."""
 
-    attn_norm: Array  # (d,)
-    wq: Array  # (h*hd, d)
-    wk: Array  # (hk*hd, d)
-    wv: Array  # (hk*hd, d)
-    wo: Array  # (d, h*hd)
-    ffn_norm: Array  # (d,)
-    w_gate: Array  # (f, d)
-    w_up: Array  # (f, d)
-    w_down: Array  # (d, f)
     biases: dict[str, Array]  # optional biases, keyed by tensor kind ("attn_q", "ffn_up", ...)
 
 
@@ -84,80 +60,31 @@ class LlamaWeights:
 
 def llama_params(f: GGUFFile) -> LlamaParams:
     """Read llama hyperparameters with llama.cpp's defaults (llama-model.cpp, load_hparams)."""
-    arch = f.architecture
-    n_embd = int_key(f, f"{arch}.embedding_length")
-    n_head = int_key(f, f"{arch}.attention.head_count")
-    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
-    n_rot = int_key(f, f"{arch}.rope.dimension_count", head_dim)
-    if n_rot != head_dim:
-        raise ModelFormatError(
-            f"{f.path}: '{arch}.rope.dimension_count' is {n_rot} but the head dimension is {head_dim}",
-            fix="llama.cpp rejects this model too ('invalid n_rot'); check the converter",
-        )
-    if int_key(f, f"{arch}.attention.value_length", head_dim) != head_dim:
-        raise ModelFormatError(
-            f"{f.path}: '{arch}.attention.value_length' differs from the key length {head_dim}",
-            fix="llama.cpp's llama graph requires equal key and value head sizes; check the converter",
-        )
-    return LlamaParams(
-        n_vocab=n_vocab_of(f),
-        n_embd=n_embd,
-        n_layer=int_key(f, f"{arch}.block_count"),
-        n_ff=int_key(f, f"{arch}.feed_forward_length"),
-        n_head=n_head,
-        n_head_kv=int_key(f, f"{arch}.attention.head_count_kv", n_head),
-        head_dim=head_dim,
-        n_rot=n_rot,
-        rms_eps=float_key(f, f"{arch}.attention.layer_norm_rms_epsilon", min=0.0),
-        rope_base=float_key(f, f"{arch}.rope.freq_base", 10000.0, min=0.0),
-        rope_freq_scale=rope_freq_scale(f),
-        n_ctx_train=int_key(f, f"{arch}.context_length"),
-    )
+    return read_hparams(f)
 
 
 def load_llama(f: GGUFFile, dtype: FloatType) -> LlamaWeights:
     """Read and dequantize every llama tensor (names as in llama.cpp's LLM_TENSOR table)."""
     p = llama_params(f)
     d, f_, q_out, kv_out = p.n_embd, p.n_ff, p.n_head * p.head_dim, p.n_head_kv * p.head_dim
-    if p.n_head_kv <= 0 or p.n_head % p.n_head_kv != 0:
-        raise ModelFormatError(
-            f"{f.path}: head_count {p.n_head} is not a multiple of head_count_kv {p.n_head_kv}",
-            fix="check the attention head counts in the metadata",
-        )
-    token_embd = require_tensor(f, "token_embd.weight", (p.n_vocab, d), dtype)
+    token_embd, output_norm, output = embeddings_and_head(f, p, dtype)
+    bias_sizes = {"attn_q": q_out, "attn_k": kv_out, "attn_v": kv_out, "attn_output": d, "ffn_gate": f_}
+    bias_sizes |= {"ffn_up": f_, "ffn_down": d}
     layers = []
     for i in range(p.n_layer):
         b = f"blk.{i}."
         biases: dict[str, Array] = {}
-        for kind, size in (("attn_q", q_out), ("attn_k", kv_out), ("attn_v", kv_out), ("attn_output", d)):
+        for kind, size in bias_sizes.items():
             bias = load_tensor(f, f"{b}{kind}.bias", (size,), dtype, required=False)
             if bias is not None:
                 biases[kind] = bias
-        for kind, size in (("ffn_gate", f_), ("ffn_up", f_), ("ffn_down", d)):
-            bias = load_tensor(f, f"{b}{kind}.bias", (size,), dtype, required=False)
-            if bias is not None:
-                biases[kind] = bias
-        layers.append(
-            LlamaLayer(
-                attn_norm=require_tensor(f, b + "attn_norm.weight", (d,), dtype),
-                wq=require_tensor(f, b + "attn_q.weight", (q_out, d), dtype),
-                wk=require_tensor(f, b + "attn_k.weight", (kv_out, d), dtype),
-                wv=require_tensor(f, b + "attn_v.weight", (kv_out, d), dtype),
-                wo=require_tensor(f, b + "attn_output.weight", (d, q_out), dtype),
-                ffn_norm=require_tensor(f, b + "ffn_norm.weight", (d,), dtype),
-                w_gate=require_tensor(f, b + "ffn_gate.weight", (f_, d), dtype),
-                w_up=require_tensor(f, b + "ffn_up.weight", (f_, d), dtype),
-                w_down=require_tensor(f, b + "ffn_down.weight", (d, f_), dtype),
-                biases=biases,
-            )
-        )
-    output = load_tensor(f, "output.weight", (p.n_vocab, d), dtype, required=False)
+        layers.append(LlamaLayer(**block_weights(f, i, p, dtype), biases=biases))
     return LlamaWeights(
         params=p,
         token_embd=token_embd,
         layers=layers,
-        output_norm=require_tensor(f, "output_norm.weight", (d,), dtype),
-        output=token_embd if output is None else output,  # tied embeddings, as llama.cpp does
+        output_norm=output_norm,
+        output=output,  # token_embd itself when the output is tied, as llama.cpp does
         rope_freqs=load_tensor(f, "rope_freqs.weight", (p.n_rot // 2,), dtype, required=False),
     )
 
@@ -196,9 +123,5 @@ def llama_forward(w: LlamaWeights, tokens: Array, last_only: bool = False) -> Ar
 
 
 def build_llama(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
-    weights = load_llama(f, dtype)
-
-    def forward(tokens: Array, last_only: bool) -> Array:
-        return llama_forward(weights, tokens, last_only)
-
-    return forward, weights.params.n_vocab, weights.params.n_ctx_train
+    """The engine's builder for `llama`: dequantize once, return (forward, n_vocab, n_ctx_train)."""
+    return bound(load_llama(f, dtype), llama_forward)

@@ -9,7 +9,8 @@ Shapes: n = tokens, d = n_embd, h = query heads, hk = KV heads, hd = head dim, f
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -112,12 +113,22 @@ def causal_mask(n: int) -> Array:
     return np.tril(np.ones((n, n), dtype=bool))  # (n, n)
 
 
-def attention(q: Array, k: Array, v: Array, scale: float | np.floating[Any], allowed: Array | None = None) -> Array:
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    scale: float | np.floating[Any],
+    allowed: Array | None = None,
+    *,
+    f16_probs: bool = False,
+) -> Array:
     """Grouped-query attention over one sequence at positions 0..n-1, causal unless `allowed` says otherwise.
 
     q is (n, h, hd), k and v are (n, hk, hd); query head j reads KV head j // (h / hk), as ggml's
     broadcasting mul_mat does. As in ggml_soft_max_ext, the scale multiplies q.k, not q. `allowed` is an
     (n, n) bool [query, key] mask (e.g. a sliding window); masked keys get -inf, as in llama.cpp's KQ mask.
+    `f16_probs` rounds the probabilities to f16 before the V product, as an engine does whose V cache is F16
+    and whose kernel converts them to V's vec_dot_type (numerics.Numerics.round_probs).
     """
     n, h, hd = q.shape
     group = h // k.shape[1]
@@ -127,6 +138,8 @@ def attention(q: Array, k: Array, v: Array, scale: float | np.floating[Any], all
     keep = causal_mask(n) if allowed is None else allowed  # (n, n)
     scores = np.where(keep, scores * scale, -np.inf)  # (h, n, n)
     probs = softmax(scores, axis=-1)  # (h, n, n)
+    if f16_probs:
+        probs = probs.astype(np.float16).astype(q.dtype)  # (h, n, n) through f16
     out = probs @ v.transpose(1, 0, 2)  # (h, n, hd)
     return out.transpose(1, 0, 2).reshape(n, h * hd)  # (n, h*hd)
 
@@ -145,7 +158,7 @@ def swiglu_ffn(x: Array, w_gate: Array, w_up: Array, w_down: Array, biases: dict
 
 
 # ---------------------------------------------------------------------------------------------------
-# llama
+# Hyperparameters and weights
 
 
 def int_key(f: GGUFFile, key: str, default: int | None = None, *, min: int = 1) -> int:
@@ -186,6 +199,73 @@ def rope_freq_scale(f: GGUFFile) -> float:
     return 1.0 if factor == 0.0 else 1.0 / factor
 
 
+@dataclass(frozen=True)
+class Hparams:
+    """The hyperparameters every architecture of the engine reads, as llama.cpp's load_hparams does."""
+
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    rms_eps: float
+    rope_base: float
+    rope_freq_scale: float
+    n_ctx_train: int
+
+
+def read_hparams(f: GGUFFile, *, partial_rope: bool = False) -> Hparams:
+    """Read the shared hyperparameters with llama.cpp's defaults (llama-model.cpp, load_hparams).
+
+    RoPE covers the whole head (`rope.dimension_count` == head dim, else llama.cpp's 'invalid n_rot'), or with
+    `partial_rope` any even width up to it. Key and value heads must be the same size, and the query heads
+    must be a whole multiple of the KV heads. Each violation is a ModelFormatError naming the key.
+    """
+    arch = f.architecture
+    n_embd = int_key(f, f"{arch}.embedding_length")
+    n_head = int_key(f, f"{arch}.attention.head_count")
+    head_dim = int_key(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1))
+    n_rot = int_key(f, f"{arch}.rope.dimension_count", head_dim)
+    if partial_rope and (n_rot > head_dim or n_rot % 2):
+        raise ModelFormatError(
+            f"{f.path}: '{arch}.rope.dimension_count' is {n_rot}, which does not fit the head dimension {head_dim}",
+            fix="RoPE needs an even number of dimensions no larger than the head; check the converter",
+        )
+    if not partial_rope and n_rot != head_dim:
+        raise ModelFormatError(
+            f"{f.path}: '{arch}.rope.dimension_count' is {n_rot} but the head dimension is {head_dim}",
+            fix="llama.cpp rejects this model too ('invalid n_rot'); check the converter",
+        )
+    if int_key(f, f"{arch}.attention.value_length", head_dim) != head_dim:
+        raise ModelFormatError(
+            f"{f.path}: '{arch}.attention.value_length' differs from the key length {head_dim}",
+            fix=f"llama.cpp's {arch} graph requires equal key and value head sizes; check the converter",
+        )
+    n_head_kv = int_key(f, f"{arch}.attention.head_count_kv", n_head)
+    if n_head % n_head_kv != 0:
+        raise ModelFormatError(
+            f"{f.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}",
+            fix="check the attention head counts in the metadata",
+        )
+    return Hparams(
+        n_vocab=n_vocab_of(f),
+        n_embd=n_embd,
+        n_layer=int_key(f, f"{arch}.block_count"),
+        n_ff=int_key(f, f"{arch}.feed_forward_length"),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_rot=n_rot,
+        rms_eps=float_key(f, f"{arch}.attention.layer_norm_rms_epsilon", min=0.0),
+        rope_base=float_key(f, f"{arch}.rope.freq_base", 10000.0, min=0.0),
+        rope_freq_scale=rope_freq_scale(f),
+        n_ctx_train=int_key(f, f"{arch}.context_length"),
+    )
+
+
 def load_tensor(
     f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType, required: bool = True
 ) -> Array | None:
@@ -212,5 +292,67 @@ def require_tensor(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatT
     return arr
 
 
+@dataclass(frozen=True)
+class BlockWeights:
+    """The weights every llama-shaped block has (architectures add their own), dequantized; (out, in) order."""
+
+    attn_norm: Array  # (d,)
+    wq: Array  # (h*hd, d)
+    wk: Array  # (hk*hd, d)
+    wv: Array  # (hk*hd, d)
+    wo: Array  # (d, h*hd)
+    ffn_norm: Array  # (d,)
+    w_gate: Array  # (f, d)
+    w_up: Array  # (f, d)
+    w_down: Array  # (d, f)
+
+
+def block_weights(f: GGUFFile, il: int, p: Hparams, dtype: FloatType) -> dict[str, Array]:
+    """Block `il`'s BlockWeights fields, by field name (names as in llama.cpp's LLM_TENSOR table)."""
+    d, f_, q_out, kv_out = p.n_embd, p.n_ff, p.n_head * p.head_dim, p.n_head_kv * p.head_dim
+    shapes = {
+        "attn_norm": ("attn_norm", (d,)),
+        "wq": ("attn_q", (q_out, d)),
+        "wk": ("attn_k", (kv_out, d)),
+        "wv": ("attn_v", (kv_out, d)),
+        "wo": ("attn_output", (d, q_out)),
+        "ffn_norm": ("ffn_norm", (d,)),
+        "w_gate": ("ffn_gate", (f_, d)),
+        "w_up": ("ffn_up", (f_, d)),
+        "w_down": ("ffn_down", (d, f_)),
+    }
+    return {
+        field: require_tensor(f, f"blk.{il}.{name}.weight", shape, dtype) for field, (name, shape) in shapes.items()
+    }
+
+
+def embeddings_and_head(f: GGUFFile, p: Hparams, dtype: FloatType) -> tuple[Array, Array, Array]:
+    """token_embd (V, d), output_norm (d,) and the output head (V, d): `output.weight`, or token_embd itself
+    when the file has none (tied, as llama.cpp's TENSOR_DUPLICATED)."""
+    token_embd = require_tensor(f, "token_embd.weight", (p.n_vocab, p.n_embd), dtype)
+    output_norm = require_tensor(f, "output_norm.weight", (p.n_embd,), dtype)
+    output = load_tensor(f, "output.weight", (p.n_vocab, p.n_embd), dtype, required=False)
+    return token_embd, output_norm, token_embd if output is None else output
+
+
 # (tokens, last_only) -> logits: what each architecture's builder returns
 Forward = Callable[[Array, bool], Array]
+
+
+class Loaded(Protocol):
+    """An architecture's weights: whatever they hold, they carry the shared hyperparameters."""
+
+    @property
+    def params(self) -> Hparams: ...
+
+
+W = TypeVar("W", bound=Loaded)
+
+
+def bound(weights: W, forward: Callable[[W, Array, bool], Array]) -> tuple[Forward, int, int]:
+    """What an architecture's builder returns: `forward` bound to its loaded `weights`, n_vocab, n_ctx_train."""
+
+    def run(tokens: Array, last_only: bool) -> Array:
+        return forward(weights, tokens, last_only)
+
+    return run, weights.params.n_vocab, weights.params.n_ctx_train
