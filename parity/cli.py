@@ -185,28 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from parity import options
-    from parity.check import job, summary
+    """`parity run`: a thin layer over parity.api.check."""
+    from parity import api
 
-    opts = options.resolve({k: getattr(args, k) for k in _RUN_KEYS})
-    shared, results = job.run(opts, args.backends or ["llama"])
-    code = job.exit_code(results)
-    print(summary.render(opts.format, shared, results, code))
-    return code
+    given = {k: getattr(args, k) for k in _RUN_KEYS if getattr(args, k) is not None}
+    result = api.check(reference=args.backends or ["llama"], **given)
+    print(result.render(result.format))
+    return result.exit_code
 
 
 def cmd_parity_both(args: argparse.Namespace) -> int:
-    from parity import options
-    from parity.check import job, summary
+    """`parity parity-both`: parity.api.check against bitnet.cpp and llama.cpp."""
+    from parity import api
 
-    cli = {k: getattr(args, k) for k in _COMMON_KEYS}
-    if cli["metrics"] is None:
-        cli["metrics"] = "mse"
-    opts = options.resolve(cli)
-    shared, results = job.run(opts, ["bitnet", "llama"])
-    code = job.exit_code(results)
-    print(summary.render(opts.format, shared, results, code))
-    return code
+    given = {k: getattr(args, k) for k in _COMMON_KEYS if getattr(args, k) is not None}
+    given.setdefault("metrics", "mse")
+    result = api.check(reference=["bitnet", "llama"], **given)
+    print(result.render(result.format))
+    return result.exit_code
 
 
 def cmd_setup(args: argparse.Namespace) -> int:

@@ -1,0 +1,80 @@
+"""The Python API for test suites: `check()` runs what `parity run` runs and returns the result object the
+CLI renders. An engine project asserts parity inside its own pytest suite:
+
+    from parity.api import check
+
+    def test_my_engine_matches_llama_cpp():
+        result = check(impl="cmd:./build/my-engine", prompt="The capital of France is")
+        assert result.passed, result.text()
+
+Errors in the input (a bad spec, a missing model, a token mismatch) raise parity.errors.ParityError (its
+`exit_code` is what the CLI would exit with); a diverging or failing lane is a result with passed False.
+The pytest plugin (parity.pytest_plugin, registered as the `parity` pytest11 entry point) adds fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from parity import options
+from parity.check import job, summary
+
+
+@dataclass
+class CheckResult:
+    """What a check found: verdict, exit code, one LaneResult per reference, receipts, the summaries."""
+
+    shared: job.Shared
+    lanes: list[job.LaneResult]
+    exit_code: int
+    format: str = "text"  # the summary format the options asked for (--format, [tool.parity], PARITY_FORMAT)
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def receipts(self) -> list[Path]:
+        return [lane.receipt_path for lane in self.lanes if lane.receipt_path is not None]
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary (`parity run --format json`)."""
+        return summary.as_dict(self.shared, self.lanes, self.exit_code)
+
+    def text(self) -> str:
+        """The text summary (`parity run`)."""
+        return summary.as_text(self.shared, self.lanes, self.exit_code)
+
+    def render(self, fmt: str) -> str:
+        return json.dumps(self.summary(), indent=2) if fmt == "json" else self.text()
+
+
+def check(
+    *,
+    impl: str | None = None,
+    reference: Sequence[str] = ("llama",),
+    model: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    prompt: str | None = None,
+    **settings: Any,
+) -> CheckResult:
+    """Compare `impl` (a spec: numpy, cmd:..., py:..., logits:..., llama:...) with each `reference` lane.
+
+    `settings` are any other `parity run` options by their names (max_tokens, cos_tol, mse_tol, tie_margin,
+    out_dir, threads, timeout, prompt_template, ...); unset ones come from [tool.parity] and PARITY_*
+    variables, as on the command line.
+    """
+    given: dict[str, Any] = {
+        "impl": impl,
+        "model_gguf": str(model) if model is not None else None,
+        "tokenizer": str(tokenizer) if tokenizer is not None else None,
+        "prompt": prompt,
+        **settings,
+    }
+    opts = options.resolve(given)
+    shared, lanes = job.run(opts, list(reference))
+    return CheckResult(shared, lanes, job.exit_code(lanes), opts.format)
