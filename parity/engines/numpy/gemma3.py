@@ -44,6 +44,7 @@ from parity.engines.numpy.ops import (
     float_key,
     int_key,
     linear,
+    output_head,
     read_hparams,
     require_tensor,
     rms_norm,
@@ -250,10 +251,7 @@ def gemma3_forward(w: Gemma3Weights, tokens: Array, last_only: bool = False) -> 
     for layer, swa in zip(w.layers, p.is_swa, strict=True):
         cos, sin = rope_local if swa else rope_global
         x = gemma3_block(x, layer, p, cos, sin, mask_local if swa else mask_global)  # (n, d)
-    if last_only:
-        x = x[-1:]  # (1, d): llama.cpp also skips the head for rows it does not output
-    x = rms_norm(x, w.output_norm, p.rms_eps)  # (n, d)
-    logits = linear(x, w.output)  # (n, V)
+    logits = output_head(x, w.output_norm, w.output, p.rms_eps, last_only)  # (n, V)
     return softcap(logits, p.final_logit_softcap) if p.final_logit_softcap else logits  # (n, V)
 
 

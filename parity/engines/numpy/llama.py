@@ -27,6 +27,7 @@ from parity.engines.numpy.ops import (
     embeddings_and_head,
     linear,
     load_tensor,
+    output_head,
     read_hparams,
     rms_norm,
     rope,
@@ -116,10 +117,7 @@ def llama_forward(w: LlamaWeights, tokens: Array, last_only: bool = False) -> Ar
     )  # (n, hd/2) each
     for layer in w.layers:
         x = llama_block(x, layer, p, cos, sin)  # (n, d)
-    if last_only:
-        x = x[-1:]  # (1, d): llama.cpp also skips the head for rows it does not output
-    x = rms_norm(x, w.output_norm, p.rms_eps)  # (n, d)
-    return linear(x, w.output)  # (n, V)
+    return output_head(x, w.output_norm, w.output, p.rms_eps, last_only)  # (n, V)
 
 
 def build_llama(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:

@@ -157,6 +157,16 @@ def swiglu_ffn(x: Array, w_gate: Array, w_up: Array, w_down: Array, biases: dict
     return linear(silu(gate) * up, w_down, biases.get("ffn_down"))  # (n, d)
 
 
+def output_head(x: Array, output_norm: Array, output: Array, eps: float, last_only: bool) -> Array:
+    """The final RMSNorm and the output matmul, (n, d) -> (n, V); only the last row when `last_only`.
+
+    llama.cpp also skips the head for rows it does not output.
+    """
+    if last_only:
+        x = x[-1:]  # (1, d)
+    return linear(rms_norm(x, output_norm, eps), output)  # (n, V)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Hyperparameters and weights
 
