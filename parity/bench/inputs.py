@@ -2,8 +2,10 @@
 (`select_impls`).
 
 Implementations are spec strings of the one registry (parity.engines.spec, parity.engines.registry): `numpy`,
-`numpy:dtype=float64`, `llama`, `llama:type_k=f16,flash_attn=on`, `bitnet`, ... A lane is named by its spec's
-label (`llama`, `llama-type_k-f16`), so the default lanes keep the names baselines know them by.
+`numpy:dtype=float64`, `llama`, `llama:type_k=f16,flash_attn=on`, `bitnet`, ... and the external kinds `cmd:ARGV`
+and `py:module:factory` (docs/PROTOCOL.md; timed through the protocol, parity.bench.lanes.ExternalLane). A lane is
+named by its spec's label (`llama`, `llama-type_k-f16`, `cmd`), so the default lanes keep the names baselines know
+them by. `logits:FILE` is refused: precomputed logits have nothing to time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from parity.engines.spec import ImplSpec
 from parity.errors import ParityError, UsageError
 
 IMPLS = ("numpy", "llama", "bitnet")  # the default lanes (bitnet only where built)
+EXTERNAL = ("cmd", "py")  # engines brought by the user, timed through protocol v2 (never a default lane)
 NOT_TIMED = ("eval_shape",)  # spec options that do not change what bench times (greedy decoding)
 
 
@@ -59,7 +62,7 @@ def resolve_model(spec: str) -> ModelRef:
 
 @dataclass(frozen=True)
 class Impl:
-    """One lane to measure: an implementation spec and the build plan of its kind (None for numpy)."""
+    """One lane to measure: an implementation spec and the build plan of its kind (None for numpy, cmd, py)."""
 
     spec: ImplSpec
     plan: build.BuildPlan | None
@@ -70,14 +73,25 @@ class Impl:
 
 
 def parse_impls(texts: tuple[str, ...]) -> list[ImplSpec]:
-    """--impl values as specs, one per label (empty: IMPLS); UsageError (exit 2) naming a bad one."""
+    """--impl values as specs, one per label (empty: IMPLS); UsageError (exit 2) naming a bad one, a `logits:`
+    spec, two different external commands (both would be lane `cmd`) or a `cmd:` program that is not there."""
+    from parity.engines.external import command_argv
+
     specs: dict[str, ImplSpec] = {}
     for text in texts or IMPLS:
         s = impl_specs.parse(text)
-        if s.kind not in IMPLS:
+        if s.kind == "logits":
             raise UsageError(
-                f"--impl {text}: parity bench measures {', '.join(IMPLS)} (KIND[:key=value,...])",
-                fix="compare an engine of your own with `parity run --impl`; benchmark one of these kinds",
+                f"--impl {text}: parity bench times an implementation computing logits; a logits: file holds "
+                "precomputed ones, there is nothing to time",
+                fix="bench the engine that wrote them (--impl 'cmd:ARGV' or --impl py:module:factory), "
+                "or compare the file with `parity run --impl`",
+            )
+        if s.kind not in IMPLS + EXTERNAL:
+            raise UsageError(
+                f"--impl {text}: parity bench measures {', '.join(IMPLS + EXTERNAL)} (KIND[:key=value,...], cmd:ARGV, "
+                "py:module:factory)",
+                fix="benchmark one of these kinds",
             )
         for key in NOT_TIMED:
             if s.get(key) is not None:
@@ -85,6 +99,13 @@ def parse_impls(texts: tuple[str, ...]) -> list[ImplSpec]:
                     f"--impl {text}: {key} does not apply to parity bench (it times greedy decoding)",
                     fix=f"drop {key}=...",
                 )
+        if s.kind in EXTERNAL:
+            if s.label in specs and specs[s.label] != s:
+                raise UsageError(
+                    f"--impl {text}: a second {s.kind}: lane (lane `{s.label}` is {specs[s.label].text})",
+                    fix=f"bench one {s.kind}: implementation per run",
+                )
+            command_argv(s)  # a program that is not there: exit 2 now, not an unavailable lane later
         specs.setdefault(s.label, s)
     return list(specs.values())
 
@@ -94,7 +115,7 @@ def select_impls(impls: tuple[str, ...], verbose: bool = False) -> dict[str, Imp
     is built if missing (streaming the build's output when `verbose`), bitnet only used if built unless asked
     for."""
     chosen = parse_impls(impls)
-    plans: dict[str, build.BuildPlan | None] = {"numpy": None}
+    plans: dict[str, build.BuildPlan | None] = {kind: None for kind in ("numpy", *EXTERNAL)}
     out: dict[str, Impl] = {}
     for s in chosen:
         if s.kind not in plans:

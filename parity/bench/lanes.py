@@ -4,11 +4,14 @@ A lane (`Lane`) is one implementation with one model loaded, and its one timed o
 back-to-back greedy evaluations, each timed where it runs. `InProcessLane` holds an engine in this process
 (the numpy engine; a test may wrap it, e.g. to slow it down); `WorkerLane` a C++ backend in THE worker process
 (parity.backends.worker) in its timed mode: the evaluations are timed inside the worker, so the pipe round
-trip is not measured (`rpc_overhead_ms` records it for reference). `open_lane` opens the lane for a `LaneSpec`
+trip is not measured (`rpc_overhead_ms` records it for reference); `ExternalLane` an engine brought by the user
+(`cmd:ARGV`, `py:module:factory`) in its own process speaking protocol v2 (docs/PROTOCOL.md), timed here around
+each request, so the protocol is part of its figures. `open_lane` opens the lane for a `LaneSpec`
 (an implementation spec of parity.engines.spec: the numpy lane is opened through parity.engines.registry, a C++
 lane's context parameters are the bench's base parameters with the spec applied, parity.bench.main.lane_params);
 `parity bench` takes it as a parameter (bench.run_bench). Peak memory:
-a worker's VmHWM read before it exits; for numpy, this process's VmHWM after resetting it before loading.
+a worker's (or an external engine's) VmHWM read before it exits; for numpy, this process's VmHWM after resetting
+it before loading.
 `calibrate` and `measure` say how samples are taken and record what ran (`Figure`).
 """
 
@@ -38,6 +41,7 @@ from parity.errors import UsageError
 
 if TYPE_CHECKING:
     from parity.backends.bridge import BackendParams
+    from parity.engines.external import CommandImplementation
 
 MACHINE_ENV = "PARITY_BENCH_MACHINE"
 MIN_SAMPLE_S = 0.05  # a sample is at least this long: back-to-back evaluations (see calibrate)
@@ -315,10 +319,77 @@ def open_cpp(
     return WorkerLane(label, impl, w, model, info, record)
 
 
+class ExternalLane(Lane):
+    """An engine brought by the user (`cmd:`, `py:`): parity.engines.external.CommandImplementation, one process
+    speaking protocol v2 for the whole bench. Each evaluation is its `greedy(tokens, n_new)` timed in this process:
+    the request, the engine's work, the reply and its decoding - the protocol is part of the figure, because that
+    is what using the engine through parity costs. An engine with the `greedy` capability answers one `greedy`
+    request per evaluation; one without gets a `logits` request per step (parity takes the argmax of the last row),
+    of the whole sequence so far, as `parity run` decodes it. Peak RSS: the engine process's VmHWM before it exits.
+    """
+
+    def __init__(
+        self, label: str, engine: CommandImplementation, n_vocab: int, architecture: str, record: dict[str, Any]
+    ) -> None:
+        super().__init__(label, engine.kind, n_vocab, architecture, record)
+        self.engine = engine
+
+    def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
+        return time_greedy(self.engine, tokens, n_new, count)
+
+    def close(self) -> dict[str, Any]:
+        hwm = _status_kb(self.engine.proc.pid, "VmHWM") if self.engine.proc.poll() is None else None
+        self.engine.close()
+        return {"peak_rss_bytes": hwm, "rss_method": "VmHWM of the engine process before exit"}
+
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def thread_env(n: int) -> Iterator[dict[str, str]]:
+    """The conventional thread-count variables set to `n` where the user has not set them, while an external
+    engine starts (it inherits them); yields what the engine sees. parity cannot set an external engine's threads
+    otherwise, and a BLAS spinning 2 threads on a shared 2-core machine made the echo engine's pp 75x slower."""
+    added = {k: str(n) for k in THREAD_ENV if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield {k: os.environ[k] for k in THREAD_ENV}
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def open_external(spec: LaneSpec) -> ExternalLane:
+    """A `cmd:`/`py:` implementation opened through the registry (parity.engines.registry), started with
+    `thread_env(spec.threads)`; its vocabulary is the width of the logits it returns for one token (an untimed
+    `logits` request), the architecture the model's."""
+    from parity.engines.external import CommandImplementation
+    from parity.engines.registry import OpenContext, open_implementation
+    from parity.gguf.reader import open_gguf
+
+    architecture = open_gguf(spec.model_path).architecture
+    t0 = time.perf_counter()
+    with thread_env(spec.threads) as env:
+        impl = open_implementation(
+            spec.impl, OpenContext(model=spec.model_path, log_dir=spec.log_dir, log_name=f"bench-{spec.label}")
+        )
+    try:
+        load = time.perf_counter() - t0
+        assert isinstance(impl, CommandImplementation)
+        n_vocab = int(impl.logits([0]).shape[1])
+        record = {"load_s": load, "config": {"thread_env": env}, "implementation": impl.describe()}
+    except BaseException:
+        impl.close()
+        raise
+    return ExternalLane(spec.label, impl, n_vocab, architecture, record)
+
+
 @dataclass(frozen=True)
 class LaneSpec:
-    """What to open: an implementation (`impl`, its build plan; None for numpy) on a model, as lane `label`;
-    `params`: a C++ lane's context parameters (spec applied)."""
+    """What to open: an implementation (`impl`, its build plan; None for numpy, cmd, py) on a model, as lane `label`;
+    `params`: a C++ lane's context parameters (spec applied); `threads`: what an external engine is asked for
+    (thread_env)."""
 
     label: str
     impl: ImplSpec
@@ -326,12 +397,15 @@ class LaneSpec:
     model_path: Path
     params: BackendParams | None
     log_dir: Path
+    threads: int = 1
 
 
 def open_lane(spec: LaneSpec) -> Lane:
     """The lane `parity bench` measures for `spec` (its default lane opener)."""
     if spec.impl.kind == "numpy":
         return open_numpy(spec.model_path, spec.impl)
+    if spec.impl.kind in ("cmd", "py"):
+        return open_external(spec)
     if spec.plan is None or spec.params is None:
         raise UsageError(f"the {spec.label} lane needs a build plan and context parameters")
     return open_cpp(spec.label, spec.impl.kind, spec.plan, spec.model_path, spec.params, spec.log_dir)

@@ -22,8 +22,18 @@ one warm-up then `-r K` evaluations per invocation with K = our lane's evaluatio
 (llama-bench's defaults), reported beside our precise F32-KV lane. The medians of the matched pp samples must
 agree within 10 % + noise, noise = relative MAD of both sides (exit 1 otherwise).
 
-Exit codes: 0 pass, no baseline yet, or baseline written; 1 gate failure, cross-check disagreement, or an
-implementation failing while measured; 2 usage / backend unavailable; 5 build failure (llama-bench).
+External implementations (`--impl 'cmd:ARGV'`, `--impl py:module:factory`, docs/PROTOCOL.md) time the same
+evaluations from this process, around each protocol request, so their figures include the protocol
+(parity.bench.lanes.ExternalLane); `logits:FILE` has nothing to time and is refused (exit 2).
+
+Protocol overhead (issue 13; on by default, --no-protocol-probe skips it): the seconds one `logits` reply of
+Gemma 3 270M's size (72 positions x 262,144 float32, 75.5 MB) takes through protocol v2 - parity's reader, a
+real pipe, a real child process answering zeros (parity.bench.protocol_probe) - median of a few requests,
+recorded as `protocol_overhead` and gated: above BAR_S (0.25 s) the run fails (exit 1).
+
+Exit codes: 0 pass, no baseline yet, or baseline written; 1 gate failure, cross-check disagreement, an
+implementation failing while measured, or the protocol overhead above its bar; 2 usage / backend unavailable;
+5 build failure (llama-bench).
 
 Implementations are spec strings of the one registry (parity.engines.spec: `numpy`, `numpy:dtype=float64`,
 `llama`, `llama:type_k=f16,flash_attn=on`, `bitnet`, ...; --impl, repeatable; default numpy, llama, and bitnet
@@ -51,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 from parity.backends import build, lock
 from parity.backends import tools as build_tools
 from parity.bench import gate as bench_gate
-from parity.bench import inputs, llama_bench
+from parity.bench import inputs, llama_bench, protocol_probe
 from parity.bench import lanes as bench_lanes
 from parity.compare import receipts
 from parity.core.fs import atomic_write_text
@@ -90,6 +100,7 @@ class BenchOptions:
     max_drop: float = bench_gate.THRESHOLD
     min_sample_s: float = bench_lanes.MIN_SAMPLE_S
     cross_check_threads: int = 1
+    protocol_probe: bool = True  # measure (and gate) the protocol overhead on Gemma-sized logits
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the flag."""
@@ -162,7 +173,7 @@ def bench_model(
     log_dir = out_dir / "logs"
     results = {label: _result(model, i.spec) for label, i in impls.items()}
     wanted = [
-        bench_lanes.LaneSpec(label, i.spec, i.plan, model.path, lane_params(i.spec, opts), log_dir)
+        bench_lanes.LaneSpec(label, i.spec, i.plan, model.path, lane_params(i.spec, opts), log_dir, opts.threads)
         for label, i in impls.items()
     ]
     xplan, xparams = llama_plan(impls), xcheck_params(opts)
@@ -346,6 +357,12 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
             bench_one(receipt, model, impls, opts, tools, open_lane)
     if tools is not None:
         receipt["settings"]["llama_bench_binary"] = str(tools.binary)
+    if opts.protocol_probe:
+        log(
+            f"bench: protocol overhead: {protocol_probe.SAMPLES} logits replies of "
+            f"{protocol_probe.POSITIONS} x {protocol_probe.VOCAB} float32 through protocol v2"
+        )
+        receipt["protocol_overhead"] = protocol_probe.measure(log_dir=out_dir / "logs")
     return receipt
 
 
@@ -392,7 +409,8 @@ def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
             rows = bench_gate.compare(bench_gate.load_baseline(path_found), receipt, opts.max_drop)
             gate.update(baseline=str(path_found), rows=[r.to_dict() for r in rows])
             status = "fail" if bench_gate.gate_failed(rows) else "pass"
-    failed = status == "fail" or bool(errors) or bool(xfail)
+    probe_failed = (receipt.get("protocol_overhead") or {}).get("verdict") == "FAIL"
+    failed = status == "fail" or bool(errors) or bool(xfail) or probe_failed
     receipt["gate"] = gate
     receipt["status"] = status
     receipt["exit_code"] = 1 if failed else 0
@@ -416,8 +434,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "Measure prompt processing and token generation (tokens/s) of each implementation on each model, "
             "cross-check llama.cpp with its own llama-bench, and compare with the newest matching baseline. "
             "Exit codes: 0 pass (or no baseline yet / baseline written), 1 a throughput or same-run ratio dropped "
-            "more than 10% beyond the measured noise, the llama-bench cross-check disagreed, or an implementation "
-            "failed; 2 usage error or backend unavailable; 5 build failure."
+            "more than 10% beyond the measured noise, the llama-bench cross-check disagreed, an implementation "
+            "failed, or moving Gemma-sized logits through protocol v2 took more than "
+            f"{protocol_probe.BAR_S:g} s; 2 usage error or backend unavailable; 5 build failure."
         ),
     )
     p.add_argument("--baseline", action="store_true", help="write this run as the baseline for this machine")
@@ -435,8 +454,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         dest="impls",
         metavar="SPEC",
         help="implementation spec, repeatable: numpy, numpy:dtype=float64, llama, llama:type_k=f16,flash_attn=on, "
-        "bitnet, ... (KIND[:key=value,...], as `parity run --impl`; default: numpy, llama, and bitnet where built); "
-        "a lane is named by the spec's label, e.g. llama-type_k-f16",
+        "bitnet, ... (KIND[:key=value,...], as `parity run --impl`; default: numpy, llama, and bitnet where built), "
+        "or an engine of your own: 'cmd:ARGV' or py:module:factory (docs/PROTOCOL.md; timed through the protocol); "
+        "a lane is named by the spec's label, e.g. llama-type_k-f16, cmd",
     )
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prompt processing (default 64)")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy steps for token generation (default 16)")
@@ -458,6 +478,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--no-llama-bench", action="store_true", help="skip the llama-bench cross-check (and its build)")
     p.add_argument(
         "--cross-check-threads", type=int, default=1, metavar="N", help=CROSS_CHECK_THREADS_HELP + " (default 1)"
+    )
+    p.add_argument(
+        "--protocol-probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"time {protocol_probe.SAMPLES} logits replies of Gemma 3's size ({protocol_probe.POSITIONS} x "
+        f"{protocol_probe.VOCAB} float32) through protocol v2 to a child process; exit 1 when the median exceeds "
+        f"{protocol_probe.BAR_S:g} s (default: on)",
     )
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout (default text)")
     p.add_argument("--verbose", action="store_true", help="stream build output")
@@ -486,6 +514,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         verbose=args.verbose,
         max_drop=args.max_drop,
         cross_check_threads=args.cross_check_threads,
+        protocol_probe=args.protocol_probe,
     )
 
 

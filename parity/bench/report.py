@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 METRIC_TITLES = {"pp": "prompt processing", "tg": "token generation"}
-COLORS = {"numpy": "#4e79a7", "llama": "#f28e2b", "bitnet": "#59a14f", "llama-bench": "#b07aa1"}
+COLORS = {
+    "numpy": "#4e79a7",
+    "llama": "#f28e2b",
+    "bitnet": "#59a14f",
+    "llama-bench": "#b07aa1",
+    "cmd": "#76b7b2",
+    "py": "#edc948",
+}
 
 
 def _names(receipt: dict[str, Any]) -> dict[str, str]:
@@ -143,6 +150,18 @@ def gate_table(receipt: dict[str, Any]) -> str:
     return table(header, rows, [False] * 4 + [True] * 4 + [False])
 
 
+def protocol_overhead_line(receipt: dict[str, Any]) -> str | None:
+    """The protocol overhead figure (parity.bench.protocol_probe) in one line, or None when it was not measured."""
+    p = receipt.get("protocol_overhead")
+    if not p:
+        return None
+    return (
+        f"protocol overhead: one logits reply of {p['positions']} x {p['vocab']} float32 ({p['bytes'] / 1e6:.1f} MB) "
+        f"through protocol v2 to a child process: median {p['median_s']:.3f} s ({p['min_s']:.3f}..{p['max_s']:.3f}, "
+        f"{len(p['samples'])} requests); bar {p['bar_s']:g} s: {p['verdict']}"
+    )
+
+
 def _sampling(settings: dict[str, Any]) -> str:
     """How samples were taken, for the summary line (receipts before min_sample_s said `warmup_reps`)."""
     if "min_sample_s" in settings:
@@ -178,6 +197,9 @@ def render_text(receipt: dict[str, Any]) -> str:
             "10% + noise, noise = relative MAD of ours + of llama-bench's):",
             cross_check_table(receipt),
         ]
+    probe = protocol_overhead_line(receipt)
+    if probe:
+        parts += ["", probe]
     gate = receipt["gate"]
     parts += ["", gate["note"]]
     if gate["rows"]:
@@ -203,6 +225,9 @@ def verdict(receipt: dict[str, Any]) -> str:
     errors = [r for r in receipt["results"] if r["status"] == "error"]
     if errors:
         reasons.append(f"{len(errors)} implementation(s) failed during measurement (not verified)")
+    probe = receipt.get("protocol_overhead")
+    if probe and probe["verdict"] == "FAIL":
+        reasons.append(f"protocol overhead {probe['median_s']:.3f} s above its bar of {probe['bar_s']:g} s")
     head = "FAIL" if receipt["exit_code"] else receipt["status"].upper()
     return f"bench: {head} (exit {receipt['exit_code']})" + (": " + "; ".join(reasons) if reasons else "")
 
@@ -283,6 +308,9 @@ def render_html(receipt: dict[str, Any]) -> str:
         sections += ["<h2>Same-run ratios</h2>", _html_table(ratios_table(receipt))]
     if receipt["cross_check"]:
         sections += ["<h2>llama-bench cross-check</h2>", _html_table(cross_check_table(receipt))]
+    probe = protocol_overhead_line(receipt)
+    if probe:
+        sections += ["<h2>Protocol overhead</h2>", f"<p>{html.escape(probe)}</p>"]
     sections += ["<h2>Gate</h2>", f"<p>{html.escape(receipt['gate']['note'])}</p>"]
     if receipt["gate"]["rows"]:
         sections.append(_html_table(gate_table(receipt)))

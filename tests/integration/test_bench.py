@@ -36,10 +36,15 @@ def llama_bench_tools(llama_plan: build.BuildPlan) -> tools.ToolsPlan:
     return tools.ensure_llama_bench(spec, lock.source_override(spec))
 
 
-def _bench(out: Path, baselines: Path, *args: str) -> tuple[int, str, str]:
-    env = dict(os.environ, PARITY_BASELINE_DIR=str(baselines), PARITY_BENCH_MACHINE=MACHINE)
+def _bench(
+    out: Path, baselines: Path, *args: str, probe: bool = False, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """`parity bench` in a subprocess; without the protocol overhead probe unless `probe` (its bar is absolute,
+    and these tests are about the lanes: test_external_lanes_and_protocol_overhead measures it)."""
+    env = dict(os.environ, **(env or {}), PARITY_BASELINE_DIR=str(baselines), PARITY_BENCH_MACHINE=MACHINE)
+    flags = ("--reps", "3", "--threads", "1", "--out-dir", str(out), *(() if probe else ("--no-protocol-probe",)))
     proc = subprocess.run(
-        [sys.executable, "-m", "parity", "bench", "--reps", "3", "--threads", "1", "--out-dir", str(out), *args],
+        [sys.executable, "-m", "parity", "bench", *flags, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -179,7 +184,13 @@ def test_receipt_records_the_warm_up_that_really_ran(tmp_path: Path, monkeypatch
         return engines[-1]
 
     opts = bench.BenchOptions(
-        impls=("numpy",), prompt_tokens=8, gen_tokens=2, reps=3, llama_bench=False, out_dir=str(tmp_path)
+        impls=("numpy",),
+        prompt_tokens=8,
+        gen_tokens=2,
+        reps=3,
+        llama_bench=False,
+        out_dir=str(tmp_path),
+        protocol_probe=False,
     )
     assert bench.finish(bench.run_bench(opts, open_lane=_wrap_numpy(counting)), opts) == 0
     saved = _receipt(tmp_path)
@@ -210,6 +221,43 @@ def test_impl_spec_lane_benches_its_configuration(llama_plan: build.BuildPlan, t
     }
     assert {q["name"] for q in r["ratios"]} == {"llama-type_k-f16/llama"}
     assert (tmp_path / "logs" / "worker_llama-type_k-f16.log").is_file()
+
+
+def test_external_lanes_and_protocol_overhead(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    """`--impl 'cmd:ARGV'` and `--impl py:module:factory` are lanes timed through protocol v2 beside llama.cpp, and
+    the receipt carries the protocol overhead of a Gemma-sized logits reply (issue 13's bar: <= 0.25 s)."""
+    echo = ROOT / "examples" / "protocol_v2" / "echo_numpy.py"
+    cmd = f"cmd:{sys.executable} {echo}"
+    args = ("--no-llama-bench", "--impl", cmd, "--impl", "py:echo_numpy:create", "--impl", "llama", "--reps", "2")
+    env = {"PYTHONPATH": os.pathsep.join([str(echo.parent), os.environ.get("PYTHONPATH", "")])}
+    code, out, err = _bench(tmp_path, tmp_path / "baselines", *args, probe=True, env=env)
+    r = _receipt(tmp_path)
+    by_impl = {x["impl"]: x for x in r["results"]}
+    assert list(by_impl) == ["cmd", "py", "llama"], out + err
+    for label, spec in (("cmd", cmd), ("py", "py:echo_numpy:create")):
+        lane = by_impl[label]
+        assert lane["status"] == "ok" and lane["spec"] == spec, out + err
+        assert len(lane["pp"]["samples"]) == 2 and len(lane["tg"]["samples"]) == 2
+        assert lane["pp"]["median"] > 0 and lane["tg"]["median"] > 0 and lane["load_s"] > 0
+        assert lane["implementation"]["name"] == "echo_numpy" and lane["implementation"]["kind"] == label
+        assert lane["config"]["thread_env"]["OPENBLAS_NUM_THREADS"] == os.environ.get("OPENBLAS_NUM_THREADS", "1")
+        assert lane["peak_rss_bytes"] > 10 * 2**20 and "engine process" in lane["rss_method"]
+        assert lane["evaluations"] == sum(lane[m]["warmup_evals"] + lane[m]["timed_evals"] for m in ("pp", "tg"))
+    assert str(echo.resolve()) in by_impl["cmd"]["implementation"]["files"]
+    assert {q["name"] for q in r["ratios"]} == {"cmd/llama", "py/llama"}
+    assert (tmp_path / "logs" / "bench-cmd.log").is_file()
+    probe = r["protocol_overhead"]
+    assert (probe["positions"], probe["vocab"], probe["bytes"]) == (72, 262144, 72 * 262144 * 4)
+    assert len(probe["samples"]) == 7 and probe["min_s"] <= probe["median_s"] <= probe["max_s"]
+    assert probe["bar_s"] == 0.25 and "parity.bench.protocol_probe:zeros" in probe["command"]
+    assert f"median {probe['median_s']:.3f} s" in out and "protocol overhead:" in out
+    assert probe["verdict"] == "pass", f"protocol overhead {probe['median_s']:.3f} s > 0.25 s: {probe['samples']}"
+    assert code == 0, out + err
+
+
+def test_logits_files_are_not_benched(tmp_path: Path) -> None:
+    code, out, err = _bench(tmp_path, tmp_path / "baselines", "--impl", "logits:/nonexistent.npz")
+    assert code == 2 and "nothing to time" in err, out + err
 
 
 def test_llama_bench_cross_check_agrees(llama_bench_tools: tools.ToolsPlan, tmp_path: Path) -> None:

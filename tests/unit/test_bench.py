@@ -5,10 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from parity.backends import build
@@ -17,7 +21,7 @@ from parity.backends import tools as build_tools
 from parity.bench import gate as bench_gate
 from parity.bench import inputs as bench_inputs
 from parity.bench import lanes as bench_lanes
-from parity.bench import llama_bench
+from parity.bench import llama_bench, protocol_probe
 from parity.bench import main as bench
 from parity.bench import report as bench_report
 from parity.engines.spec import parse
@@ -483,7 +487,8 @@ def test_ratios_and_receipts_name_spec_lanes() -> None:
         ("llama:type_k=f99", "implementation spec 'llama:type_k=f99': type_k='f99' is not valid"),
         ("numpy:type_k=f16", "numpy has no option 'type_k'"),
         ("llama:eval_shape=stepwise", "--impl llama:eval_shape=stepwise: eval_shape does not apply"),
-        ("cmd:./engine", "cmd:./engine"),  # an external kind (where registered) is not benchmarked either
+        ("cmd:./engine", "--impl cmd:./engine: command './engine' not found"),  # exit 2 now, not a lane later
+        ("logits:x.npz", "--impl logits:x.npz: parity bench times an implementation computing logits"),
     ],
 )
 def test_a_bad_impl_spec_exits_2_naming_it(spec: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -710,3 +715,170 @@ def test_reports_render_version_1_and_2_receipts() -> None:
     assert "1 warm-up" in bench_report.render_html(old) and "each >= 50 ms" not in bench_report.render_text(old)
     assert "each >= 50 ms of evaluations" in bench_report.render_text(new)
     assert "warmup_evals" in bench_report.render_html(new) and "slowdown" not in bench_report.render_text(old)
+
+
+# ----------------------------------------------------------------------------- external implementations
+
+
+ECHO = Path(__file__).resolve().parents[2] / "examples" / "protocol_v2" / "echo_numpy.py"
+
+
+def test_external_specs_are_bench_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cmd: and py: specs are lanes named `cmd` and `py` (no build); the program must exist (checked up front)."""
+    cmd = f"cmd:{sys.executable} {ECHO}"
+    specs = bench_inputs.parse_impls((cmd, "py:parity.bench.protocol_probe:zeros", "llama", cmd))
+    assert [(s.kind, s.label) for s in specs] == [("cmd", "cmd"), ("py", "py"), ("llama", "llama")]
+    assert specs[0].text == cmd
+    bench.BenchOptions(impls=(cmd,)).validate()
+    built: list[str] = []
+    monkeypatch.setattr(bench_inputs, "_plan", lambda kind, optional, verbose: built.append(kind) or "plan")
+    impls = bench_inputs.select_impls((cmd, "py:echo_numpy:create"))
+    assert list(impls) == ["cmd", "py"] and impls["cmd"].plan is None and built == []
+    assert bench.lane_params(specs[0], bench.BenchOptions()) is None
+    result = bench._result(bench_inputs.ModelRef("m", Path("/m"), SHA, 1), specs[0])
+    assert result["impl"] == "cmd" and result["spec"] == cmd
+
+
+def test_two_different_commands_are_refused() -> None:
+    with pytest.raises(UsageError, match="a second cmd: lane"):
+        bench_inputs.parse_impls((f"cmd:{sys.executable} {ECHO}", f"cmd:{sys.executable} -c pass"))
+
+
+def test_external_lane_times_greedy_through_the_implementation(tmp_path: Path) -> None:
+    """ExternalLane times the implementation's greedy (the protocol inside it) and closes it, reading its VmHWM."""
+
+    class Proc:
+        pid = os.getpid()
+
+        def poll(self) -> None:
+            return None
+
+    class Impl:
+        kind, proc = "cmd", Proc()
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, int]] = []
+            self.closed = False
+
+        def greedy(self, tokens: list[int], n: int) -> list[int]:
+            self.calls.append((len(tokens), n))
+            return [0] * n
+
+        def close(self) -> None:
+            self.closed = True
+
+    impl = Impl()
+    lane = bench_lanes.ExternalLane("cmd", impl, 512, "llama", {"load_s": 0.1})  # type: ignore[arg-type]
+    assert lane.impl == "cmd" and len(lane.evaluate([1, 2, 3], 1, 2)) == 2 and lane.evaluations == 2
+    assert impl.calls == [(3, 1), (3, 1)]
+    closed = lane.close()
+    assert impl.closed and closed["peak_rss_bytes"] > 0 and "engine process" in closed["rss_method"]
+    # a cmd lane's figures are gated and ratioed like any lane
+    samples = {label: {"pp": [100.0, 110.0], "tg": [10.0, 11.0]} for label in ("llama", "cmd")}
+    names = {q["name"] for q in bench.ratios(bench_inputs.ModelRef("m", Path("/m"), SHA, 1), samples)}
+    assert names == {"cmd/llama"}
+    r = make_receipt()
+    r["results"].append({**copy.deepcopy(r["results"][1]), "impl": "cmd", "spec": "cmd:./e", "implementation": {}})
+    assert bench.validation_errors(r) == [] and "cmd" in bench_report.render_text(r)
+
+
+def _overhead(median: float) -> dict[str, Any]:
+    return {
+        "positions": 72,
+        "vocab": 262144,
+        "bytes": 4 * 72 * 262144,
+        "command": ["python", "-m", "parity.engines.pyhost", protocol_probe.TARGET],
+        "samples": [median, median * 0.9, median * 1.2],
+        "median_s": median,
+        "min_s": median * 0.9,
+        "max_s": median * 1.2,
+        "warmup": 1,
+        "bar_s": 0.25,
+        "verdict": "pass" if median <= 0.25 else "FAIL",
+        "method": "m",
+    }
+
+
+def test_protocol_overhead_is_reported_and_gated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Below the bar: a line in the report, exit 0; above: exit 1 naming it. Receipts without it stay valid."""
+    monkeypatch.setenv("PARITY_BASELINE_DIR", str(tmp_path / "empty"))
+    opts = bench.BenchOptions(out_dir=str(tmp_path))
+    assert bench.finish({**make_receipt(), "protocol_overhead": _overhead(0.08)}, opts) == 0
+    text = capsys.readouterr().out
+    assert "protocol overhead: one logits reply of 72 x 262144 float32 (75.5 MB)" in text and "median 0.080 s" in text
+    assert "bar 0.25 s: pass" in text and "bench: NO-BASELINE (exit 0)" in text
+    assert "Protocol overhead" in (tmp_path / "report.html").read_text()
+    assert bench.finish({**make_receipt(), "protocol_overhead": _overhead(0.4)}, opts) == 1
+    text = capsys.readouterr().out
+    assert "bench: FAIL (exit 1): protocol overhead 0.400 s above its bar of 0.25 s" in text
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["protocol_overhead"]["verdict"] == "FAIL" and saved["exit_code"] == 1
+    assert bench.validation_errors(saved) == []
+    assert bench.validation_errors(make_receipt()) == []  # optional: older receipts, --no-protocol-probe
+    bad = {**make_receipt(), "protocol_overhead": {**_overhead(0.1), "verdict": "maybe"}}
+    assert bench.validation_errors(bad)
+
+
+def test_protocol_probe_flag_and_factory() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    assert bench.options_from_args(parser.parse_args(["bench"])).protocol_probe
+    assert not bench.options_from_args(parser.parse_args(["bench", "--no-protocol-probe"])).protocol_probe
+    engine = protocol_probe.zeros("/any/model.gguf")
+    out = engine.logits([1, 2, 3])
+    assert out.shape == (3, protocol_probe.VOCAB) and out.dtype == np.float32 and not out.any()
+    assert engine.describe()["name"] == "protocol-probe"
+
+
+def test_protocol_reader_reads_a_large_payload_through_a_pipe() -> None:
+    """The Reader (header, then the payload read into one buffer) over a real pipe, fed by a thread in pieces."""
+    import threading
+
+    from parity.engines import protocol
+
+    logits = np.arange(3 * 70000, dtype=np.float32).reshape(3, 70000)
+    fields, payload = protocol.logits_payload(logits)
+    message = protocol.encode({"ok": True, "id": 1, **fields}, payload) + protocol.encode({"ok": True, "id": 2})
+    r, w = os.pipe()
+
+    def feed() -> None:
+        for i in range(0, len(message), 100003):  # a header split from its payload, payloads split anywhere
+            os.write(w, message[i : i + 100003])
+        os.close(w)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        reader = protocol.Reader(r)
+        header, got = reader.read(time.monotonic() + 30)
+        assert header["id"] == 1 and header["payload_bytes"] == len(payload) == 4 * logits.size
+        out = protocol.decode_logits(header, got, 3)
+        assert np.array_equal(out, logits) and out.dtype == np.float32
+        out[0, 0] = 1.0  # a fresh buffer, writable as before
+        assert reader.read(time.monotonic() + 30) == ({"ok": True, "id": 2}, b"")
+        with pytest.raises(protocol.FrameError, match="closed"):
+            reader.read(time.monotonic() + 30)
+    finally:
+        t.join()
+        os.close(r)
+    bad = np.ones((2, 3), dtype=np.float32)
+    for value in (np.nan, np.inf, -np.inf):
+        bad[1, 2] = value
+        f, b = protocol.logits_payload(bad)
+        with pytest.raises(protocol.FrameError, match="position 1, token 2"):
+            protocol.decode_logits(f, bytes(b), 2)
+
+
+def test_external_engines_start_with_the_bench_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset thread variables are set to --threads while an external engine starts, the user's are kept."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with bench_lanes.thread_env(1) as env:
+        assert env == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["OMP_NUM_THREADS"] == "4"
