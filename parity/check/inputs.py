@@ -29,10 +29,13 @@ if TYPE_CHECKING:
 REPAIR_GUARD_ENV = "PARITY_REPAIRING"
 
 
-def preflight(backend: str, opts: RunOptions) -> build.BuildPlan:
-    """Make sure `backend` is built; repair (build it) when allowed, else fail with the fixing command."""
+def preflight(backend: str, opts: RunOptions, source: str | None = None) -> build.BuildPlan:
+    """Make sure `backend` is built (from `source`, a local tree, when given); repair (build it) when allowed,
+    else fail with the fixing command."""
+    if "@" in backend:  # a plan key (ImplSpec.plan_key): kind@source
+        backend, source = backend.split("@", 1)
     spec = lock.get_spec(backend)
-    override = lock.source_override(spec)
+    override = lock.source_override(spec, source)
     fix = f"nox -s setup_cpp -- --backend {backend}"
     if spec.default_source == "git":
         fix += f" (offline: set {spec.override_env} to a local {backend} checkout)"

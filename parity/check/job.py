@@ -150,10 +150,11 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
         tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
     lane_models = {b: lane for b, lane in lane_models.items() if lane != model_path}
     gguf, engine, hf = inputs.check_input(opts, lane_backends, model_path, tok_path, lane_models)
-    plans = {b: inputs.preflight(b, opts) for b in lane_backends}
-    impl_plan: build.BuildPlan | None = plans.get(impl_spec.kind)
+    # one build per plan key: a kind, or kind@source for another source tree of that engine
+    plans = {key: inputs.preflight(key, opts) for key in dict.fromkeys(r.plan_key for r in refs)}
+    impl_plan: build.BuildPlan | None = plans.get(impl_spec.plan_key)
     if impl_spec.bridged and impl_plan is None:
-        impl_plan = inputs.preflight(impl_spec.kind, opts)
+        impl_plan = inputs.preflight(impl_spec.plan_key, opts)
     seconds = {"load": time.perf_counter() - t0}
 
     # Tokenize with every backend (vocab only) and compare with the external tokenizer.
@@ -163,14 +164,15 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
     template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
     chat_record: dict[str, Any] | None = None
     for b, p in plans.items():
+        kind = b.split("@", 1)[0]
         with Worker(
-            b,
+            kind,
             p.bridge_path,
             log_dir=Path(opts.out_dir) / "logs",
             log_level=3 if opts.verbose else 1,
             timeout=opts.timeout,
         ) as w:
-            vm = inputs.open_vocab(w, b, lane_models.get(b, model_path))
+            vm = inputs.open_vocab(w, kind, lane_models.get(kind, model_path))
             if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
                 template, formatted, chat_record = apply_template(
                     opts.prompt_template,
@@ -453,9 +455,9 @@ def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResul
 
     def one(lane: ImplSpec) -> LaneResult:
         try:
-            return run_lane(lane, plans[lane.kind], shared, opts, out_dir)
+            return run_lane(lane, plans[lane.plan_key], shared, opts, out_dir)
         except ParityError as exc:
-            return LaneResult(lane.label, "error", None, None, error=str(exc), commit=plans[lane.kind].commit)
+            return LaneResult(lane.label, "error", None, None, error=str(exc), commit=plans[lane.plan_key].commit)
 
     if opts.parallel and len(lanes) > 1:
         # Each lane's C++ work happens in its own worker process; threads here only wait on them.

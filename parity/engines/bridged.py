@@ -72,6 +72,8 @@ class BridgedImplementation(Implementation):
             "name": self.kind,
             "spec": self.spec,
             "commit": self.plan.commit,
+            "source_kind": self.plan.source_kind,
+            "source_fingerprint": self.plan.source_fingerprint,
             "api_generation": self._worker.hello["api_generation"],
             "run_config": {**self.params.to_dict(), "eval_shape": self.eval_shape},
         }

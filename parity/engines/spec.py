@@ -22,6 +22,7 @@ BRIDGED_OPTIONS: dict[str, str] = {
     "n_batch": "a positive integer",
     "n_ubatch": "a positive integer",
     "eval_shape": "batch|stepwise",
+    "source": "a source tree of that engine to build and use instead of the pinned one (e.g. a patched llama.cpp)",
 }
 KINDS: dict[str, dict[str, str]] = {
     "numpy": {"dtype": "float32|float64"},
@@ -35,6 +36,12 @@ FREEFORM = {
     "py": ("target", "a Python factory package.module:factory, or a parity.implementations plugin name"),
     "logits": ("path", "an .npz with arrays tokens and logits"),
 }
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -53,10 +60,21 @@ class ImplSpec:
 
     @property
     def label(self) -> str:
-        """File-name-safe lane name: `llama`, `llama-type_k-f16` (external kinds: the kind)."""
+        """File-name-safe lane name: `llama`, `llama-type_k-f16`, `llama-source-<dir>-<hash>` (external: the kind)."""
         if self.kind in FREEFORM:
             return self.kind
-        return "-".join([self.kind, *(f"{k}-{v}" for k, v in self.options)])
+        parts = [self.kind]
+        for k, v in self.options:
+            if k == "source":
+                v = re.sub(r"[^A-Za-z0-9_.-]+", "_", v.rstrip("/").rsplit("/", 1)[-1]) + "-" + _short_hash(v)
+            parts.append(f"{k}-{v}")
+        return "-".join(parts)
+
+    @property
+    def plan_key(self) -> str:
+        """Which build a bridged spec uses: its kind, or kind@source for another source tree."""
+        source = self.get("source")
+        return f"{self.kind}@{source}" if source else self.kind
 
     @property
     def bridged(self) -> bool:

@@ -50,3 +50,10 @@ def test_apply_spec_sets_only_what_the_spec_names() -> None:
     p = apply_spec(spec.parse("llama:type_k=f16,type_v=q8_0,flash_attn=auto,threads=1,n_ubatch=32"), base)
     assert (p.type_k, p.type_v, p.flash_attn, p.n_threads, p.n_ubatch) == (1, 8, -1, 1, 32)
     assert (p.n_ctx, p.n_batch) == (128, 128)
+
+
+def test_source_option_names_a_build_and_a_file_safe_lane() -> None:
+    s = spec.parse("llama:source=/home/me/llama.cpp-patched/")
+    assert s.plan_key == "llama@/home/me/llama.cpp-patched/" and spec.parse("llama").plan_key == "llama"
+    assert s.label.startswith("llama-source-llama.cpp-patched-") and "/" not in s.label
+    assert apply_spec(s, BackendParams()) == BackendParams()  # a source is a build, not a context parameter

@@ -1,0 +1,45 @@
+"""`llama:source=PATH`: a patched llama.cpp tree, built with the same cache and bridge, compared with the
+pinned one in the same run. The patch scales attention by 1.25: the patched lane must diverge, the pinned pass.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from parity.backends import build, lock
+from parity.compare import receipts
+from parity.engines import spec
+
+from .conftest import run_cli
+
+pytestmark = [pytest.mark.compile, pytest.mark.model]
+
+PATCH = (
+    "1.0f/sqrtf(float(n_embd_head)) : hparams.f_attention_scale;",
+    "1.25f/sqrtf(float(n_embd_head)) : hparams.f_attention_scale;",
+)
+
+
+def test_a_patched_llama_cpp_tree_is_built_and_compared(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    pinned = lock.acquire(lock.get_spec("llama"), None)
+    tree = tmp_path / "llama.cpp-patched"
+    shutil.copytree(pinned.path, tree, ignore=shutil.ignore_patterns(".git", "*.gguf"))
+    graph = tree / "src" / "models" / "llama.cpp"
+    text = graph.read_text(encoding="utf-8")
+    assert PATCH[0] in text, f"the pinned llama.cpp moved the attention scale line in {graph}"
+    graph.write_text(text.replace(PATCH[0], PATCH[1]), encoding="utf-8")
+
+    patched = f"llama:source={tree}"
+    out = tmp_path / "out"
+    proc = run_cli("run", "--reference", "llama", "--reference", patched, "--out-dir", str(out), "--format", "json")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lanes = json.loads(proc.stdout)["lanes"]
+    label = spec.parse(patched).label
+    assert lanes["llama"]["status"] == "pass" and lanes[label]["status"] == "diverged", lanes
+    r = receipts.load(out / f"receipt_{label}.json")
+    assert r["backend_info"]["source_kind"] == "local" and r["reference"]["spec"] == patched
+    assert r["summary"]["first_divergence"] is not None
