@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any
 from parity.backends import lock
 from parity.core import machine, paths
 from parity.core.fs import atomic_write_file, atomic_write_json, file_lock
-from parity.core.proc import Timer, log, run
+from parity.core.proc import Timer, log, probe, run
 from parity.errors import BackendUnavailable, BuildError
 
 BUILD_RECEIPT_VERSION = 1
@@ -68,16 +67,15 @@ def _compilers(spec: lock.BackendSpec) -> tuple[str, str]:
 
 
 def _compiler_version(cxx: str) -> str:
-    try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
+    out = probe([cxx, "--version"])
+    if out is None:
         raise BackendUnavailable(
-            f"C++ compiler {cxx} not usable: {exc}",
+            f"C++ compiler {cxx} not usable (missing, or `{cxx} --version` failed)",
             fix="apt-get install clang"
             if "clang" in Path(cxx).name
             else "install a C++ compiler (apt-get install g++)",
-        ) from exc
-    return out.splitlines()[0].strip() if out else cxx
+        )
+    return out.splitlines()[0].strip() if out.strip() else cxx
 
 
 def cpu_fingerprint() -> str:

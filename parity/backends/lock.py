@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 import tomllib
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 from parity.core import paths
 from parity.core.download import DownloadPolicy, Mismatch, TransferFailed, download, fetch_json
 from parity.core.fs import atomic_write_text, file_lock, safe_extract, sha256_file
-from parity.core.proc import Timer, log, run
+from parity.core.proc import Timer, log, probe, run
 from parity.errors import NetworkError, UsageError
 
 DEFAULT_PYPI_INDEX = "https://pypi.org/simple"
@@ -185,34 +184,22 @@ def _local_fingerprint(root: Path, ignore: set[str] | None = None) -> tuple[str,
     preparing a tree does not change its identity.
     """
     ignore = ignore or set()
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        if root != Path(
-            subprocess.run(
-                ["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True
-            ).stdout.strip()
-        ):
-            raise subprocess.CalledProcessError(1, "git")  # a subdirectory of another repo: not its own checkout
-        return head, "local-git:" + head + ":" + hashlib.sha256(dirty.encode()).hexdigest()[:16]
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        h = hashlib.sha256()
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in (".git", "build") and not d.startswith("build-"))
-            for fn in sorted(filenames):
-                rel = os.path.relpath(os.path.join(dirpath, fn), root)
-                if rel in ignore or fn in GENERATED_IN_TREE:
-                    continue
-                st = os.stat(os.path.join(dirpath, fn))
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return "unknown (local tree)", "local-stat:" + h.hexdigest()[:32]
+    head = probe(["git", "-C", root, "rev-parse", "HEAD"])
+    dirty = probe(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
+    top = probe(["git", "-C", root, "rev-parse", "--show-toplevel"])
+    # a checkout of its own (not a subdirectory of another repository): HEAD plus its uncommitted changes
+    if head and dirty is not None and top and Path(top.strip()) == root:
+        return head.strip(), "local-git:" + head.strip() + ":" + hashlib.sha256(dirty.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in (".git", "build") and not d.startswith("build-"))
+        for fn in sorted(filenames):
+            rel = os.path.relpath(os.path.join(dirpath, fn), root)
+            if rel in ignore or fn in GENERATED_IN_TREE:
+                continue
+            st = os.stat(os.path.join(dirpath, fn))
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return "unknown (local tree)", "local-stat:" + h.hexdigest()[:32]
 
 
 def _acquire_once(spec: BackendSpec, key: str, fill: Callable[[Path], str]) -> Path:

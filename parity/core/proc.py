@@ -152,6 +152,16 @@ def _lines_with_ticks(stream: Iterable[str], interval: float) -> Iterator[str | 
         yield item
 
 
+def probe(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None) -> str | None:
+    """A quiet question to a program (`git rev-parse HEAD`, `c++ --version`): its stdout, or None when it is
+    missing or fails. Nothing is echoed; use run() for work whose output the user may need."""
+    try:
+        done = subprocess.run([os.fspath(c) for c in cmd], cwd=cwd, capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
 def run(
     cmd: Sequence[str | os.PathLike[str]],
     *,
