@@ -118,20 +118,22 @@ def select_impls(impls: tuple[str, ...], verbose: bool = False) -> dict[str, Imp
     plans: dict[str, build.BuildPlan | None] = {kind: None for kind in ("numpy", *EXTERNAL)}
     out: dict[str, Impl] = {}
     for s in chosen:
-        if s.kind not in plans:
-            plan = _plan(s.kind, optional=s.kind == "bitnet" and not impls, verbose=verbose)
+        key = s.plan_key if s.kind not in plans else s.kind  # kind@source for another source tree
+        if key not in plans:
+            plan = _plan(s.kind, optional=s.kind == "bitnet" and not impls, verbose=verbose, source=s.get("source"))
             if plan is None:
                 continue
-            plans[s.kind] = plan
-        out[s.label] = Impl(s, plans[s.kind])
+            plans[key] = plan
+        out[s.label] = Impl(s, plans[key])
     return out
 
 
-def _plan(impl: str, optional: bool, verbose: bool) -> build.BuildPlan | None:
-    """The build plan of a C++ kind; None when `optional` (the default bitnet lane) and not built."""
+def _plan(impl: str, optional: bool, verbose: bool, source: str | None = None) -> build.BuildPlan | None:
+    """The build plan of a C++ kind (from `source`, a local tree, when given); None when `optional` (the
+    default bitnet lane) and not built."""
     spec = lock.get_spec(impl)
     try:
-        override = lock.source_override(spec)
+        override = lock.source_override(spec, source)
         p = build.plan(spec, override)
     except ParityError as exc:
         if not optional:
@@ -142,7 +144,7 @@ def _plan(impl: str, optional: bool, verbose: bool) -> build.BuildPlan | None:
         if optional:
             log(f"bench: bitnet.cpp is not built ({spec.override_env} unset or stale build); skipping it")
             return None
-        if impl == "bitnet" or os.environ.get("CI"):
+        if (impl == "bitnet" and source is None) or os.environ.get("CI"):
             from parity.errors import BackendUnavailable
 
             raise BackendUnavailable(f"the {impl} backend is not built", fix=f"nox -s setup_cpp -- --backend {impl}")

@@ -419,7 +419,7 @@ def test_impl_specs_become_lane_labels_and_context_parameters() -> None:
 def test_select_impls_one_build_per_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[tuple[str, bool]] = []
 
-    def plan(kind: str, optional: bool, verbose: bool) -> Any:
+    def plan(kind: str, optional: bool, verbose: bool, source: str | None = None) -> Any:
         built.append((kind, optional))
         return None if kind == "bitnet" else f"plan-{kind}"
 
