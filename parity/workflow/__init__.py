@@ -6,7 +6,7 @@ tokens) and is compared field by field. Verified windows are never recomputed: t
 written atomically with backup generations, validated on load, guarded by a lock.
 
 Modules: `config` (the implementations TOML), `compare` (per-field tolerances), `impls` (the interface; the
-numpy, llama and bitnet engines), `external` (the external command protocol v1), `registry` (kind ->
+numpy, llama and bitnet engines and the protocol v2 kinds cmd, py, logits), `external` (the external command protocol v1), `registry` (kind ->
 implementation), `state` (persisted state, recovery), `journal` (the append-only journal: records, replay,
 pruning), `lock` (the run directory's lock), `runner` (passes: run, resume, regression), `window` (one
 window: compute, compare, persist), `reports` (divergence reports, archives), `status` (Markdown + HTML

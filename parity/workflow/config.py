@@ -15,13 +15,16 @@ top_logits = { abs = 1e-3 }
 [[implementation]]
 name = "llama"
 role = "reference"         # exactly one reference; one or more alternates
-kind = "llama"             # numpy | llama | bitnet | command
+kind = "llama"             # numpy | llama | bitnet | cmd | py | logits | command
 options = { type_k = "f16", threads = 1 }
 ```
 
 Unknown keys are rejected with a suggestion, like `[tool.parity]`. The options of the LLM kinds are the
 options of their spec strings (parity.engines.spec): `kind = "llama"` with `options = { type_k = "f16" }`
-is `--impl llama:type_k=f16`, checked by the same rules; `timeout` is the windows run's own.
+is `--impl llama:type_k=f16`, checked by the same rules; `timeout` is the windows run's own. The external
+kinds (protocol v2, docs/PROTOCOL.md) take their spec's one free-form value under its key:
+`kind = "cmd"` with `options = { argv = "./my-engine --threads 2" }` is `--impl 'cmd:./my-engine --threads 2'`
+(`py`: `target`, `logits`: `path`). `command` is the windows command protocol v1 (README, Stepwise parity).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import difflib
 import hashlib
 import math
 import re
+import shlex
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,8 +43,9 @@ from typing import Any
 from parity.engines import spec as engine_specs
 from parity.errors import UsageError
 
-KINDS = ("numpy", "llama", "bitnet", "command")
-LLM_KINDS = ("numpy", "llama", "bitnet")
+KINDS = ("numpy", "llama", "bitnet", "cmd", "py", "logits", "command")
+LLM_KINDS = ("numpy", "llama", "bitnet", "cmd", "py", "logits")
+EXTERNAL_KINDS = tuple(engine_specs.FREEFORM)  # protocol v2 engines and logits files: one free-form value
 ROLES = ("reference", "alternate")
 DEFAULT_WINDOW = 6
 DEFAULT_TOP_K = 5
@@ -51,10 +56,23 @@ _RUN_KEYS = ("start", "steps", "end", "window", "dir", "continue_on_divergence")
 _IMPL_KEYS = ("name", "role", "kind", "options")
 _RULE_KEYS = ("abs", "rel", "optional", "ties_within", "mode")
 # Options of the LLM kinds that are the windows run's own, not the implementation spec's (parity.engines.spec).
-WINDOWS_ONLY_OPTIONS: dict[str, tuple[str, ...]] = {"numpy": (), "llama": ("timeout",), "bitnet": ("timeout",)}
+WINDOWS_ONLY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "numpy": (),
+    "llama": ("timeout",),
+    "bitnet": ("timeout",),
+    "cmd": ("timeout",),
+    "py": ("timeout",),
+    "logits": (),
+}
+
+
+def _spec_keys(kind: str) -> tuple[str, ...]:
+    return (engine_specs.FREEFORM[kind][0],) if kind in engine_specs.FREEFORM else tuple(engine_specs.KINDS[kind])
+
+
 # Options each kind accepts; a command's own parameters go in `params` and reach it untouched.
 _OPTION_KEYS: dict[str, tuple[str, ...]] = {
-    **{kind: (*engine_specs.KINDS[kind], *extra) for kind, extra in WINDOWS_ONLY_OPTIONS.items()},
+    **{kind: (*_spec_keys(kind), *extra) for kind, extra in WINDOWS_ONLY_OPTIONS.items()},
     "command": ("command", "timeout", "cwd", "env", "append_args", "params"),
 }
 _LLM_INPUT_KEYS = ("prompt", "prompt_ids")
@@ -163,14 +181,30 @@ class ImplSpec:
 
     @property
     def engine(self) -> engine_specs.ImplSpec:
-        """The implementation spec of an LLM kind (what parity.engines.registry opens); not for `command`."""
+        """The implementation spec of an LLM kind (what parity.engines.registry opens); not for `command`.
+
+        External kinds keep `{python}` / `{config_dir}` unsubstituted here (ExternalImpl resolves them)."""
         return engine_spec(self.kind, self.options, f"implementation '{self.name}'")
 
 
 def engine_spec(kind: str, options: Mapping[str, Any], where: str) -> engine_specs.ImplSpec:
     """The spec string an LLM kind's options stand for, validated by parity.engines.spec (UsageError naming
-    the option). TOML integers stand for their digits; windows-only options (`timeout`) are left out."""
+    the option). TOML integers stand for their digits; windows-only options (`timeout`) are left out.
+
+    An external kind's value is taken as written (`{python}` and `{config_dir}` are substituted when the
+    engine is opened, parity.workflow.impls.ExternalImpl)."""
     _reject_unknown(options, _OPTION_KEYS[kind], f"{where} options (kind {kind})")
+    if kind in engine_specs.FREEFORM:
+        key, what = engine_specs.FREEFORM[kind]
+        value = options.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError(f"{where} (kind {kind}) needs options.{key}: {what}", fix=f'options = {{ {key} = "..." }}')
+        if kind == "cmd":
+            try:
+                shlex.split(value)
+            except ValueError as exc:
+                raise UsageError(f"{where}: options.argv = {value!r}: {exc}", fix="quote it as a shell would") from exc
+        return engine_specs.ImplSpec(kind, ((key, value.strip()),))
     items: list[str] = []
     for key, value in options.items():
         if key in WINDOWS_ONLY_OPTIONS[kind]:
@@ -274,8 +308,6 @@ def _parse_options(kind: str, name: str, options: Any, where: str) -> dict[str, 
     if kind == "command":
         cmd = out.get("command")
         if isinstance(cmd, str):
-            import shlex
-
             out["command"] = shlex.split(cmd)
         elif not (isinstance(cmd, list) and cmd and all(isinstance(c, str) for c in cmd)):
             raise UsageError(

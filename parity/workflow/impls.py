@@ -18,9 +18,9 @@ rows. An implementation that cannot answer (fails to build, crashes, times out, 
 protocol) yields a WindowOutput with `error` set: it did not take part in that window.
 
 Built in here: adapters over the Implementations parity.engines.registry opens for the LLM kinds (numpy,
-llama, bitnet: a TOML `kind` + `options` means what the spec string `KIND:key=value,...` means); external
-commands (the windows command protocol v1) are in external.py, and registry.py makes an implementation of
-each kind.
+llama, bitnet, and the external cmd, py, logits: a TOML `kind` + `options` means what the spec string
+`KIND:...` means); external commands of the windows command protocol v1 are in external.py, and
+registry.py makes an implementation of each kind.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from parity.core.fs import sha256_file
+from parity.engines.spec import ImplSpec as EngineSpec
 from parity.errors import ParityError, UsageError
 from parity.workflow.config import DEFAULT_TOP_K, ImplSpec, WindowsConfig
 
@@ -250,6 +252,21 @@ class EngineImpl(Implementation):
     def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
         super().__init__(spec, ctx)
         self._impl: EngineImplementation | None = None
+        self._fatal: str | None = None  # a failure no restart can fix (build, missing program) is not retried
+        self._starts = 0
+
+    def _new_log_dir(self) -> Path:
+        """One log directory per engine start: a restarted engine must not truncate the log of the one that
+        crashed (engines open their logs for writing)."""
+        self._starts += 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        return self.ctx.run_dir / "logs" / f"{self.name}-{stamp}-{os.getpid()}-{self._starts}"
+
+    def _timeout(self) -> float:
+        """Seconds per engine call: options.timeout, else parity's --timeout setting (PARITY_TIMEOUT, ...)."""
+        from parity import options as parity_config
+
+        return parity_config.resolve({"timeout": self.spec.options.get("timeout")}).timeout
 
     @abstractmethod
     def _open(self) -> EngineImplementation:
@@ -298,14 +315,7 @@ class NumpyImpl(EngineImpl):
         return open_implementation(self.spec.engine, OpenContext(self.ctx.model_path))
 
     def _reference(self, impl: EngineImplementation, start: int, count: int, tokens: list[int]) -> list[dict[str, Any]]:
-        seq = list(self.ctx.prompt_ids) + tokens[:start]
-        out = []
-        for j in range(count):
-            row = impl.logits(seq)[-1]  # (V,)
-            rec = step_record(start + j, len(seq) - 1, row, self.ctx.top_k)
-            out.append(rec)
-            seq.append(rec["token"])
-        return out
+        return stepwise_reference(impl, self.ctx, start, count, tokens)
 
 
 class BridgeImpl(EngineImpl):
@@ -316,11 +326,6 @@ class BridgeImpl(EngineImpl):
     `logits` call over prefix + proposal: if a row's argmax disagrees with the proposal (a near-tie between
     the two evaluation shapes), the window continues from that row's choice.
     """
-
-    def __init__(self, spec: ImplSpec, ctx: RunContext) -> None:
-        super().__init__(spec, ctx)
-        self._fatal: str | None = None  # a build/load failure is not retried every window
-        self._starts = 0
 
     def _open(self) -> EngineImplementation:
         if self._fatal:
@@ -336,11 +341,7 @@ class BridgeImpl(EngineImpl):
         except ParityError as exc:
             self._fatal = f"{self.name} ({backend}) is unavailable: {exc}"
             raise Unavailable(self._fatal) from exc
-        # One log directory per worker start: a restarted worker must not truncate the log of the one that
-        # crashed (Worker opens its log for writing).
-        self._starts += 1
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        log_dir = self.ctx.run_dir / "logs" / f"{self.name}-{stamp}-{os.getpid()}-{self._starts}"
+        log_dir = self._new_log_dir()
         assert self.ctx.model_path is not None
         ctx = OpenContext(
             self.ctx.model_path,
@@ -353,18 +354,95 @@ class BridgeImpl(EngineImpl):
         return open_implementation(self.spec.engine, ctx)
 
     def _reference(self, impl: EngineImplementation, start: int, count: int, tokens: list[int]) -> list[dict[str, Any]]:
-        import numpy as np
+        return greedy_reference(impl, self.ctx, start, count, tokens)
 
-        seq = list(self.ctx.prompt_ids) + tokens[:start]
-        out: list[dict[str, Any]] = []
-        while len(out) < count:
-            remaining = count - len(out)
-            proposal = impl.greedy(seq, remaining)
-            rows = np.asarray(impl.logits(seq + proposal[:-1]))[len(seq) - 1 :]  # (remaining, V)
-            for j in range(remaining):
-                rec = step_record(start + len(out), len(seq) - 1, rows[j], self.ctx.top_k)
-                out.append(rec)
-                seq = [*seq, rec["token"]]
-                if rec["token"] != proposal[j]:
-                    break  # later rows were computed on the proposal's token, not this one
-        return out
+
+class ExternalImpl(EngineImpl):
+    """An implementation brought by the user, opened by parity.engines.registry exactly as `--impl` opens it:
+    `cmd` (a program speaking protocol v2, docs/PROTOCOL.md), `py` (a Python factory served in its own
+    process) or `logits` (an .npz of precomputed logits).
+
+    The engine process is started on first use and serves every window of the pass (protocol v2: one
+    long-lived process per run); a crash, a hang past `timeout` or a protocol error is a WorkerError, so the
+    window records the implementation as unavailable and the next window starts a new process (its log in a
+    directory of its own). A program that cannot be found or a missing logits file is not retried.
+
+    In `argv`, `{python}` is the interpreter running parity and `{config_dir}` the TOML's directory; the
+    engine runs in parity's working directory, as with `--impl`. A relative logits `path` is relative to
+    the TOML's directory (like `[input] model`). As the reference, an engine with `greedy` proposes each
+    window and confirms it with one `logits` call (as BridgeImpl); one without decodes step by step.
+    """
+
+    def _resolved(self) -> EngineSpec:
+        spec = self.spec.engine
+        key, value = spec.options[0]
+        subst = {"{python}": sys.executable, "{config_dir}": str(self.ctx.config_dir)}
+
+        def fill(text: str) -> str:
+            for k, v in subst.items():
+                text = text.replace(k, v)
+            return text
+
+        if spec.kind == "cmd":
+            value = shlex.join(fill(a) for a in shlex.split(value))
+        elif spec.kind == "logits":
+            path = Path(fill(value)).expanduser()
+            value = str(path if path.is_absolute() else self.ctx.config_dir / path)
+        return EngineSpec(spec.kind, ((key, value),))
+
+    def _open(self) -> EngineImplementation:
+        if self._fatal:
+            raise Unavailable(self._fatal)
+        from parity.engines.registry import OpenContext, open_implementation
+
+        spec = self._resolved()
+        assert self.ctx.model_path is not None
+        ctx = OpenContext(self.ctx.model_path, log_dir=self._new_log_dir(), log_name=spec.kind, timeout=self._timeout())
+        try:
+            return open_implementation(spec, ctx)
+        except UsageError as exc:  # cannot start at all: the same next window
+            self._fatal = f"{self.name} ({spec.text}) is unavailable: {exc}"
+            raise Unavailable(self._fatal) from exc
+
+    def _reference(self, impl: EngineImplementation, start: int, count: int, tokens: list[int]) -> list[dict[str, Any]]:
+        caps = getattr(impl, "capabilities", None)  # protocol v2 engines say; a logits file always has greedy
+        if caps is None or "greedy" in caps:
+            return greedy_reference(impl, self.ctx, start, count, tokens)
+        return stepwise_reference(impl, self.ctx, start, count, tokens)
+
+
+def stepwise_reference(
+    impl: EngineImplementation, ctx: RunContext, start: int, count: int, tokens: list[int]
+) -> list[dict[str, Any]]:
+    """A reference window decoded step by step: one `logits` call over prompt + tokens so far per step."""
+    seq = list(ctx.prompt_ids) + tokens[:start]
+    out = []
+    for j in range(count):
+        row = impl.logits(seq)[-1]  # (V,)
+        rec = step_record(start + j, len(seq) - 1, row, ctx.top_k)
+        out.append(rec)
+        seq.append(rec["token"])
+    return out
+
+
+def greedy_reference(
+    impl: EngineImplementation, ctx: RunContext, start: int, count: int, tokens: list[int]
+) -> list[dict[str, Any]]:
+    """A reference window proposed by the engine's greedy decode and confirmed by one `logits` call over
+    prefix + proposal: where a row's argmax disagrees with the proposal (a near-tie between the two
+    evaluation shapes), the window continues from that row's choice."""
+    import numpy as np
+
+    seq = list(ctx.prompt_ids) + tokens[:start]
+    out: list[dict[str, Any]] = []
+    while len(out) < count:
+        remaining = count - len(out)
+        proposal = impl.greedy(seq, remaining)
+        rows = np.asarray(impl.logits(seq + proposal[:-1]))[len(seq) - 1 :]  # (remaining, V)
+        for j in range(remaining):
+            rec = step_record(start + len(out), len(seq) - 1, rows[j], ctx.top_k)
+            out.append(rec)
+            seq = [*seq, rec["token"]]
+            if rec["token"] != proposal[j]:
+                break  # later rows were computed on the proposal's token, not this one
+    return out

@@ -160,3 +160,46 @@ def test_llm_options_are_the_spec_string_options() -> None:
 def test_bad_llm_options_are_usage_errors_naming_them(options: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse(LLM.replace("OPTIONS", options))
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "spec"),
+    [
+        ("cmd", 'argv = "./my-engine --threads 2", timeout = 30', "cmd:./my-engine --threads 2"),
+        ("py", 'target = "pkg.mod:factory"', "py:pkg.mod:factory"),
+        ("logits", 'path = "x.npz"', "logits:x.npz"),
+    ],
+)
+def test_external_kinds_are_their_impl_specs(kind: str, options: str, spec: str) -> None:
+    cfg = parse(LLM.replace('kind = "llama"\noptions = { OPTIONS }', f'kind = "{kind}"\noptions = {{ {options} }}'))
+    assert cfg.reference.kind == kind and cfg.reference.engine == engine_spec.parse(spec)
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "message"),
+    [
+        ("cmd", "", "kind cmd. needs options.argv"),
+        ("cmd", "argv = ['a', 'b']", "needs options.argv"),
+        ("cmd", 'argv = "\'unclosed"', "quote it as a shell would"),
+        ("cmd", "arg = 'x'", "did you mean 'argv'"),
+        ("py", "target = 'm:f', timeout = -1", "timeout"),
+        ("logits", "path = 'x.npz', timeout = 5", "unknown key 'timeout'"),
+    ],
+)
+def test_bad_external_options_are_usage_errors(kind: str, options: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(LLM.replace('kind = "llama"\noptions = { OPTIONS }', f'kind = "{kind}"\noptions = {{ {options} }}'))
+
+
+def test_external_kinds_need_a_prompt() -> None:
+    text = MINIMAL.replace(
+        'kind = "command"\noptions = { command = "python3 a.py" }', 'kind = "cmd"\noptions = { argv = "e" }', 1
+    )
+    with pytest.raises(UsageError, match="LLM engines but \\[input\\] has no prompt"):
+        parse(text)
+
+
+def test_cmd_engine_example_parses() -> None:
+    cfg = config.load(ROOT / "examples" / "windows" / "cmd_engine.toml")
+    assert [(i.name, i.kind) for i in cfg.implementations] == [("llama", "llama"), ("echo", "cmd")]
+    assert cfg.alternates[0].engine.kind == "cmd" and cfg.alternates[0].options["timeout"] == 120

@@ -3,6 +3,8 @@ what the spec string opens; reference and teacher-forced records over a fake eng
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from parity.check import inputs, job
 from parity.engines import registry
 from parity.engines import spec as engine_spec
 from parity.engines.base import Implementation
-from parity.errors import WorkerError
+from parity.errors import UsageError, WorkerError
 from parity.workflow import config, impls
 
 V = 11
@@ -138,3 +140,103 @@ def test_a_worker_error_closes_the_engine_and_the_next_window_opens_a_new_one(
     monkeypatch.setattr(FakeEngine, "logits", real)
     out = alt.run_window(0, 3, expected_tokens(3), tmp_path / "t")
     assert out.ok and len(opened) == 2
+
+
+EXTERNAL = """
+[input]
+prompt_ids = [1, 2, 3]
+
+[[implementation]]
+name = "ref"
+role = "reference"
+kind = "cmd"
+options = { argv = "./engine --greedy" }
+
+[[implementation]]
+name = "echo"
+role = "alternate"
+kind = "cmd"
+options = { argv = "{python} '{config_dir}/my engine.py' --threads 2", timeout = 5 }
+
+[[implementation]]
+name = "file"
+role = "alternate"
+kind = "logits"
+options = { path = "dumps/run.npz" }
+"""
+
+
+def external_context(tmp_path: Path, steps: int) -> impls.RunContext:
+    cfg = config.parse(EXTERNAL, tmp_path / "impls.toml")
+    return impls.RunContext(cfg, tmp_path, True, {}, PROMPT, tmp_path / "m.gguf", 3, len(PROMPT) + steps)
+
+
+def test_external_kinds_open_the_spec_as_impl_does_and_keep_one_process(
+    tmp_path: Path, opened: list[tuple[engine_spec.ImplSpec, Any, FakeEngine]]
+) -> None:
+    ctx = external_context(tmp_path, 12)
+    alt = impls.ExternalImpl(ctx.config.alternates[0], ctx)
+    tokens = expected_tokens(12)
+    for start in (0, 6):
+        out = alt.run_window(start, 6, tokens, tmp_path / "t")
+        assert out.ok, out.error
+        assert [r["token"] for r in out.records] == tokens[start : start + 6]
+    ((spec, octx, engine),) = opened  # opened once, kept between windows
+    argv = [sys.executable, str(tmp_path / "my engine.py"), "--threads", "2"]
+    assert spec == engine_spec.parse("cmd:" + shlex.join(argv)) and shlex.split(spec.get("argv") or "") == argv
+    assert octx.timeout == 5 and octx.log_name == "cmd" and octx.log_dir.parent == tmp_path / "logs"
+    assert engine.calls == ["logits 8", "logits 14"]
+
+    file = impls.ExternalImpl(ctx.config.alternates[1], ctx)
+    assert file.run_window(0, 3, tokens, tmp_path / "t").ok
+    assert opened[-1][0] == engine_spec.parse(f"logits:{tmp_path / 'dumps' / 'run.npz'}")  # relative to the TOML
+
+
+def test_an_external_reference_uses_greedy_only_when_it_has_it(
+    tmp_path: Path, opened: list[tuple[engine_spec.ImplSpec, Any, FakeEngine]]
+) -> None:
+    ctx = external_context(tmp_path, 6)
+    ref = impls.ExternalImpl(ctx.config.reference, ctx)
+    out = ref.run_window(0, 6, [], tmp_path / "t")
+    assert out.ok and [r["token"] for r in out.records] == expected_tokens(6)
+    assert opened[0][2].calls == ["greedy 6", "logits 8", "greedy 3", "logits 8"]  # proposal confirmed
+
+    ref = impls.ExternalImpl(ctx.config.reference, ctx)
+    ref._impl = FakeEngine()
+    ref._impl.capabilities = set()  # type: ignore[attr-defined]  # a protocol v2 engine without greedy
+    out = ref.run_window(0, 3, [], tmp_path / "t")
+    assert out.ok and [r["token"] for r in out.records] == expected_tokens(3)
+    assert ref._impl.calls == ["logits 3", "logits 4", "logits 5"]
+
+
+def test_a_crashed_external_engine_is_restarted_and_a_missing_one_is_not_retried(
+    tmp_path: Path,
+    opened: list[tuple[engine_spec.ImplSpec, Any, FakeEngine]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ctx = external_context(tmp_path, 6)
+    alt = impls.ExternalImpl(ctx.config.alternates[0], ctx)
+    real = FakeEngine.logits
+
+    def crash(self: FakeEngine, tokens: Sequence[int]) -> np.ndarray:
+        raise WorkerError("implementation cmd:... failed in 'logits': the engine exited with status 3")
+
+    monkeypatch.setattr(FakeEngine, "logits", crash)
+    out = alt.run_window(0, 3, expected_tokens(6), tmp_path / "t")
+    assert out.error and "exited with status 3" in out.error and opened[0][2].closed
+    monkeypatch.setattr(FakeEngine, "logits", real)
+    out = alt.run_window(3, 3, expected_tokens(6), tmp_path / "t")
+    assert out.ok and len(opened) == 2 and opened[0][1].log_dir != opened[1][1].log_dir  # a new process, own log
+
+    tries: list[int] = []
+
+    def missing(spec: engine_spec.ImplSpec, octx: Any, engine: Any = None) -> Implementation:
+        tries.append(1)
+        raise UsageError("--impl cmd:./engine: command './engine' not found", fix="give a path")
+
+    monkeypatch.setattr(registry, "open_implementation", missing)
+    ref = impls.ExternalImpl(ctx.config.reference, ctx)
+    for _ in range(2):
+        out = ref.run_window(0, 3, [], tmp_path / "t")
+        assert out.error and "ref (cmd:./engine --greedy) is unavailable" in out.error and "not found" in out.error
+    assert tries == [1]
