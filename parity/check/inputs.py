@@ -36,8 +36,9 @@ def preflight(backend: str, opts: RunOptions, source: str | None = None) -> buil
         backend, source = backend.split("@", 1)
     spec = lock.get_spec(backend)
     override = lock.source_override(spec, source)
-    fix = f"nox -s setup_cpp -- --backend {backend}"
-    if spec.default_source == "git":
+    what = f"the {backend} backend" + (f" from {override}" if source and override else "")
+    fix = f"nox -s setup_cpp -- --backend {backend}" + (f" --source {override}" if source and override else "")
+    if spec.default_source == "git" and not source:
         fix += f" (offline: set {spec.override_env} to a local {backend} checkout)"
     why = "CI is set" if os.environ.get("CI") else "--no-repair was given"
     try:
@@ -46,16 +47,16 @@ def preflight(backend: str, opts: RunOptions, source: str | None = None) -> buil
         if opts.repair:
             raise
         raise BackendUnavailable(
-            f"the {backend} backend is not built and auto-repair is off ({why}); building it needs: {exc.message}",
+            f"{what} is not built and auto-repair is off ({why}); building it needs: {exc.message}",
             fix=f"{fix}, after: {exc.fix}" if exc.fix else fix,
         ) from exc
     if build.is_built(p):
         return p
     if not opts.repair:
-        raise BackendUnavailable(f"the {backend} backend is not built and auto-repair is off ({why})", fix=fix)
+        raise BackendUnavailable(f"{what} is not built and auto-repair is off ({why})", fix=fix)
     if os.environ.get(REPAIR_GUARD_ENV) == backend:
         raise RepairRecursion(f"repairing {backend} re-entered itself", fix=f"run `{fix}` by hand and read its output")
-    log(f"{backend}: not built; repairing (building it now; pass --no-repair to fail instead)")
+    log(f"{what}: not built; repairing (building it now; pass --no-repair to fail instead)")
     os.environ[REPAIR_GUARD_ENV] = backend
     try:
         return build.ensure_built(spec, override, verbose=opts.verbose)

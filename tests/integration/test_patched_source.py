@@ -5,6 +5,7 @@ pinned one in the same run. The patch scales attention by 1.25: the patched lane
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def test_a_patched_llama_cpp_tree_is_built_and_compared(llama_plan: build.BuildP
 
     patched = f"llama:source={tree}"
     out = tmp_path / "out"
+    if os.environ.get("CI"):  # no auto-repair in CI: the run names the command that builds the tree ...
+        refused = run_cli("run", "--reference", patched, "--out-dir", str(out))
+        assert refused.returncode == 2 and f"--backend llama --source {tree}" in refused.stderr, refused.stderr
+        built = run_cli("setup-cpp", "--backend", "llama", "--source", str(tree))  # ... which a user then runs
+        assert built.returncode == 0, built.stderr[-3000:]
     proc = run_cli("run", "--reference", "llama", "--reference", patched, "--out-dir", str(out), "--format", "json")
     assert proc.returncode == 1, proc.stderr[-3000:]
     lanes = json.loads(proc.stdout)["lanes"]
