@@ -92,7 +92,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p_report.add_argument(
         "--archive",
         action="store_true",
-        help="archive traces of superseded attempts and reports of fixed divergences (placeholders stay)",
+        help="archive traces of superseded attempts and reports of fixed divergences (archive markers stay)",
     )
 
     p_bench = sub.add_parser(
@@ -244,7 +244,9 @@ def _report(args: argparse.Namespace) -> int:
             reports.rebuild_index(run_dir, st)
             status.write(run_dir, st)
         print(f"archived {record['members']} file(s) ({record['what']}) to {run_dir / record['path']}")
-        print(f"  sha256 {record['sha256']}; placeholders ({reports.PLACEHOLDER} / stub reports) name the archive")
+        print(
+            f"  sha256 {record['sha256']}; archive markers ({reports.ARCHIVE_MARKER} / stub reports) name the archive"
+        )
         return 0
     st = runner.load_state(run_dir)
     divs = st["divergences"]

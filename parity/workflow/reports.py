@@ -6,8 +6,8 @@ values and the tolerance that was applied, and a few steps of context from the t
 is the index, one line per divergence, rebuilt from those files after every window.
 
 Nothing is deleted silently: `archive_history` packs superseded traces and the reports of fixed divergences
-into `archive/history-<time>.tar.gz`, checks the archive, and only then replaces each original by a
-placeholder naming the archive and its SHA-256; `archive_run` does the same for a whole run before
+into `archive/history-<time>.tar.gz`, checks the archive, and only then replaces each original by an
+archive marker naming the archive and its SHA-256; `archive_run` does the same for a whole run before
 `run --fresh` starts over.
 """
 
@@ -36,7 +36,7 @@ CONTEXT_AFTER = 2
 MAX_DIFFS = 50  # per alternate in one report; the count of all differences is kept
 RECORD_CHARS = 240  # a context record longer than this is shortened in the Markdown (never in the JSON)
 INDEX_NAME = "divergences.jsonl"
-PLACEHOLDER = "ARCHIVED.txt"
+ARCHIVE_MARKER = "ARCHIVED.txt"
 
 
 def divergence_id(window_start: int, attempt: int) -> str:
@@ -283,12 +283,12 @@ def _pack(run_dir: Path, files: list[Path], name: str) -> tuple[Path, str]:
     return dest, sha256_file(dest)
 
 
-def _placeholder_text(archive: Path, sha: str, run_dir: Path, what: str) -> str:
+def _marker_text(archive: Path, sha: str, run_dir: Path, what: str) -> str:
     rel = archive.relative_to(run_dir)
     return f"{what} archived on {now()} to {rel} (sha256 {sha}).\nRestore with: tar -xzf {rel} -C {run_dir}\n"
 
 
-def _is_placeholder(path: Path) -> bool:
+def _is_marker(path: Path) -> bool:
     """Is this report file already a stub pointing at an archive?"""
     try:
         text = path.read_text(encoding="utf-8")
@@ -314,7 +314,7 @@ def _unique(path: Path) -> Path:
 
 
 def archive_history(run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | None:
-    """Archive traces of superseded attempts and reports of fixed/superseded divergences; leave placeholders.
+    """Archive traces of superseded attempts and reports of fixed/superseded divergences; leave archive markers.
 
     Returns the archive record (also appended to state["archives"]), or None when there was nothing to archive.
     The caller holds the run lock and saves the state afterwards.
@@ -324,14 +324,14 @@ def archive_history(run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | No
         done = [a for a in w["attempts"] if a["status"] != "in_progress"]
         for a in done[:-1]:  # the latest attempt's traces are the window's current evidence: they stay
             d = run_dir / a["trace_dir"]
-            if d.is_dir() and not (d / PLACEHOLDER).exists():
+            if d.is_dir() and not (d / ARCHIVE_MARKER).exists():
                 trace_dirs.append(d)
     reports = []
     for div in state["divergences"]:
         if div["status"] in ("fixed", "superseded"):
             for key in ("report_json", "report_md"):
                 p = run_dir / div[key]
-                if p.is_file() and not _is_placeholder(p):
+                if p.is_file() and not _is_marker(p):
                     reports.append(p)
     files = sorted({f for d in trace_dirs for f in d.rglob("*") if f.is_file()} | set(reports))
     if not files:
@@ -342,10 +342,10 @@ def archive_history(run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | No
             if f.is_file():
                 f.unlink()
         atomic_write_text(
-            d / PLACEHOLDER, _placeholder_text(archive, sha, run_dir, f"The traces in {d.relative_to(run_dir)} were")
+            d / ARCHIVE_MARKER, _marker_text(archive, sha, run_dir, f"The traces in {d.relative_to(run_dir)} were")
         )
     for p in reports:
-        text = _placeholder_text(archive, sha, run_dir, f"This report ({p.name}) was")
+        text = _marker_text(archive, sha, run_dir, f"This report ({p.name}) was")
         if p.suffix == ".json":
             atomic_write_json(
                 p, {"id": p.stem, "archived_in": str(archive.relative_to(run_dir)), "sha256": sha, "note": text}
@@ -360,7 +360,7 @@ def archive_history(run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | No
         "what": f"traces of {len(trace_dirs)} superseded attempt(s), {len(reports)} report file(s) of fixed divergences",
     }
     state["archives"].append(record)
-    add_event(state, "archived", f"{record['what']} archived to {record['path']} (placeholders left in place)")
+    add_event(state, "archived", f"{record['what']} archived to {record['path']} (archive markers left in place)")
     return record
 
 
@@ -401,6 +401,6 @@ def archive_run(run_dir: Path) -> tuple[Path, str, int]:
                 top.unlink()
     atomic_write_text(
         run_dir / "archive" / f"{archive.name}.README.txt",
-        _placeholder_text(archive, sha, run_dir, f"The previous run in {run_dir} ({len(files)} files) was"),
+        _marker_text(archive, sha, run_dir, f"The previous run in {run_dir} ({len(files)} files) was"),
     )
     return archive, sha, len(files)

@@ -27,8 +27,6 @@ from .test_receipts import v1
 from .test_workflow_runner import Script, run_pass, write_config
 from .test_workflow_state import fresh
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
-
 UMASKS = [0o022, 0o077, 0o027]
 
 

@@ -36,7 +36,7 @@ def test_report_markdown_names_everything(tmp_path: Path) -> None:
         assert part in md, part
 
 
-def test_archive_moves_old_traces_and_fixed_reports_behind_placeholders(tmp_path: Path) -> None:
+def test_archive_moves_old_traces_and_fixed_reports_behind_archive_markers(tmp_path: Path) -> None:
     script = Script()
     script.bugs["alt1"] = {9: ("pc", 0)}
     run_dir = tmp_path / "run"
@@ -59,8 +59,8 @@ def test_archive_moves_old_traces_and_fixed_reports_behind_placeholders(tmp_path
         assert div["report_md"] in names
         md = tar.extractfile(div["report_md"])
         assert md is not None and md.read().decode() == md_before
-    assert [p.name for p in old_trace.iterdir()] == [reports.PLACEHOLDER]
-    assert record["sha256"] in (old_trace / reports.PLACEHOLDER).read_text()
+    assert [p.name for p in old_trace.iterdir()] == [reports.ARCHIVE_MARKER]
+    assert record["sha256"] in (old_trace / reports.ARCHIVE_MARKER).read_text()
     assert "archived on" in (run_dir / div["report_md"]).read_text()
     current = run_dir / st["windows"][1]["attempts"][1]["trace_dir"]
     assert (current / "alt1.jsonl").exists()  # the latest attempt's traces are the window's evidence: kept
