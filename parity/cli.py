@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from parity import __version__
-from parity.bench import main as bench
+from parity.bench import command as bench
 from parity.errors import ParityError
 from parity.models import fetch
 from parity.tokenize import export

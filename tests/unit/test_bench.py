@@ -18,6 +18,7 @@ import pytest
 from parity.backends import build
 from parity.backends import lock as backends
 from parity.backends import tools as build_tools
+from parity.bench import command as bench_command
 from parity.bench import gate as bench_gate
 from parity.bench import inputs as bench_inputs
 from parity.bench import lanes as bench_lanes
@@ -356,7 +357,7 @@ def test_cli_flags() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers(dest="command"))
+    bench_command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
         [
             *("bench", "--model", "a.gguf", "--model", "gemma3-270m-q4_k_m", "--impl", "numpy", "--impl", "llama"),
@@ -364,11 +365,11 @@ def test_cli_flags() -> None:
             "--baseline",
         ]
     )
-    opts = bench.options_from_args(args)
+    opts = bench_command.options_from_args(args)
     assert opts.models == ("a.gguf", "gemma3-270m-q4_k_m")
     assert opts.impls == ("numpy", "llama", "llama:type_k=f16,flash_attn=on")
     assert opts.reps == 3 and not opts.llama_bench and opts.baseline and opts.format == "json"
-    assert bench.options_from_args(parser.parse_args(["bench"])).models == ("default-f32",)
+    assert bench_command.options_from_args(parser.parse_args(["bench"])).models == ("default-f32",)
 
 
 # ------------------------------------------------------------------------------------ implementation specs
@@ -825,9 +826,9 @@ def test_protocol_probe_flag_and_factory() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers(dest="command"))
-    assert bench.options_from_args(parser.parse_args(["bench"])).protocol_probe
-    assert not bench.options_from_args(parser.parse_args(["bench", "--no-protocol-probe"])).protocol_probe
+    bench_command.add_parser(parser.add_subparsers(dest="command"))
+    assert bench_command.options_from_args(parser.parse_args(["bench"])).protocol_probe
+    assert not bench_command.options_from_args(parser.parse_args(["bench", "--no-protocol-probe"])).protocol_probe
     engine = protocol_probe.zeros("/any/model.gguf")
     out = engine.logits([1, 2, 3])
     assert out.shape == (3, protocol_probe.VOCAB) and out.dtype == np.float32 and not out.any()
