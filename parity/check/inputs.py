@@ -159,6 +159,12 @@ def check_lane_formats(
     for b in lane_backends:
         f = open_gguf(lane_models[b]) if b in lane_models else gguf
         ternary.require_loadable(b, f.path, {name: t.ggml_type for name, t in f.tensors.items()})
+    impl = impl_specs.parse(opts.impl)
+    if opts.numerics != "exact" and impl.kind != "numpy":  # a mirror is the numpy engine's, never the impl's
+        raise UsageError(
+            f"--numerics {opts.numerics} mirrors C++ rounding in the numpy engine, not in {impl.text}",
+            fix="use --numerics exact with this --impl",
+        )
     if opts.numerics != "exact" and gguf.architecture != "bitnet":
         raise UsageError(
             f"--numerics {opts.numerics} is implemented for the bitnet architecture, not {gguf.architecture!r}",

@@ -108,3 +108,12 @@ def test_logits_file(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
     code, _, err = _run(tmp_path / "refused", "--impl", f"logits:{bad}")
     assert code == 2 and "differ from the run's prompt at position 5" in err, err
     assert not list((tmp_path / "refused").glob("receipt_*.json"))
+
+
+def test_numerics_mirror_needs_the_numpy_engine(tmp_path: Path) -> None:
+    """A mirror is computed by the numpy engine: with another implementation under test it would silently
+    compare numpy instead of that implementation, so it is refused (exit 2) before anything runs."""
+    for impl in (f"cmd:{sys.executable} {ECHO}", "llama:type_k=f16"):
+        code, _, err = _run(tmp_path, "--impl", impl, "--numerics", "mirror")
+        assert code == 2 and "mirrors C++ rounding in the numpy engine" in err, err
+        assert not list(tmp_path.glob("receipt_*.json"))
