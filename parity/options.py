@@ -72,7 +72,7 @@ class RunOptions:
         parse_metrics(self.metrics)
         from parity.engines import spec
 
-        spec.parse(self.impl)  # a malformed --impl is exit 2 here; `numpy:dtype=...` wins over --dtype
+        spec.parse(self.impl)  # a malformed --impl is exit 2 here
         from parity.engines.numpy.numerics import check_mode
         from parity.models.ternary_model import RUN_VARIANTS
 
@@ -147,7 +147,10 @@ def resolve(cli: dict[str, Any], pyproject: Path | None = None) -> RunOptions:
             merged[key] = value
     opts = RunOptions(**merged)
     opts.validate()
-    return opts
+    from parity.engines import spec
+
+    dtype = spec.parse(opts.impl).get("dtype")  # `--impl numpy:dtype=float64` wins over --dtype
+    return dataclasses.replace(opts, dtype=dtype) if dtype else opts
 
 
 # Every PARITY_* environment variable parity reads, beyond PARITY_<OPTION> for each RunOptions field (resolved

@@ -7,8 +7,8 @@ builds it unless --no-repair or CI). tests/unit/test_gguf_fuzz.py runs mutated f
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +32,6 @@ REPAIR_GUARD_ENV = "PARITY_REPAIRING"
 def preflight(backend: str, opts: RunOptions, source: str | None = None) -> build.BuildPlan:
     """Make sure `backend` is built (from `source`, a local tree, when given); repair (build it) when allowed,
     else fail with the fixing command."""
-    if "@" in backend:  # a plan key (ImplSpec.plan_key): kind@source
-        backend, source = backend.split("@", 1)
     spec = lock.get_spec(backend)
     override = lock.source_override(spec, source)
     what = f"the {backend} backend" + (f" from {override}" if source and override else "")
@@ -85,28 +83,46 @@ def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> HFT
     return HFTokenizer.from_text(text, source="gguf_embedded", path=model_path, file_hash=gguf.sha256())
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What check_input found: the opened GGUF, the numpy engine (None unless it is the implementation under
+    test), the tokenizer authority, the GGUF vocabulary's config hash and the training context length."""
+
+    gguf: GGUFFile
+    engine: NumpyEngine | None
+    hf: HFTokenizer | None
+    vocab_hash: str
+    n_ctx_train: int
+
+
 def check_input(
     opts: RunOptions,
     lane_backends: list[str],
     model_path: Path,
     tok_path: Path | None,
     lane_models: dict[str, Path] | None = None,
-) -> tuple[GGUFFile, NumpyEngine, HFTokenizer | None]:
+) -> Checked:
     """Every check of the input files that needs no backend: bad input is exit 2 here, before any lane.
 
-    The GGUF's header, metadata and tensor table (gguf_file), its hyperparameters and tensor shapes (the
-    numpy engine), each lane's tensor formats, and the tokenizer (tokenizer.json, or the GGUF vocabulary
-    exported). tests/unit/test_gguf_fuzz.py runs mutated files through exactly this function.
+    The GGUF's header, metadata and tensor table (parity.gguf), its hyperparameters and tensor shapes (the
+    numpy engine, built only when it is the implementation under test: another engine may read models numpy
+    cannot), each lane's tensor formats, and the tokenizer (tokenizer.json, or the GGUF vocabulary exported).
+    tests/unit/test_gguf_fuzz.py runs mutated files through exactly this function.
     """
     from parity.engines.numpy.engine import NumpyEngine
     from parity.gguf.reader import open_gguf
 
     gguf = open_gguf(model_path)  # missing / non-GGUF / truncated / malformed -> exit 2 before anything runs
-    engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture, bad hyperparameters -> exit 2
+    engine = None
+    if impl_specs.parse(opts.impl).kind == "numpy":
+        engine = NumpyEngine(gguf, dtype=opts.dtype)  # unsupported architecture, bad hyperparameters -> exit 2
+        n_ctx_train = engine.n_ctx_train
+    else:
+        n_ctx_train = gguf.get_int(f"{gguf.architecture}.context_length", min=1)
     check_lane_formats(opts, lane_backends, gguf, lane_models or {})  # unsupported model format -> exit 2
     hf = resolve_tokenizer(model_path, tok_path, gguf)
-    gguf_config_hash(gguf.metadata)  # the receipt's vocabulary hash: a malformed vocabulary fails here, not later
-    return gguf, engine, hf
+    vocab_hash = gguf_config_hash(gguf.metadata)  # a malformed vocabulary fails here, not in a lane
+    return Checked(gguf, engine, hf, vocab_hash, n_ctx_train)
 
 
 def reference_specs(texts: list[str]) -> list[ImplSpec]:
@@ -122,12 +138,6 @@ def reference_specs(texts: list[str]) -> list[ImplSpec]:
     if len(set(labels)) != len(labels):
         raise UsageError(f"--reference given twice: {labels}", fix="name each reference lane once")
     return refs
-
-
-def with_impl_dtype(opts: RunOptions) -> RunOptions:
-    """`--impl numpy:dtype=float64` sets the numpy engine's dtype (it wins over --dtype)."""
-    dtype = impl_specs.parse(opts.impl).get("dtype")
-    return dataclasses.replace(opts, dtype=dtype) if dtype else opts
 
 
 def open_vocab(w: Worker, backend: str, path: Path) -> RemoteModel:

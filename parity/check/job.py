@@ -36,7 +36,7 @@ from parity.errors import (
 )
 from parity.models import modelgen
 from parity.options import RunOptions
-from parity.tokenize.tokenizer import apply_template, check_token_parity, gguf_config_hash
+from parity.tokenize.tokenizer import apply_template, check_token_parity
 
 if TYPE_CHECKING:
     from parity.engines.numpy.engine import NumpyEngine
@@ -116,12 +116,11 @@ def lane_params(backend: str, opts: RunOptions, n_tokens: int) -> BackendParams:
     )
 
 
-def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, build.BuildPlan]]:
+def prepare(opts: RunOptions, refs: list[ImplSpec]) -> tuple[Shared, dict[str, build.BuildPlan]]:
     """Validate input, preflight backends, tokenize, check token parity, run the implementation under test once.
 
-    Returns the shared work and one build plan per backend kind (the references' and a bridged --impl's)."""
-    refs = inputs.reference_specs(lane_specs)
-    opts = inputs.with_impl_dtype(opts)
+    `refs` are the reference lanes (inputs.reference_specs). Returns the shared work and one build plan per
+    plan key (ImplSpec.plan_key: a kind, or kind@source), the references' and a bridged --impl's."""
     impl_spec = impl_specs.parse(opts.impl)
     lane_backends = list(dict.fromkeys(r.kind for r in refs))
     t0 = time.perf_counter()
@@ -145,12 +144,14 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
         model_path, default_tok = modelgen.default_model(opts.variant)
         tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
     lane_models = {b: lane for b, lane in lane_models.items() if lane != model_path}
-    gguf, engine, hf = inputs.check_input(opts, lane_backends, model_path, tok_path, lane_models)
+    checked = inputs.check_input(opts, lane_backends, model_path, tok_path, lane_models)
+    gguf, hf = checked.gguf, checked.hf
     # one build per plan key: a kind, or kind@source for another source tree of that engine
-    plans = {key: inputs.preflight(key, opts) for key in dict.fromkeys(r.plan_key for r in refs)}
+    by_key = {r.plan_key: r for r in refs}
+    plans = {key: inputs.preflight(r.kind, opts, r.get("source")) for key, r in by_key.items()}
     impl_plan: build.BuildPlan | None = plans.get(impl_spec.plan_key)
     if impl_spec.bridged and impl_plan is None:
-        impl_plan = inputs.preflight(impl_spec.plan_key, opts)
+        impl_plan = inputs.preflight(impl_spec.kind, opts, impl_spec.get("source"))
     seconds = {"load": time.perf_counter() - t0}
 
     # Tokenize with every backend (vocab only) and compare with the external tokenizer.
@@ -160,7 +161,7 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
     template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
     chat_record: dict[str, Any] | None = None
     for b, p in plans.items():
-        kind = b.split("@", 1)[0]
+        kind = by_key[b].kind
         with Worker(
             kind,
             p.bridge_path,
@@ -205,19 +206,19 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
             "source": "gguf_embedded",
             "path": str(model_path),
             "file_hash": gguf.sha256(),
-            "config_hash": gguf_config_hash(gguf.metadata),
+            "config_hash": checked.vocab_hash,
             "token_count": len(prompt_ids),
         }
     # Which tokenizers produced exactly these ids, and whether the external vocabulary is the model's own.
     authority["checked_against"] = sorted(backend_ids)
-    authority["gguf_config_hash"] = gguf_config_hash(gguf.metadata)
+    authority["gguf_config_hash"] = checked.vocab_hash
     seconds["tokenize"] = time.perf_counter() - t1
 
     n_total = len(prompt_ids) + opts.max_tokens
-    if n_total > engine.n_ctx_train:
+    if n_total > checked.n_ctx_train:
         raise UsageError(
             f"prompt ({len(prompt_ids)} tokens) + --max-tokens {opts.max_tokens} = {n_total} exceeds the model's "
-            f"context of {engine.n_ctx_train} tokens",
+            f"context of {checked.n_ctx_train} tokens",
             fix="shorten --prompt or lower --max-tokens",
         )
     t2 = time.perf_counter()
@@ -228,7 +229,7 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
     described: dict[str, Any] = {"spec": impl_spec.text, "name": impl_spec.kind}
     impl_error: str | None = None
     try:
-        with _open_impl(impl_spec, impl_plan, engine, model_path, opts, n_total) as impl:
+        with _open_impl(impl_spec, impl_plan, checked.engine, model_path, opts, n_total) as impl:
             described = impl.describe()
             own_ids = impl.tokenize(formatted, True, True)
             if own_ids is not None:
@@ -242,14 +243,14 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
     shared = Shared(
         model_path,
         gguf.sha256(),
-        engine.architecture,
+        gguf.architecture,
         template,
         formatted,
         prompt_ids,
         generated,
         logits,
         authority,
-        engine.n_ctx_train,
+        checked.n_ctx_train,
         seconds,
         lane_models,
         backend_ids,
@@ -261,7 +262,7 @@ def prepare(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, dict[str, 
 
 
 def _open_impl(
-    s: ImplSpec, plan: build.BuildPlan | None, engine: NumpyEngine, model: Path, opts: RunOptions, n_tokens: int
+    s: ImplSpec, plan: build.BuildPlan | None, engine: NumpyEngine | None, model: Path, opts: RunOptions, n_tokens: int
 ) -> Implementation:
     """The implementation under test, from the registry (the numpy engine pre-flight built is reused)."""
     ctx = OpenContext(
@@ -445,9 +446,8 @@ def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResul
     """Prepare once, then run every reference lane to completion (a failed lane never stops the others)."""
     out_dir = Path(opts.out_dir)
     ensure_out_dir(out_dir)
-    opts = inputs.with_impl_dtype(opts)
-    shared, plans = prepare(opts, lane_specs)
     lanes = inputs.reference_specs(lane_specs)
+    shared, plans = prepare(opts, lanes)
 
     def one(lane: ImplSpec) -> LaneResult:
         try:

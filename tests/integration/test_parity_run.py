@@ -185,11 +185,11 @@ def _planted_greedy(tmp_path: Path, tie_margin: float) -> tuple[Any, Any, int, f
     import numpy as np
 
     from parity import options
-    from parity.check import job
+    from parity.check import inputs, job
     from parity.engines.numpy.engine import NumpyEngine
 
     opts = options.resolve({"out_dir": str(tmp_path), "tie_margin": tie_margin, "repair": False})
-    shared, plans = job.prepare(opts, ["llama"])
+    shared, plans = job.prepare(opts, inputs.reference_specs(["llama"]))
     n = len(shared.prompt_ids)
     engine = NumpyEngine(shared.model_path, dtype=opts.dtype)
     probs = [np.sort(np.exp(r - r.max()) / np.exp(r - r.max()).sum())[-2:] for r in shared.logits[n - 1 : -1]]
