@@ -18,7 +18,6 @@ import pytest
 
 from parity import api, options
 from parity.check import inputs
-from parity.engines import spec
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,8 +36,8 @@ def parity_references(pytestconfig: pytest.Config) -> list[str]:
     """The reference specs, each backend built once per session (repair allowed unless CI is set)."""
     refs: list[str] = pytestconfig.getoption("--parity-reference") or ["llama"]
     opts = options.resolve({})
-    for kind in dict.fromkeys(spec.parse(r).kind for r in refs):
-        inputs.preflight(kind, opts)
+    for r in {r.plan_key: r for r in inputs.reference_specs(refs)}.values():  # as parity.check.job does
+        inputs.preflight(r.kind, opts, r.get("source"))
     return refs
 
 

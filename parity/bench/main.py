@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from parity.backends import build, lock
+from parity.backends import lock
 from parity.backends import tools as build_tools
 from parity.bench import gate as bench_gate
 from parity.bench import inputs, llama_bench, protocol_probe
@@ -150,9 +150,11 @@ def _base_params(kind: str, opts: BenchOptions) -> BackendParams:
     return base_params(kind, _run_options(opts), opts.prompt_tokens + opts.gen_tokens)
 
 
-def llama_plan(impls: dict[str, inputs.Impl]) -> build.BuildPlan | None:
-    """The llama.cpp build of the run (the cross-check's), when a lane is of kind llama."""
-    return next((i.plan for i in impls.values() if i.spec.kind == "llama"), None)
+def llama_lane(impls: dict[str, inputs.Impl]) -> inputs.Impl | None:
+    """The llama.cpp lane the cross-check uses (the plain `llama` lane, else the first of kind llama); llama-bench
+    is built from the same source tree, so the two always time the same code."""
+    lanes = [i for i in impls.values() if i.spec.kind == "llama"]
+    return next((i for i in lanes if i.spec.plan_key == "llama"), lanes[0] if lanes else None)
 
 
 def bench_model(
@@ -171,7 +173,8 @@ def bench_model(
         bench_lanes.LaneSpec(label, i.spec, i.plan, model.path, lane_params(i.spec, opts), log_dir, opts.threads)
         for label, i in impls.items()
     ]
-    xplan, xparams = llama_plan(impls), xcheck_params(opts)
+    xlane, xparams = llama_lane(impls), xcheck_params(opts)
+    xplan = xlane.plan if xlane is not None else None
     if xplan is not None and tools is not None:
         wanted.append(bench_lanes.LaneSpec(XCHECK_LABEL, ImplSpec("llama"), xplan, model.path, xparams, log_dir))
     lanes: list[bench_lanes.Lane] = []
@@ -322,9 +325,11 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
     models = [inputs.resolve_model(m) for m in dict.fromkeys(opts.models)]
     impls = inputs.select_impls(opts.impls, opts.verbose)
     tools: build_tools.ToolsPlan | None = None
-    if llama_plan(impls) is not None and opts.llama_bench:
+    xlane = llama_lane(impls)
+    if xlane is not None and opts.llama_bench:
         spec = lock.get_spec("llama")
-        tools = build_tools.ensure_llama_bench(spec, lock.source_override(spec), verbose=opts.verbose)
+        source = lock.source_override(spec, xlane.spec.get("source"))
+        tools = build_tools.ensure_llama_bench(spec, source, verbose=opts.verbose)
     receipt: dict[str, Any] = {
         "kind": "parity-bench",
         "version": BENCH_VERSION,

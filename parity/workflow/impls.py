@@ -337,7 +337,7 @@ class BridgeImpl(EngineImpl):
         backend = self.spec.kind
         try:
             opts = parity_config.resolve({"timeout": self.spec.options.get("timeout")})
-            plan = inputs.preflight(backend, opts)
+            plan = inputs.preflight(backend, opts, self.spec.engine.get("source"))
         except ParityError as exc:
             self._fatal = f"{self.name} ({backend}) is unavailable: {exc}"
             raise Unavailable(self._fatal) from exc

@@ -429,7 +429,7 @@ def test_select_impls_one_build_per_kind(monkeypatch: pytest.MonkeyPatch) -> Non
     assert list(impls) == ["numpy-dtype-float64", "llama-type_k-f16", "llama"] and built == [("llama", False)]
     assert impls["numpy-dtype-float64"].plan is None and impls["llama"].plan == impls["llama-type_k-f16"].plan
     llama = impls["llama"].plan
-    assert llama is not None and bench.llama_plan(impls) is llama
+    assert llama is not None and (lane := bench.llama_lane(impls)) is not None and lane.plan is llama
     built.clear()
     assert list(bench_inputs.select_impls(())) == ["numpy", "llama"]  # bitnet: only where built
     assert built == [("llama", False), ("bitnet", True)]
@@ -883,3 +883,14 @@ def test_external_engines_start_with_the_bench_threads(monkeypatch: pytest.Monke
         assert env == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
     assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["OMP_NUM_THREADS"] == "4"
+
+
+def test_the_cross_check_times_the_lane_whose_tree_llama_bench_is_built_from() -> None:
+    """The plain llama lane wins; with only a source= lane, that lane (and llama-bench built from its tree)."""
+    from parity.bench.inputs import Impl
+    from parity.engines import spec as engine_spec
+
+    patched = Impl(engine_spec.parse("llama:source=/x/llama.cpp"), None)
+    plain = Impl(engine_spec.parse("llama"), None)
+    assert bench.llama_lane({"p": patched, "l": plain}) is plain
+    assert bench.llama_lane({"p": patched}) is patched and bench.llama_lane({}) is None

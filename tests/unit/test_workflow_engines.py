@@ -81,7 +81,7 @@ def opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[engine
         seen.append((spec, ctx, FakeEngine(flip=len(PROMPT) + 2)))
         return seen[-1][2]
 
-    monkeypatch.setattr(inputs, "preflight", lambda backend, opts: "plan")
+    monkeypatch.setattr(inputs, "preflight", lambda backend, opts, source=None: "plan")
     monkeypatch.setattr(registry, "open_implementation", fake_open)
     return seen
 
@@ -240,3 +240,22 @@ def test_a_crashed_external_engine_is_restarted_and_a_missing_one_is_not_retried
         out = ref.run_window(0, 3, [], tmp_path / "t")
         assert out.error and "ref (cmd:./engine --greedy) is unavailable" in out.error and "not found" in out.error
     assert tries == [1]
+
+
+def test_a_source_option_builds_that_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opened: list[tuple[engine_spec.ImplSpec, Any, FakeEngine]]
+) -> None:
+    """`options = { source = ... }` means what `--impl llama:source=...` means: that tree is the one built."""
+    asked: list[str | None] = []
+
+    def preflight(backend: str, opts: Any, source: str | None = None) -> str:
+        asked.append(source)
+        return "plan"
+
+    monkeypatch.setattr(inputs, "preflight", preflight)
+    toml = TOML.replace('type_k = "f16"', 'type_k = "f16", source = "/src/llama-patched"', 1)
+    assert toml != TOML
+    cfg = config.parse(toml, tmp_path / "impls.toml")
+    ctx = impls.RunContext(cfg, tmp_path, True, {}, PROMPT, tmp_path / "m.gguf", 3, len(PROMPT) + 8)
+    assert impls.BridgeImpl(cfg.reference, ctx).run_window(0, 6, [], tmp_path / "t").ok
+    assert asked == ["/src/llama-patched"]
