@@ -19,7 +19,6 @@ import contextlib
 import os
 import pickle
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from parity.core.proc import log_tail, signal_name
 from parity.errors import WorkerError
 
 STDERR_TAIL = 15
@@ -183,11 +183,7 @@ class Worker:
         return self.proc.pid
 
     def stderr_tail(self, n: int = STDERR_TAIL) -> str:
-        try:
-            lines = self.stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+        return "\n".join(log_tail(self.stderr_path, n))
 
     def _death(self, during: str) -> WorkerError:
         try:
@@ -196,10 +192,7 @@ class Worker:
             self.kill()
             code = self.proc.returncode
         if code is not None and code < 0:
-            try:
-                how = f"was killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
+            how = f"was killed by signal {signal_name(code)}"
         else:
             how = f"exited with code {code}"
         tail = self.stderr_tail()

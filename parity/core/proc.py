@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -150,6 +151,22 @@ def _lines_with_ticks(stream: Iterable[str], interval: float) -> Iterator[str | 
         if item is None:
             return
         yield item
+
+
+def signal_name(returncode: int) -> str:
+    """The name of the signal that ended a process (returncode -N): SIGABRT, or "signal 40" for a real-time one."""
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def log_tail(path: Path, n: int) -> list[str]:
+    """The last `n` lines of a child's log file (none when it cannot be read)."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
 
 
 def probe(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None) -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from parity.core.fs import sha256_file
+from parity.core.proc import log_tail, signal_name
 from parity.engines import protocol
 from parity.engines.base import Implementation
 from parity.engines.spec import ImplSpec
@@ -94,12 +94,9 @@ class CommandImplementation(Implementation):
     # ---------------------------------------------------------------------------------------- plumbing
 
     def stderr_tail(self, n: int = STDERR_TAIL) -> str:
-        try:
+        if not self._log.closed:
             self._log.flush()
-            lines = self.stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+        return "\n".join(log_tail(self.stderr_path, n))
 
     def _error(self, op: str, what: str) -> WorkerError:
         tail = self.stderr_tail()
@@ -117,7 +114,7 @@ class CommandImplementation(Implementation):
             except subprocess.TimeoutExpired:
                 code = None
         if code is not None and code < 0:
-            what = f"the engine was killed by {signal.Signals(-code).name}"
+            what = f"the engine was killed by {signal_name(code)}"
         elif code is not None:
             what = f"the engine exited with status {code}"
         else:

@@ -18,19 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from parity.core.proc import log_tail, signal_name
 from parity.workflow.config import DEFAULT_COMMAND_TIMEOUT
 from parity.workflow.impls import Implementation, Unavailable
 
 PROTOCOL_VERSION = 1
 STDERR_TAIL = 3
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL for a command that overran its timeout
-
-
-def _signal_name(code: int) -> str:
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
 
 
 class CommandImpl(Implementation):
@@ -108,7 +102,7 @@ class CommandImpl(Implementation):
         tail = self._stderr_tail(stderr_path)
         if proc.returncode != 0:
             how = (
-                f"was killed by {_signal_name(proc.returncode)}"
+                f"was killed by {signal_name(proc.returncode)}"
                 if proc.returncode < 0
                 else f"exited with code {proc.returncode}"
             )
@@ -142,11 +136,7 @@ class CommandImpl(Implementation):
 
     @staticmethod
     def _stderr_tail(path: Path) -> str:
-        try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return " | ".join(line.strip() for line in lines[-STDERR_TAIL:] if line.strip())
+        return " | ".join(line.strip() for line in log_tail(path, STDERR_TAIL) if line.strip())
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,19 @@ def test_tty_does_not_rewrite_an_unchanged_line() -> None:
     clock.now += 0.5
     bp.tick()
     assert out.getvalue().endswith("\r  building libllama [1/4] 25% 1s\x1b[K")
+
+
+def test_signal_name_names_real_time_signals_too(tmp_path: Path) -> None:
+    """A child killed by a signal Python has no name for (a real-time one) is still described, not a crash."""
+    import signal
+
+    from parity.core.proc import log_tail, signal_name
+
+    assert (
+        signal_name(-signal.SIGABRT) == "SIGABRT"
+        and signal_name(-(signal.SIGRTMIN + 3)) == f"signal {signal.SIGRTMIN + 3}"
+    )
+    log = tmp_path / "child.log"
+    assert log_tail(log, 3) == []
+    log.write_text("a\nb\nc\nd\n")
+    assert log_tail(log, 2) == ["c", "d"]
