@@ -14,7 +14,6 @@ The pytest plugin (parity.pytest_plugin, registered as the `parity` pytest11 ent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +48,9 @@ class CheckResult:
         """The text summary (`parity run`)."""
         return summary.as_text(self.shared, self.lanes, self.exit_code)
 
-    def render(self, fmt: str) -> str:
-        return json.dumps(self.summary(), indent=2) if fmt == "json" else self.text()
+    def render(self, fmt: str | None = None) -> str:
+        """The summary in `fmt` (text or json; default: the format the options asked for)."""
+        return summary.render(fmt or self.format, self.shared, self.lanes, self.exit_code)
 
 
 def check(

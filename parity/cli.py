@@ -190,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     given = {k: getattr(args, k) for k in _RUN_KEYS if getattr(args, k) is not None}
     result = api.check(reference=args.backends or ["llama"], **given)
-    print(result.render(result.format))
+    print(result.render())
     return result.exit_code
 
 
@@ -201,7 +201,7 @@ def cmd_parity_both(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in _COMMON_KEYS if getattr(args, k) is not None}
     given.setdefault("metrics", "mse")
     result = api.check(reference=["bitnet", "llama"], **given)
-    print(result.render(result.format))
+    print(result.render())
     return result.exit_code
 
 

@@ -312,7 +312,7 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
             params,
             eval_shape=eval_shape,
             log_dir=out_dir / "logs",
-            log_name=backend if not lane.options else label,
+            log_name=label,
             verbose=opts.verbose,
             timeout=opts.timeout,
         ) as ref:
@@ -363,9 +363,10 @@ def _error_lane(label: str, p: build.BuildPlan, base: dict[str, Any], error: str
 
 def numerics_gap(ref: Any, other: Any, shape: str) -> dict[str, Any]:
     """The engine against itself in the other evaluation shape: what mirroring the wrong shape would cost."""
-    from parity.engines.numpy.numerics import compare
-
-    return {"other_shape": "stepwise" if shape == "batch" else "batch", **compare(np.asarray(other), np.asarray(ref))}
+    return {
+        "other_shape": "stepwise" if shape == "batch" else "batch",
+        **metrics.logit_gap(np.asarray(other), np.asarray(ref)),
+    }
 
 
 def _lane_numerics(

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from parity.compare.metrics import first_difference
 from parity.core.fs import sha256_file
 from parity.core.proc import log_tail, signal_name
 from parity.engines import protocol
@@ -82,9 +83,8 @@ class CommandImplementation(Implementation):
         self._reader = protocol.Reader(self.proc.stdout.fileno())
         self._id = 0
         self._closed = False
-        options = {} if spec.kind in ("cmd", "py") else dict(spec.options)
         self.hello = self.request(
-            {"op": "hello", "protocol": protocol.PROTOCOL_VERSION, "model": str(model), "options": options}
+            {"op": "hello", "protocol": protocol.PROTOCOL_VERSION, "model": str(model), "options": {}}
         )[0]
         if self.hello.get("protocol") != protocol.PROTOCOL_VERSION:
             raise self._error("hello", f"speaks protocol {self.hello.get('protocol')!r}, parity speaks 2")
@@ -254,10 +254,8 @@ class LogitsFileImplementation(Implementation):
 
     def _require_prefix(self, tokens: Sequence[int], what: str) -> None:
         ids = [int(t) for t in tokens]
-        if len(ids) > len(self.ids) or ids != self.ids[: len(ids)]:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(ids, self.ids, strict=False)) if a != b), min(len(ids), len(self.ids))
-            )
+        at = first_difference(ids, self.ids[: len(ids)])
+        if at is not None:
             theirs = self.ids[at] if at < len(self.ids) else "end of file"
             ours = ids[at] if at < len(ids) else "end of sequence"
             raise UsageError(

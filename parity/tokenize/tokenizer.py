@@ -109,9 +109,9 @@ def gguf_config_hash(metadata: dict[str, Any]) -> str:
     from parity.gguf.metadata import Metadata  # a value of the wrong type is a ModelFormatError naming the key
 
     md = Metadata.wrap(metadata, "GGUF")
-    tokens = list(md.get_array("tokenizer.ggml.tokens", str, []))
-    merges = list(md.get_array("tokenizer.ggml.merges", str, []))
-    types = list(md.get_array("tokenizer.ggml.token_type", int, []))
+    tokens = md.get_array("tokenizer.ggml.tokens", str, [])
+    merges = md.get_array("tokenizer.ggml.merges", str, [])
+    types = md.get_array("tokenizer.ggml.token_type", int, [])
     special = [i for i, t in enumerate(types) if t == 3]
     return canonical_hash(tokens, merges, special)
 
@@ -146,9 +146,10 @@ def apply_template(
     the tokenizer adds a BOS itself, and then a leading BOS text is stripped from the render (llama.cpp's rule).
     """
     raw = metadata.get(chat_template.GGUF_KEY)
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = [t for t in tokens if isinstance(t, str)] if isinstance(tokens, list) else None
-    template = resolve_template(name, raw if isinstance(raw, str) else None, model_path, vocab)
+    tokens = metadata.get("tokenizer.ggml.tokens")  # only `auto` without a chat template looks (a set, once)
+    template = resolve_template(
+        name, raw if isinstance(raw, str) else None, model_path, tokens if isinstance(tokens, list) else None
+    )
     chat = chat_template.from_gguf(metadata) if template == GGUF_TEMPLATE else None
     if chat is None:
         return template, format_prompt(template, prompt, system), None

@@ -9,6 +9,7 @@ import numpy.typing as npt
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from parity.compare.metrics import logit_gap
 from parity.engines.numpy import numerics
 from parity.engines.numpy.numerics import Numerics, Weight
 from parity.errors import UsageError
@@ -155,10 +156,10 @@ def test_lane_numerics_and_description() -> None:
 
 def test_compare_summarizes_like_a_receipt() -> None:
     a = RNG.standard_normal((3, 16))
-    same = numerics.compare(a, a)
+    same = logit_gap(a, a)
     assert same["mean_kl"] == pytest.approx(0.0, abs=1e-15) and same["max_abs"] == 0.0
     assert same["min_cosine"] == pytest.approx(1.0)
-    shifted = numerics.compare(a + 1.0, a)  # a constant shift leaves the softmax unchanged
+    shifted = logit_gap(a + 1.0, a)  # a constant shift leaves the softmax unchanged
     assert shifted["mean_kl"] == pytest.approx(0.0, abs=1e-12) and shifted["max_abs"] == pytest.approx(1.0)
 
 
@@ -167,12 +168,12 @@ def test_compare_is_the_metrics_of_the_receipt_rows() -> None:
 
     ours, ref = RNG.standard_normal((4, 32)), RNG.standard_normal((4, 32))
     rows = metrics.position_rows(ours, ref, [0, 1, 2, 3])
-    gap = numerics.compare(ours, ref)
+    gap = logit_gap(ours, ref)
     assert gap["min_cosine"] == min(r["cosine"] for r in rows)
     assert gap["max_abs"] == max(r["max_abs"] for r in rows)
     assert gap["mean_kl"] == pytest.approx(float(np.mean([r["kl"] for r in rows])), rel=1e-12)
     with pytest.raises(ValueError, match="logit shapes differ"):
-        numerics.compare(ours[:1], ref)
+        logit_gap(ours[:1], ref)
 
 
 def test_unknown_modes_are_usage_errors() -> None:

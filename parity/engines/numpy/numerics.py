@@ -35,7 +35,6 @@ import numpy as np
 import numpy.typing as npt
 from gguf.constants import GGMLQuantizationType as Q
 
-from parity.compare.metrics import logit_gap
 from parity.errors import UsageError
 from parity.gguf.ternary import QK_K, ForkType
 
@@ -264,8 +263,3 @@ def gap_note(num: Numerics, weight_types: dict[str, int]) -> str | None:
         f"the {num.eval_shape} path. A mirror applying the one-token rules to the batch path lands at that gap "
         "instead of at the mirroring floor."
     )
-
-
-def compare(ours: Array, ref: Array) -> dict[str, float]:
-    """min cosine, max |delta|, mean KL(ref || ours) over positions: the receipt numbers of compare/metrics.logit_gap."""
-    return logit_gap(ours, ref)
