@@ -243,3 +243,23 @@ def load_baseline(path: Path) -> dict[str, Any]:
     if errors:
         raise UsageError(f"{path} is not a valid bench baseline: {errors[0]}", fix="write a new one with --baseline")
     return data
+
+
+def failure_reasons(receipt: dict[str, Any]) -> list[str]:
+    """Why a bench run fails (exit 1), empty when it passes: the one rule `finish` and the report both use."""
+    reasons = []
+    bad = [g for g in receipt["gate"]["rows"] if g["status"] in ("FAIL", "missing")]
+    if bad:
+        reasons.append(f"{len(bad)} figure(s) regressed or missing vs the baseline")
+    xfail = [c for c in receipt["cross_check"] if c["status"] == "FAIL"]
+    if xfail:
+        reasons.append(
+            f"{len(xfail)} llama-bench cross-check(s) disagree (a busy machine? rerun, or pass --no-llama-bench)"
+        )
+    errors = [r for r in receipt["results"] if r["status"] == "error"]
+    if errors:
+        reasons.append(f"{len(errors)} implementation(s) failed during measurement (not verified)")
+    probe = receipt.get("protocol_overhead")
+    if probe and probe["verdict"] == "FAIL":
+        reasons.append(f"protocol overhead {probe['median_s']:.3f} s above its bar of {probe['bar_s']:g} s")
+    return reasons

@@ -363,12 +363,11 @@ def thread_env(n: int) -> Iterator[dict[str, str]]:
 def open_external(spec: LaneSpec) -> ExternalLane:
     """A `cmd:`/`py:` implementation opened through the registry (parity.engines.registry), started with
     `thread_env(spec.threads)`; its vocabulary is the width of the logits it returns for one token (an untimed
-    `logits` request), the architecture the model's."""
+    `logits` request). The architecture is the model's, not the engine's: bench_model reads it (once per model)
+    when no other lane reports it."""
     from parity.engines.external import CommandImplementation
     from parity.engines.registry import OpenContext, open_implementation
-    from parity.gguf.reader import open_gguf
 
-    architecture = open_gguf(spec.model_path).architecture
     t0 = time.perf_counter()
     with thread_env(spec.threads) as env:
         impl = open_implementation(
@@ -382,7 +381,7 @@ def open_external(spec: LaneSpec) -> ExternalLane:
     except BaseException:
         impl.close()
         raise
-    return ExternalLane(spec.label, impl, n_vocab, architecture, record)
+    return ExternalLane(spec.label, impl, n_vocab, "", record)
 
 
 @dataclass(frozen=True)

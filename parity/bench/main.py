@@ -190,6 +190,10 @@ def bench_model(
             continue
         extra["architecture"] = extra["architecture"] or lane.architecture
         lanes.append(lane)
+    if lanes and not extra["architecture"]:  # only external engines, which do not report it: the model's own
+        from parity.gguf.reader import open_gguf
+
+        extra["architecture"] = open_gguf(model.path).architecture
     runner: llama_bench.LlamaBenchRunner | None = None
     lb_errors: list[ParityError] = []
 
@@ -391,8 +395,6 @@ def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
     from parity.bench import report as bench_report
 
     out_dir = Path(opts.out_dir)
-    errors = [r for r in receipt["results"] if r["status"] == "error"]
-    xfail = [c for c in receipt["cross_check"] if c["status"] == "FAIL"]
     gate: dict[str, Any] = {"baseline": None, "note": "", "threshold": opts.max_drop, "rows": []}
     if opts.baseline:
         directory = bench_gate.baseline_dir()
@@ -409,11 +411,9 @@ def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
             rows = bench_gate.compare(bench_gate.load_baseline(path_found), receipt, opts.max_drop)
             gate.update(baseline=str(path_found), rows=[r.to_dict() for r in rows])
             status = "fail" if bench_gate.gate_failed(rows) else "pass"
-    probe_failed = (receipt.get("protocol_overhead") or {}).get("verdict") == "FAIL"
-    failed = status == "fail" or bool(errors) or bool(xfail) or probe_failed
     receipt["gate"] = gate
     receipt["status"] = status
-    receipt["exit_code"] = 1 if failed else 0
+    receipt["exit_code"] = 1 if bench_gate.failure_reasons(receipt) else 0
     write_receipt(out_dir / "bench.json", receipt)
     if opts.baseline:
         write_receipt(Path(gate["baseline"]), receipt)

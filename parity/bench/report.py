@@ -10,6 +10,8 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+from parity.bench import gate
+
 METRIC_TITLES = {"pp": "prompt processing", "tg": "token generation"}
 COLORS = {
     "numpy": "#4e79a7",
@@ -213,21 +215,7 @@ def render_text(receipt: dict[str, Any]) -> str:
 
 def verdict(receipt: dict[str, Any]) -> str:
     """The last line: overall status and exit code, with the reasons for a failure."""
-    reasons = []
-    bad = [g for g in receipt["gate"]["rows"] if g["status"] in ("FAIL", "missing")]
-    if bad:
-        reasons.append(f"{len(bad)} figure(s) regressed or missing vs the baseline")
-    xfail = [c for c in receipt["cross_check"] if c["status"] == "FAIL"]
-    if xfail:
-        reasons.append(
-            f"{len(xfail)} llama-bench cross-check(s) disagree (a busy machine? rerun, or pass --no-llama-bench)"
-        )
-    errors = [r for r in receipt["results"] if r["status"] == "error"]
-    if errors:
-        reasons.append(f"{len(errors)} implementation(s) failed during measurement (not verified)")
-    probe = receipt.get("protocol_overhead")
-    if probe and probe["verdict"] == "FAIL":
-        reasons.append(f"protocol overhead {probe['median_s']:.3f} s above its bar of {probe['bar_s']:g} s")
+    reasons = gate.failure_reasons(receipt)
     head = "FAIL" if receipt["exit_code"] else receipt["status"].upper()
     return f"bench: {head} (exit {receipt['exit_code']})" + (": " + "; ".join(reasons) if reasons else "")
 
