@@ -202,9 +202,9 @@ def render_text(receipt: dict[str, Any]) -> str:
     probe = protocol_overhead_line(receipt)
     if probe:
         parts += ["", probe]
-    gate = receipt["gate"]
-    parts += ["", gate["note"]]
-    if gate["rows"]:
+    gate_run = receipt["gate"]
+    parts += ["", gate_run["note"]]
+    if gate_run["rows"]:
         parts += [
             "gate: FAIL when a figure drops more than 10% + noise, noise = relative MAD of the baseline + of this run",
             gate_table(receipt),
