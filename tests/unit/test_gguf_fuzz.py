@@ -12,6 +12,7 @@ Hypothesis runs derandomized (a fixed seed), so CI sees the same cases on every 
 
 from __future__ import annotations
 
+import functools
 import signal
 import struct
 import tracemalloc
@@ -203,10 +204,15 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise Hang(f"a case ran longer than {CASE_SECONDS} s")
 
 
+@functools.cache
+def _options() -> options.RunOptions:
+    return options.resolve({})  # once: resolving reads pyproject.toml, not part of what a case checks
+
+
 def check_case(path: Path, data: bytes, what: str) -> str:
     """Run the pre-flight on one mutant; returns "pass" or the error line. Fails on anything else."""
     path.write_bytes(data)
-    opts = options.resolve({})
+    opts = _options()
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
