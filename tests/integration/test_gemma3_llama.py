@@ -83,17 +83,19 @@ PRECISE = BackendParams(n_ctx=128, n_batch=128, n_ubatch=128, n_threads=2, type_
 
 
 def _llama_logits(
-    lib: Path, model: Path, prompts: dict[str, Any], stepwise: bool = False
+    lib: Path, model: Path, prompts: dict[str, Any], stepwise: dict[str, npt.NDArray[Any]] | None = None
 ) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
-    """llama.cpp's token ids (text prompts) or the given ids (lists) and all-position logits, one decode each
-    (or one decode per token with `stepwise`)."""
+    """llama.cpp's token ids (text prompts) or the given ids (lists) and all-position logits, one decode each.
+    With a `stepwise` dict, the same model session also fills it with each sequence evaluated one token per
+    decode (the same function in another evaluation order)."""
     out: dict[str, tuple[list[int], npt.NDArray[Any]]] = {}
     with Worker("llama", lib) as w:
         m = RemoteModel(w, str(model), PRECISE)
         for name, prompt in prompts.items():
             ids = m.tokenize(prompt, True, True) if isinstance(prompt, str) else list(prompt)
-            logits = m.eval_stepwise(ids) if stepwise else m.eval(ids)
-            out[name] = (ids, np.asarray(logits, dtype=np.float64))
+            out[name] = (ids, np.asarray(m.eval(ids), dtype=np.float64))
+            if stepwise is not None:
+                stepwise[name] = np.asarray(m.eval_stepwise(ids), dtype=np.float64)
     return out
 
 
@@ -138,23 +140,29 @@ def gemma_engine(gemma_path: Path) -> NumpyEngine:
     return NumpyEngine(f, dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def gemma_reference(llama_plan: build.BuildPlan, gemma_path: Path) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
-    return _llama_logits(llama_plan.bridge_path, gemma_path, PROMPTS)
+Runs = tuple[dict[str, tuple[list[int], npt.NDArray[Any]]], dict[str, npt.NDArray[Any]]]
 
 
 @pytest.fixture(scope="module")
-def llama_self_flip_lead(
-    llama_plan: build.BuildPlan, gemma_path: Path, gemma_reference: dict[str, tuple[list[int], npt.NDArray[Any]]]
-) -> float:
+def gemma_llama_runs(llama_plan: build.BuildPlan, gemma_path: Path) -> Runs:
+    """llama.cpp on every prompt, in one session: (ids and one-decode logits, one-token-per-decode logits)."""
+    stepwise: dict[str, npt.NDArray[Any]] = {}
+    return _llama_logits(llama_plan.bridge_path, gemma_path, PROMPTS, stepwise), stepwise
+
+
+@pytest.fixture(scope="module")
+def gemma_reference(gemma_llama_runs: Runs) -> dict[str, tuple[list[int], npt.NDArray[Any]]]:
+    return gemma_llama_runs[0]
+
+
+@pytest.fixture(scope="module")
+def llama_self_flip_lead(gemma_llama_runs: Runs) -> float:
     """The largest probability lead at which llama.cpp's batch and one-token-per-decode evaluations of the
     same sequences disagree on top-1, over every prompt (0 when they never do): this CPU's flip floor."""
-    stepwise = _llama_logits(
-        llama_plan.bridge_path, gemma_path, {n: ids for n, (ids, _) in gemma_reference.items()}, True
-    )
+    gemma_reference, gemma_stepwise = gemma_llama_runs
     leads = [0.0]
     for name, (ids, batch) in gemma_reference.items():
-        rows = metrics.position_rows(stepwise[name][1], batch, ids)
+        rows = metrics.position_rows(gemma_stepwise[name], batch, ids)
         leads += [r["ref_top1_prob_margin"] for r in rows if not r["top1_agree"]]
     return max(leads)
 
