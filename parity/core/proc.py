@@ -22,13 +22,11 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from parity.core.progress import PLAIN_INTERVAL, TTY_INTERVAL, StatusLine
+from parity.core.progress import StatusLine
 from parity.errors import BuildError, ParityError
 
 TAIL_LINES = 40
 # How often a build's status line is redrawn (parity.core.progress): on a terminal, and in logs / CI consoles.
-PROGRESS_TTY_INTERVAL = TTY_INTERVAL
-PROGRESS_PLAIN_INTERVAL = PLAIN_INTERVAL
 # ninja's default status format, set explicitly so a user's NINJA_STATUS cannot hide the progress.
 NINJA_STATUS = "[%f/%t] "
 _NINJA_PROGRESS = re.compile(r"^\[(\d+)/(\d+)\] ")

@@ -331,18 +331,20 @@ def quantize(source: TernaryModel, fmt: str, out_dir: Path, *, verbose: bool = F
     qp = found or quantizer.ensure_quantizer(backend, verbose=verbose)
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / GGUF_NAME
-    ran: list[list[str]] = []
 
-    def write(tmp: Path) -> None:
-        ran.append(quantizer.quantize_command(qp, source.gguf_path, tmp, qtype, threads=1))
-        run(ran[0], verbose=verbose, log_file=out_dir / "quantize.log")
+    def write(tmp: Path) -> None:  # the command below, writing the atomic writer's temporary file
+        run(
+            quantizer.quantize_command(qp, source.gguf_path, tmp, qtype, threads=1),
+            verbose=verbose,
+            log_file=out_dir / "quantize.log",
+        )
 
     t0 = time.perf_counter()
     atomic_write_file(dst, write)
     provenance = {
         "format": fmt,
         "backend": backend,
-        "command": ran[0],
+        "command": quantizer.quantize_command(qp, source.gguf_path, dst, qtype, threads=1),
         "threads": 1,
         "source": {"path": str(source.gguf_path), "sha256": source.gguf_sha256},
         "tool": quantizer.read_receipt(qp),

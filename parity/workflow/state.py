@@ -277,7 +277,6 @@ class StateStore:
         self._progress: _Progress | None = None
         self._open: dict[int, list[int]] = {}  # window index -> numbers of its attempts in progress
         self._state_bytes = 0  # size of the last compacted state.json
-        self.last_compaction = 0.0  # seconds the last compaction took (for the benchmark)
 
     def exists(self) -> bool:
         """Is there a state or any backup generation (a run that must be resumed, not restarted)?"""
@@ -395,7 +394,6 @@ class StateStore:
 
     def compact(self, state: dict[str, Any]) -> None:
         """Write the whole state to state.json (backups rotated) and drop journal records no copy needs."""
-        t0 = time.perf_counter()
         text = dump_state(state).encode("utf-8")
         self._write(text, rotate=True)
         self._state_bytes = len(text)
@@ -404,7 +402,6 @@ class StateStore:
         seqs = [s for s in (_peek_seq(self.run_dir / n) for n in (STATE_NAME, *BACKUP_NAMES)) if s is not None]
         if seqs:
             self.journal.prune(min(seqs))
-        self.last_compaction = time.perf_counter() - t0
 
     def _quick_errors(self, state: dict[str, Any], dirty: list[int]) -> list[str]:
         """semantic_errors for a save that changed only the windows `dirty` (the rest was checked before)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.core import proc
+from parity.core import proc, progress
 from parity.core.proc import BuildProgress
 
 
@@ -47,7 +47,7 @@ def test_line_format() -> None:
 def test_plain_output_is_throttled_and_always_ends_with_the_final_state() -> None:
     clock, out = FakeClock(), io.StringIO()
     bp = BuildProgress("building libllama", stream=out, tty=False, clock=clock)
-    assert bp.interval == proc.PROGRESS_PLAIN_INTERVAL
+    assert bp.interval == progress.PLAIN_INTERVAL
     for n in range(1, 11):  # 10 steps, one per second
         clock.now += 1.0
         bp.feed(f"[{n}/10] Building CXX object o{n}.o\n")
@@ -88,7 +88,7 @@ def test_quick_build_prints_only_the_end() -> None:
 def test_tty_redraws_one_line_and_clears_it_at_the_end() -> None:
     clock, out = FakeClock(), io.StringIO()
     bp = BuildProgress("building libllama", stream=out, tty=True, clock=clock)
-    assert bp.interval == proc.PROGRESS_TTY_INTERVAL
+    assert bp.interval == progress.TTY_INTERVAL
     bp.feed("[1/4] a\n")  # no time passed: not drawn
     clock.now += 0.05
     bp.feed("[2/4] b\n")  # 0.05 s: still within the redraw interval
