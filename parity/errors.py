@@ -31,6 +31,10 @@ class ModelFormatError(UsageError):
     """A model file that is not a valid GGUF, is truncated, or has an unsupported architecture (exit 2)."""
 
 
+class Unsupported(UsageError):
+    """The implementation cannot do what was asked (e.g. capture graph tensors for --locate) (exit 2)."""
+
+
 class TokenizerMismatch(ParityError):
     """Two tokenizers disagree on the prompt (exit 2)."""
 
