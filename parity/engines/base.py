@@ -20,8 +20,21 @@ from parity.errors import Unsupported
 # in src/models/*.cpp gives "attn_norm-3"; layer-less tensors have no suffix). Architectures name only the
 # ones their graph has (gemma3 has attn_post_norm, sa_out, ffn_post_norm; llama has ffn_inp).
 TENSOR_OPS = (
-    "attn_norm", "Qcur", "Kcur", "Vcur", "Qcur_normed", "Kcur_normed", "kqv_out", "attn_out", "attn_post_norm",
-    "sa_out", "ffn_inp", "ffn_norm", "ffn_out", "ffn_post_norm", "l_out",
+    "attn_norm",
+    "Qcur",
+    "Kcur",
+    "Vcur",
+    "Qcur_normed",
+    "Kcur_normed",
+    "kqv_out",
+    "attn_out",
+    "attn_post_norm",
+    "sa_out",
+    "ffn_inp",
+    "ffn_norm",
+    "ffn_out",
+    "ffn_post_norm",
+    "l_out",
 )
 TENSOR_GLOBALS = ("inp_embd", "inp_scaled", "result_norm", "result_output")
 
