@@ -1,11 +1,12 @@
-"""llama.cpp's tools (`llama-bench`, `llama-quantize`), built from the SAME pinned source as libllama.
+"""llama.cpp's tools (`llama-bench`, `llama-quantize`, `llama-perplexity`), built from the SAME pinned source as libllama.
 
 Running llama-bench and the cross-check live in parity.bench.llama_bench. The tools need LLAMA_BUILD_COMMON and LLAMA_BUILD_TOOLS, which the library build leaves off, so it gets its
 own build directory beside the library's: cache/<backend>-<lib_key>-tools/. The library key already covers
 the source fingerprint, the CMake options, the compiler and the CPU, so the tools build is valid exactly
 when the library build is. Only the `llama-bench` target is built (static libraries, like the main build).
 A receipt (<target>.json) is written last and marks each tool complete. parity.backends.quantizer builds
-llama-quantize in the same tree through ensure_tool().
+llama-quantize in the same tree through ensure_tool(); ensure_llama_perplexity() builds llama-perplexity there
+(the suite's agreement check and throughput figure: parity.backends.perplexity).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from parity.errors import BuildError
 
 TOOLS_RECEIPT_VERSION = 1
 TARGET = "llama-bench"
+PERPLEXITY_TARGET = "llama-perplexity"
 # What the tools build adds to the library's options: llama-bench links llama-common.
 TOOLS_CMAKE = {"LLAMA_BUILD_COMMON": "ON", "LLAMA_BUILD_TOOLS": "ON"}
 
@@ -115,6 +117,18 @@ def ensure_llama_bench(
             f"llama-bench is built only for the mainline llama backend, not {spec.name!r}", fix="use --backend llama"
         )
     return ensure_tool(spec, override, TARGET, TOOLS_CMAKE, verbose=verbose, jobs=jobs)
+
+
+def ensure_llama_perplexity(
+    spec: lock.BackendSpec, override: Path | None = None, *, verbose: bool = False, jobs: int | None = None
+) -> ToolsPlan:
+    """Build llama-perplexity from the backend's pinned source unless an identical build is cached."""
+    if spec.name != "llama":
+        raise BuildError(
+            f"llama-perplexity is built only for the mainline llama backend, not {spec.name!r}",
+            fix="use --backend llama",
+        )
+    return ensure_tool(spec, override, PERPLEXITY_TARGET, TOOLS_CMAKE, verbose=verbose, jobs=jobs)
 
 
 def ensure_tool(
