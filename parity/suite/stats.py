@@ -158,7 +158,7 @@ def load(path: Path) -> PositionStats:
 def compute(
     ref_logits: np.ndarray,
     impl_logits: np.ndarray,
-    tokens: Sequence[int],
+    tokens: Sequence[int] | np.ndarray,
     *,
     mode: str = "all",
     encoding: str | None = None,
