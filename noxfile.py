@@ -19,6 +19,7 @@ PYTHON = "3.11"
 BUILD_DEPS = ["scikit-build-core>=0.10", "cmake>=3.21", "ninja>=1.11"]
 CI_DESELECT = "not bitnet_cpp"
 WINDOWS_EXAMPLE = "examples/windows/llm.toml"
+SUITE_EXAMPLE = "examples/suite/prompts.jsonl"
 # Headless Chromium renders the HTML pages in the integration tests (tests/integration/test_windows_html.py).
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FIX = "apt-get update && apt-get install -y chromium"
@@ -41,13 +42,13 @@ def _install_once(session: nox.Session, *args: str) -> None:
         stamp.write_text(key)
 
 
-def _ensure_llama(session: nox.Session) -> None:
+def _ensure_llama(session: nox.Session, *extra: str) -> None:
     """Install parity and make sure the pinned llama.cpp is built (a no-op in about a second once it is).
 
     Sessions call this instead of `requires=["setup_cpp"]`: nox hands a session's posargs to the sessions it
     requires as well, so `nox -s parity -- --format json` would pass `--format json` to `parity setup-cpp`.
     """
-    _install_once(session, *BUILD_DEPS, "-e", ".")
+    _install_once(session, *BUILD_DEPS, "-e", ".", *extra)
     # to stderr, so that stdout carries only the session's own command (`-- --format json | jq` works)
     session.run("parity", "setup-cpp", stdout=sys.stderr, stderr=sys.stderr)
 
@@ -95,6 +96,15 @@ def bench(session: nox.Session) -> None:
     """Throughput of numpy / llama.cpp (/ bitnet.cpp), cross-checked with llama-bench, gated on baselines/."""
     _ensure_llama(session)
     session.run("parity", "bench", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def suite(session: nox.Session) -> None:
+    """An implementation vs a reference over many prompts or a text: KLD statistics, shards, Ray (`parity suite --help`)."""
+    args = list(session.posargs or ["--prompts", SUITE_EXAMPLE])
+    ray = "ray" in args or "--executor=ray" in args  # --executor ray needs the ray package in this venv
+    _ensure_llama(session, *(["ray>=2.9"] if ray else []))
+    session.run("parity", "suite", *args)
 
 
 def _ensure_browser(session: nox.Session) -> None:

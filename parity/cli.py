@@ -1,5 +1,6 @@
 """The `parity` command. Exit codes: 0 pass, 1 divergence, 2 usage/tokenizer/backend/bad model, 3 network,
-4 permission, 5 build, 6 repair recursion, 70 internal error (docs/ARCHITECTURE.md, "Contracts").
+4 permission, 5 build, 6 repair recursion, 7 too noisy to judge (parity bench), 70 internal error
+(docs/ARCHITECTURE.md, "Contracts").
 
 Exit 70 (EX_SOFTWARE) is any exception that is not one of parity's errors: a bug in parity, never a verdict
 on the model. It prints one line, "internal error, please report", with the path of a log file holding the
@@ -19,6 +20,7 @@ from parity import __version__
 from parity.bench import command as bench
 from parity.errors import ParityError
 from parity.models import fetch
+from parity.suite import command as suite
 from parity.tokenize import export
 from parity.workflow import cli as windows_cli
 
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     windows_cli.add_parser(sub)
     export.add_parser(sub)
     bench.add_parser(sub)
+    suite.add_parser(sub)
 
     p_rec = sub.add_parser("receipts", help="receipt tools")
     rsub = p_rec.add_subparsers(dest="receipts_command", required=True, metavar="ACTION")
@@ -249,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "windows": windows_cli.run,
         "tokenizer": export.run,
         "bench": bench.run,
+        "suite": suite.run,
         "setup-cpp": cmd_setup,
         "generate-model": cmd_generate,
         "receipts": cmd_receipts_verify,

@@ -93,6 +93,11 @@ def parse_impls(texts: tuple[str, ...]) -> list[ImplSpec]:
                 "py:module:factory)",
                 fix="benchmark one of these kinds",
             )
+        if s.get("model"):
+            raise UsageError(
+                f"--impl {text}: parity bench times every lane on --model (model= is for parity suite)",
+                fix="drop model=... and pass the file with --model",
+            )
         for key in NOT_TIMED:
             if s.get(key) is not None:
                 raise UsageError(

@@ -134,6 +134,11 @@ def reference_specs(texts: list[str]) -> list[ImplSpec]:
                 f"--reference {r.text}: a reference is a C++ engine ({', '.join(impl_specs.BRIDGED)})",
                 fix=f"test {r.text} with --impl {r.text} against --reference llama",
             )
+        if r.get("model"):
+            raise UsageError(
+                f"--reference {r.text}: a reference lane evaluates the run's model (model= is for parity suite)",
+                fix="compare two model files with `parity suite --impl KIND:model=A --reference KIND:model=B`",
+            )
     labels = [r.label for r in refs]
     if len(set(labels)) != len(labels):
         raise UsageError(f"--reference given twice: {labels}", fix="name each reference lane once")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class OpenContext:
 def open_implementation(spec: ImplSpec, ctx: OpenContext, engine: NumpyEngine | None = None) -> Implementation:
     """Open `spec` on `ctx.model`. A numpy `engine` already built for the model is reused."""
     model_path = ctx.model.path if isinstance(ctx.model, GGUFFile) else ctx.model
+    if spec.get("model") and Path(spec.get("model") or "").expanduser().resolve() != model_path.resolve():
+        # a side with its own model file (`llama:model=q4_0.gguf`): that file, and no engine built for another
+        model_path, engine = Path(spec.get("model") or "").expanduser().resolve(), None
+        ctx = dataclasses.replace(ctx, model=model_path)
     if spec.kind in ("cmd", "py"):
         return CommandImplementation(spec, model_path, timeout=ctx.timeout, log_dir=ctx.log_dir, log_name=ctx.log_name)
     if spec.kind == "logits":

@@ -23,9 +23,10 @@ BRIDGED_OPTIONS: dict[str, str] = {
     "n_ubatch": "a positive integer",
     "eval_shape": "batch|stepwise",
     "source": "a source tree of that engine to build and use instead of the pinned one (e.g. a patched llama.cpp)",
+    "model": "a GGUF file this side loads instead of the run's model (parity suite: e.g. llama:model=q4_0.gguf)",
 }
 KINDS: dict[str, dict[str, str]] = {
-    "numpy": {"dtype": "float32|float64"},
+    "numpy": {"dtype": "float32|float64", "model": BRIDGED_OPTIONS["model"]},
     "llama": BRIDGED_OPTIONS,
     "bitnet": BRIDGED_OPTIONS,
 }
@@ -65,7 +66,7 @@ class ImplSpec:
             return self.kind
         parts = [self.kind]
         for k, v in self.options:
-            if k == "source":
+            if k in ("source", "model"):
                 v = re.sub(r"[^A-Za-z0-9_.-]+", "_", v.rstrip("/").rsplit("/", 1)[-1]) + "-" + _short_hash(v)
             parts.append(f"{k}-{v}")
         return "-".join(parts)

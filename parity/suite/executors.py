@@ -1,0 +1,251 @@
+"""Where a suite's items are evaluated: local worker processes (default) or Ray actors (`--executor ray`).
+
+Both keep `workers` slots, each holding both sides open for the whole run (parity.suite.sides.Pair: models
+loaded once per slot), with one item in flight per slot. `drive` is the one scheduling loop: it hands the
+items (canonical order) to idle slots and passes each outcome on as it arrives. A slot whose process dies
+(a crash in an in-process engine, a killed actor) fails its in-flight item only and is started again.
+
+Local: `multiprocessing` (spawn) processes, each a `Pair` behind a pipe; a worker whose parent dies reads
+EOF and exits. Ray: `--ray-address ADDR` / RAY_ADDRESS joins a running cluster, else a local one is started
+on 127.0.0.1 for the run and stopped after it; actors need parity, the build and the models at the same
+paths on every node (one machine, or a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from parity.errors import UsageError
+from parity.suite.inputs import Item
+from parity.suite.sides import Outcome, Pair, Side
+
+
+class Executor(abc.ABC):
+    """`workers` slots evaluating items; send() one item to an idle slot, receive() the next outcome."""
+
+    kind = ""
+
+    def __init__(self, impl: Side, ref: Side, mode: str, workers: int) -> None:
+        self.impl, self.ref, self.mode, self.workers = impl, ref, mode, workers
+
+    @abc.abstractmethod
+    def send(self, slot: int, item: Item) -> None: ...
+
+    @abc.abstractmethod
+    def receive(self) -> tuple[int, Outcome]:
+        """The next finished (slot, outcome); a slot that died reports its item as an error and restarts."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "workers": self.workers}
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def drive(
+    ex: Executor, items: Sequence[Item], on_start: Callable[[Item], None], on_done: Callable[[Item, Outcome], None]
+) -> None:
+    """Evaluate `items` on `ex`'s slots, one in flight per slot, calling back as items start and finish."""
+    pending = deque(items)
+    by_index = {it.index: it for it in items}
+    idle = list(range(ex.workers))
+    busy = 0
+    while pending or busy:
+        while pending and idle:
+            slot, item = idle.pop(0), pending.popleft()
+            on_start(item)
+            ex.send(slot, item)
+            busy += 1
+        slot, outcome = ex.receive()
+        busy -= 1
+        idle.append(slot)
+        on_done(by_index[outcome.index], outcome)
+
+
+# ------------------------------------------------------------------------------------------------- local
+
+
+def _serve(conn: multiprocessing.connection.Connection, impl: Side, ref: Side, mode: str, name: str) -> None:
+    """A local worker: both sides opened once, one item per request, until EOF (the parent is gone) or None."""
+    pair = Pair(impl, ref, mode, name)
+    try:
+        while True:
+            try:
+                item = conn.recv()
+            except (EOFError, OSError):
+                return
+            if item is None:
+                return
+            try:
+                conn.send(pair.evaluate(item))
+            except (BrokenPipeError, OSError):
+                return
+    except KeyboardInterrupt:
+        return
+    finally:
+        pair.close()
+
+
+class LocalExecutor(Executor):
+    kind = "local"
+
+    def __init__(self, impl: Side, ref: Side, mode: str, workers: int) -> None:
+        super().__init__(impl, ref, mode, workers)
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: list[Any] = [None] * workers
+        self._conns: list[multiprocessing.connection.Connection | None] = [None] * workers
+        self._inflight: dict[int, Item] = {}
+        for slot in range(workers):
+            self._start(slot)
+
+    def _start(self, slot: int) -> None:
+        parent, child = self._ctx.Pipe()
+        p = self._ctx.Process(
+            target=_serve, args=(child, self.impl, self.ref, self.mode, f"-w{slot}"), name=f"parity-suite-w{slot}"
+        )
+        p.daemon = True
+        p.start()
+        child.close()
+        self._procs[slot], self._conns[slot] = p, parent
+
+    def send(self, slot: int, item: Item) -> None:
+        conn = self._conns[slot]
+        assert conn is not None
+        self._inflight[slot] = item
+        with contextlib.suppress(BrokenPipeError, OSError):  # the worker is gone: receive() reports it
+            conn.send(item)
+
+    def receive(self) -> tuple[int, Outcome]:
+        by_conn = {id(c): s for s, c in enumerate(self._conns) if c is not None and s in self._inflight}
+        ready = multiprocessing.connection.wait([c for c in self._conns if c is not None and id(c) in by_conn])
+        conn = ready[0]
+        assert isinstance(conn, multiprocessing.connection.Connection)
+        slot = by_conn[id(conn)]
+        item = self._inflight.pop(slot)
+        try:
+            outcome: Outcome = conn.recv()
+            return slot, outcome
+        except (EOFError, OSError):
+            proc = self._procs[slot]
+            proc.join(timeout=5)
+            why = f"local worker process {proc.pid} died (exit code {proc.exitcode})"
+            conn.close()
+            self._start(slot)
+            return slot, Outcome(item.index, None, why, 0.0)
+
+    def close(self) -> None:
+        for slot, conn in enumerate(self._conns):
+            if conn is None:
+                continue
+            with contextlib.suppress(BrokenPipeError, OSError):
+                conn.send(None)
+            conn.close()
+            self._conns[slot] = None
+        for p in self._procs:
+            if p is not None:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+
+
+# --------------------------------------------------------------------------------------------------- ray
+
+
+class SuiteActor:
+    """A Ray actor holding both sides open (made remote by RayExecutor)."""
+
+    def __init__(self, impl: Side, ref: Side, mode: str, name: str) -> None:
+        self.pair = Pair(impl, ref, mode, name)
+
+    def evaluate(self, item: Item) -> Outcome:
+        return self.pair.evaluate(item)
+
+    def close(self) -> None:
+        self.pair.close()
+
+
+def import_ray() -> Any:
+    try:
+        import ray  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as exc:
+        raise UsageError(
+            "--executor ray needs the ray package, which is not installed", fix="pip install 'ray>=2.9'"
+        ) from exc
+    return ray
+
+
+class RayExecutor(Executor):
+    kind = "ray"
+
+    def __init__(self, impl: Side, ref: Side, mode: str, workers: int, address: str | None, verbose: bool) -> None:
+        super().__init__(impl, ref, mode, workers)
+        self.ray = ray = import_ray()
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self._started_here = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": False}
+            try:
+                if self.address:
+                    ray.init(address=self.address, **kwargs)
+                else:  # a local cluster for this run, on loopback only
+                    ray.init(
+                        address="local",
+                        num_cpus=max(workers, os.cpu_count() or 1),
+                        include_dashboard=False,
+                        _node_ip_address="127.0.0.1",
+                        **kwargs,
+                    )
+                    self._started_here = True
+            except ConnectionError as exc:
+                from parity.errors import NetworkError
+
+                raise NetworkError(
+                    f"cannot connect to the Ray cluster at {self.address}: {exc}",
+                    fix="check --ray-address / RAY_ADDRESS (`ray status` on the head), or omit it to start a local one",
+                ) from exc
+        self._remote = ray.remote(num_cpus=1, max_restarts=0)(SuiteActor)
+        self._actors: list[Any] = [self._new_actor(s) for s in range(workers)]
+        self._refs: dict[Any, tuple[int, Item]] = {}
+
+    def _new_actor(self, slot: int) -> Any:
+        return self._remote.remote(self.impl, self.ref, self.mode, f"-ray{slot}")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "ray_address": self.address or "local"}
+
+    def send(self, slot: int, item: Item) -> None:
+        self._refs[self._actors[slot].evaluate.remote(item)] = (slot, item)
+
+    def receive(self) -> tuple[int, Outcome]:
+        ready, _ = self.ray.wait(list(self._refs), num_returns=1)
+        slot, item = self._refs.pop(ready[0])
+        try:
+            outcome: Outcome = self.ray.get(ready[0])
+            return slot, outcome
+        except self.ray.exceptions.RayError as exc:  # the actor died or raised: this item only
+            first = (str(exc).strip().splitlines() or [""])[0]
+            self._actors[slot] = self._new_actor(slot)
+            return slot, Outcome(item.index, None, f"Ray actor failed: {type(exc).__name__}: {first}", 0.0)
+
+    def close(self) -> None:
+        for actor in self._actors:
+            with contextlib.suppress(Exception):
+                self.ray.get(actor.close.remote(), timeout=60)
+            self.ray.kill(actor)
+        self._actors = []
+        if self._started_here:
+            self.ray.shutdown()
