@@ -9,11 +9,13 @@
 //   PARITY_HAS_THREADPOOL            ggml_threadpool_new + llama_attach_threadpool (persistent worker threads)
 //   PARITY_HAS_CHAT_TEMPLATE         llama_chat_apply_template(tmpl, ...) (mainline); with
 //   PARITY_HAS_CHAT_TEMPLATE_MODEL   instead, the 2024 form taking a model first (NULL: use `tmpl`)
+//   PARITY_HAS_EXTRA_BUFTS           llama_model_params.use_extra_bufts (weight repacking on/off)
 // Nothing here may throw across the C boundary or abort on bad input: arguments are validated first and
 // every entry point catches C++ exceptions.
 
 #include "parity_bridge.h"
 
+#include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
 #if defined(PARITY_HAS_THREADPOOL) && __has_include("ggml-cpu.h")
@@ -24,7 +26,9 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 struct parity_model {
@@ -35,7 +39,15 @@ struct parity_model {
 #ifdef PARITY_HAS_THREADPOOL
     ggml_threadpool * threadpool = nullptr;
 #endif
+    parity_capture * capture = nullptr;  // the capture in progress (parity_capture_run), else nullptr
+    std::unordered_map<std::string, int32_t> census;  // per-token tensor name -> nodes per graph (capture)
+    bool census_known = false;
 };
+
+// The eval callback installed on every context (defined with the capture code at the end of this file):
+// it returns false at once unless a parity_capture_run is in progress, so plain decodes compute the whole
+// graph in one piece as without a callback.
+static bool capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data);
 
 namespace {
 
@@ -227,6 +239,14 @@ int parity_open(const char * path, const parity_params * params, parity_model **
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
     mp.vocab_only = p.vocab_only != 0;
+#ifdef PARITY_HAS_EXTRA_BUFTS
+    mp.use_extra_bufts = p.repack != 0;
+#else
+    if (p.repack == 0 && !p.vocab_only) {
+        return set_err(err, err_len, PARITY_E_UNSUPPORTED,
+                       "this llama.h has no switch for weight repacking (use_extra_bufts); repack must be 1");
+    }
+#endif
 #ifdef PARITY_HAS_MODEL_LOAD_FROM_FILE
     llama_model * model = llama_model_load_from_file(path, mp);
 #else
@@ -251,6 +271,8 @@ int parity_open(const char * path, const parity_params * params, parity_model **
         cp.type_k = static_cast<ggml_type>(p.type_k);
         cp.type_v = static_cast<ggml_type>(p.type_v);
         cp.embeddings = false;
+        cp.cb_eval = capture_eval_cb;
+        cp.cb_eval_user_data = m;
 #ifdef PARITY_HAS_FLASH_ATTN_TYPE
         cp.flash_attn_type = static_cast<llama_flash_attn_type>(p.flash_attn);
 #else
@@ -599,5 +621,454 @@ int parity_dequantize(int32_t type, const void * src, size_t src_len, int64_t n_
     return PARITY_OK;
     PARITY_GUARD_END
 }
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------------
+// Graph tensor capture (parity_capture_run; contract in parity_bridge.h).
+//
+// llama.cpp's scheduler asks the eval callback about every graph node in order (ask = true) before computing
+// it; a node the callback wants ends a piece of the graph: the piece is computed, then the callback is called
+// again (ask = false) with the node's data in place, before any later node runs. Recording reads it there;
+// teacher forcing overwrites it there, so every op downstream reads the given values.
+// One graph is computed per micro-batch; its last named node is result_output (every llama.cpp
+// architecture names its logits so), so the first node asked after it starts the next micro-batch.
+
+struct parity_capture {
+    struct entry {
+        std::string name;
+        bool record = false;
+        const float * replace = nullptr;
+        int64_t replace_width = 0;
+        int64_t width = -1;       // floats per token row, once seen
+        std::vector<float> data;  // n_tokens * width floats when recorded (and within the budget)
+        int32_t occurrences = 0;  // nodes carrying the name in the first micro-batch
+        int32_t filled = 0;       // micro-batches whose rows were written
+        bool replaced_ub = false; // replaced in the current micro-batch
+        int32_t n_replaced = 0;   // micro-batches in which it was replaced
+    };
+    std::vector<entry> entries;
+    std::unordered_map<std::string, size_t> index;
+    std::vector<std::string> listed;                  // per-token names, in the order first computed
+    std::unordered_map<std::string, int32_t> counts;  // name -> nodes in the current micro-batch
+    std::unordered_map<std::string, int32_t> census;  // name -> nodes in the first micro-batch
+    std::string names_text;
+    std::vector<uint8_t> scratch;
+    // decode state
+    const std::unordered_map<std::string, int32_t> * last_of = nullptr;  // the census replacements rely on
+    int32_t n_tokens = 0;
+    int32_t n_ubatch = 0;
+    int32_t ubatch = 0;
+    int32_t row0 = 0;
+    int32_t ub_rows = 0;
+    bool end_seen = false;
+    uint64_t budget = 0;
+    uint64_t needed = 0;
+    bool over = false;
+    int error_code = PARITY_OK;
+    std::string error;
+};
+
+namespace {
+
+bool derived_name(const char * name) {
+    // ggml names views and copies after their source: "Kcur-0 (view)", "x (reshaped)", "x (copy of y)";
+    // a node nobody named gets "node_<index>" when the graph is built: neither is a graph name to compare.
+    if (std::strstr(name, " (") != nullptr) {
+        return true;
+    }
+    if (std::strncmp(name, "node_", 5) != 0 || name[5] == '\0') {
+        return false;
+    }
+    for (const char * p = name + 5; *p != '\0'; p++) {
+        if (*p < '0' || *p > '9') {
+            return false;
+        }
+    }
+    return true;
+}
+
+// Rows of `t` when it is a per-token tensor of a micro-batch of `rows` tokens, else 0.
+int64_t token_width(const ggml_tensor * t, int32_t rows) {
+    if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16) {
+        return 0;
+    }
+    const int64_t n = ggml_nelements(t);
+    if (n <= 0 || rows <= 0) {
+        return 0;
+    }
+    if (rows == 1) {
+        return n;
+    }
+    int outer = 0;
+    for (int d = GGML_MAX_DIMS - 1; d >= 0; d--) {
+        if (t->ne[d] != 1) {
+            outer = d;
+            break;
+        }
+    }
+    return t->ne[outer] == rows ? n / rows : 0;
+}
+
+void capture_fail(parity_capture * c, int code, const std::string & message) {
+    if (c->error_code == PARITY_OK) {
+        c->error_code = code;
+        c->error = message;
+    }
+}
+
+float load_value(const uint8_t * p, ggml_type type) {
+    if (type == GGML_TYPE_F32) {
+        float v;
+        std::memcpy(&v, p, sizeof v);
+        return v;
+    }
+    uint16_t h;
+    std::memcpy(&h, p, sizeof h);
+    if (type == GGML_TYPE_F16) {
+        ggml_fp16_t f;
+        std::memcpy(&f, &h, sizeof f);
+        return ggml_fp16_to_fp32(f);
+    }
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;  // BF16: the high half of an IEEE float
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+// Copies every element of `t` in ggml order (i0 fastest) to dst, reading through the strides.
+bool read_tensor(parity_capture * c, const ggml_tensor * t, float * dst) {
+    const size_t nbytes = ggml_nbytes(t);
+    const uint8_t * base = nullptr;
+    if (t->data == nullptr) {
+        capture_fail(c, PARITY_E_UNSUPPORTED, std::string("tensor '") + t->name + "' has no data to read");
+        return false;
+    }
+    if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {
+        base = static_cast<const uint8_t *>(t->data);
+    } else {
+        c->scratch.resize(nbytes);
+        ggml_backend_tensor_get(t, c->scratch.data(), 0, nbytes);
+        base = c->scratch.data();
+    }
+    if (t->type == GGML_TYPE_F32 && ggml_is_contiguous(t)) {
+        std::memcpy(dst, base, sizeof(float) * static_cast<size_t>(ggml_nelements(t)));
+        return true;
+    }
+    size_t k = 0;
+    for (int64_t i3 = 0; i3 < t->ne[3]; i3++) {
+        for (int64_t i2 = 0; i2 < t->ne[2]; i2++) {
+            for (int64_t i1 = 0; i1 < t->ne[1]; i1++) {
+                const uint8_t * row = base + i3 * t->nb[3] + i2 * t->nb[2] + i1 * t->nb[1];
+                for (int64_t i0 = 0; i0 < t->ne[0]; i0++) {
+                    dst[k++] = load_value(row + i0 * t->nb[0], t->type);
+                }
+            }
+        }
+    }
+    return true;
+}
+
+void next_ubatch(parity_capture * c) {
+    c->ubatch++;
+    c->row0 += c->ub_rows;
+    const int32_t left = c->n_tokens - c->row0;
+    c->ub_rows = left < c->n_ubatch ? left : c->n_ubatch;
+    c->counts.clear();
+    for (auto & e : c->entries) {
+        e.replaced_ub = false;
+    }
+    c->end_seen = false;
+}
+
+bool capture_ask(parity_capture * c, ggml_tensor * t) {
+    if (c->end_seen) {
+        next_ubatch(c);
+    }
+    if (std::strcmp(t->name, "result_output") == 0) {
+        c->end_seen = true;
+    }
+    if (t->name[0] == '\0' || derived_name(t->name) || c->ub_rows <= 0 || token_width(t, c->ub_rows) == 0) {
+        return false;
+    }
+    const std::string name(t->name);
+    const int32_t n = ++c->counts[name];
+    if (c->ubatch == 0) {
+        if (n == 1) {
+            c->listed.push_back(name);
+        }
+        c->census[name] = n;
+    }
+    const auto it = c->index.find(name);
+    return it != c->index.end() && c->error_code == PARITY_OK;
+}
+
+void capture_computed(parity_capture * c, ggml_tensor * t) {
+    auto & e = c->entries[c->index.at(t->name)];
+    const int64_t width = token_width(t, c->ub_rows);
+    const int32_t nth = c->counts[e.name];
+    if (c->ubatch == 0) {
+        e.occurrences = nth;
+    }
+    if (e.record) {
+        if (c->ubatch == 0 && e.width != width) {  // first node, or a later node of another width: it wins
+            const uint64_t bytes = sizeof(float) * static_cast<uint64_t>(c->n_tokens) * static_cast<uint64_t>(width);
+            const uint64_t before = e.width < 0 ? 0 : sizeof(float) * static_cast<uint64_t>(c->n_tokens) * e.width;
+            c->needed = c->needed - before + bytes;
+            e.width = width;
+            e.data.clear();
+            if (c->needed > c->budget && !c->over) {
+                c->over = true;
+                for (auto & other : c->entries) {
+                    std::vector<float>().swap(other.data);
+                }
+            }
+            if (!c->over) {
+                e.data.resize(static_cast<size_t>(bytes / sizeof(float)));
+            }
+        } else if (e.width != width) {
+            capture_fail(c, PARITY_E_UNSUPPORTED,
+                         "tensor '" + e.name + "' is " + std::to_string(width) + " floats per token in micro-batch " +
+                             std::to_string(c->ubatch) + " but " + std::to_string(e.width) + " in the first");
+            return;
+        }
+        if (!c->over && !read_tensor(c, t, e.data.data() + static_cast<size_t>(c->row0) * width)) {
+            return;
+        }
+        if (nth == 1) {
+            e.filled++;
+        }
+    }
+    if (e.replace != nullptr) {
+        const auto last = c->last_of->find(e.name);
+        if (last == c->last_of->end() || nth != last->second) {
+            return;  // an earlier node carrying the same name: the last one is replaced
+        }
+        if (e.replace_width != width) {
+            capture_fail(c, PARITY_E_INVALID,
+                         "replacement for '" + e.name + "' has " + std::to_string(e.replace_width) +
+                             " floats per token, the graph's tensor " + std::to_string(width));
+            return;
+        }
+        if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || t->data == nullptr ||
+            (t->buffer != nullptr && !ggml_backend_buffer_is_host(t->buffer))) {
+            capture_fail(c, PARITY_E_UNSUPPORTED,
+                         "cannot overwrite '" + e.name + "' (type " + ggml_type_name(t->type) +
+                             (ggml_is_contiguous(t) ? "" : ", not contiguous") +
+                             "): teacher forcing needs an F32, contiguous tensor in host (CPU) memory");
+            return;
+        }
+        std::memcpy(t->data, e.replace + static_cast<size_t>(c->row0) * width,
+                    sizeof(float) * static_cast<size_t>(ggml_nelements(t)));
+        if (!e.replaced_ub) {
+            e.replaced_ub = true;
+            e.n_replaced++;
+        }
+    }
+}
+
+}  // namespace
+
+static bool capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
+    auto * m = static_cast<parity_model *>(user_data);
+    parity_capture * c = m != nullptr ? m->capture : nullptr;
+    if (c == nullptr) {
+        return false;  // no capture in progress: compute the graph in one piece (ask) / go on (after a node)
+    }
+    // Exceptions must not unwind through ggml's C frames: the first one is kept and reported after the decode.
+    try {
+        if (ask) {
+            return capture_ask(c, t);
+        }
+        if (c->error_code == PARITY_OK) {
+            capture_computed(c, t);
+        }
+    } catch (const std::exception & e) {
+        capture_fail(c, PARITY_E_INVALID, std::string("C++ exception in the eval callback: ") + e.what());
+    } catch (...) {
+        capture_fail(c, PARITY_E_INVALID, "unknown C++ exception in the eval callback");
+    }
+    return true;
+}
+
+namespace {
+
+// One decode of `tokens` with `c` active; the context's memory is cleared first.
+int capture_decode(parity_model * m, parity_capture * c, const int32_t * tokens, int32_t n_tokens, char * err,
+                   size_t err_len) {
+    c->n_tokens = n_tokens;
+    c->n_ubatch = static_cast<int32_t>(llama_n_ubatch(m->ctx));
+    if (c->n_ubatch <= 0) {
+        c->n_ubatch = n_tokens;
+    }
+    c->ubatch = 0;
+    c->row0 = 0;
+    c->ub_rows = n_tokens < c->n_ubatch ? n_tokens : c->n_ubatch;
+    c->end_seen = false;
+    c->counts.clear();
+    c->census.clear();
+    c->listed.clear();
+    clear_memory(m);
+    m->capture = c;
+    const int rc = decode(m, tokens, n_tokens, 0, true, err, err_len);
+    m->capture = nullptr;
+    if (rc != PARITY_OK) {
+        return rc;
+    }
+    if (c->error_code != PARITY_OK) {
+        return set_err(err, err_len, c->error_code, "%s", c->error.c_str());
+    }
+    const int32_t expected = (n_tokens + c->n_ubatch - 1) / c->n_ubatch;
+    if (c->ubatch + 1 != expected) {
+        return set_err(err, err_len, PARITY_E_UNSUPPORTED,
+                       "saw %d micro-batch graphs for %d tokens in micro-batches of %d (expected %d): cannot "
+                       "align tensor rows; use n_ubatch >= %d",
+                       c->ubatch + 1, n_tokens, c->n_ubatch, expected, n_tokens);
+    }
+    return PARITY_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+int parity_capture_run(parity_model * m, const int32_t * tokens, int32_t n_tokens, const char * const * names,
+                       int32_t n_names, const char * const * replace_names, const float * const * replace_data,
+                       const int64_t * replace_width, int32_t n_replace, uint64_t max_bytes, float * out_logits,
+                       parity_capture ** out, char * err, size_t err_len) {
+    PARITY_GUARD_BEGIN
+    if (int rc = check_model(m, true, err, err_len)) {
+        return rc;
+    }
+    const int32_t limit = m->params.n_batch < m->params.n_ctx ? m->params.n_batch : m->params.n_ctx;
+    if (int rc = check_tokens(m, tokens, n_tokens, limit, "min(n_batch, n_ctx)", err, err_len)) {
+        return rc;
+    }
+    if (out == nullptr || out_logits == nullptr || n_names < 0 || n_replace < 0 || (n_names > 0 && names == nullptr) ||
+        (n_replace > 0 && (replace_names == nullptr || replace_data == nullptr || replace_width == nullptr))) {
+        return set_err(err, err_len, PARITY_E_INVALID, "parity_capture_run: bad arguments");
+    }
+    *out = nullptr;
+    std::unique_ptr<parity_capture> c(new parity_capture());
+    c->budget = max_bytes;
+    auto add = [&](const char * name) -> parity_capture::entry * {
+        if (name == nullptr || name[0] == '\0') {
+            return nullptr;
+        }
+        auto it = c->index.find(name);
+        if (it == c->index.end()) {
+            it = c->index.emplace(name, c->entries.size()).first;
+            c->entries.emplace_back();
+            c->entries.back().name = name;
+        }
+        return &c->entries[it->second];
+    };
+    for (int32_t i = 0; i < n_names; i++) {
+        auto * e = add(names[i]);
+        if (e == nullptr) {
+            return set_err(err, err_len, PARITY_E_INVALID, "tensor name %d is NULL or empty", i);
+        }
+        e->record = true;
+    }
+    for (int32_t i = 0; i < n_replace; i++) {
+        auto * e = add(replace_names[i]);
+        if (e == nullptr || replace_data[i] == nullptr || replace_width[i] <= 0) {
+            return set_err(err, err_len, PARITY_E_INVALID, "replacement %d has no name, data or width", i);
+        }
+        e->replace = replace_data[i];
+        e->replace_width = replace_width[i];
+    }
+    if (n_replace > 0 && !m->census_known) {
+        // Which node of a name is its last needs the graph's census: one decode that records nothing.
+        parity_capture probe;
+        if (int rc = capture_decode(m, &probe, tokens, n_tokens, err, err_len)) {
+            return rc;
+        }
+        m->census = probe.census;
+        m->census_known = true;
+    }
+    c->last_of = &m->census;
+    if (int rc = capture_decode(m, c.get(), tokens, n_tokens, err, err_len)) {
+        return rc;
+    }
+    if (!m->census_known) {
+        m->census = c->census;
+        m->census_known = true;
+    }
+    for (const auto & e : c->entries) {
+        if (c->census.find(e.name) == c->census.end()) {
+            return set_err(err, err_len, PARITY_E_INVALID,
+                           "the graph computed no per-token tensor named '%s' (parity_capture_names lists those it did)",
+                           e.name.c_str());
+        }
+    }
+    if (c->over) {
+        return set_err(err, err_len, PARITY_E_BUFFER,
+                       "capturing %zu tensors of %d tokens needs %llu bytes, over the budget of %llu bytes: ask for "
+                       "fewer names or tokens, or raise the budget",
+                       c->entries.size(), n_tokens, static_cast<unsigned long long>(c->needed),
+                       static_cast<unsigned long long>(c->budget));
+    }
+    const int32_t n_ub = c->ubatch + 1;
+    for (const auto & e : c->entries) {
+        if ((e.record && e.filled != n_ub) || (e.replace != nullptr && e.n_replaced != n_ub)) {
+            return set_err(err, err_len, PARITY_E_UNSUPPORTED,
+                           "tensor '%s' was %s in %d of %d micro-batches: cannot align its rows", e.name.c_str(),
+                           e.record ? "recorded" : "replaced", e.record ? e.filled : e.n_replaced, n_ub);
+        }
+    }
+    for (int32_t i = 0; i < n_tokens; i++) {
+        if (int rc = copy_logits(m, i, out_logits + static_cast<size_t>(i) * m->n_vocab, err, err_len)) {
+            return rc;
+        }
+    }
+    for (const auto & name : c->listed) {
+        c->names_text += name;
+        c->names_text += '\n';
+    }
+    *out = c.release();
+    return PARITY_OK;
+    PARITY_GUARD_END
+}
+
+const char * parity_capture_names(const parity_capture * c) { return c != nullptr ? c->names_text.c_str() : ""; }
+
+int32_t parity_capture_count(const parity_capture * c) {
+    if (c == nullptr) {
+        return 0;
+    }
+    int32_t n = 0;
+    for (const auto & e : c->entries) {
+        n += e.record ? 1 : 0;
+    }
+    return n;
+}
+
+int parity_capture_tensor(const parity_capture * c, int32_t i, const char ** name, int32_t * n_rows, int64_t * width,
+                          int32_t * occurrences, const float ** data, char * err, size_t err_len) {
+    PARITY_GUARD_BEGIN
+    if (c == nullptr || name == nullptr || n_rows == nullptr || width == nullptr || occurrences == nullptr ||
+        data == nullptr) {
+        return set_err(err, err_len, PARITY_E_INVALID, "parity_capture_tensor: NULL argument");
+    }
+    int32_t k = 0;
+    for (const auto & e : c->entries) {
+        if (!e.record) {
+            continue;
+        }
+        if (k++ == i) {
+            *name = e.name.c_str();
+            *n_rows = c->n_tokens;
+            *width = e.width;
+            *occurrences = e.occurrences;
+            *data = e.data.data();
+            return PARITY_OK;
+        }
+    }
+    return set_err(err, err_len, PARITY_E_INVALID, "capture index %d outside [0, %d)", i, k);
+    PARITY_GUARD_END
+}
+
+void parity_capture_free(parity_capture * c) { delete c; }
 
 }  // extern "C"

@@ -42,6 +42,8 @@ typedef struct {
     int32_t flash_attn;   /* 0 off, 1 on, -1 auto (mainline only) */
     uint32_t seed;        /* recorded; passed to the context where the API still takes one */
     int32_t vocab_only;   /* 1: load only the vocabulary (tokenizer checks) */
+    int32_t repack;       /* weight repacking (llama_model_params.use_extra_bufts): 1 on (llama.cpp's default),
+                             0 off; PARITY_E_UNSUPPORTED for 0 where the llama.h has no such switch (2024 API) */
 } parity_params;
 
 typedef struct {
@@ -101,6 +103,40 @@ int parity_chat_apply_template(const char * tmpl, const char * const * roles, co
  * of the type's block size); anything else is PARITY_E_INVALID, never a read past the buffer. */
 int parity_dequantize(int32_t type, const void * src, size_t src_len, int64_t n_elements, float * dst,
                       char * err, size_t err_len);
+/* Graph tensor capture (issue 14, localisation), through llama.cpp's eval callback (cb_eval).
+ *
+ * parity_capture_run evaluates `tokens` in ONE llama_decode from an empty cache, exactly as parity_eval
+ * (out_logits gets the same n_tokens * n_vocab floats), and meanwhile:
+ *  - lists every per-token tensor the graph computed (parity_capture_names): a named node of type
+ *    F32/F16/BF16 whose outermost non-unit dimension is the micro-batch's token count (every node when the
+ *    micro-batch holds one token); ggml's derived names ("... (view)", "(reshaped)", ...) are left out;
+ *  - records the `n_names` tensors named exactly in `names` as float32 rows (n_tokens, width): a tensor with
+ *    more dimensions per token is flattened per row in ggml order; views are read through their strides;
+ *    F16/BF16 are converted. When n_ubatch < n_tokens llama.cpp computes one graph per micro-batch and the
+ *    rows of each are concatenated in token order. A name the graph gives to several nodes (an architecture
+ *    may name a tensor before and after an op) is recorded at its LAST computed node of the micro-batch, as
+ *    eval-callback users expect; `occurrences` says how many nodes carried it;
+ *  - teacher forcing: for each of the `n_replace` names, after the graph computes that tensor (its last
+ *    node, as above) its value is recorded (when also listed in `names`) and then overwritten with
+ *    replace_data[i] (n_tokens rows of replace_width[i] floats, row-major) before any op downstream reads
+ *    it. Only F32, contiguous tensors in host memory can be overwritten (PARITY_E_UNSUPPORTED otherwise).
+ *    Knowing which node is the last one needs the graph's name census: the first call with a replacement
+ *    on a model runs one extra decode to take it (kept for the model's lifetime).
+ * Memory is bounded by `max_bytes` (the recorded floats): over it, PARITY_E_BUFFER and a message with the
+ * size needed. A name in `names` or `replace_names` that the graph did not compute as a per-token tensor
+ * is PARITY_E_INVALID naming it. On success *out holds the results until parity_capture_free. */
+typedef struct parity_capture parity_capture;
+
+int parity_capture_run(parity_model * m, const int32_t * tokens, int32_t n_tokens, const char * const * names,
+                       int32_t n_names, const char * const * replace_names, const float * const * replace_data,
+                       const int64_t * replace_width, int32_t n_replace, uint64_t max_bytes, float * out_logits,
+                       parity_capture ** out, char * err, size_t err_len);
+/* Newline-separated per-token tensor names the graph computed, in the order first computed. */
+const char * parity_capture_names(const parity_capture * c);
+int32_t parity_capture_count(const parity_capture * c);  /* recorded tensors, in the order of `names` */
+int parity_capture_tensor(const parity_capture * c, int32_t i, const char ** name, int32_t * n_rows,
+                          int64_t * width, int32_t * occurrences, const float ** data, char * err, size_t err_len);
+void parity_capture_free(parity_capture * c);
 /* CDEF-END */
 
 #ifdef __cplusplus

@@ -46,9 +46,25 @@ class BackendParams:
     flash_attn: int = 0  # 0 off, 1 on, -1 auto
     seed: int = 0
     vocab_only: int = 0
+    repack: int = 1  # weight repacking (use_extra_bufts): llama.cpp's default on; 0 where the llama.h allows it
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+CAPTURE_BUDGET = 2 << 30  # bytes of recorded tensors one capture may hold (parity_capture_run's max_bytes)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What one parity_capture_run returns: the decode's logits, the recorded tensors (name -> float32
+    (n_tokens, width)), every per-token tensor name the graph computed (in order), and how many graph nodes
+    carried each recorded name (more than 1: the last one computed was recorded)."""
+
+    logits: np.ndarray
+    tensors: dict[str, np.ndarray]
+    names: list[str]
+    occurrences: dict[str, int]
 
 
 def cdef_source(header: Path | None = None) -> str:
@@ -230,6 +246,60 @@ class BridgeModel:
     def eval_stepwise(self, tokens: list[int]) -> np.ndarray:
         """Logits (n_tokens, n_vocab) decoding one token at a time."""
         return self._eval(self.b.lib.parity_eval_stepwise, tokens)
+
+    def capture(
+        self,
+        tokens: list[int],
+        names: list[str],
+        replace: dict[str, np.ndarray] | None = None,
+        max_bytes: int = CAPTURE_BUDGET,
+    ) -> Capture:
+        """One llama_decode of `tokens` capturing the graph tensors named exactly in `names` (parity_capture_run).
+
+        `replace` (name -> float32 (n_tokens, width)) overwrites each named tensor once computed (teacher
+        forcing). Over `max_bytes` of recorded floats, a BridgeError (buffer too small) gives the size needed.
+        """
+        ffi = self.b.ffi
+        arr = ffi.new("int32_t[]", tokens)
+        logits = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        keep = [ffi.new("char[]", n.encode("utf-8")) for n in names]
+        c_names = ffi.new("const char *[]", keep or [ffi.NULL])
+        rep = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (replace or {}).items()}
+        for key, value in rep.items():
+            if value.ndim != 2 or value.shape[0] != len(tokens):
+                raise BridgeError(1, f"replacement for '{key}' must be ({len(tokens)}, width), got {value.shape}")
+        keep_r = [ffi.new("char[]", k.encode("utf-8")) for k in rep]
+        r_names = ffi.new("const char *[]", keep_r or [ffi.NULL])
+        r_data = ffi.new("const float *[]", [ffi.from_buffer("float[]", v) for v in rep.values()] or [ffi.NULL])
+        r_width = ffi.new("int64_t[]", [v.shape[1] for v in rep.values()] or [0])
+        out = ffi.new("parity_capture **")
+        err = self.b._err()
+        rc = self.b.lib.parity_capture_run(
+            self.h, arr, len(tokens), c_names, len(names), r_names, r_data, r_width, len(rep), max_bytes,
+            ffi.from_buffer("float[]", logits), out, err, ERR_LEN,
+        )  # fmt: skip
+        self.b.check(rc, err)
+        cap = out[0]
+        try:
+            listed = ffi.string(self.b.lib.parity_capture_names(cap)).decode("utf-8", "replace").split("\n")
+            tensors: dict[str, np.ndarray] = {}
+            occurrences: dict[str, int] = {}
+            p_name = ffi.new("const char **")
+            p_rows = ffi.new("int32_t *")
+            p_width = ffi.new("int64_t *")
+            p_occ = ffi.new("int32_t *")
+            p_data = ffi.new("const float **")
+            for i in range(self.b.lib.parity_capture_count(cap)):
+                rc = self.b.lib.parity_capture_tensor(cap, i, p_name, p_rows, p_width, p_occ, p_data, err, ERR_LEN)
+                self.b.check(rc, err)
+                name = ffi.string(p_name[0]).decode("utf-8", "replace")
+                rows, width = int(p_rows[0]), int(p_width[0])
+                buf = ffi.buffer(p_data[0], 4 * rows * width)
+                tensors[name] = np.frombuffer(buf, dtype=np.float32).reshape(rows, width).copy()
+                occurrences[name] = int(p_occ[0])
+        finally:
+            self.b.lib.parity_capture_free(cap)
+        return Capture(logits, tensors, [n for n in listed if n], occurrences)
 
     def greedy(self, tokens: list[int], n_new: int) -> list[int]:
         ffi = self.b.ffi

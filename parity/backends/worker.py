@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from parity.core.proc import log_tail, signal_name
-from parity.errors import WorkerError
+from parity.errors import UsageError, WorkerError
 
 STDERR_TAIL = 15
 DEFAULT_TIMEOUT = 600.0
@@ -129,7 +129,10 @@ def serve(lib_path: str, log_level: int) -> None:
                     result = getattr(model, method)(*rest)
             _send(proto_out, ("ok", result))
         except BridgeError as exc:
-            _send(proto_out, ("err", "bridge", str(exc)))
+            # A capture refused for its request (a name the graph lacks, over the byte budget) is bad input,
+            # not a backend failure: the harness raises UsageError (exit 2) for kind "usage".
+            usage = method == "capture" and exc.code in (1, 4)
+            _send(proto_out, ("err", "usage" if usage else "bridge", str(exc)))
         except Exception as exc:
             _send(proto_out, ("err", "python", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
@@ -221,7 +224,9 @@ class Worker:
                 )
         if reply[0] == "ok":
             return reply[1]
-        _, _kind, message = reply
+        _, kind, message = reply
+        if kind == "usage":
+            raise UsageError(f"{self.backend} {during}: {message}")
         raise WorkerError(f"{self.backend} {during} failed: {message}")
 
     def call(self, method: str, *args: Any) -> Any:
@@ -287,6 +292,10 @@ class RemoteModel:
 
     def greedy(self, tokens: list[int], n_new: int) -> list[int]:
         return list(self.worker.call("greedy", self.handle, tokens, n_new))
+
+    def capture(self, tokens: list[int], names: list[str], replace: dict[str, Any] | None, max_bytes: int) -> Any:
+        """BridgeModel.capture in the worker: a bridge.Capture (logits, tensors, names, occurrences)."""
+        return self.worker.call("capture", self.handle, tokens, names, replace, max_bytes)
 
     def time_greedy(self, tokens: list[int], n_new: int, count: int) -> list[float]:
         """`time_greedy` in the worker: seconds of each of `count` greedy(tokens, n_new), timed there."""

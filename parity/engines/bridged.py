@@ -8,15 +8,16 @@ in C++ is a WorkerError (a lane error, exit 1), never a harness crash.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from parity.backends.bridge import BackendParams
+from parity.backends.bridge import CAPTURE_BUDGET, BackendParams
 from parity.backends.build import BuildPlan
 from parity.backends.worker import RemoteModel, Worker
+from parity.engines import tensor_names
 from parity.engines.base import Implementation
 from parity.engines.spec import FLASH_ATTN, GGML_TYPES, ImplSpec
 
@@ -58,6 +59,8 @@ class BridgedImplementation(Implementation):
         self.plan = plan
         self.params = params
         self.eval_shape = spec.get("eval_shape") or eval_shape
+        self.capture_budget = CAPTURE_BUDGET  # bytes of recorded tensors one tensors() call may hold
+        self._graph_names: dict[int, list[str]] = {}  # n_tokens -> per-token tensor names the graph computes
         self._worker = Worker(
             log_name or spec.label, plan.bridge_path, log_dir=log_dir, log_level=3 if verbose else 1, timeout=timeout
         )
@@ -96,6 +99,33 @@ class BridgedImplementation(Implementation):
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int] | None:
         return self._model.tokenize(text, add_special, parse_special)
+
+    def graph_names(self, tokens: Sequence[int]) -> list[str]:
+        """The per-token tensor names llama.cpp's graph computes for `tokens` (one decode, cached per length)."""
+        ids = list(tokens)
+        if len(ids) not in self._graph_names:
+            self._graph_names[len(ids)] = list(self._model.capture(ids, [], None, self.capture_budget).names)
+        return self._graph_names[len(ids)]
+
+    def tensors(
+        self,
+        tokens: Sequence[int],
+        names: Sequence[str] | None = None,
+        replace: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Graph tensors of ONE llama_decode of `tokens` through the eval callback (parity_capture_run).
+
+        Names the graph gives to several nodes are recorded (and replaced) at the last one computed.
+        Listing what the graph computes (for None or patterns) costs one extra decode per sequence length.
+        """
+        ids = list(tokens)
+        who = f"implementation '{self.spec}'"
+        exact = names is not None and not isinstance(names, str) and not any(map(tensor_names.is_pattern, names))
+        available = None if exact and not replace else self.graph_names(ids)
+        wanted = list(names or []) if available is None else tensor_names.select(names, available, who)
+        rep = tensor_names.check_replace(replace, len(ids), who, available)
+        cap = self._model.capture(ids, wanted, rep or None, self.capture_budget)
+        return dict(cap.tensors)
 
     def close(self) -> None:
         try:
