@@ -35,8 +35,10 @@ from parity.engines.numpy.ops import (
     Array,
     FloatType,
     Forward,
+    Tap,
     attention,
     bound,
+    no_tap,
     require_tensor,
     rms_norm,
     rope_cos_sin,
@@ -170,40 +172,51 @@ def _proj(x: Array, layer: BitnetLayer, kind: str, num: Numerics) -> Array:
     return y if scale is None else y * scale  # (n, out)
 
 
-def bitnet_block(x: Array, layer: BitnetLayer, p: BitnetParams, cos: Array, sin: Array, num: Numerics) -> Array:
-    """One bitnet block: x + Wo(subnorm(attn(norm(x)))); then + Wdown(subnorm(swiglu(norm(.))))."""
+def bitnet_block(
+    x: Array,
+    layer: BitnetLayer,
+    p: BitnetParams,
+    cos: Array,
+    sin: Array,
+    num: Numerics,
+    il: int = 0,
+    tap: Tap = no_tap,
+) -> Array:
+    """One bitnet block: x + Wo(subnorm(attn(norm(x)))); then + Wdown(subnorm(swiglu(norm(.)))). Taps llama.cpp's names."""
     n = x.shape[0]
-    h = rms_norm(x, layer.attn_norm, p.rms_eps)  # (n, d)
+    h = tap("attn_norm", il, rms_norm(x, layer.attn_norm, p.rms_eps))  # (n, d)
     q = _proj(h, layer, "attn_q", num).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
     k = _proj(h, layer, "attn_k", num).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
     v = _proj(h, layer, "attn_v", num).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
-    q = rope_neox(q, cos, sin)  # (n, h, hd)
-    k = num.cache(rope_neox(k, cos, sin), num.k_f16)  # (n, hk, hd): as the KV cache stores it
-    v = num.cache(v, num.v_f16)  # (n, hk, hd)
+    q = tap("Qcur", il, rope_neox(q, cos, sin))  # (n, h, hd)
+    k = num.cache(tap("Kcur", il, rope_neox(k, cos, sin)), num.k_f16)  # (n, hk, hd): as the KV cache stores it
+    v = num.cache(tap("Vcur", il, v), num.v_f16)  # (n, hk, hd)
     scale = 1.0 / np.sqrt(x.dtype.type(p.head_dim))  # 1.0f/sqrtf(float(n_embd_head))
-    a = attention(q, k, v, scale, f16_probs=num.round_probs)  # (n, d)
-    a = rms_norm(a, layer.attn_sub_norm, p.rms_eps)  # (n, d)
-    x = x + _proj(a, layer, "attn_output", num)  # (n, d)
-    h = rms_norm(x, layer.ffn_norm, p.rms_eps)  # (n, d)
+    a = tap("kqv_out", il, attention(q, k, v, scale, f16_probs=num.round_probs))  # (n, d)
+    a = tap("attn_sub_norm", il, rms_norm(a, layer.attn_sub_norm, p.rms_eps))  # (n, d)
+    x = tap("ffn_inp", il, x + tap("attn_out", il, _proj(a, layer, "attn_output", num)))  # (n, d)
+    h = tap("ffn_norm", il, rms_norm(x, layer.ffn_norm, p.rms_eps))  # (n, d)
     g = silu(_proj(h, layer, "ffn_gate", num)) * _proj(h, layer, "ffn_up", num)  # (n, f)
-    g = rms_norm(g, layer.ffn_sub_norm, p.rms_eps)  # (n, f)
-    return x + _proj(g, layer, "ffn_down", num)  # (n, d)
+    g = tap("ffn_sub_norm", il, rms_norm(tap("ffn_sub_out", il, g), layer.ffn_sub_norm, p.rms_eps))  # (n, f)
+    return tap("l_out", il, x + tap("ffn_down", il, _proj(g, layer, "ffn_down", num)))  # (n, d)
 
 
-def bitnet_forward(w: BitnetWeights, tokens: Array, last_only: bool = False, num: Numerics | None = None) -> Array:
+def bitnet_forward(
+    w: BitnetWeights, tokens: Array, last_only: bool = False, tap: Tap = no_tap, num: Numerics | None = None
+) -> Array:
     """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`."""
     num = num or Numerics()
     p = w.params
-    x = w.token_embd[tokens]  # (n, d)
+    x = tap("embd", -1, w.token_embd[tokens])  # (n, d)
     cos, sin = rope_cos_sin(
         np.arange(tokens.shape[0]), p.n_rot, p.rope_base, p.rope_freq_scale, None, x.dtype.type
     )  # (n, hd/2) each
-    for layer in w.layers:
-        x = bitnet_block(x, layer, p, cos, sin, num)  # (n, d)
+    for il, layer in enumerate(w.layers):
+        x = bitnet_block(x, layer, p, cos, sin, num, il, tap)  # (n, d)
     if last_only:
         x = x[-1:]  # (1, d)
-    x = rms_norm(x, w.output_norm, p.rms_eps)  # (n, d)
-    return matmul(x, w.output, num)  # (n, V): the tied head
+    x = tap("result_norm", -1, rms_norm(x, w.output_norm, p.rms_eps))  # (n, d)
+    return tap("result_output", -1, matmul(x, w.output, num))  # (n, V): the tied head
 
 
 def build_bitnet(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
@@ -215,4 +228,4 @@ def mirrored_logits(f: GGUFFile, tokens: list[int], num: Numerics, dtype: FloatT
     """Logits of every position with `num`'s rounding points, on the weights exactly as `f` stores them."""
     weights = load_bitnet(f, dtype, keep_codes=True)
     ids = np.asarray(tokens, dtype=np.int64)
-    return bitnet_forward(weights, ids, False, num).astype(np.float64)
+    return bitnet_forward(weights, ids, False, no_tap, num).astype(np.float64)

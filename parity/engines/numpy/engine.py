@@ -7,7 +7,7 @@ other way round. Each architecture module holds its graph; parity.engines.numpy.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -15,7 +15,8 @@ import numpy.typing as npt
 from parity.engines.numpy.bitnet import build_bitnet
 from parity.engines.numpy.gemma3 import build_gemma3
 from parity.engines.numpy.llama import build_llama
-from parity.engines.numpy.ops import DTYPES, Array, FloatType, Forward
+from parity.engines.numpy.ops import DTYPES, Array, FloatType, Forward, no_tap
+from parity.engines.numpy.taps import Recorder
 from parity.errors import ModelFormatError, UsageError
 from parity.gguf.reader import GGUFFile, open_gguf
 
@@ -74,7 +75,19 @@ class NumpyEngine:
     def logits(self, tokens: Sequence[int]) -> npt.NDArray[np.float64]:
         """Logits for every position of one forward pass: (len(tokens), n_vocab), returned as float64."""
         ids = self._check_tokens(tokens)
-        return self._forward(ids, False).astype(np.float64)
+        return self._forward(ids, False, no_tap).astype(np.float64)
+
+    def tensors(
+        self, tokens: Sequence[int], names: Sequence[str] | None = None, replace: Mapping[str, Array] | None = None
+    ) -> dict[str, Array]:
+        """Named graph tensors of one forward pass over `tokens` (contract: Implementation.tensors).
+
+        `replace` substitutes tensors (teacher forcing); names it holds that this graph lacks are a UsageError.
+        """
+        ids = self._check_tokens(tokens)
+        rec = Recorder(int(ids.size), names, replace)
+        self._forward(ids, False, rec)
+        return rec.finish()
 
     def greedy(self, tokens: Sequence[int], n_new: int) -> list[int]:
         """Argmax continuation of `n_new` tokens, recomputing the whole forward pass each step."""
@@ -84,7 +97,7 @@ class NumpyEngine:
         ids = list(self._check_tokens(tokens, max(n_new - 1, 0)).tolist())
         out: list[int] = []
         for _ in range(n_new):
-            last = self._forward(np.asarray(ids, dtype=np.int64), True)[0]  # (V,)
+            last = self._forward(np.asarray(ids, dtype=np.int64), True, no_tap)[0]  # (V,)
             nxt = int(np.argmax(last))
             out.append(nxt)
             ids.append(nxt)

@@ -36,6 +36,7 @@ from parity.engines.numpy.ops import (
     FloatType,
     Forward,
     Hparams,
+    Tap,
     attention,
     block_weights,
     bound,
@@ -44,6 +45,7 @@ from parity.engines.numpy.ops import (
     float_key,
     int_key,
     linear,
+    no_tap,
     output_head,
     read_hparams,
     require_tensor,
@@ -80,11 +82,11 @@ def gelu_tanh(x: Array) -> Array:
     return out
 
 
-def geglu_ffn(x: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
-    """LLM_FFN_GELU + LLM_FFN_PAR (ggml_geglu_split): down(gelu(gate(x)) * up(x))."""
-    gate = linear(x, w_gate)  # (n, f)
-    up = linear(x, w_up)  # (n, f)
-    return linear(gelu_tanh(gate) * up, w_down)  # (n, d)
+def geglu_ffn(x: Array, w_gate: Array, w_up: Array, w_down: Array, tap: Tap = no_tap, il: int = -1) -> Array:
+    """LLM_FFN_GELU + LLM_FFN_PAR (ggml_geglu_split): down(gelu(gate(x)) * up(x)); taps ffn_up, ffn_gate, ffn_geglu."""
+    up = tap("ffn_up", il, linear(x, w_up))  # (n, f)
+    gate = tap("ffn_gate", il, linear(x, w_gate))  # (n, f)
+    return linear(tap("ffn_geglu", il, gelu_tanh(gate) * up), w_down)  # (n, d)
 
 
 def sliding_window_mask(n: int, n_swa: int) -> Array:
@@ -219,40 +221,54 @@ def load_gemma3(f: GGUFFile, dtype: FloatType) -> Gemma3Weights:
     return Gemma3Weights(params=p, token_embd=token_embd, layers=layers, output_norm=output_norm, output=output)
 
 
-def gemma3_block(x: Array, layer: Gemma3Layer, p: Gemma3Params, cos: Array, sin: Array, allowed: Array) -> Array:
-    """One Gemma 3 block: x + post_norm(attn(norm(x))); then + post_norm(ffn(norm(.)))."""
+def gemma3_block(
+    x: Array,
+    layer: Gemma3Layer,
+    p: Gemma3Params,
+    cos: Array,
+    sin: Array,
+    allowed: Array,
+    il: int = 0,
+    tap: Tap = no_tap,
+) -> Array:
+    """One Gemma 3 block: x + post_norm(attn(norm(x))); then + post_norm(ffn(norm(.))). Taps llama.cpp's names."""
     n = x.shape[0]
-    h = rms_norm(x, layer.attn_norm, p.rms_eps)  # (n, d)
+    h = tap("attn_norm", il, rms_norm(x, layer.attn_norm, p.rms_eps))  # (n, d)
     q = linear(h, layer.wq).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
     k = linear(h, layer.wk).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
     v = linear(h, layer.wv).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
-    q = rope_neox(rms_norm(q, layer.q_norm, p.rms_eps), cos, sin)  # (n, h, hd): norm over hd, per head
-    k = rope_neox(rms_norm(k, layer.k_norm, p.rms_eps), cos, sin)  # (n, hk, hd)
+    q = tap("Qcur_normed", il, rms_norm(q, layer.q_norm, p.rms_eps))  # (n, h, hd): norm over hd, per head
+    q = tap("Qcur", il, rope_neox(q, cos, sin))  # (n, h, hd): after RoPE, before the scale
+    k = tap("Kcur_normed", il, rms_norm(k, layer.k_norm, p.rms_eps))  # (n, hk, hd)
+    k = tap("Kcur", il, rope_neox(k, cos, sin))  # (n, hk, hd)
+    v = tap("Vcur", il, v)  # (n, hk, hd)
     q = q * x.dtype.type(p.attn_scale)  # (n, h, hd): the graph scales Q, then attends with scale 1
-    a = attention(q, k, v, 1.0, allowed)  # (n, h*hd)
-    a = rms_norm(linear(a, layer.wo), layer.attn_post_norm, p.rms_eps)  # (n, d)
-    x = x + a  # (n, d)
-    h = rms_norm(x, layer.ffn_norm, p.rms_eps)  # (n, d)
-    h = geglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down)  # (n, d)
-    return x + rms_norm(h, layer.ffn_post_norm, p.rms_eps)  # (n, d)
+    a = tap("kqv_out", il, attention(q, k, v, 1.0, allowed))  # (n, h*hd): before wo
+    a = tap("attn_post_norm", il, rms_norm(linear(a, layer.wo), layer.attn_post_norm, p.rms_eps))  # (n, d)
+    x = tap("sa_out", il, x + a)  # (n, d)
+    h = tap("ffn_norm", il, rms_norm(x, layer.ffn_norm, p.rms_eps))  # (n, d)
+    h = tap("ffn_out", il, geglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down, tap, il))  # (n, d)
+    return tap("l_out", il, x + tap("ffn_post_norm", il, rms_norm(h, layer.ffn_post_norm, p.rms_eps)))  # (n, d)
 
 
-def gemma3_forward(w: Gemma3Weights, tokens: Array, last_only: bool = False) -> Array:
+def gemma3_forward(w: Gemma3Weights, tokens: Array, last_only: bool = False, tap: Tap = no_tap) -> Array:
     """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`."""
     p = w.params
     n = tokens.shape[0]
     t = w.token_embd.dtype.type
-    x = w.token_embd[tokens] * np.sqrt(t(p.n_embd))  # (n, d): sqrtf(n_embd) in the float32 engine
+    x = tap("embd", -1, w.token_embd[tokens])  # (n, d)
+    x = tap("inp_scaled", -1, x * np.sqrt(t(p.n_embd)))  # (n, d): sqrtf(n_embd) in the float32 engine
     positions = np.arange(n)  # (n,)
     rope_global = rope_cos_sin(positions, p.n_rot, p.rope_base, p.rope_freq_scale, None, t)  # (n, n_rot/2) x2
     rope_local = rope_cos_sin(positions, p.n_rot, p.rope_base_swa, 1.0, None, t)  # (n, n_rot/2) x2
     mask_global = causal_mask(n)  # (n, n)
     mask_local = sliding_window_mask(n, p.n_swa) if p.n_swa > 0 else mask_global  # (n, n)
-    for layer, swa in zip(w.layers, p.is_swa, strict=True):
+    for il, (layer, swa) in enumerate(zip(w.layers, p.is_swa, strict=True)):
         cos, sin = rope_local if swa else rope_global
-        x = gemma3_block(x, layer, p, cos, sin, mask_local if swa else mask_global)  # (n, d)
-    logits = output_head(x, w.output_norm, w.output, p.rms_eps, last_only)  # (n, V)
-    return softcap(logits, p.final_logit_softcap) if p.final_logit_softcap else logits  # (n, V)
+        x = gemma3_block(x, layer, p, cos, sin, mask_local if swa else mask_global, il, tap)  # (n, d)
+    logits = output_head(x, w.output_norm, w.output, p.rms_eps, last_only, tap)  # (n, V)
+    logits = softcap(logits, p.final_logit_softcap) if p.final_logit_softcap else logits  # (n, V)
+    return tap("result_output", -1, logits)  # (n, V)
 
 
 def build_gemma3(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,3 +26,11 @@ class NumpyImplementation(Implementation):
 
     def greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:
         return self.engine.greedy(list(prompt_ids), n) if n else []
+
+    def tensors(
+        self,
+        tokens: Sequence[int],
+        names: Sequence[str] | None = None,
+        replace: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        return self.engine.tensors(list(tokens), names, replace)

@@ -21,12 +21,14 @@ from parity.engines.numpy.ops import (
     FloatType,
     Forward,
     Hparams,
+    Tap,
     attention,
     block_weights,
     bound,
     embeddings_and_head,
     linear,
     load_tensor,
+    no_tap,
     output_head,
     read_hparams,
     rms_norm,
@@ -90,34 +92,38 @@ def load_llama(f: GGUFFile, dtype: FloatType) -> LlamaWeights:
     )
 
 
-def llama_block(x: Array, layer: LlamaLayer, p: LlamaParams, cos: Array, sin: Array) -> Array:
-    """One llama block: x + attn(norm(x)); then + ffn(norm(.))."""
+def llama_block(
+    x: Array, layer: LlamaLayer, p: LlamaParams, cos: Array, sin: Array, il: int = 0, tap: Tap = no_tap
+) -> Array:
+    """One llama block: x + attn(norm(x)); then + ffn(norm(.)). `tap` sees llama.cpp's named tensors of layer il."""
     n = x.shape[0]
-    h = rms_norm(x, layer.attn_norm, p.rms_eps)  # (n, d)
+    h = tap("attn_norm", il, rms_norm(x, layer.attn_norm, p.rms_eps))  # (n, d)
     q = linear(h, layer.wq, layer.biases.get("attn_q")).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
     k = linear(h, layer.wk, layer.biases.get("attn_k")).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
     v = linear(h, layer.wv, layer.biases.get("attn_v")).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
-    q = rope(q, cos, sin)  # (n, h, hd)
-    k = rope(k, cos, sin)  # (n, hk, hd)
+    q = tap("Qcur", il, rope(q, cos, sin))  # (n, h, hd): after RoPE, as llama.cpp names it
+    k = tap("Kcur", il, rope(k, cos, sin))  # (n, hk, hd)
+    v = tap("Vcur", il, v)  # (n, hk, hd)
     # kq_scale = 1.0f/sqrtf(n_embd_head), computed in the engine dtype like ggml computes it in float;
     # llama.cpp's llama graph never reads `attention.scale` (only granite-style archs set it)
     scale = 1.0 / np.sqrt(x.dtype.type(p.head_dim))  # ()
-    a = attention(q, k, v, scale)  # (n, h*hd)
-    x = x + linear(a, layer.wo, layer.biases.get("attn_output"))  # (n, d)
-    h = rms_norm(x, layer.ffn_norm, p.rms_eps)  # (n, d)
-    return x + swiglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down, layer.biases)  # (n, d)
+    a = tap("kqv_out", il, attention(q, k, v, scale))  # (n, h*hd)
+    x = tap("ffn_inp", il, x + tap("attn_out", il, linear(a, layer.wo, layer.biases.get("attn_output"))))  # (n, d)
+    h = tap("ffn_norm", il, rms_norm(x, layer.ffn_norm, p.rms_eps))  # (n, d)
+    f = tap("ffn_out", il, swiglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down, layer.biases, tap, il))  # (n, d)
+    return tap("l_out", il, x + f)  # (n, d)
 
 
-def llama_forward(w: LlamaWeights, tokens: Array, last_only: bool = False) -> Array:
+def llama_forward(w: LlamaWeights, tokens: Array, last_only: bool = False, tap: Tap = no_tap) -> Array:
     """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`."""
     p = w.params
-    x = w.token_embd[tokens]  # (n, d)
+    x = tap("embd", -1, w.token_embd[tokens])  # (n, d)
     cos, sin = rope_cos_sin(
         np.arange(tokens.shape[0]), p.n_rot, p.rope_base, p.rope_freq_scale, w.rope_freqs, x.dtype.type
     )  # (n, hd/2) each
-    for layer in w.layers:
-        x = llama_block(x, layer, p, cos, sin)  # (n, d)
-    return output_head(x, w.output_norm, w.output, p.rms_eps, last_only)  # (n, V)
+    for il, layer in enumerate(w.layers):
+        x = llama_block(x, layer, p, cos, sin, il, tap)  # (n, d)
+    return tap("result_output", -1, output_head(x, w.output_norm, w.output, p.rms_eps, last_only, tap))  # (n, V)
 
 
 def build_llama(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:

@@ -23,6 +23,14 @@ Array = npt.NDArray[Any]
 FloatType = type[np.floating[Any]]
 DTYPES: dict[str, FloatType] = {"float32": np.float32, "float64": np.float64}
 
+# A tap point: (op, layer or -1, tensor) -> the tensor the graph continues with (parity.engines.numpy.taps).
+Tap = Callable[[str, int, Array], Array]
+
+
+def no_tap(op: str, il: int, x: Array) -> Array:
+    """The plain path's tap: records nothing, replaces nothing."""
+    return x
+
 
 # ---------------------------------------------------------------------------------------------------
 # Operations
@@ -150,21 +158,33 @@ def silu(x: Array) -> Array:
         return x / (1.0 + np.exp(-x))
 
 
-def swiglu_ffn(x: Array, w_gate: Array, w_up: Array, w_down: Array, biases: dict[str, Array]) -> Array:
-    """LLM_FFN_SILU + LLM_FFN_PAR: down(silu(gate(x)) * up(x))."""
-    gate = linear(x, w_gate, biases.get("ffn_gate"))  # (n, f)
-    up = linear(x, w_up, biases.get("ffn_up"))  # (n, f)
-    return linear(silu(gate) * up, w_down, biases.get("ffn_down"))  # (n, d)
+def tapped_linear(x: Array, w: Array, b: Array | None, tap: Tap, op: str, il: int) -> Array:
+    """`linear` with llama.cpp's build_ffn names: the matmul is `op`, the biased sum `op_b` (when there is a bias)."""
+    y = tap(op, il, x @ w.T)  # (n, out)
+    return y if b is None else tap(op + "_b", il, y + b)  # (n, out)
 
 
-def output_head(x: Array, output_norm: Array, output: Array, eps: float, last_only: bool) -> Array:
-    """The final RMSNorm and the output matmul, (n, d) -> (n, V); only the last row when `last_only`.
+def swiglu_ffn(
+    x: Array, w_gate: Array, w_up: Array, w_down: Array, biases: dict[str, Array], tap: Tap = no_tap, il: int = -1
+) -> Array:
+    """LLM_FFN_SILU + LLM_FFN_PAR: down(silu(gate(x)) * up(x)); build_ffn's tap points ffn_up, ffn_gate, ffn_swiglu."""
+    up = tapped_linear(x, w_up, biases.get("ffn_up"), tap, "ffn_up", il)  # (n, f)
+    gate = tapped_linear(x, w_gate, biases.get("ffn_gate"), tap, "ffn_gate", il)  # (n, f)
+    par = tap("ffn_swiglu", il, silu(gate) * up)  # (n, f)
+    down_b = biases.get("ffn_down")
+    if down_b is None:
+        return linear(par, w_down)  # (n, d)
+    return tap("ffn_down", il, linear(par, w_down)) + down_b  # (n, d)
+
+
+def output_head(x: Array, output_norm: Array, output: Array, eps: float, last_only: bool, tap: Tap) -> Array:
+    """The final RMSNorm (tap `result_norm`) and the output matmul, (n, d) -> (n, V); the last row when `last_only`.
 
     llama.cpp also skips the head for rows it does not output.
     """
     if last_only:
         x = x[-1:]  # (1, d)
-    return linear(rms_norm(x, output_norm, eps), output)  # (n, V)
+    return linear(tap("result_norm", -1, rms_norm(x, output_norm, eps)), output)  # (n, V)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,8 +365,8 @@ def embeddings_and_head(f: GGUFFile, p: Hparams, dtype: FloatType) -> tuple[Arra
     return token_embd, output_norm, token_embd if output is None else output
 
 
-# (tokens, last_only) -> logits: what each architecture's builder returns
-Forward = Callable[[Array, bool], Array]
+# (tokens, last_only, tap) -> logits: what each architecture's builder returns
+Forward = Callable[[Array, bool, Tap], Array]
 
 
 class Loaded(Protocol):
@@ -359,10 +379,10 @@ class Loaded(Protocol):
 W = TypeVar("W", bound=Loaded)
 
 
-def bound(weights: W, forward: Callable[[W, Array, bool], Array]) -> tuple[Forward, int, int]:
+def bound(weights: W, forward: Callable[[W, Array, bool, Tap], Array]) -> tuple[Forward, int, int]:
     """What an architecture's builder returns: `forward` bound to its loaded `weights`, n_vocab, n_ctx_train."""
 
-    def run(tokens: Array, last_only: bool) -> Array:
-        return forward(weights, tokens, last_only)
+    def run(tokens: Array, last_only: bool, tap: Tap = no_tap) -> Array:
+        return forward(weights, tokens, last_only, tap)
 
     return run, weights.params.n_vocab, weights.params.n_ctx_train
