@@ -210,53 +210,57 @@ def _rows(logits: np.ndarray, n: int, pos: np.ndarray, side: str) -> np.ndarray:
 
 
 def _row_float64(r: np.ndarray, q: np.ndarray, tok: int) -> tuple[float, float, float, float, float, bool]:
-    """Exact definitions in double precision."""
-    lr = r - (r.max() + math.log(np.exp(r - r.max()).sum()))
-    lq = q - (q.max() + math.log(np.exp(q - q.max()).sum()))
-    pr = np.exp(lr)
-    kld = float(np.dot(pr, lr - lq))
-    return (
-        float(lr[tok]),
-        float(lq[tok]),
-        kld,
-        float(pr[tok]),
-        math.exp(float(lq[tok])),
-        int(r.argmax()) == int(q.argmax()),
-    )
+    """Exact definitions in double precision: KLD = sum p_r (r - q) - (lse_r - lse_q), p_r = e^(r - lse_r)."""
+    mr, mq = r.max(), q.max()
+    er = np.exp(r - mr)
+    sr = float(er.sum())
+    lse_r, lse_q = mr + math.log(sr), mq + math.log(float(np.exp(q - mq).sum()))
+    kld = float(np.dot(er, r - q)) / sr - (lse_r - lse_q)
+    lr, lq = float(r[tok]) - lse_r, float(q[tok]) - lse_q
+    return lr, lq, kld, math.exp(lr), math.exp(lq), int(r.argmax()) == int(q.argmax())
 
 
-def encode_base(r: np.ndarray) -> tuple[np.float32, np.float32, np.ndarray]:
-    """The uint16 code of one row of base logits, as llama-perplexity's base run writes it: (scale,
-    min_log_prob, codes); log p(i) is decoded as scale * codes[i] + min_log_prob (float32)."""
+def _encode(r: np.ndarray) -> tuple[np.float32, np.float32, np.ndarray]:
+    """encode_base with the codes as exact float32 integers (what the decoding multiplies)."""
     max_l, min_l = r.max(), r.min()
     min_l = max(min_l, _F32(max_l - _F32(16)))
     lse = _F32(math.log(float(np.exp(r - max_l).sum(dtype=np.float64))))
     min_log_prob = _F32(_F32(min_l - max_l) - lse)
     scale = _F32(_F32(max_l - min_l) / _F32(65535))
     if not scale:
-        return scale, min_log_prob, np.zeros(r.shape, np.uint16)
+        return scale, min_log_prob, np.zeros(r.shape, _F32)
     inv = _F32(_F32(1) / scale)
-    scaled = (inv * (r - min_l)).astype(_F32)
-    # nearest_int(): fval + 1.5*2^23 in float32 rounds half to even; the int is truncated to 16 bits on store.
-    codes = np.where(r > min_l, np.rint(scaled).astype(np.int64) & 0xFFFF, 0)
+    # nearest_int() of inv * (r - min), 0 where r <= min: fval + 1.5*2^23 in float32 rounds half to even (rint);
+    # r <= min gives fval <= 0, which max(., 0) sends to 0. fval never reaches 65535.5 (float32 rounding of
+    # 65535 steps), so the 16-bit store never wraps.
+    codes = np.rint(np.maximum(inv * (r - min_l), _F32(0)))
+    return scale, min_log_prob, codes
+
+
+def encode_base(r: np.ndarray) -> tuple[np.float32, np.float32, np.ndarray]:
+    """The uint16 code of one row of base logits, as llama-perplexity's base run writes it: (scale,
+    min_log_prob, codes); log p(i) is decoded as scale * codes[i] + min_log_prob (float32)."""
+    scale, min_log_prob, codes = _encode(np.asarray(r, _F32))
     return scale, min_log_prob, codes.astype(np.uint16)
 
 
 def _row_uint16(r: np.ndarray, q: np.ndarray, tok: int) -> tuple[float, float, float, float, float, bool]:
     """llama-perplexity's numerics: the base through its uint16 code, float32 where the C++ uses float."""
-    scale, min_log_prob, codes = encode_base(r)
+    scale, min_log_prob, codes = _encode(r)
     imax = int(q.argmax())
     max_q = q[imax]
     lse = _F32(math.log(float(np.exp(q - max_q).sum(dtype=np.float64))))
     nll = _F32(_F32(max_q + lse) - q[tok])
-    nll_base = _F32(-_F32(_F32(scale * _F32(codes[tok])) + min_log_prob))
+    nll_base = _F32(-_F32(_F32(scale * codes[tok]) + min_log_prob))
     shift = _F32(max_q + lse)
-    lpb = (scale * codes.astype(_F32) + min_log_prob).astype(_F32)
-    keep = lpb > _F32(-16)
-    terms = (np.exp(lpb[keep]) * ((lpb[keep] - q[keep]) + shift)).astype(_F32)
+    lpb = scale * codes + min_log_prob
+    keep = np.flatnonzero(lpb > _F32(-16))  # the C++ sum skips base log-probs <= -16
+    lk = lpb[keep]
+    terms = np.exp(lk) * ((lk - q[keep]) + shift)
     kld = float(terms.sum(dtype=np.float64))
     p_base, p = np.exp(-nll_base), np.exp(-nll)
-    return -float(nll_base), -float(nll), kld, float(p_base), float(p), imax == int(lpb.argmax())
+    # the C++ loop keeps the first index of the largest decoded log-prob: the first of the largest codes
+    return -float(nll_base), -float(nll), kld, float(p_base), float(p), imax == int(codes.argmax())
 
 
 def _fsum(x: np.ndarray) -> float:
