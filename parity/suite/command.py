@@ -205,7 +205,8 @@ def _compute(
     store.progress("run", pid=os.getpid(), done=sorted(done), todo=[it.index for it in todo], resume=bool(args.resume))
     errors: dict[int, str] = {}
     workers = max(1, min(args.workers, len(todo)))
-    info: dict[str, Any] = {"kind": args.executor, "workers": args.workers, "resumed": bool(done), "seconds": 0.0}
+    info: dict[str, Any] = {"kind": args.executor, "workers": args.workers, "threads": prepared.threads}
+    info.update(resumed=bool(done), seconds=0.0)
     if args.executor == "ray":
         info["ray_address"] = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if not todo:
@@ -233,10 +234,10 @@ def _compute(
     ex: executors.Executor
     if args.executor == "ray":
         ex = executors.RayExecutor(
-            prepared.impl, prepared.ref, args.score, workers, args.ray_address, bool(args.verbose)
+            prepared.impl, prepared.ref, args.score, workers, prepared.threads, args.ray_address, bool(args.verbose)
         )
     else:
-        ex = executors.LocalExecutor(prepared.impl, prepared.ref, args.score, workers)
+        ex = executors.LocalExecutor(prepared.impl, prepared.ref, args.score, workers, prepared.threads)
     with ex:
         executors.drive(ex, todo, on_start, on_done)
     seconds = time.perf_counter() - t0

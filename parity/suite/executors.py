@@ -26,14 +26,26 @@ from parity.errors import UsageError
 from parity.suite.inputs import Item
 from parity.suite.sides import Outcome, Pair, Side
 
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment of every worker: numpy's BLAS on `threads` threads, whatever the executor.
+
+    A numpy engine's float32 results depend on its BLAS thread count (measured: the default model's mean KLD
+    moved in the 3rd digit between 1 and 2 OpenBLAS threads, and Ray sets OMP_NUM_THREADS=1 in a 1-CPU actor),
+    so local workers and Ray actors pin the same count (--threads) and the suite key records it.
+    """
+    return {k: str(threads) for k in BLAS_ENV}
+
 
 class Executor(abc.ABC):
     """`workers` slots evaluating items; send() one item to an idle slot, receive() the next outcome."""
 
     kind = ""
 
-    def __init__(self, impl: Side, ref: Side, mode: str, workers: int) -> None:
-        self.impl, self.ref, self.mode, self.workers = impl, ref, mode, workers
+    def __init__(self, impl: Side, ref: Side, mode: str, workers: int, threads: int) -> None:
+        self.impl, self.ref, self.mode, self.workers, self.threads = impl, ref, mode, workers, threads
 
     @abc.abstractmethod
     def send(self, slot: int, item: Item) -> None: ...
@@ -46,7 +58,7 @@ class Executor(abc.ABC):
     def close(self) -> None: ...
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "workers": self.workers}
+        return {"kind": self.kind, "workers": self.workers, "threads": self.threads}
 
     def __enter__(self) -> Executor:
         return self
@@ -102,8 +114,9 @@ def _serve(conn: multiprocessing.connection.Connection, impl: Side, ref: Side, m
 class LocalExecutor(Executor):
     kind = "local"
 
-    def __init__(self, impl: Side, ref: Side, mode: str, workers: int) -> None:
-        super().__init__(impl, ref, mode, workers)
+    def __init__(self, impl: Side, ref: Side, mode: str, workers: int, threads: int) -> None:
+        super().__init__(impl, ref, mode, workers, threads)
+        os.environ.update(thread_env(threads))  # inherited by the spawned workers (this process's BLAS is set up)
         self._ctx = multiprocessing.get_context("spawn")
         self._procs: list[Any] = [None] * workers
         self._conns: list[multiprocessing.connection.Connection | None] = [None] * workers
@@ -191,8 +204,10 @@ def import_ray() -> Any:
 class RayExecutor(Executor):
     kind = "ray"
 
-    def __init__(self, impl: Side, ref: Side, mode: str, workers: int, address: str | None, verbose: bool) -> None:
-        super().__init__(impl, ref, mode, workers)
+    def __init__(
+        self, impl: Side, ref: Side, mode: str, workers: int, threads: int, address: str | None, verbose: bool
+    ) -> None:
+        super().__init__(impl, ref, mode, workers, threads)
         self.ray = ray = import_ray()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self._started_here = False
@@ -217,7 +232,7 @@ class RayExecutor(Executor):
                     f"cannot connect to the Ray cluster at {self.address}: {exc}",
                     fix="check --ray-address / RAY_ADDRESS (`ray status` on the head), or omit it to start a local one",
                 ) from exc
-        self._remote = ray.remote(num_cpus=1, max_restarts=0)(SuiteActor)
+        self._remote = ray.remote(num_cpus=1, max_restarts=0, runtime_env={"env_vars": thread_env(threads)})(SuiteActor)
         self._actors: list[Any] = [self._new_actor(s) for s in range(workers)]
         self._refs: dict[Any, tuple[int, Item]] = {}
 

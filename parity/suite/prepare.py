@@ -43,6 +43,7 @@ class Prepared:
     ref: Side
     items: list[inputs.Item]
     manifest: dict[str, Any]
+    threads: int  # every side's: C++ threads and numpy's BLAS threads (parity.suite.executors.thread_env)
 
 
 def parse_side(text: str, role: str) -> ImplSpec:
@@ -185,6 +186,7 @@ def prepare(
             "params": None if side.params is None else side.params.to_dict(),
             "dtype": side.dtype,
             "eval_shape": side.eval_shape,
+            "threads": opts.threads,
         }
         for role, side in sides.items()
     }
@@ -213,4 +215,4 @@ def prepare(
         },
         "items": [[it.id, len(it.tokens)] for it in items],
     }
-    return Prepared(sides["implementation"], sides["reference"], items, manifest)
+    return Prepared(sides["implementation"], sides["reference"], items, manifest, opts.threads)
