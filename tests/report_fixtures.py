@@ -1,0 +1,110 @@
+"""Receipts for the HTML report tests (unit and headless Chromium), made by parity's own code paths.
+
+The rows come from compare/metrics.py on synthetic logits, the localisation from compare/locate.py on a toy
+graph with one planted bug (Qcur-3 scaled), so the report is rendered from what a real receipt holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from parity.compare import locate, metrics, receipts
+
+H = "a" * 64
+N_PROMPT, N_GEN, VOCAB = 20, 4, 48
+LAYERS, OPS = 6, ("attn_norm", "Qcur", "Kcur", "kqv_out", "ffn_inp", "ffn_out", "l_out")
+PLANTED = "Qcur-3"
+SCRIPT_PIECE = "<script>console.error('injected by a token piece')</script>"
+
+
+def _logits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ref, ours, and the reference in another configuration (its own variation): (n, VOCAB) each."""
+    rng = np.random.default_rng(seed)
+    n = N_PROMPT + N_GEN
+    ref = rng.standard_normal((n, VOCAB)) * 3
+    grow = np.geomspace(1e-7, 3e-1, n)[:, None]  # the error grows over five decades along the sequence
+    ours = ref + grow * rng.standard_normal((n, VOCAB))
+    other = ref + 1e-4 * rng.standard_normal((n, VOCAB))
+    return ref, ours, other
+
+
+def localisation() -> dict[str, Any]:
+    """Replay localisation of a toy graph whose Qcur-3 is 5% off: exactly one op out of tolerance."""
+    rng = np.random.default_rng(1)
+    names = ["inp_embd"] + [f"{op}-{il}" for il in range(LAYERS) for op in OPS] + ["result_norm", "result_output"]
+    ref = {name: rng.standard_normal((N_PROMPT, 32)).astype(np.float32) for name in names}
+    other = {k: (v * (1 + 1e-4 * rng.standard_normal(v.shape))).astype(np.float32) for k, v in ref.items()}
+    impl = {k: (v * (1 + 1e-4 * rng.standard_normal(v.shape))).astype(np.float32) for k, v in ref.items()}
+    impl[PLANTED] = impl[PLANTED] * np.float32(1.05)
+    noise = locate.noise_levels(ref, other)
+    return locate.localise(impl, ref, noise, "replay").to_dict()
+
+
+def lane_receipt(*, floor: bool = True, localised: bool = True, label: str = "llama") -> dict[str, Any]:
+    """A version 2 receipt (plus the optional report fields) of one diverging lane."""
+    ref, ours, other = _logits()
+    ids = [int(t) for t in np.random.default_rng(2).integers(0, VOCAB, N_PROMPT + N_GEN)]
+    rows = metrics.position_rows(ours.astype(np.float32), ref.astype(np.float32), ids)
+    th = metrics.Thresholds(0.999, 0.01)
+    summary = metrics.summarize(rows, th)
+    greedy = metrics.greedy_check(ids[N_PROMPT:], [*ids[N_PROMPT : N_PROMPT + 2], 7, 8], ref, N_PROMPT, 0.01)
+    text = {str(i): f"t{i}" for i in range(VOCAB)}
+    text[str(ids[3])] = SCRIPT_PIECE
+    text[str(ids[4])] = ' "quoted" & <b>bold</b>\n'
+    r: dict[str, Any] = {
+        "version": 2,
+        "timestamp": "2026-01-01T00:00:00Z",
+        "model": {"path": "/models/m.gguf", "sha256": H},
+        "backend": "llama",
+        "prompt": "What is <2+2>?",
+        "positions": len(rows),
+        "thresholds": th.to_dict(),
+        "rows": rows,
+        "summary": summary,
+        "status": "diverged",
+        "error": None,
+        "greedy": greedy,
+        "tokenizer_authority": {
+            "source": "external",
+            "path": "t.json",
+            "file_hash": H,
+            "config_hash": H,
+            "token_count": N_PROMPT,
+        },
+        "prompt_template": "raw",
+        "formatted_prompt": "What is <2+2>?",
+        "determinism_seed": 0,
+        "model_sha256": H,
+        "backend_info": {"name": "llama", "commit": "0123456789abcdef"},
+        "run_config": {
+            "threads": 2,
+            "n_ctx": 64,
+            "n_batch": 64,
+            "n_ubatch": 64,
+            "type_k": 0,
+            "type_v": 0,
+            "flash_attn": 0,
+            "eval_shape": "batch",
+        },
+        "token_ids": ids,
+        "prompt_tokens": N_PROMPT,
+        "generated_tokens": N_GEN,
+        "implementation": {"name": "numpy", "spec": "numpy"},
+        "token_text": text,
+    }
+    if label != "llama":
+        r["reference"] = {"spec": label, "lane": label}
+    if floor:
+        floor_rows = metrics.position_rows(other.astype(np.float32), ref.astype(np.float32), ids)
+        r["floor"] = {"rows": [{k: row[k] for k in ("pos", "cosine", "kl", "max_abs")} for row in floor_rows]}
+    if localised:
+        r["localisation"] = localisation()
+    return r
+
+
+def valid(r: dict[str, Any]) -> list[str]:
+    """Schema violations of `r` without the keys other helpers' schema versions define (floor, localisation)."""
+    core = {k: v for k, v in r.items() if k not in ("floor", "localisation", "verdict")}
+    return receipts.validation_errors(core)
