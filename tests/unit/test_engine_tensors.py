@@ -37,9 +37,9 @@ LAYER_OPS = {
     "bitnet": {"attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_inp", "ffn_norm", "l_out"},
 }
 GLOBALS = {
-    "llama": {"embd", "result_norm", "result_output"},
-    "gemma3": {"embd", "inp_scaled", "result_norm", "result_output"},
-    "bitnet": {"embd", "result_norm", "result_output"},
+    "llama": {"result_norm", "result_output"},
+    "gemma3": {"inp_scaled", "result_norm", "result_output"},
+    "bitnet": {"result_norm", "result_output"},
 }
 
 
@@ -136,10 +136,14 @@ def test_name_patterns_and_bad_replacements(engines: dict[str, NumpyEngine]) -> 
     e = engines["llama"]
     assert set(e.tensors(TOKENS, names=["l_out-*", "embd"])) == {"l_out-0", "l_out-1", "l_out-2", "embd"}
     assert {"ffn_up-0", "ffn_gate-0", "ffn_swiglu-0"} <= set(e.tensors(TOKENS, names=["*"]))  # build_ffn's own
-    with pytest.raises(UsageError, match="no tensor of that name"):
+    with pytest.raises(UsageError, match="cannot replace 'attn_post_norm-0'"):
         e.tensors(TOKENS, replace={"attn_post_norm-0": np.zeros((len(TOKENS), ll.N_EMBD), np.float32)})
-    with pytest.raises(UsageError, match="has shape"):
+    with pytest.raises(UsageError, match="must be"):
         e.tensors(TOKENS, replace={"attn_norm-0": np.zeros((len(TOKENS) - 1, ll.N_EMBD), np.float32)})
+    with pytest.raises(UsageError, match="must be"):
+        e.tensors(TOKENS, replace={"attn_norm-0": np.zeros((len(TOKENS), ll.N_EMBD + 1), np.float32)})
+    with pytest.raises(UsageError, match="'attn_post_norm-0' names no"):
+        e.tensors(TOKENS, names=["attn_post_norm-0"])
 
 
 def test_implementation_delegates(engines: dict[str, NumpyEngine]) -> None:

@@ -17,13 +17,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from parity.engines.base import TENSOR_GLOBALS, TENSOR_OPS
+from parity.engines import tensor_names
 from parity.engines.numpy.ops import Array
 from parity.errors import UsageError
 
-# "embd": the pinned llama.cpp names the token embedding rows `embd` (build_inp_embd); its `inp_embd` is the
-# input tensor of the vector-embedding path, which a token batch never fills.
-DEFAULT_OPS = frozenset(TENSOR_OPS) | frozenset(TENSOR_GLOBALS) | {"embd"}
+WHO = "the numpy engine"
 
 
 def tensor_name(op: str, il: int) -> str:
@@ -31,31 +29,28 @@ def tensor_name(op: str, il: int) -> str:
     return f"{op}-{il}" if il >= 0 else op
 
 
-def op_of(name: str) -> str:
-    """The op part of a graph name ("attn_norm-3" -> "attn_norm")."""
-    head, sep, tail = name.rpartition("-")
-    return head if sep and tail.isdigit() else name
-
-
 class Recorder:
     """A tap that records selected tensors as float32 (n_tokens, width) and substitutes replaced ones.
 
-    `names`: exact names or fnmatch patterns; None selects every tensor whose op is a default op. `replace`:
-    name -> array of that tensor's (n_tokens, width) shape; the own value is recorded first (when selected),
-    then the forward continues with the given one, cast to the engine dtype.
+    `names` and `replace` mean what they mean for every implementation (parity.engines.tensor_names): exact
+    names or fnmatch patterns, None = the default names; replacements keyed by exact names, (n_tokens, width).
+    The own value is recorded first (when selected), then the forward continues with the given one, cast to
+    the engine dtype.
     """
 
     def __init__(self, n_tokens: int, names: Sequence[str] | None, replace: Mapping[str, np.ndarray] | None) -> None:
         self.n_tokens = n_tokens
-        self.names = None if names is None else list(names)
-        self.replace = dict(replace or {})
+        self.names = names
+        if isinstance(names, str):
+            tensor_names.select(names, [], WHO)  # raises: a list is required
+        self.replace = tensor_names.check_replace(replace, n_tokens, WHO)
         self.recorded: dict[str, Array] = {}
         self.seen: list[str] = []
 
     def selected(self, name: str) -> bool:
         if self.names is None:
-            return op_of(name) in DEFAULT_OPS
-        return any(name == p or fnmatch.fnmatchcase(name, p) for p in self.names)
+            return bool(tensor_names.default_names([name]))
+        return any(name == p or (tensor_names.is_pattern(p) and fnmatch.fnmatchcase(name, p)) for p in self.names)
 
     def __call__(self, op: str, il: int, x: Array) -> Array:
         name = tensor_name(op, il)
@@ -66,23 +61,15 @@ class Recorder:
         if given is None:
             return x
         width = x.size // self.n_tokens
-        arr = np.asarray(given)
-        if arr.shape != (self.n_tokens, width):
+        if given.shape != (self.n_tokens, width):
             raise UsageError(
-                f"replacement for tensor '{name}' has shape {arr.shape}, expected ({self.n_tokens}, {width})",
+                f"{WHO}: replacement for '{name}' must be ({self.n_tokens}, {width}), got {given.shape}",
                 fix="pass one row per token, flattened as llama.cpp lays the tensor out",
             )
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise UsageError(f"replacement for tensor '{name}' is {arr.dtype}", fix="pass a float array")
-        return arr.astype(x.dtype).reshape(x.shape)
+        return given.astype(x.dtype).reshape(x.shape)
 
     def finish(self) -> dict[str, Array]:
-        """The recorded tensors, after checking every replaced name exists in this graph."""
-        unknown = sorted(set(self.replace) - set(self.seen))
-        if unknown:
-            raise UsageError(
-                f"cannot replace tensor '{unknown[0]}': the numpy engine's graph has no tensor of that name "
-                f"({len(unknown)} unknown)",
-                fix="replace names this graph records (call tensors() with names=['*'] to list them)",
-            )
-        return self.recorded
+        """The recorded tensors in graph order, after checking every requested and replaced name exists."""
+        tensor_names.check_replace(self.replace, self.n_tokens, WHO, self.seen)
+        chosen = tensor_names.select(self.names, self.seen, WHO)
+        return {name: self.recorded[name] for name in chosen}
