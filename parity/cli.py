@@ -49,6 +49,12 @@ def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
         help="the greedy decode must match exactly, except a flip where the reference's top-2 probabilities "
         "differ by less than this (a tie flip, reported; default 0.01)",
     )
+    p.add_argument(
+        "--verdict",
+        choices=("calibrated", "fixed"),
+        help="calibrated (default): a lane passes within k x the reference's own variation, measured per lane "
+        "(README, Verdicts); fixed: every position meets --cos-tol and --mse-tol",
+    )
     p.add_argument("--format", choices=("text", "json"), help="summary format on stdout (default text)")
     p.add_argument(
         "--prompt-template",
@@ -132,6 +138,7 @@ _COMMON_KEYS = (
     "max_tokens",
     "cos_tol",
     "tie_margin",
+    "verdict",
     "format",
     "prompt_template",
     "system_prompt",

@@ -32,6 +32,8 @@ class RunOptions:
     cos_tol: float = 0.999
     mse_tol: float = 0.01
     tie_margin: float = 0.01  # a greedy flip passes only where the reference's top-2 probabilities are closer
+    # calibrated: within k x the reference's own variation (compare/calibrate.py); fixed: --cos-tol/--mse-tol
+    verdict: str = "calibrated"
     format: str = "text"
     prompt_template: str = "auto"
     system_prompt: str | None = None
@@ -61,6 +63,8 @@ class RunOptions:
             raise UsageError(f"--max-tokens must be >= 0, got {self.max_tokens}")
         if not self.prompt:
             raise UsageError("the prompt is empty", fix='pass --prompt "some text"')
+        if self.verdict not in ("calibrated", "fixed"):
+            raise UsageError(f"--verdict must be calibrated or fixed, got {self.verdict!r}")
         if self.format not in ("text", "json"):
             raise UsageError(f"--format must be text or json, got {self.format!r}")
         if self.dtype not in ("float32", "float64"):
@@ -145,6 +149,13 @@ def resolve(cli: dict[str, Any], pyproject: Path | None = None) -> RunOptions:
         if value is not None:
             _check_key(key, "command line")
             merged[key] = value
+    # Tolerances given (flag, env or [tool.parity]) with no verdict mode: the fixed verdict they belong to.
+    tolerances = sorted(k for k in ("cos_tol", "mse_tol") if k in merged)
+    if tolerances and "verdict" not in merged:
+        merged["verdict"] = "fixed"
+    elif tolerances and merged["verdict"] == "calibrated":
+        flags = " and ".join("--" + k.replace("_", "-") for k in tolerances)
+        raise UsageError(f"{flags} only apply with --verdict fixed", fix="drop them, or pass --verdict fixed")
     opts = RunOptions(**merged)
     opts.validate()
     from parity.engines import spec

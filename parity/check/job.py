@@ -20,6 +20,7 @@ import numpy as np
 from parity.backends import build
 from parity.backends.bridge import BackendParams
 from parity.backends.worker import RemoteModel, Worker
+from parity.check import floor as noise_floor
 from parity.check import inputs
 from parity.compare import metrics, receipts
 from parity.core.proc import log
@@ -84,6 +85,7 @@ class LaneResult:
     error: str | None = None
     greedy: dict[str, Any] | None = None
     commit: str = ""
+    verdict: dict[str, Any] | None = None  # the receipt's verdict (compare/calibrate.py)
 
     @property
     def passed(self) -> bool:
@@ -330,21 +332,33 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
                     f"{np.shape(ours)}: the two engines read this model differently",
                     fix="check the model's vocabulary size and tensor shapes",
                 )
+            floor = None  # the reference's own variation (check/floor.py), what a calibrated verdict is judged by
+            if opts.verdict == "calibrated":
+                floor = noise_floor.measure(
+                    ref, ref_logits, shared.sequence, params, eval_shape, lane_model, base["model_sha256"], p
+                )
     except WorkerError as exc:
         return _error_lane(label, p, base, str(exc), out_dir)
     rows = metrics.position_rows(ours, ref_logits, shared.sequence, metrics.parse_metrics(opts.metrics))
     summary = metrics.summarize(rows, th)
     # The greedy decode must match exactly, except a flip at a near-tie of the reference (metrics.greedy_check).
     greedy = metrics.greedy_check(shared.generated, theirs, ref_logits, len(shared.prompt_ids), opts.tie_margin)
+    verdict, greedy, summary = noise_floor.judge(
+        opts, ours, ref_logits, rows, summary, greedy, floor, len(shared.prompt_ids)
+    )
     status = "pass" if summary["all_passed"] and greedy["verdict"] != "mismatch" else "diverged"
     base.update(status=status, error=None, rows=rows, positions=len(rows), summary=summary, greedy=greedy)
+    base["verdict"] = verdict
+    if floor is not None:
+        base["floor"] = floor
     base["seconds"] = {
         **{k: round(v, 4) for k, v in shared.seconds.items()},
         "lane": round(time.perf_counter() - t0, 4),
+        **({"floor": floor["seconds"]} if floor is not None else {}),
     }
     path = out_dir / f"receipt_{label}.json"
     receipts.write(path, base)
-    return LaneResult(label, status, path, summary, greedy=greedy, commit=p.commit)
+    return LaneResult(label, status, path, summary, greedy=greedy, commit=p.commit, verdict=verdict)
 
 
 def _error_lane(label: str, p: build.BuildPlan, base: dict[str, Any], error: str, out_dir: Path) -> LaneResult:

@@ -26,6 +26,7 @@ def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, A
             "mean_kl": s.get("mean_kl"),
             "top1_agreement_decisive": s.get("top1_agreement_decisive"),
             "greedy": r.greedy,
+            "verdict": _verdict_brief(r.verdict),
             "receipt": str(r.receipt_path) if r.receipt_path else None,
         }
     return {
@@ -47,6 +48,22 @@ def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, A
     }
 
 
+def _verdict_brief(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The receipt's verdict without its per-flip lists (those stay in the receipt)."""
+    if v is None:
+        return None
+    return {k: v.get(k) for k in ("mode", "statistic", "k", "value", "floor", "ratio", "margin", "passed", "reason")}
+
+
+def verdict_line(v: dict[str, Any]) -> str:
+    """Why the lane passed or failed, in one line (floor units for a calibrated verdict)."""
+    if v["mode"] == "fixed":
+        return f"fixed tolerances: {v['reason']}"
+    margin = v.get("margin")
+    tail = "" if margin is None else f" - margin {margin:.2g} floor units"
+    return f"{v['reason']}{tail}"
+
+
 def _g(x: Any, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
@@ -64,10 +81,10 @@ def greedy_line(g: dict[str, Any], backend: str) -> str:
     rel = "<" if what == "tie flip" else ">="
     gap = g.get("ref_prob_gap")
     gap_s = "n/a" if gap is None else f"{gap:.3g}"
-    return (
-        f"{what} at step {k} (gap {gap_s} {rel} tie margin {g.get('tie_margin')}): "
-        f"ours {g['ours']} vs {backend} {g['theirs']}"
-    )
+    why = f"gap {gap_s} {rel} tie margin {g.get('tie_margin')}"
+    if g.get("floor_tie"):  # calibrate.greedy_with_floor: the reference's own lead movement covers it
+        why = f"gap {gap_s}, within the reference's own movement"
+    return f"{what} at step {k} ({why}): ours {g['ours']} vs {backend} {g['theirs']}"
 
 
 def tokenizer_consistent(shared: Shared) -> bool:
@@ -109,6 +126,8 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
                 f" {_g(s['mean_kl'], '.3g')}  top-1 {_pct(s['top1_agreement_decisive'])} "
                 f"({s['decisive_positions']} decisive positions)"
             )
+        if r.verdict is not None:
+            out.append(f"  verdict       {verdict_line(r.verdict)}")
         if r.greedy is not None:
             out.append(f"  greedy        {greedy_line(r.greedy, r.backend)}")
         if r.receipt_path:

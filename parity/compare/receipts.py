@@ -11,7 +11,7 @@ from parity.core import paths
 from parity.core.fs import atomic_write_json
 from parity.errors import UsageError
 
-RECEIPT_VERSION = 2
+RECEIPT_VERSION = 3
 SCHEMA_PATH = paths.schema_path("receipt.schema.json")
 
 

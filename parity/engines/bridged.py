@@ -64,6 +64,7 @@ class BridgedImplementation(Implementation):
         self._worker = Worker(
             log_name or spec.label, plan.bridge_path, log_dir=log_dir, log_level=3 if verbose else 1, timeout=timeout
         )
+        self._model_path = str(model)
         try:
             self._model = RemoteModel(self._worker, str(model), params)
         except BaseException:
@@ -93,6 +94,11 @@ class BridgedImplementation(Implementation):
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         return self.evaluate(tokens, self.eval_shape)
+
+    def open_variant(self, params: BackendParams) -> RemoteModel:
+        """The same model file under other context parameters, in this worker (the reference's own variation,
+        check/floor.py); the caller closes it."""
+        return RemoteModel(self._worker, self._model_path, params)
 
     def greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:
         return self._model.greedy(list(prompt_ids), n) if n else []

@@ -75,7 +75,7 @@ def test_v1_and_v2_validate() -> None:
         lambda r: r["tokenizer_authority"].update(source="guessed"),
         lambda r: r.update(model_sha256="xyz"),
         lambda r: r["rows"][0].update(mse=-1.0),
-        lambda r: r.update(version=3),
+        lambda r: r.update(version=4),
         lambda r: r["summary"].pop("all_passed"),
     ],
 )

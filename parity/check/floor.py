@@ -1,0 +1,227 @@
+"""The reference's own variation (issue 14): one lane's reference evaluated under other evaluation orders.
+
+For a lane whose reference evaluated the shared sequence in its own configuration (`base`), the floor
+evaluates the same token ids again, in the same worker, under configurations that compute the same function
+in another order, and hands the logits to parity.compare.calibrate (the statistics):
+
+- `stepwise` one token per llama_decode (or `batch` when the lane itself is stepwise): other kernels (matrix
+  x vector instead of matrix x matrix, repacked GEMV vs GEMM), other accumulation order;
+- `repack_off` the weights left in their file layout (llama_model_params.use_extra_bufts = false), where
+  llama.cpp repacks them for its CPU kernels by default. bitnet.cpp's 2024 llama.h has no such switch: the
+  configuration is recorded as unavailable there.
+
+Measured on the default model (F32/F16/Q8_0) and Gemma 3 270M Q4_K_M (README, "Verdicts"): threads 1 vs 2 and
+n_ubatch splits (16, 7) were bit-identical to the base, so they are not run. The floor is cached on disk
+(cache_dir()/floor), keyed by everything that determines it: the model's sha256, the backend build (commit,
+source fingerprint, bridge key) and the CPU it reports, the lane's parameters, the token ids and the
+configurations; a repeat run reads it back instead of evaluating anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.backends.bridge import BackendParams
+from parity.backends.build import BuildPlan
+from parity.compare import calibrate
+from parity.core import paths
+from parity.core.fs import atomic_write_json
+from parity.engines.bridged import BridgedImplementation
+from parity.errors import WorkerError
+from parity.options import RunOptions
+
+FLOOR_VERSION = 1  # bump when what a floor record holds or how it is computed changes (old entries are ignored)
+CONFIGS = ("other_shape", "repack_off")
+
+
+def cache_dir() -> Path:
+    return paths.cache_dir() / "floor"
+
+
+def rounding_model(model: Path) -> dict[str, Any]:
+    """The rounding model's inputs from the GGUF: the matmul weights' formats and how many there are."""
+    from parity.gguf.reader import open_gguf
+
+    f = open_gguf(model)
+    types = [t.type_name for t in f.tensors.values() if len(t.shape) == 2]
+    u, fmt = calibrate.activation_roundoff(types)
+    return {"unit_roundoff": u, "format": fmt, "n_matmul": len(types), "model": calibrate.__name__}
+
+
+def cache_key(
+    model_sha256: str,
+    plan: BuildPlan,
+    system_info: str,
+    params: BackendParams,
+    eval_shape: str,
+    tokens: Sequence[int],
+    configs: Sequence[str],
+) -> str:
+    """The hex digest that names a floor in the cache: it changes whenever anything the floor depends on does."""
+    ident = {
+        "version": FLOOR_VERSION,
+        "model_sha256": model_sha256,
+        "backend": plan.backend,
+        "commit": plan.commit,
+        "source_fingerprint": plan.source_fingerprint,
+        "bridge_key": plan.bridge_key,
+        "system_info": system_info,
+        "params": params.to_dict(),
+        "eval_shape": eval_shape,
+        "tokens": list(tokens),
+        "configs": list(configs),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    """A cached floor, or None when absent or unreadable (a damaged entry is measured again and replaced)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("version") == FLOOR_VERSION else None
+
+
+def _configs(ref: BridgedImplementation, params: BackendParams, eval_shape: str) -> list[tuple[str, Any]]:
+    """(name, params or shape) of each configuration to run; a string value is an evaluation shape."""
+    other = "stepwise" if eval_shape == "batch" else "batch"
+    out: list[tuple[str, Any]] = [(other, other)]
+    name = "repack_off" if params.repack else "repack_on"
+    out.append((name, dataclasses.replace(params, repack=0 if params.repack else 1)))
+    return out
+
+
+def _evaluate(
+    ref: BridgedImplementation, what: Any, tokens: list[int], eval_shape: str
+) -> tuple[np.ndarray | None, str | None]:
+    """One configuration's logits, or None and why it is unavailable on this backend."""
+    if isinstance(what, str):
+        return ref.evaluate(tokens, what), None
+    if ref.hello.get("api_generation") == 1:
+        return None, "this llama.h (bitnet.cpp's 2024 fork) has no weight-repacking switch (use_extra_bufts)"
+    variant = ref.open_variant(what)
+    try:
+        out = variant.eval(tokens) if eval_shape == "batch" else variant.eval_stepwise(tokens)
+        return np.asarray(out), None
+    finally:
+        variant.close()
+
+
+def measure(
+    ref: BridgedImplementation,
+    base: np.ndarray,
+    tokens: Sequence[int],
+    params: BackendParams,
+    eval_shape: str,
+    model: Path,
+    model_sha256: str,
+    plan: BuildPlan,
+    *,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+    """The lane's floor record (the receipt's `floor`): configurations, per-position rows, summary, cost."""
+    t0 = time.perf_counter()
+    ids = list(tokens)
+    planned = _configs(ref, params, eval_shape)
+    key = cache_key(
+        model_sha256, plan, str(ref.hello.get("system_info", "")), params, eval_shape, ids, [n for n, _ in planned]
+    )
+    path = cache_dir() / f"{key}.json"
+    if use_cache and (hit := _load(path)) is not None:
+        hit["cache"] = {"hit": True, "key": key, "path": str(path)}
+        hit["seconds"] = round(time.perf_counter() - t0, 4)
+        hit["measured_seconds"] = hit.get("measured_seconds")
+        return hit
+    rounding = rounding_model(model)
+    logits: dict[str, np.ndarray] = {}
+    described: list[dict[str, Any]] = []
+    for name, what in planned:
+        t1 = time.perf_counter()
+        try:
+            out, why = _evaluate(ref, what, ids, eval_shape)
+        except WorkerError:
+            raise
+        entry: dict[str, Any] = {"name": name, "seconds": round(time.perf_counter() - t1, 4)}
+        if out is None:
+            entry.update(status="unavailable", reason=why)
+        else:
+            logits[name] = out
+            entry["status"] = "measured"
+            entry["params"] = what if isinstance(what, str) else _changed(params, what)
+        described.append(entry)
+    eps = calibrate.rounding_epsilon(base, rounding["unit_roundoff"], rounding["n_matmul"])
+    summaries, rows, summary = calibrate.measure_floor(base, logits, eps)
+    by_name = {s["name"]: s for s in summaries}
+    for entry in described:
+        entry.update(by_name.get(entry["name"], {}))
+    elapsed = round(time.perf_counter() - t0, 4)
+    record: dict[str, Any] = {
+        "version": FLOOR_VERSION,
+        "base": {"eval_shape": eval_shape, **params.to_dict()},
+        "configs": described,
+        "rounding": rounding,
+        "rows": rows,
+        "summary": summary,
+        "measured_seconds": elapsed,
+    }
+    if use_cache:
+        atomic_write_json(path, _finite(record))
+    record["cache"] = {"hit": False, "key": key, "path": str(path) if use_cache else None}
+    record["seconds"] = elapsed
+    return record
+
+
+def _changed(base: BackendParams, other: BackendParams) -> dict[str, int]:
+    a, b = base.to_dict(), other.to_dict()
+    return {k: v for k, v in b.items() if a.get(k) != v}
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf/nan: replace them by None (a floor never holds them; a guard for odd logits)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def judge(
+    opts: RunOptions,
+    ours: np.ndarray,
+    ref: np.ndarray,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    greedy: dict[str, Any],
+    floor: dict[str, Any] | None,
+    n_prompt: int,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(verdict, greedy, summary) of a compared lane: fixed keeps the --cos-tol/--mse-tol summary as it is;
+    calibrated judges against the floor, and the summary's all_passed / first_divergence follow that verdict."""
+    if opts.verdict == "fixed" or floor is None:
+        return calibrate.fixed_verdict(summary, opts.cos_tol, opts.mse_tol), greedy, summary
+    v = calibrate.verdict(ours, ref, floor["rows"], floor["summary"], opts.tie_margin)
+    greedy = calibrate.greedy_with_floor(greedy, floor["rows"], n_prompt, v["k"])
+    first = None
+    if v["first"] is not None:
+        r = rows[v["first"]]
+        first = {
+            "pos": r["pos"],
+            "cosine": r["cosine"],
+            "mse": r["mse"],
+            "token_id": r["token_id"],
+            "ours_top1": r["top5_ours"][0],
+            "ref_top1": r["top5_ref"][0],
+        }
+    return v, greedy, {**summary, "all_passed": v["passed"], "first_divergence": first}
