@@ -33,6 +33,15 @@ class Engine:
     def greedy(self, tokens: list[int], n: int) -> list[int]:
         return [int(t) for t in self.engine.greedy(tokens, n)]
 
+    def capabilities(self) -> list[str]:
+        return ["greedy", "tensors"] if hasattr(self.engine, "tensors") else ["greedy"]
+
+    def tensors(
+        self, tokens: list[int], names: list[str] | None, replace: dict[str, np.ndarray] | None
+    ) -> dict[str, np.ndarray]:
+        """Named graph tensors (n, width) of one forward pass; `replace` = teacher forcing (docs/PROTOCOL.md)."""
+        return dict(self.engine.tensors(tokens, names, replace))
+
 
 def create(model_path: str) -> Engine:
     return Engine(model_path)
@@ -45,20 +54,44 @@ def send(header: dict, payload: bytes = b"") -> None:
     sys.stdout.buffer.flush()
 
 
+def read_tensors(entries: list[dict], payload: bytes, n: int) -> dict[str, np.ndarray]:
+    """The arrays a `tensors` list describes: float32 slices [offset, offset + bytes) of the payload."""
+    out = {}
+    for e in entries:
+        rows, width = e["shape"]
+        assert rows == n and e["bytes"] == 4 * rows * width, f"bad replacement {e['name']}"
+        out[e["name"]] = np.frombuffer(payload, "<f4", rows * width, e["offset"]).reshape(rows, width)
+    return out
+
+
 def main() -> int:
     engine: Engine | None = None
-    for line in sys.stdin.buffer:
-        req = json.loads(line)  # parity sends no payloads, so every request is one line
+    stdin = sys.stdin.buffer
+    while line := stdin.readline():
+        req = json.loads(line)
+        body = stdin.read(req.get("payload_bytes", 0))  # only a `tensors` request with replacements has one
         op, rid = req["op"], req["id"]
         try:
             if op == "hello":
                 engine = create(req["model"])
-                send({"ok": True, "id": rid, "protocol": 2, **engine.describe(), "capabilities": ["greedy"]})
+                caps = engine.capabilities()
+                send({"ok": True, "id": rid, "protocol": 2, **engine.describe(), "capabilities": caps})
             elif op == "logits":
                 rows = engine.logits(req["tokens"])
                 send({"ok": True, "id": rid, "shape": list(rows.shape), "dtype": "float32"}, rows.tobytes())
             elif op == "greedy":
                 send({"ok": True, "id": rid, "tokens": engine.greedy(req["tokens"], req["n"])})
+            elif op == "tensors":
+                replace = read_tensors(req.get("replace") or [], body, len(req["tokens"]))
+                got = engine.tensors(req["tokens"], req["names"], replace or None)
+                entries, chunks, offset = [], [], 0
+                for name, value in got.items():
+                    data = np.ascontiguousarray(value, dtype="<f4").tobytes()
+                    entries.append({"name": name, "shape": list(value.shape), "dtype": "float32",
+                                    "offset": offset, "bytes": len(data)})  # fmt: skip
+                    chunks.append(data)
+                    offset += len(data)
+                send({"ok": True, "id": rid, "tensors": entries}, b"".join(chunks))
             elif op == "bye":
                 send({"ok": True, "id": rid})
                 return 0

@@ -15,19 +15,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from parity.backends.bridge import CAPTURE_BUDGET
 from parity.compare.metrics import first_difference
 from parity.core.fs import sha256_file
 from parity.core.proc import log_tail, signal_name
-from parity.engines import protocol
+from parity.engines import protocol, tensor_names
 from parity.engines.base import Implementation
 from parity.engines.spec import ImplSpec
-from parity.errors import UsageError, WorkerError
+from parity.errors import Unsupported, UsageError, WorkerError
 
 STDERR_TAIL = 12
 
@@ -121,20 +122,23 @@ class CommandImplementation(Implementation):
             what = "the engine closed its output"
         return self._error(op, what)
 
-    def request(self, header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        """Send one request, return (reply header, payload); WorkerError on anything but an ok reply."""
+    def request(
+        self, header: dict[str, Any], payload: bytes = b"", max_payload: int | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """Send one request (and its payload), return (reply header, payload); WorkerError on anything but an
+        ok reply (a reply payload over `max_payload` bytes included)."""
         op = str(header["op"])
         if self._closed:
             raise self._error(op, "the engine was already stopped")
         self._id += 1
         header = {**header, "id": self._id}
         try:
-            self._in.write(protocol.encode(header))
+            self._in.write(protocol.encode(header, payload))
             self._in.flush()
         except (BrokenPipeError, OSError):
             raise self._death(op) from None
         try:
-            reply, payload = self._reader.read(time.monotonic() + self.timeout)
+            reply, payload = self._reader.read(time.monotonic() + self.timeout, max_payload)
         except TimeoutError:
             self.kill()
             raise self._error(op, f"no reply within {self.timeout:g} s (--timeout); the engine was killed") from None
@@ -207,6 +211,43 @@ class CommandImplementation(Implementation):
         if not (isinstance(got, list) and all(isinstance(t, int) and t >= 0 for t in got)):
             raise self._error("tokenize", f"expected token ids, got {json.dumps(got)[:200]}")
         return got
+
+    def tensors(
+        self,
+        tokens: Sequence[int],
+        names: Sequence[str] | None = None,
+        replace: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The `tensors` request (docs/PROTOCOL.md). Unsupported (exit 2), before anything is sent, when the
+        engine's hello does not announce the capability. Exact names go to the engine; None and fnmatch
+        patterns ask it for every tensor it has and select here. A name asked exactly that the reply lacks
+        is a UsageError naming it; a malformed reply is a lane error."""
+        if "tensors" not in self.capabilities:
+            raise Unsupported(
+                f"implementation '{self.spec}' does not announce 'tensors' in its hello (capabilities: "
+                f"{sorted(self.capabilities) or 'none'})",
+                fix="serve the `tensors` request and list it in `capabilities` (docs/PROTOCOL.md), or run without "
+                "--locate",
+            )
+        ids = [int(t) for t in tokens]
+        who = f"implementation '{self.spec}'"
+        exact = names is not None and not isinstance(names, str) and not any(map(tensor_names.is_pattern, names))
+        entries, payload = protocol.tensors_payload(tensor_names.check_replace(replace, len(ids), who))
+        request = {"op": "tensors", "tokens": ids, "names": list(names or []) if exact else None, "replace": entries}
+        reply, data = self.request(request, payload, CAPTURE_BUDGET)
+        try:
+            got = protocol.decode_tensors(reply.get("tensors"), data, len(ids))
+        except protocol.FrameError as exc:
+            raise self._error("tensors", str(exc)) from None
+        if exact:
+            missing = [n for n in names or [] if n not in got]
+            if missing:
+                raise UsageError(
+                    f"{who} computed no tensor named {', '.join(repr(n) for n in missing)}",
+                    fix=f"use names it has: {', '.join(list(got)[:12]) or 'none'}",
+                )
+            return {n: got[n] for n in names or []}
+        return {n: got[n] for n in tensor_names.select(names, list(got), who)}
 
     def close(self) -> None:
         if self._closed:

@@ -11,6 +11,7 @@ import json
 import os
 import select
 import time
+from collections.abc import Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -65,6 +66,52 @@ def decode_logits(header: dict[str, Any], payload: bytes, n_tokens: int) -> np.n
     return out
 
 
+def tensors_payload(arrays: Mapping[str, np.ndarray]) -> tuple[list[dict[str, Any]], bytes]:
+    """The `tensors` list and payload of a tensors reply (or of a request's `replace`): each array as
+    little-endian float32, row-major, one after another; entries {name, shape, dtype, offset, bytes}."""
+    entries: list[dict[str, Any]] = []
+    parts: list[bytes] = []
+    offset = 0
+    for name, value in arrays.items():
+        arr = np.ascontiguousarray(value, dtype="<f4")
+        if arr.ndim != 2:
+            raise ValueError(f"tensor {name!r} has shape {arr.shape}, the protocol sends (positions, width)")
+        data = arr.tobytes()
+        entries.append(
+            {"name": name, "shape": list(arr.shape), "dtype": "float32", "offset": offset, "bytes": len(data)}
+        )
+        parts.append(data)
+        offset += len(data)
+    return entries, b"".join(parts)
+
+
+def decode_tensors(entries: Any, payload: bytes, n_tokens: int) -> dict[str, np.ndarray]:
+    """name -> float32 (n_tokens, width) from a `tensors` list and its payload; FrameError naming what is wrong."""
+    if not isinstance(entries, list):
+        raise FrameError(f"'tensors' is {type(entries).__name__}, a list of {{name, shape, dtype, offset, bytes}}")
+    out: dict[str, np.ndarray] = {}
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise FrameError(f"tensor entry {str(e)[:120]} has no name")
+        name, shape, offset, size = e["name"], e.get("shape"), e.get("offset"), e.get("bytes")
+        if e.get("dtype", "float32") != "float32":
+            raise FrameError(f"tensor {name!r} dtype {e.get('dtype')!r}, protocol v2 sends float32")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise FrameError(f"tensor {name!r} shape {shape!r} is not [positions, width]")
+        if shape[0] != n_tokens:
+            raise FrameError(f"tensor {name!r} has {shape[0]} rows, {n_tokens} tokens were sent")
+        if not (isinstance(offset, int) and isinstance(size, int) and offset >= 0 and size == 4 * shape[0] * shape[1]):
+            raise FrameError(f"tensor {name!r}: offset {offset!r} / bytes {size!r} do not describe shape {shape}")
+        if offset + size > len(payload):
+            raise FrameError(f"tensor {name!r} ends at byte {offset + size}, the payload has {len(payload)}")
+        if name in out:
+            raise FrameError(f"tensor {name!r} sent twice")
+        out[name] = (
+            np.frombuffer(payload, dtype="<f4", count=size // 4, offset=offset).reshape(shape).astype(np.float32)
+        )
+    return out
+
+
 class Reader:
     """Reads messages from a file descriptor with a deadline per message (select + os.read).
 
@@ -92,8 +139,9 @@ class Reader:
             raise FrameError("the engine closed its standard output")
         self.buf += chunk
 
-    def read(self, deadline: float) -> tuple[dict[str, Any], bytes]:
-        """(header, payload) of the next message (the payload is a bytearray when there is one)."""
+    def read(self, deadline: float, max_payload: int | None = None) -> tuple[dict[str, Any], bytes]:
+        """(header, payload) of the next message (the payload is a bytearray when there is one); a payload
+        announced larger than `max_payload` bytes is a FrameError before anything is allocated."""
         start = 0
         while (end := self.buf.find(b"\n", start)) < 0:
             if len(self.buf) > MAX_HEADER:
@@ -113,6 +161,8 @@ class Reader:
             raise FrameError(f"payload_bytes {n!r} is not a byte count")
         if n == 0:
             return header, b""
+        if max_payload is not None and n > max_payload:
+            raise FrameError(f"payload of {n} bytes announced, more than the {max_payload} this reply may carry")
         payload = bytearray(n)
         view = memoryview(payload)
         have = min(n, len(self.buf))

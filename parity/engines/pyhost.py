@@ -3,8 +3,9 @@
 `py:module:factory` (or `py:NAME`, a plugin registered in the `parity.implementations` entry-point group)
 runs here, in its own process, so a crash in an engine's native code is a lane error and not a harness crash.
 `factory(model_path)` returns an object with `logits(tokens) -> array [n, vocab]` and optionally
-`greedy(tokens, n)`, `tokenize(text, add_special, parse_special)`, `describe()` (its `name`/`version`) and
-`close()`. Exceptions become error replies (docs/PROTOCOL.md); the server keeps serving.
+`greedy(tokens, n)`, `tokenize(text, add_special, parse_special)`, `tensors(tokens, names, replace)` (the
+contract of parity.engines.base.Implementation.tensors; `names` arrives as exact names or None = every tensor
+it has), `describe()` (its `name`/`version`) and `close()`. Exceptions become error replies (docs/PROTOCOL.md); the server keeps serving.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def serve(target: str, inp: IO[bytes], out: IO[bytes]) -> int:
         msg = protocol.read_blocking(inp)
         if msg is None:
             return 0
-        req, _ = msg
+        req, body = msg
         rid = req.get("id")
         op = req.get("op")
         try:
@@ -60,7 +61,7 @@ def serve(target: str, inp: IO[bytes], out: IO[bytes]) -> int:
                 factory = load_factory(target)
                 engine = factory(req.get("model"))
                 info = engine.describe() if hasattr(engine, "describe") else {}
-                caps = [c for c in ("greedy", "tokenize") if hasattr(engine, c)]
+                caps = [c for c in ("greedy", "tokenize", "tensors") if hasattr(engine, c)]
                 mod = sys.modules.get(getattr(factory, "__module__", "") or "")
                 _reply(
                     out,
@@ -85,6 +86,13 @@ def serve(target: str, inp: IO[bytes], out: IO[bytes]) -> int:
                     int(t) for t in engine.tokenize(req["text"], bool(req["add_special"]), bool(req["parse_special"]))
                 ]
                 _reply(out, {"ok": True, "id": rid, "tokens": ids})
+            elif op == "tensors":
+                ids = [int(t) for t in req["tokens"]]
+                replace = protocol.decode_tensors(req.get("replace") or [], body, len(ids))
+                names = req.get("names")
+                got = engine.tensors(ids, None if names is None else list(names), replace or None)
+                entries, payload = protocol.tensors_payload({str(k): np.asarray(v) for k, v in got.items()})
+                _reply(out, {"ok": True, "id": rid, "tensors": entries}, payload)
             elif op == "bye":
                 if hasattr(engine, "close"):
                     engine.close()
