@@ -96,9 +96,22 @@ def lane_receipt(*, floor: bool = True, localised: bool = True, label: str = "ll
     }
     if label != "llama":
         r["reference"] = {"spec": label, "lane": label}
-    if floor:
-        floor_rows = metrics.position_rows(other.astype(np.float32), ref.astype(np.float32), ids)
-        r["floor"] = {"rows": [{k: row[k] for k in ("pos", "cosine", "kl", "max_abs")} for row in floor_rows]}
+    if floor:  # the form of check/floor.py's rows (the reference against itself in another configuration)
+        d = metrics.distances(other, ref)
+        r["floor"] = {
+            "rows": [
+                {
+                    "pos": i,
+                    "kl": float(max(d.kl[i], 0.0)),
+                    "max_abs": float(np.abs(d.diff[i]).max()),
+                    "lead_move": 0.0,
+                    "top1_flip": False,
+                    "ref_top1_margin": 1.0,
+                    "epsilon": 1e-6,
+                }
+                for i in range(len(rows))
+            ]
+        }
     if localised:
         r["localisation"] = localisation()
     return r

@@ -10,6 +10,7 @@ receipt. A lane whose worker crashes is reported as an error (exit 1), never as 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from parity.backends import build
 from parity.backends.bridge import BackendParams
 from parity.backends.worker import RemoteModel, Worker
 from parity.check import floor as noise_floor
-from parity.check import inputs
-from parity.compare import metrics, receipts
+from parity.check import inputs, pieces
+from parity.check import locate as localisation
+from parity.compare import metrics, receipts, report_html
 from parity.core.proc import log
 from parity.engines import spec as impl_specs
 from parity.engines.base import Implementation
@@ -32,6 +34,7 @@ from parity.engines.spec import ImplSpec
 from parity.errors import (
     ParityError,
     PermissionDenied,
+    Unsupported,
     UsageError,
     WorkerError,
 )
@@ -68,6 +71,10 @@ class Shared:
     implementation: dict[str, Any] = field(default_factory=dict)
     # Why the implementation under test produced nothing (crash, hang, malformed reply): every lane is an error.
     impl_error: str | None = None
+    # Opens the implementation under test again (localisation, check/locate.py); None with --no-locate.
+    open_impl: Callable[[], Implementation] | None = None
+    # The GGUF vocabulary, for the receipts' token_text (the report's token strip; check/pieces.py).
+    vocab: pieces.Vocab | None = None
 
     @property
     def sequence(self) -> list[int]:
@@ -86,6 +93,7 @@ class LaneResult:
     greedy: dict[str, Any] | None = None
     commit: str = ""
     verdict: dict[str, Any] | None = None  # the receipt's verdict (compare/calibrate.py)
+    localisation: dict[str, Any] | None = None  # the receipt's localisation (check/locate.py), when it ran
 
     @property
     def passed(self) -> bool:
@@ -260,6 +268,9 @@ def prepare(opts: RunOptions, refs: list[ImplSpec]) -> tuple[Shared, dict[str, b
     shared.chat_template = chat_record
     shared.implementation = described
     shared.impl_error = impl_error
+    if opts.locate != "off":  # localisation reopens the implementation under test (the numpy engine reused)
+        shared.open_impl = lambda: _open_impl(impl_spec, impl_plan, checked.engine, model_path, opts, n_total)
+    shared.vocab = pieces.Vocab.from_metadata(gguf.metadata)
     return shared, plans
 
 
@@ -347,10 +358,28 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
         opts, ours, ref_logits, rows, summary, greedy, floor, len(shared.prompt_ids)
     )
     status = "pass" if summary["all_passed"] and greedy["verdict"] != "mismatch" else "diverged"
+    loc = None
+    if shared.open_impl is not None and localisation.wanted(opts.locate, status):
+        loc = base["localisation"] = localisation.localise_lane(
+            impl_open=shared.open_impl,
+            plan=p,
+            ref_spec=lane,
+            lane_model=lane_model,
+            lane_sha256=base["model_sha256"],
+            params=params,
+            tokens=shared.sequence,
+            mode=opts.locate,
+            log_dir=out_dir / "logs",
+            label=label,
+            verbose=opts.verbose,
+            timeout=opts.timeout,
+        )
+        status = localisation.lane_status(opts.locate, status, loc)
     base.update(status=status, error=None, rows=rows, positions=len(rows), summary=summary, greedy=greedy)
     base["verdict"] = verdict
     if floor is not None:
         base["floor"] = floor
+    base["token_text"] = pieces.token_text(shared.vocab, pieces.receipt_ids(shared.sequence, rows, theirs))
     base["seconds"] = {
         **{k: round(v, 4) for k, v in shared.seconds.items()},
         "lane": round(time.perf_counter() - t0, 4),
@@ -358,7 +387,7 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
     }
     path = out_dir / f"receipt_{label}.json"
     receipts.write(path, base)
-    return LaneResult(label, status, path, summary, greedy=greedy, commit=p.commit, verdict=verdict)
+    return LaneResult(label, status, path, summary, greedy=greedy, commit=p.commit, verdict=verdict, localisation=loc)
 
 
 def _error_lane(label: str, p: build.BuildPlan, base: dict[str, Any], error: str, out_dir: Path) -> LaneResult:
@@ -467,14 +496,20 @@ def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResul
     def one(lane: ImplSpec) -> LaneResult:
         try:
             return run_lane(lane, plans[lane.plan_key], shared, opts, out_dir)
+        except Unsupported:  # --locate on an implementation that cannot capture tensors: exit 2, not a lane error
+            raise
         except ParityError as exc:
             return LaneResult(lane.label, "error", None, None, error=str(exc), commit=plans[lane.plan_key].commit)
 
     if opts.parallel and len(lanes) > 1:
         # Each lane's C++ work happens in its own worker process; threads here only wait on them.
         with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-            return shared, list(pool.map(one, lanes))
-    return shared, [one(lane) for lane in lanes]
+            results = list(pool.map(one, lanes))
+    else:
+        results = [one(lane) for lane in lanes]
+    # report.html beside the receipts, rendered from them (compare/report_html.py)
+    report_html.write_run(out_dir, [(r.backend, r.receipt_path, r.error) for r in results], shared.model_path.name)
+    return shared, results
 
 
 def exit_code(results: list[LaneResult]) -> int:

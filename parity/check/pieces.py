@@ -34,14 +34,14 @@ class Vocab:
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> Vocab | None:
         """None when the GGUF has no usable vocabulary (then receipts carry no token text)."""
-        tokens = metadata.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens:
+        tokens: Any = metadata.get("tokenizer.ggml.tokens")
+        if not _is_array(tokens) or not len(tokens):
             return None
-        types = metadata.get("tokenizer.ggml.token_type")
+        types: Any = metadata.get("tokenizer.ggml.token_type")
         return cls(
             str(metadata.get("tokenizer.ggml.model", "")),
             tokens,
-            types if isinstance(types, list) and len(types) >= len(tokens) else [],
+            types if _is_array(types) and len(types) >= len(tokens) else [],
         )
 
     @cached_property
@@ -53,7 +53,7 @@ class Vocab:
         if not 0 <= token < len(self.tokens):
             return None
         text = str(self.tokens[token])
-        kind = self.types[token] if token < len(self.types) else 1
+        kind = int(self.types[token]) if token < len(self.types) else 1
         if kind in (CONTROL, USER_DEFINED, UNUSED, UNKNOWN):
             return text
         if self.model == "llama":
@@ -64,6 +64,11 @@ class Vocab:
             if all(ch in byte_of for ch in text):
                 return bytes(byte_of[ch] for ch in text).decode("utf-8", "replace")
         return text
+
+
+def _is_array(x: Any) -> bool:
+    """A list, or an array-like the GGUF reader returns for long arrays (a lazily decoded string array, numpy)."""
+    return not isinstance(x, str | bytes) and hasattr(x, "__len__") and hasattr(x, "__getitem__")
 
 
 def token_text(vocab: Vocab | None, ids: Iterable[int]) -> dict[str, str]:

@@ -59,7 +59,7 @@ def test_lane_section_has_chart_strip_heatmap_and_verdict() -> None:
     assert {"chart-llama", "tokens-llama", "heatmap-llama", "verdict-llama", "lane-llama"} <= page.ids()
     # three panels, each with the implementation's series and the noise floor shaded
     assert len(page.find("polyline", **{"class": "series"})) == 3
-    assert len(page.find("polygon", **{"class": "floor-fill"})) == 3
+    assert len(page.find("polygon", **{"class": "floor-fill"})) == 2  # KL and max |dlogit| (no cosine floor)
     # one token cell per position; generated ones marked; the greedy difference from step 2 on
     cells = [a for t, a in page.tags if t == "span" and "tok" in a.get("class", "").split() and "data-pos" in a]
     assert len(cells) == len(r["token_ids"])
