@@ -18,7 +18,7 @@ from gguf.constants import GGUFValueType
 from gguf.gguf_reader import GGUFReader, ReaderField, ReaderTensor
 
 from parity.errors import ModelFormatError
-from parity.gguf import ternary
+from parity.gguf import strings, ternary
 from parity.gguf.metadata import show
 from parity.gguf.types import QK_I2_S, TYPES, ForkType
 
@@ -56,6 +56,8 @@ class CheckedReader(GGUFReader):
     def __init__(self, path: Path, file_size: int) -> None:
         self._path = path
         self._file_size = file_size
+        # arrays of strings (the vocabulary): read by parity.gguf.strings, not one gguf-py view per entry
+        self.string_arrays: dict[str, strings.StringArray] = {}
         super().__init__(path, "r")
 
     def _get(
@@ -119,14 +121,45 @@ class CheckedReader(GGUFReader):
             raw_type = self._get(offs, np.uint32)
             offs += int(raw_type.nbytes)
             self._check_value_type(key, int(raw_type[0]))
+            item_type = -1
             if int(raw_type[0]) == GGUFValueType.ARRAY:
-                self._check_value_type(key, int(self._get(offs, np.uint32)[0]), in_array=True)
-            size, parts, idxs, types = self._get_field_parts(offs, int(raw_type[0]))
+                item_type = int(self._get(offs, np.uint32)[0])
+                self._check_value_type(key, item_type, in_array=True)
+            if int(raw_type[0]) == GGUFValueType.ARRAY and item_type == GGUFValueType.STRING:
+                size, parts = self._string_array(key, orig_offs, offs)
+                idxs: list[int] = []
+                types = [GGUFValueType.ARRAY, GGUFValueType.STRING]
+            else:
+                size, parts, idxs, types = self._get_field_parts(offs, int(raw_type[0]))
             parts = [klen, kdata, raw_type, *parts]
             self._push_field(ReaderField(orig_offs, key, parts, [i + 3 for i in idxs], types), skip_sum=True)
             offs += size
             previous = key
         return offs
+
+    def _string_array(self, key: str, key_offs: int, offs: int) -> tuple[int, list[npt.NDArray[Any]]]:
+        """An array of strings at `offs` (its item type): kept in `string_arrays`, size and header parts returned."""
+        raw_itype = self._get(offs, np.uint32)
+        alen = self._get(offs + 4, np.uint64)
+        count = int(alen[0])
+        if count > (self._file_size - offs - 12) // 8:  # each entry needs at least its 8-byte length
+            raise ModelFormatError(
+                f"{self._path} is truncated or corrupt: metadata key '{key}' declares {count} strings at offset "
+                f"{offs + 12}, more than the rest of the file ({self._file_size} bytes) can hold",
+                fix=REDOWNLOAD,
+            )
+        try:
+            array, end = strings.scan(self.data, offs + 12, count)
+        except strings.StringArrayError as exc:
+            truncated = "past the end" in str(exc)
+            raise ModelFormatError(
+                f"{self._path}"
+                + (" is truncated or corrupt: " if truncated else ": ")
+                + f"metadata key '{key}' at offset {key_offs}: {exc}",
+                fix=REDOWNLOAD,
+            ) from None
+        self.string_arrays[key] = array
+        return end - offs, [raw_itype, alen]
 
     def _check_value_type(self, key: str, raw: int, in_array: bool = False) -> None:
         valid = {int(t) for t in GGUFValueType}

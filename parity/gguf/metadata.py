@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from parity.errors import ModelFormatError
+from parity.gguf.strings import StringArray
 
 RECONVERT = "re-convert the model with a current llama.cpp convert script"
 INT_TYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
@@ -22,14 +23,14 @@ def python_type_name(value: Any) -> str:
         return "float"
     if isinstance(value, str):
         return "string"
-    if isinstance(value, list):
+    if isinstance(value, list | StringArray):
         return "array of " + (python_type_name(value[0]) if value else "nothing")
     return type(value).__name__
 
 
 def show(value: Any) -> str:
     """A value for an error message, cut short (a vocabulary array can have 256k entries)."""
-    if isinstance(value, list):
+    if isinstance(value, list | StringArray):
         head = ", ".join(show(v) for v in value[:3])
         return f"[{head}{', ...' if len(value) > 3 else ''}] ({len(value)} entries)"
     text = repr(value)
@@ -167,7 +168,7 @@ class Metadata(dict[str, Any]):
             raise self.error(key, "a bool")
         return value
 
-    def get_array(self, key: str, elem: type, default: list[Any] | None = None) -> list[Any]:
+    def get_array(self, key: str, elem: type, default: list[Any] | None = None) -> Sequence[Any]:
         """An array whose entries are all `elem` (int, float or str; float also accepts ints; bool is not int)."""
         if key not in self:
             if default is None:
@@ -175,6 +176,10 @@ class Metadata(dict[str, Any]):
             return default
         value = self[key]
         what = {int: "integers", float: "numbers", str: "strings"}.get(elem, elem.__name__)
+        if isinstance(value, StringArray):  # an array of strings read from a file: validated UTF-8 when read
+            if elem is not str:
+                raise self.error(key, f"an array of {what}")
+            return value  # a read-only Sequence[str]
         if not isinstance(value, list):
             raise self.error(key, f"an array of {what}")
         if elem is float:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from gguf.constants import GGUFValueType
-from gguf.gguf_reader import GGUFReader, ReaderField
+from gguf.gguf_reader import ReaderField
 
 from parity.core.fs import sha256_file
 from parity.errors import ModelFormatError, UsageError
@@ -69,7 +69,7 @@ def _decode_field(field: ReaderField) -> Any:
 class GGUFFile:
     """An open, validated GGUF file: decoded metadata and zero-copy tensor views."""
 
-    def __init__(self, path: Path, reader: GGUFReader) -> None:
+    def __init__(self, path: Path, reader: CheckedReader) -> None:
         self.path = path
         self.version = int(reader.fields["GGUF.version"].parts[0][0])
         self.alignment = int(reader.alignment)
@@ -77,6 +77,10 @@ class GGUFFile:
         for key, field in reader.fields.items():
             if key.startswith("GGUF."):
                 continue  # header pseudo-fields gguf-py adds; not key/value pairs of the file
+            if key in reader.string_arrays:  # validated when read (parity.gguf.strings)
+                self.metadata[key] = reader.string_arrays[key]
+                self.metadata.types[key] = value_type_name(field.types)
+                continue
             try:
                 self.metadata[key] = _decode_field(field)
             except UnicodeDecodeError as exc:

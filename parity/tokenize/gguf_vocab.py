@@ -5,6 +5,7 @@ splits out of a text before tokenizing (`token_attributes`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,10 +112,10 @@ class GGUFVocab:
 
     model: str
     pre: str
-    tokens: list[str]
-    types: list[int]
+    tokens: Sequence[str]
+    types: Sequence[int]
     scores: list[float]
-    merges: list[str]
+    merges: Sequence[str]
     metadata: dict[str, Any] = field(repr=False)
 
     @classmethod
@@ -135,11 +136,12 @@ class GGUFVocab:
                 f"{source}: tokenizer model '{model}' cannot be exported; supported: {', '.join(SUPPORTED_MODELS)}",
                 fix="use the model's original tokenizer.json with --tokenizer",
             )
-        tokens: list[str] = md.get_array("tokenizer.ggml.tokens", str, [])
+        # the exporter visits every token many times: one str per token here (GGUF reading keeps none)
+        tokens: Sequence[str] = list(md.get_array("tokenizer.ggml.tokens", str, []))
         if not tokens:
             raise UsageError(f"{source}: tokenizer.ggml.tokens is missing or empty", fix="re-convert the model")
         n = len(tokens)
-        types: list[int] = md.get_array("tokenizer.ggml.token_type", int, [NORMAL] * n)
+        types: Sequence[int] = md.get_array("tokenizer.ggml.token_type", int, [NORMAL] * n)
         scores: list[float] = [float(v) for v in md.get_array("tokenizer.ggml.scores", float, [0.0] * n)]
         for key, values in (("token_type", types), ("scores", scores)):
             if len(values) < n:
@@ -154,7 +156,7 @@ class GGUFVocab:
         for key in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix"):
             md.get_bool(key, False)
         pre = md.get_str("tokenizer.ggml.pre", "default") or "default"
-        merges: list[str] = md.get_array("tokenizer.ggml.merges", str, [])
+        merges: Sequence[str] = list(md.get_array("tokenizer.ggml.merges", str, []))
         if model == "gpt2":
             if pre not in PRE_TOKENIZERS:
                 raise UsageError(

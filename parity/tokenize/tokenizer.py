@@ -148,7 +148,10 @@ def apply_template(
     raw = metadata.get(chat_template.GGUF_KEY)
     tokens = metadata.get("tokenizer.ggml.tokens")  # only `auto` without a chat template looks (a set, once)
     template = resolve_template(
-        name, raw if isinstance(raw, str) else None, model_path, tokens if isinstance(tokens, list) else None
+        name,
+        raw if isinstance(raw, str) else None,
+        model_path,
+        tokens if isinstance(tokens, Sequence) and not isinstance(tokens, str) else None,
     )
     chat = chat_template.from_gguf(metadata) if template == GGUF_TEMPLATE else None
     if chat is None:
