@@ -39,6 +39,12 @@ def cache_dir() -> Path:
     return Path(env).resolve() if env else project_root() / "cache"
 
 
+def user_cache_dir() -> Path:
+    """The per-user cache root shared by every checkout: `$XDG_CACHE_HOME/parity`, else `~/.cache/parity`."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "parity"
+
+
 def third_party_dir() -> Path:
     """Fetched backend sources (git-ignored, never committed)."""
     env = os.environ.get("PARITY_THIRD_PARTY")
