@@ -55,6 +55,17 @@ def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
         help="calibrated (default): a lane passes within k x the reference's own variation, measured per lane "
         "(README, Verdicts); fixed: every position meets --cos-tol and --mse-tol",
     )
+    loc = p.add_mutually_exclusive_group()
+    loc.add_argument(
+        "--locate",
+        dest="locate",
+        action="store_const",
+        const="on",
+        help="localise every lane: compare each named graph tensor with the reference's (teacher-forced replay) "
+        "and fail the lane when an op's error exceeds k x the reference's own variation for that op type, even "
+        "if the final logits pass (README, Localisation). Default: only a diverged lane is localised",
+    )
+    loc.add_argument("--no-locate", dest="locate", action="store_const", const="off", help="never localise a lane")
     p.add_argument("--format", choices=("text", "json"), help="summary format on stdout (default text)")
     p.add_argument(
         "--prompt-template",
@@ -139,6 +150,7 @@ _COMMON_KEYS = (
     "cos_tol",
     "tie_margin",
     "verdict",
+    "locate",
     "format",
     "prompt_template",
     "system_prompt",

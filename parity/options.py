@@ -34,6 +34,8 @@ class RunOptions:
     tie_margin: float = 0.01  # a greedy flip passes only where the reference's top-2 probabilities are closer
     # calibrated: within k x the reference's own variation (compare/calibrate.py); fixed: --cos-tol/--mse-tol
     verdict: str = "calibrated"
+    # localisation (check/locate.py): auto = a diverged lane; on = every lane, failing on an op out of tolerance
+    locate: str = "auto"
     format: str = "text"
     prompt_template: str = "auto"
     system_prompt: str | None = None
@@ -65,6 +67,8 @@ class RunOptions:
             raise UsageError("the prompt is empty", fix='pass --prompt "some text"')
         if self.verdict not in ("calibrated", "fixed"):
             raise UsageError(f"--verdict must be calibrated or fixed, got {self.verdict!r}")
+        if self.locate not in ("auto", "on", "off"):
+            raise UsageError(f"locate must be auto, on or off, got {self.locate!r}", fix="use --locate or --no-locate")
         if self.format not in ("text", "json"):
             raise UsageError(f"--format must be text or json, got {self.format!r}")
         if self.dtype not in ("float32", "float64"):

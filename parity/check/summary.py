@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from parity.check.job import LaneResult, Shared
+from parity.compare import locate
 
 
 def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, Any]:
@@ -27,6 +28,7 @@ def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, A
             "top1_agreement_decisive": s.get("top1_agreement_decisive"),
             "greedy": r.greedy,
             "verdict": _verdict_brief(r.verdict),
+            "localisation": None if r.localisation is None else locate.summary_line(r.localisation),
             "receipt": str(r.receipt_path) if r.receipt_path else None,
         }
     return {
@@ -128,6 +130,8 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
             )
         if r.verdict is not None:
             out.append(f"  verdict       {verdict_line(r.verdict)}")
+        if r.localisation is not None:
+            out.append(f"  localisation  {locate.summary_line(r.localisation)}")
         if r.greedy is not None:
             out.append(f"  greedy        {greedy_line(r.greedy, r.backend)}")
         if r.receipt_path:
