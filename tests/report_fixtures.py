@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.compare import locate, metrics, receipts
+from parity.compare import calibrate, locate, metrics, receipts
 
 H = "a" * 64
 N_PROMPT, N_GEN, VOCAB = 20, 4, 48
@@ -96,28 +96,39 @@ def lane_receipt(*, floor: bool = True, localised: bool = True, label: str = "ll
     }
     if label != "llama":
         r["reference"] = {"spec": label, "lane": label}
-    if floor:  # the form of check/floor.py's rows (the reference against itself in another configuration)
-        d = metrics.distances(other, ref)
+    if floor:  # the reference against itself in another configuration, judged as check/floor.py does
+        eps = calibrate.rounding_epsilon(ref, calibrate.U_F32, 4)
+        configs, floor_rows, floor_summary = calibrate.measure_floor(ref, {"stepwise": other}, eps)
         r["floor"] = {
-            "rows": [
-                {
-                    "pos": i,
-                    "kl": float(max(d.kl[i], 0.0)),
-                    "max_abs": float(np.abs(d.diff[i]).max()),
-                    "lead_move": 0.0,
-                    "top1_flip": False,
-                    "ref_top1_margin": 1.0,
-                    "epsilon": 1e-6,
-                }
-                for i in range(len(rows))
-            ]
+            "configs": [{**c, "status": "measured"} for c in configs],
+            "rows": floor_rows,
+            "summary": floor_summary,
+            "rounding": {"unit_roundoff": calibrate.U_F32, "format": "F32", "n_matmul": 4},
+            "cache": {"hit": False, "key": H},
+            "seconds": 0.0,
         }
+        v = r["verdict"] = calibrate.verdict(ours, ref, floor_rows, floor_summary, 0.01)
+        first = None if v["first"] is None else rows[v["first"]]
+        r["summary"] = {  # as check/floor.judge: the summary follows the calibrated verdict
+            **summary,
+            "all_passed": v["passed"],
+            "first_divergence": None
+            if first is None
+            else {
+                "pos": first["pos"],
+                "cosine": first["cosine"],
+                "mse": first["mse"],
+                "token_id": first["token_id"],
+                "ours_top1": first["top5_ours"][0],
+                "ref_top1": first["top5_ref"][0],
+            },
+        }
+        r["version"] = 3
     if localised:
         r["localisation"] = localisation()
     return r
 
 
 def valid(r: dict[str, Any]) -> list[str]:
-    """Schema violations of `r` without the keys other helpers' schema versions define (floor, localisation)."""
-    core = {k: v for k, v in r.items() if k not in ("floor", "localisation", "verdict")}
-    return receipts.validation_errors(core)
+    """Schema violations of `r` (parity/schema/receipt.schema.json)."""
+    return receipts.validation_errors(r)

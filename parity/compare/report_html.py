@@ -3,9 +3,11 @@
 A pure renderer of receipt dicts (compare/receipts.py; schema parity/schema/receipt.schema.json), one section
 per lane: the verdict line; a per-position error chart (1 - cosine, KL(ref || impl), max |dlogit|; log scale
 when the values span decades) with the reference's own noise floor shaded when the receipt has `floor` rows
-and the fixed tolerance drawn; the token strip (each token's text from `token_text`, disagreements marked:
+and the verdict's limits drawn (calibrated: k x floor; fixed: the cosine tolerance), the calibrated checks
+as a table; the token strip (each token's text from `token_text`, disagreements marked:
 top-1 after the token differs, greedy continuation differs); and, when the receipt has `localisation`, the
-layer x op heatmap coloured by error / tolerance with the first op out of tolerance outlined.
+layer x op heatmap coloured by error / tolerance with the first op out of tolerance outlined
+(compare/report_heatmap.py).
 
 Self-contained (compare/html_svg.py: inline CSS and SVG, no script, a CSP that forbids any fetch); every text
 from a receipt is escaped. tests/unit/test_report_html.py and tests/integration/test_report_html.py (headless
@@ -14,23 +16,19 @@ Chromium, pixels) test it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from parity.compare import receipts
-from parity.compare.html_svg import Panel, Series, dom_id, esc, fmt, legend, page, panels_svg, ramp
+from parity.compare.html_svg import Panel, Series, dom_id, esc, fmt, legend, page, panels_svg
+from parity.compare.report_heatmap import heatmap, localisations
 from parity.core.fs import atomic_write_text
 
 REPORT_NAME = "report.html"
 COS, KL, DLOGIT = "#1f77b4", "#9467bd", "#ff7f0e"  # the three series
 FLOOR_LINE, FLOOR_FILL = "#6f6f6f", "#d9d9d9"  # the reference's own variation
 TOL = "#d62728"  # fixed tolerance rule, disagreement marks
-MISSING = "#e6e6e6"  # a heatmap cell with no measurement
-# error / tolerance, on log10: under 1 pale -> green -> yellow; 1 and over orange -> red (a visible jump at 1)
-WITHIN = ((-3.0, "#f2faef"), (-1.0, "#a6dba0"), (0.0, "#ffe58a"))
-BEYOND = ((0.0, "#fc8d59"), (1.0, "#d73027"), (2.0, "#a50026"))
 CSS = (
     ".strip{display:flex;flex-wrap:wrap;gap:3px;font-family:ui-monospace,monospace;font-size:13px;margin:.3em 0}"
     ".tok{white-space:pre;border:1px solid #ccc;border-radius:3px;padding:0 3px;background:#fff;min-width:.6em}"
@@ -43,16 +41,6 @@ CSS = (
     "dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;font-size:.9em}"
     "dl.facts dt{color:#666}dl.facts dd{margin:0;word-break:break-all}"
 )
-
-
-def heat_colour(ratio: float | None) -> str:
-    """The heatmap colour of an op whose error is `ratio` times its tolerance (None: not measured)."""
-    if ratio is None or math.isnan(ratio) or ratio < 0:
-        return MISSING
-    if math.isinf(ratio):
-        return BEYOND[-1][1]
-    x = math.log10(max(ratio, 1e-12))
-    return ramp(WITHIN, x) if ratio <= 1 else ramp(BEYOND, x)
 
 
 def lane_label(r: Mapping[str, Any]) -> str:
@@ -85,7 +73,10 @@ def verdict_line(r: Mapping[str, Any]) -> str:
     v = r.get("verdict")
     if isinstance(v, Mapping) and v.get("reason"):
         mode = f" ({v['mode']})" if v.get("mode") else ""
-        return f"{status.upper()}{mode}: {v['reason']}"
+        where = f"; first position beyond its floor: {v['first']}" if isinstance(v.get("first"), int) else ""
+        g = r.get("greedy") or {}
+        greedy = f"; {_greedy_words(g)}" if g.get("first_difference") is not None else ""
+        return f"{status.upper()}{mode}: {v['reason']}{where}{greedy}"
     s = r.get("summary", {})
     th = r.get("thresholds", {})
     mc = s.get("min_cosine")
@@ -102,7 +93,9 @@ def verdict_line(r: Mapping[str, Any]) -> str:
 
 
 def _floor_series(r: Mapping[str, Any], n: int) -> dict[str, list[float | None]]:
-    """The reference's own variation per position from `floor.rows` (cosine as 1 - cosine), by metric."""
+    """The reference's own variation per position from `floor.rows`, by metric: the measured distance, or the
+    rounding model's when larger (`epsilon`: max |dlogit| <= epsilon, KL <= epsilon^2 / 2; compare/calibrate.py),
+    which is what a calibrated verdict is judged against. A `cosine` column is drawn as 1 - cosine."""
     floor = r.get("floor")
     rows = floor.get("rows") if isinstance(floor, Mapping) else None
     out: dict[str, list[float | None]] = {}
@@ -111,13 +104,63 @@ def _floor_series(r: Mapping[str, Any], n: int) -> dict[str, list[float | None]]
     for key in ("cosine", "kl", "max_abs"):
         vals: list[float | None] = [None] * n
         for i, row in enumerate(rows):
-            pos = row.get("pos", i) if isinstance(row, Mapping) else i
-            v = row.get(key) if isinstance(row, Mapping) else None
-            if isinstance(pos, int) and 0 <= pos < n and isinstance(v, int | float):
-                vals[pos] = max(1.0 - v, 0.0) if key == "cosine" else max(float(v), 0.0)
+            if not isinstance(row, Mapping):
+                continue
+            pos, v, eps = row.get("pos", i), row.get(key), row.get("epsilon")
+            if not (isinstance(pos, int) and 0 <= pos < n and isinstance(v, int | float)):
+                continue
+            value = max(1.0 - v, 0.0) if key == "cosine" else max(float(v), 0.0)
+            if isinstance(eps, int | float) and key in ("kl", "max_abs"):
+                value = max(value, float(eps) if key == "max_abs" else 0.5 * float(eps) ** 2)
+            vals[pos] = value
         if any(v is not None for v in vals):
             out[key] = vals
     return out
+
+
+def _limits(r: Mapping[str, Any]) -> dict[str, list[tuple[float, str, str]]]:
+    """Horizontal rules per panel: the calibrated limits (k x floor) of the verdict's checks, else the fixed
+    cosine tolerance."""
+    v = r.get("verdict")
+    out: dict[str, list[tuple[float, str, str]]] = {"cosine": [], "kl": [], "max_abs": []}
+    checks = v.get("checks") if isinstance(v, Mapping) else None
+    if isinstance(v, Mapping) and v.get("mode") == "calibrated" and isinstance(checks, list):
+        names = {"mean_kl": ("kl", "calibrated limit of the mean KL"), "max_abs": ("max_abs", "calibrated limit")}
+        for c in checks:
+            panel, words = names.get(str(c.get("statistic")), (None, ""))
+            if panel and isinstance(c.get("threshold"), int | float):
+                out[panel].append(
+                    (float(c["threshold"]), TOL, f"{words}: {v.get('k')} x floor = {fmt(c['threshold'])}")
+                )
+        return out
+    cos_tol = r.get("thresholds", {}).get("cos_tol")
+    if isinstance(cos_tol, int | float):
+        out["cosine"].append((max(1.0 - cos_tol, 0.0), TOL, f"fixed tolerance: cosine >= {cos_tol}"))
+    return out
+
+
+def checks_table(r: Mapping[str, Any]) -> str:
+    """The calibrated verdict's checks: statistic, value, floor (measured / rounding), limit, ratio."""
+    v = r.get("verdict")
+    checks = v.get("checks") if isinstance(v, Mapping) else None
+    if not isinstance(checks, list) or not checks:
+        return ""
+    head = "".join(
+        f"<th{' class=num' if i else ''}>{h}</th>"
+        for i, h in enumerate(("check", "value", "floor", "measured", "rounding", "limit", "x floor", ""))
+    )
+    body = []
+    for c in checks:
+        if not isinstance(c, Mapping):
+            continue
+        cells = [c.get(k) for k in ("value", "floor", "measured_floor", "rounding_floor", "threshold", "ratio")]
+        ok = "pass" if c.get("passed") else "fail"
+        body.append(
+            f"<tr><td>{esc(c.get('statistic'))}</td>"
+            + "".join(f'<td class="num">{fmt(x) if isinstance(x, int | float) else "n/a"}</td>' for x in cells)
+            + f'<td><span class="badge {ok}">{ok}</span></td></tr>'
+        )
+    return f'<table class="checks"><tr>{head}</tr>{"".join(body)}</table>'
 
 
 def error_chart(r: Mapping[str, Any]) -> str:
@@ -129,6 +172,7 @@ def error_chart(r: Mapping[str, Any]) -> str:
         return [None if row.get(key) is None else f(row[key]) for row in rows]
 
     floor = _floor_series(r, n)
+    limits = _limits(r)
     marks = [
         (i, f"position {row.get('pos', i)}: top-1 differs (impl {row['top5_ours'][0]}, ref {row['top5_ref'][0]})")
         for i, row in enumerate(rows)
@@ -154,10 +198,7 @@ def error_chart(r: Mapping[str, Any]) -> str:
                 )
             )
         series.insert(0, Series(title, col(key, f), colour))
-        rules = []
-        cos_tol = r.get("thresholds", {}).get("cos_tol")
-        if key == "cosine" and isinstance(cos_tol, int | float):
-            rules.append((max(1.0 - cos_tol, 0.0), TOL, f"fixed tolerance: cosine >= {cos_tol}"))
+        rules = limits[key]
         note = "not computed (--metrics without kl)" if key == "kl" else "no values"
         panels.append(Panel(title, series, rules, marks, note))
     n_prompt = r.get("prompt_tokens")
@@ -170,8 +211,8 @@ def error_chart(r: Mapping[str, Any]) -> str:
     svg = panels_svg(f"chart-{dom_id(label)}", panels, n, vlines=vlines)
     items = [(COS, "1 - cosine"), (KL, "KL"), (DLOGIT, "max |dlogit|")]
     if floor:
-        items.append((FLOOR_FILL, "within the reference's own variation (noise floor)"))
-    items += [(TOL, "fixed tolerance / top-1 differs (circles)")]
+        items.append((FLOOR_FILL, "within the reference's own variation (measured, or its rounding model when larger)"))
+    items += [(TOL, "limit (dashed) / top-1 differs (circles)")]
     return svg + legend(items)
 
 
@@ -255,144 +296,6 @@ def token_strip(r: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-# -------------------------------------------------------------------------------------------- heatmap
-
-
-def _ratio(row: Mapping[str, Any]) -> float | None:
-    """error / tolerance; infinite for an op out of tolerance whose error is not finite (JSON null)."""
-    ratio = row.get("ratio")
-    if isinstance(ratio, int | float):
-        return float(ratio)
-    err, tol = row.get("error"), row.get("tolerance")
-    if isinstance(err, int | float) and isinstance(tol, int | float) and tol > 0:
-        return float(err) / float(tol)
-    return math.inf if row.get("out_of_tolerance") else None
-
-
-def _first_name(loc: Mapping[str, Any]) -> str | None:
-    first = loc.get("first")
-    if isinstance(first, Mapping):
-        return str(first.get("name")) if first.get("name") is not None else None
-    return None if first is None else str(first)
-
-
-def heatmap(loc: Mapping[str, Any], label: str, index: int = 0) -> str:
-    """The layer x op grid of one localisation: rows are layers (global ops last), columns ops in graph order."""
-    rows = [row for row in loc.get("rows") or [] if isinstance(row, Mapping)]
-    first = _first_name(loc)
-    mode = str(loc.get("mode", ""))
-    head = f"<h3>Localisation{f' ({esc(mode)})' if mode else ''}</h3>"
-    if not rows:
-        why = ": ".join(str(x) for x in (loc.get("status", "no rows"), loc.get("reason")) if x)
-        return head + f'<p class="muted localisation">No op was compared ({esc(why)}).</p>'
-    ops: list[str] = list(dict.fromkeys(str(row.get("op", row.get("name"))) for row in rows))
-    layers = sorted({row["layer"] for row in rows if isinstance(row.get("layer"), int)})
-    has_global = any(not isinstance(row.get("layer"), int) for row in rows)
-    ylabels = [str(x) for x in layers] + (["global"] if has_global else [])
-    cell: dict[tuple[str, str], Mapping[str, Any]] = {}
-    for row in rows:
-        y = str(row["layer"]) if isinstance(row.get("layer"), int) else "global"
-        cell[(y, str(row.get("op", row.get("name"))))] = row
-    cw = max(26, min(80, 860 // max(len(ops), 1)))
-    ch = 18 if len(ylabels) <= 40 else 10
-    left, top = 58, 86
-    width, height = left + cw * len(ops) + 10, top + ch * len(ylabels) + 10
-    svg_id = f"heatmap-{dom_id(label)}" + (f"-{index}" if index else "")
-    out = [
-        f'<svg id="{svg_id}" class="heatmap" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="layer by op heatmap">',
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
-        f'<text x="4" y="{top - 6}" font-size="10" fill="#555">layer</text>',
-    ]
-    for j, op in enumerate(ops):
-        cx = left + j * cw + cw / 2
-        out.append(
-            f'<text x="{cx:.1f}" y="{top - 6}" font-size="10" fill="#333" transform="rotate(-40 {cx:.1f} '
-            f'{top - 6})">{esc(op)}</text>'
-        )
-    outline = None
-    for i, y in enumerate(ylabels):
-        py = top + i * ch
-        out.append(
-            f'<text x="{left - 4}" y="{py + ch - 5}" font-size="10" fill="#333" text-anchor="end">{esc(y)}</text>'
-        )
-        for j, op in enumerate(ops):
-            c = cell.get((y, op))
-            ratio = None if c is None else _ratio(c)
-            px = left + j * cw
-            if c is None:
-                tip, status = "not measured", "none"
-            else:
-                tip = (
-                    f"{c.get('name')}: error {fmt(c.get('error'))}, tolerance {fmt(c.get('tolerance'))}, "
-                    f"noise {fmt(c.get('noise'))}, ratio {fmt(ratio)}"
-                )
-                out_of = c.get("out_of_tolerance")
-                out_of = out_of if isinstance(out_of, bool) else ratio is not None and ratio > 1
-                status = "out" if out_of else ("none" if ratio is None else "within")
-            out.append(
-                f'<rect class="cell" data-op="{esc(op)}" data-layer="{esc(y)}" data-status="{status}" '
-                f'x="{px}" y="{py}" width="{cw - 1}" height="{ch - 1}" fill="{heat_colour(ratio)}">'
-                f"<title>{esc(tip)}</title></rect>"
-            )
-            if c is not None and first is not None and str(c.get("name")) == first:
-                outline = (px, py)
-    if outline:
-        out.append(
-            f'<rect class="first" x="{outline[0] - 1}" y="{outline[1] - 1}" width="{cw + 1}" height="{ch + 1}" '
-            'fill="none" stroke="#000000" stroke-width="2.5"/>'
-        )
-    out.append("</svg>")
-    return head + "\n".join(out) + _heat_legend() + _localisation_words(loc, rows, first)
-
-
-def _heat_legend() -> str:
-    items = [
-        (heat_colour(0.001), "error <= 0.001 x tolerance"),
-        (heat_colour(0.1), "0.1 x"),
-        (heat_colour(1.0), "1 x: at the tolerance"),
-        (heat_colour(1.0001), "over: out of tolerance"),
-        (heat_colour(10.0), "10 x"),
-        (heat_colour(100.0), ">= 100 x"),
-        (MISSING, "not measured"),
-    ]
-    return legend(items)
-
-
-def _localisation_words(loc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], first: str | None) -> str:
-    by_name = {str(row.get("name")): row for row in rows}
-    nxt = [str(x.get("name") if isinstance(x, Mapping) else x) for x in loc.get("next") or []]
-    if first is not None:
-        fallback = loc.get("first")
-        row: Mapping[str, Any] = by_name.get(first) or (fallback if isinstance(fallback, Mapping) else {})
-        words = (
-            f"First op out of tolerance: <strong>{esc(first)}</strong> (layer {esc(row.get('layer', '?'))}, op "
-            f"{esc(row.get('op', '?'))}): error {fmt(row.get('error'))} = {fmt(_ratio(row))} x its tolerance "
-            f"{fmt(row.get('tolerance'))} (noise of this op type {fmt(row.get('noise'))})."
-        )
-        if nxt:
-            words += " Next: " + ", ".join(esc(x) for x in nxt[:8]) + "."
-    else:
-        ratios = [(r_, row) for row in rows if (r_ := _ratio(row)) is not None]
-        top = max(ratios, key=lambda t: t[0]) if ratios else None
-        words = "No op out of tolerance" + (
-            f" (largest: {esc(top[1].get('name'))} at {fmt(top[0])} x its tolerance)." if top else "."
-        )
-    status = f' <span class="muted">status: {esc(loc["status"])}</span>' if loc.get("status") else ""
-    return f'<p class="localisation">{words}{status}</p>'
-
-
-def _localisations(r: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    loc = r.get("localisation")
-    if isinstance(loc, Mapping) and "rows" not in loc and "status" not in loc:  # {mode: localisation, ...}
-        return [v for v in loc.values() if isinstance(v, Mapping)]
-    if isinstance(loc, Mapping):
-        return [loc]
-    if isinstance(loc, list):
-        return [x for x in loc if isinstance(x, Mapping)]
-    return []
-
-
 # ------------------------------------------------------------------------------------------------ page
 
 
@@ -421,13 +324,14 @@ def lane_section(r: Mapping[str, Any]) -> str:
         f'<section class="lane" id="lane-{dom_id(label)}" data-status="{status}">',
         f'<h2>{esc(label)} <span class="badge {status}">{status.upper()}</span></h2>',
         f'<p class="verdict {status}" id="verdict-{dom_id(label)}">{esc(verdict_line(r))}</p>',
+        checks_table(r),
         _facts(r),
     ]
     if status == "error" and not r.get("rows"):
         out.append(f"<pre>{esc(r.get('error') or 'no reason recorded')}</pre>")
     else:
         out += ["<h3>Error per position</h3>", error_chart(r), "<h3>Tokens</h3>", token_strip(r)]
-        for i, loc in enumerate(_localisations(r)):
+        for i, loc in enumerate(localisations(r)):
             out.append(heatmap(loc, label, i))
     out.append("</section>")
     return "\n".join(out)

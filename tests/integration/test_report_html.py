@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from parity.backends import build
-from parity.compare import receipts, report_html
+from parity.compare import receipts, report_heatmap, report_html
 from tests.report_fixtures import PLANTED, SCRIPT_PIECE, lane_receipt
 
 from .conftest import run_cli
@@ -160,10 +160,10 @@ def test_report_renders_floor_heatmap_and_escaped_pieces(tmp_path: Path) -> None
     ops = len({row["op"] for row in rows})
     cw = max(26, min(80, 860 // ops))
     area = (cw - 1) * (18 - 1)
-    expected = Counter(report_html.heat_colour(row["ratio"]) for row in rows)
-    first = report_html.heat_colour(next(row["ratio"] for row in rows if row["name"] == PLANTED))
-    assert expected[first] == 1 and first not in {report_html.heat_colour(x) for x in (1e-3, 0.1, 0.5, 1.0)}
+    expected = Counter(report_heatmap.heat_colour(row["ratio"]) for row in rows)
+    first = report_heatmap.heat_colour(next(row["ratio"] for row in rows if row["name"] == PLANTED))
+    assert expected[first] == 1 and first not in {report_heatmap.heat_colour(x) for x in (1e-3, 0.1, 0.5, 1.0)}
     for colour, cells in expected.items():
         assert r.colours[colour] >= 0.6 * cells * area, (colour, cells, r.colours[colour])
     assert r.colours[first] <= 1.2 * area  # one cell out of tolerance, nothing else that red
-    assert r.colours[report_html.MISSING] >= 0.6 * area  # cells with no op in that layer are grey
+    assert r.colours[report_heatmap.MISSING] >= 0.6 * area  # cells with no op in that layer are grey

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.check import pieces
-from parity.compare import html_svg, receipts, report_html
+from parity.compare import html_svg, receipts, report_heatmap, report_html
 from parity.tokenize.bpe import bytes_to_unicode
 from tests.report_fixtures import PLANTED, SCRIPT_PIECE, lane_receipt, valid
 
@@ -69,9 +69,15 @@ def test_lane_section_has_chart_strip_heatmap_and_verdict() -> None:
     assert greedy == list(range(r["prompt_tokens"] + 2, len(r["token_ids"])))
     flips = {int(c["data-pos"]) for c in cells if "top1" in c["class"].split()}
     assert flips == {row["pos"] for row in r["rows"] if not row["top1_agree"]} and flips
-    verdict = "".join(Page(report_html.lane_section(r)).text)
-    assert (
-        "DIVERGED" in verdict and f"first divergence at position {r['summary']['first_divergence']['pos']}" in verdict
+    line = report_html.verdict_line(r)
+    assert line.startswith(f"DIVERGED (calibrated): {r['verdict']['reason']}; first position beyond its floor: ")
+    assert line.endswith(
+        "greedy continuation: MISMATCH at step 2 (reference top-2 gap " + f"{r['greedy']['ref_prob_gap']:.3g})"
+    )
+    fixed = lane_receipt(floor=False)
+    assert report_html.verdict_line(fixed).startswith("DIVERGED (fixed tolerances): min cosine 0.99")
+    assert f"first divergence at position {fixed['summary']['first_divergence']['pos']}" in report_html.verdict_line(
+        fixed
     )
 
 
@@ -86,7 +92,7 @@ def test_heatmap_cells_and_first_op() -> None:
     out = [(c["data-layer"], c["data-op"]) for c in cells if c["data-status"] == "out"]
     assert out == [("3", "Qcur")]
     first_rows = [row for row in loc["rows"] if row["name"] == PLANTED]
-    colour = report_html.heat_colour(first_rows[0]["ratio"])
+    colour = report_heatmap.heat_colour(first_rows[0]["ratio"])
     assert [c["fill"] for c in cells if c["data-status"] == "out"] == [colour]
     assert len(page.find("rect", **{"class": "first"})) == 1
     assert any("First op out of tolerance" in t for t in page.text)
@@ -146,10 +152,30 @@ def test_kl_not_computed_is_said() -> None:
 def test_verdict_line_prefers_the_calibrated_reason() -> None:
     r = lane_receipt()
     r["verdict"] = {"mode": "calibrated", "reason": "mean KL 4.8e-3 = 1.2x the reference's own variation"}
+    r["greedy"]["first_difference"] = None
     assert report_html.verdict_line(r) == "DIVERGED (calibrated): mean KL 4.8e-3 = 1.2x the reference's own variation"
     r["status"] = "error"
     r["error"] = "line one\nline two"
     assert report_html.verdict_line(r) == "ERROR: line one"
+
+
+def test_calibrated_limits_and_checks_table() -> None:
+    r = lane_receipt()
+    checks = {c["statistic"]: c for c in r["verdict"]["checks"]}
+    page = Page(report_html.render([r]))
+    rules = page.find("line", **{"class": "rule"})
+    assert len(rules) == 2  # KL and max |dlogit| limits; the fixed cosine tolerance is not the rule here
+    table = [t for t in page.text if t in ("mean_kl", "max_abs", "fail", "pass")]
+    assert table[:2] == ["mean_kl", "fail"] and table[2:4] == ["max_abs", "fail"], table
+    assert checks["mean_kl"]["threshold"] > 0
+    # the shaded floor is the larger of the measured variation and the rounding model (epsilon)
+    series = report_html._floor_series(r, len(r["rows"]))
+    row = r["floor"]["rows"][3]
+    assert series["max_abs"][3] == max(row["max_abs"], row["epsilon"])
+    assert series["kl"][3] == max(row["kl"], 0.5 * row["epsilon"] ** 2)
+    fixed = lane_receipt(floor=False)
+    rules = Page(report_html.render([fixed])).find("line", **{"class": "rule"})
+    assert len(rules) == 1  # the cosine tolerance
 
 
 def test_localisation_unavailable_is_said() -> None:
@@ -165,7 +191,7 @@ def test_non_finite_error_is_out_of_tolerance() -> None:
     row.update(error=None, ratio=None, out_of_tolerance=True)
     cells = Page(report_html.render([r])).find("rect", **{"class": "cell"})
     cell = next(c for c in cells if c["data-layer"] == "5" and c["data-op"] == "ffn_out")
-    assert cell["data-status"] == "out" and cell["fill"] == report_html.BEYOND[-1][1]
+    assert cell["data-status"] == "out" and cell["fill"] == report_heatmap.BEYOND[-1][1]
 
 
 def test_scale_is_log_when_values_span_decades() -> None:
@@ -179,10 +205,10 @@ def test_scale_is_log_when_values_span_decades() -> None:
 
 
 def test_heat_colour_scale() -> None:
-    hc = report_html.heat_colour
-    assert hc(None) == report_html.MISSING and hc(math.nan) == report_html.MISSING
-    assert hc(1e-6) == report_html.WITHIN[0][1] and hc(1.0) == report_html.WITHIN[-1][1]
-    assert hc(1.0001) != hc(1.0) and hc(1e6) == hc(math.inf) == report_html.BEYOND[-1][1]
+    hc = report_heatmap.heat_colour
+    assert hc(None) == report_heatmap.MISSING and hc(math.nan) == report_heatmap.MISSING
+    assert hc(1e-6) == report_heatmap.WITHIN[0][1] and hc(1.0) == report_heatmap.WITHIN[-1][1]
+    assert hc(1.0001) != hc(1.0) and hc(1e6) == hc(math.inf) == report_heatmap.BEYOND[-1][1]
     light = [sum(int(hc(x)[i : i + 2], 16) for i in (1, 3, 5)) for x in (1.5, 10, 100)]
     assert light == sorted(light, reverse=True)  # darker red as the ratio grows beyond 1
     assert hc(0.1) == "#a6dba0"  # green between pale (far within) and yellow (at the tolerance)
