@@ -71,6 +71,15 @@ class RepairRecursion(ParityError):
     exit_code = 6
 
 
+class TooNoisy(ParityError):
+    """`parity bench` cannot judge: a figure's noise band is wider than the change it must resolve (exit 7).
+
+    Not a pass and not a regression: the machine was too busy (or the samples too few) to tell (parity.bench.noise).
+    """
+
+    exit_code = 7
+
+
 class WorkerError(ParityError):
     """A backend worker process crashed, aborted, timed out or reported an error.
 

@@ -29,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "Exit codes: 0 pass (or no baseline yet / baseline written), 1 a throughput or same-run ratio dropped "
             "more than 10% beyond the measured noise, the llama-bench cross-check disagreed, an implementation "
             "failed, or moving Gemma-sized logits through protocol v2 took more than "
-            f"{protocol_probe.BAR_S:g} s; 2 usage error or backend unavailable; 5 build failure."
+            f"{protocol_probe.BAR_S:g} s; 2 usage error or backend unavailable; 5 build failure; 7 too noisy to judge "
+            "(nothing failed, but a figure's noise band, from its samples' dispersion and the CPU time the lanes "
+            "waited for, is wider than the 10% it must resolve)."
         ),
     )
     p.add_argument("--baseline", action="store_true", help="write this run as the baseline for this machine")
@@ -80,6 +82,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         f"{protocol_probe.VOCAB} float32) through protocol v2 to a child process; exit 1 when the median exceeds "
         f"{protocol_probe.BAR_S:g} s (default: on)",
     )
+    p.add_argument(
+        "--harness-overhead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time `parity run` on each model (3 runs, --gen-tokens generated) against numpy's and llama.cpp's own "
+        "load and compute for the same job; the difference is the receipt's harness_overhead (default: on)",
+    )
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout (default text)")
     p.add_argument("--verbose", action="store_true", help="stream build output")
     p.add_argument(
@@ -108,6 +117,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         max_drop=args.max_drop,
         cross_check_threads=args.cross_check_threads,
         protocol_probe=args.protocol_probe,
+        harness_overhead=args.harness_overhead,
     )
 
 

@@ -5,17 +5,15 @@ mean, standard deviation, *spread* = (max - min) / median (the width of the repe
 *mad* = median(|x - median|) / median (the relative median absolute deviation, used by the gate because
 one repetition pre-empted by another job on a shared machine moves the range a lot and the MAD hardly).
 
-The gate rule (one rule for absolute throughputs, same-run ratios and the llama-bench cross-check):
-    noise   = mad_baseline + mad_current
-    change  = median_current / median_baseline - 1
-    FAIL when change < -(THRESHOLD + noise), THRESHOLD = 0.10
-i.e. a throughput may drop by 10 % plus the summed relative MADs of both runs before it counts as a
-regression. The cross-check compares |change| of the medians (ours vs llama-bench, see
-parity.backends.tools.cross_check) with the same allowance. A sample is never one short evaluation: our lanes time
-enough back-to-back evaluations for a sample to last parity.bench.lanes.MIN_SAMPLE_S (llama-bench: as many
-repetitions per invocation), so one scheduler time slice on a shared machine cannot dominate it.
-Ratios (e.g. numpy ÷ llama.cpp prompt throughput) are computed per repetition from interleaved
-measurements, so machine load that slows both implementations cancels out; they are gated by the same rule.
+The rule (one rule for absolute throughputs, same-run ratios and the llama-bench cross-check) lives in
+parity.bench.noise: the change of the medians on a log scale against a noise band made of the samples' own
+dispersion (standard error of each median from its MAD) and the CPU time the lanes were denied (cpu_wait);
+pass, FAIL beyond THRESHOLD (10 %), or "noisy" (too noisy to judge, exit 7) when the band is wider than the
+threshold. A sample is never one short evaluation: our lanes time enough back-to-back evaluations for a sample
+to last parity.bench.lanes.MIN_SAMPLE_S (llama-bench: as many repetitions per invocation), so one scheduler
+time slice on a shared machine cannot dominate it. Ratios (e.g. numpy ÷ llama.cpp prompt throughput) are
+computed per repetition from interleaved measurements, so machine load that slows both implementations
+cancels out; they are gated by the same rule.
 
 Baselines: `baselines/<YYYYmmdd>-<machine>.json` (directory: PARITY_BASELINE_DIR, else <project>/baselines);
 a plain run compares with the newest baseline of the same machine slug whose receipt version (how samples
@@ -26,6 +24,7 @@ pairs equal the current run's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from parity.bench import noise
 from parity.compare import receipts
 from parity.core import paths
 from parity.errors import UsageError
@@ -71,32 +71,19 @@ def ratio_samples(numerator: Sequence[float], denominator: Sequence[float]) -> l
     return [n / d for n, d in zip(numerator, denominator, strict=True) if d > 0]
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """One comparison under the gate rule."""
-
-    change: float  # current / baseline - 1
-    noise: float  # mad_baseline + mad_current
-    allowed: float  # THRESHOLD + noise
-    passed: bool
+def judge(baseline: dict[str, Any], current: dict[str, Any], threshold: float = THRESHOLD) -> noise.Decision:
+    """The gate: a throughput (or ratio) must not drop beyond the threshold (stats of each run; parity.bench.noise)."""
+    return noise.decide(noise.of_stats(baseline), noise.of_stats(current), threshold)
 
 
-def judge(
-    baseline: float, baseline_mad: float, current: float, current_mad: float, threshold: float = THRESHOLD
-) -> Verdict:
-    """Apply the gate rule to a throughput (or ratio) that must not drop (mads: relative MAD of each run)."""
-    noise = baseline_mad + current_mad
-    change = current / baseline - 1 if baseline > 0 else 0.0
-    allowed = threshold + noise
-    return Verdict(change, noise, allowed, change >= -allowed)
+def judge_agreement(reference: dict[str, Any], ours: dict[str, Any], threshold: float = THRESHOLD) -> noise.Decision:
+    """The cross-check: ours must agree with the reference within the threshold, in either direction."""
+    return noise.decide(noise.of_stats(reference), noise.of_stats(ours), threshold, two_sided=True)
 
 
-def judge_agreement(
-    reference: float, reference_mad: float, ours: float, ours_mad: float, threshold: float = THRESHOLD
-) -> Verdict:
-    """The cross-check: ours must be within threshold + noise of the reference, in either direction."""
-    v = judge(reference, reference_mad, ours, ours_mad, threshold)
-    return Verdict(v.change, v.noise, v.allowed, abs(v.change) <= v.allowed)
+def finite(x: float) -> float | None:
+    """A figure for JSON: None for an infinite band (no noise estimate)."""
+    return x if math.isfinite(x) else None
 
 
 @dataclass(frozen=True)
@@ -111,7 +98,9 @@ class GateRow:
     current: float | None
     change: float | None
     allowed: float | None
-    status: str  # pass | FAIL | missing (in the baseline, not measured now) | new (not in the baseline)
+    status: str  # pass | FAIL | noisy | missing (in the baseline, not measured now) | new (not in the baseline)
+    band: float | None = None  # the noise band (relative half-width); None: no noise estimate
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +135,7 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], threshold: float 
             rows.append(GateRow(kind, name, subject, metric, None, c["median"], None, None, "new"))
             continue
         b = base[key][1]
-        v = judge(b["median"], b["mad"], c["median"], c["mad"], threshold)
+        v = judge(b, c, threshold)
         rows.append(
             GateRow(
                 kind,
@@ -157,7 +146,9 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], threshold: float 
                 c["median"],
                 v.change,
                 v.allowed,
-                "pass" if v.passed else "FAIL",
+                v.status,
+                finite(v.band),
+                v.reason,
             )
         )
     return rows
@@ -166,6 +157,11 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], threshold: float 
 def gate_failed(rows: Sequence[GateRow]) -> bool:
     """A regression beyond noise, or a figure the baseline has that this run could not measure."""
     return any(r.status in ("FAIL", "missing") for r in rows)
+
+
+def gate_noisy(rows: Sequence[GateRow]) -> bool:
+    """Some figure could not be judged: its noise band is wider than the threshold."""
+    return any(r.status == noise.NOISY for r in rows)
 
 
 # ------------------------------------------------------------------------------------------- baselines
@@ -253,13 +249,27 @@ def failure_reasons(receipt: dict[str, Any]) -> list[str]:
         reasons.append(f"{len(bad)} figure(s) regressed or missing vs the baseline")
     xfail = [c for c in receipt["cross_check"] if c["status"] == "FAIL"]
     if xfail:
-        reasons.append(
-            f"{len(xfail)} llama-bench cross-check(s) disagree (a busy machine? rerun, or pass --no-llama-bench)"
-        )
+        reasons.append(f"{len(xfail)} llama-bench cross-check(s) disagree beyond the noise")
     errors = [r for r in receipt["results"] if r["status"] == "error"]
     if errors:
         reasons.append(f"{len(errors)} implementation(s) failed during measurement (not verified)")
     probe = receipt.get("protocol_overhead")
     if probe and probe["verdict"] == "FAIL":
         reasons.append(f"protocol overhead {probe['median_s']:.3f} s above its bar of {probe['bar_s']:g} s")
+    return reasons
+
+
+def noisy_reasons(receipt: dict[str, Any]) -> list[str]:
+    """Why a bench run cannot judge (exit 7, TooNoisy), when nothing failed: figures whose noise band is wider
+    than the threshold (parity.bench.noise)."""
+    reasons = []
+    rows = [g for g in receipt["gate"]["rows"] if g["status"] == noise.NOISY]
+    if rows:
+        reasons.append(f"{len(rows)} figure(s) vs the baseline: {rows[0].get('reason') or 'noise band too wide'}")
+    xnoisy = [c for c in receipt["cross_check"] if c["status"] == noise.NOISY]
+    if xnoisy:
+        reasons.append(f"llama-bench cross-check: {xnoisy[0].get('reason') or 'noise band too wide'}")
+    probe = receipt.get("protocol_overhead")
+    if probe and probe["verdict"] == noise.NOISY:
+        reasons.append(f"protocol overhead {probe['median_s']:.3f} s above its bar while the CPU was busy")
     return reasons

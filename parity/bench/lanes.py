@@ -12,20 +12,18 @@ lane's context parameters are the bench's base parameters with the spec applied,
 `parity bench` takes it as a parameter (bench.run_bench). Peak memory:
 a worker's (or an external engine's) VmHWM read before it exits; for numpy, this process's VmHWM after resetting
 it before loading.
-`calibrate` and `measure` say how samples are taken and record what ran (`Figure`).
+`calibrate` and `measure` say how samples are taken and record what ran (`Figure`), including how long the
+lane's processes waited for a CPU while they were timed (`cpu_times`, the contention term of parity.bench.noise).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import ctypes
 import gc
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +33,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from parity.backends import build
 from parity.backends.worker import RemoteModel, Worker, time_greedy
 from parity.bench import gate
-from parity.core import machine
+from parity.bench.host import MACHINE_ENV as MACHINE_ENV  # re-exported: the bench's machine facts
+from parity.bench.host import _openblas_setters as _openblas_setters
+from parity.bench.host import blas_info as blas_info
+from parity.bench.host import blas_threads as blas_threads
+from parity.bench.host import cpu_info as cpu_info
+from parity.bench.host import cpu_times as cpu_times
+from parity.bench.host import machine_info as machine_info
 from parity.engines.spec import ImplSpec
 from parity.errors import UsageError
 
@@ -43,114 +47,11 @@ if TYPE_CHECKING:
     from parity.backends.bridge import BackendParams
     from parity.engines.external import CommandImplementation
 
-MACHINE_ENV = "PARITY_BENCH_MACHINE"
 MIN_SAMPLE_S = 0.05  # a sample is at least this long: back-to-back evaluations (see calibrate)
 MAX_EVALS_PER_SAMPLE = 1000
 XCHECK_LABEL = "llama-kvf16"  # the cross-check lane (no spec label has this form: `llama-<key>-<value>`)
 
 # ------------------------------------------------------------------------------------------- machine
-
-
-def cpu_info(text: str | None = None) -> tuple[str, list[str]]:
-    """(CPU model name, feature flags) from /proc/cpuinfo (or `text`), read by parity.core.machine."""
-    info = machine.cpu_info(text)
-    return info.model, list(info.flags)
-
-
-def blas_info() -> dict[str, Any]:
-    """numpy's BLAS (numpy.show_config), threadpoolctl's view when installed, and the thread env vars."""
-    import numpy as np
-
-    info: dict[str, Any] = {"numpy": np.__version__}
-    try:
-        show: Any = np.show_config
-        deps = show(mode="dicts")["Build Dependencies"]
-        blas = deps.get("blas", {})
-        info["blas"] = {k: blas.get(k) for k in ("name", "version", "openblas configuration") if k in blas}
-    except (TypeError, KeyError, AttributeError):
-        info["blas"] = None
-    try:
-        from threadpoolctl import threadpool_info  # type: ignore[import-not-found, unused-ignore]
-
-        info["threadpools"] = [
-            {k: p.get(k) for k in ("internal_api", "version", "num_threads")} for p in threadpool_info()
-        ]
-    except ImportError:
-        info["threadpools"] = None
-    info["env"] = {
-        k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
-    }
-    return info
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, flags, core count, Python/numpy/BLAS; `slug` names baselines (PARITY_BENCH_MACHINE overrides)."""
-    model, flags = cpu_info()
-    n = os.cpu_count() or 1
-    return {
-        "slug": gate.slugify(os.environ.get(MACHINE_ENV) or f"{model}-{n}cpu"),
-        "hostname": platform.node(),
-        "cpu_model": model,
-        "cpu_flags": flags,
-        "n_cpus": n,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "numpy_blas": blas_info(),
-    }
-
-
-def _openblas_setters() -> tuple[Any, Any, str] | None:
-    """(set_num_threads, get_num_threads, library path) of the OpenBLAS numpy loads into this process, if any."""
-    import numpy  # noqa: F401 - loads the BLAS library
-
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return None
-    paths = sorted({ln.split()[-1] for ln in maps if "openblas" in ln.rsplit("/", 1)[-1].lower() and "/" in ln})
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                if setter is not None and getter is not None:
-                    return setter, getter, path
-    return None
-
-
-@contextlib.contextmanager
-def blas_threads(n: int) -> Iterator[dict[str, Any]]:
-    """Limit numpy's BLAS to `n` threads while benchmarking, like the C++ engines' --threads; restore after.
-
-    threadpoolctl when installed, else OpenBLAS's own setter through ctypes (what threadpoolctl calls).
-    Without it, two BLAS threads on a shared 2-core machine make the numpy timings swing by 50x, as
-    threads spin-wait for a partner that is not scheduled. Yields what was done, for the receipt.
-    """
-    import numpy  # noqa: F401 - threadpoolctl limits the libraries already loaded
-
-    try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        threadpool_limits = None
-    if threadpool_limits is not None:
-        with threadpool_limits(limits=n, user_api="blas"):
-            yield {"threads": n, "method": "threadpoolctl"}
-        return
-    found = _openblas_setters()
-    if found is None:
-        yield {"threads": None, "method": "not controlled (no threadpoolctl, no OpenBLAS found)"}
-        return
-    setter, getter, path = found
-    before = int(getter())
-    setter(n)
-    try:
-        yield {"threads": n, "method": f"OpenBLAS set_num_threads ({Path(path).name}); was {before}"}
-    finally:
-        setter(before)
 
 
 def _status_kb(pid: int | str, key: str) -> int | None:
@@ -217,6 +118,10 @@ class Lane(abc.ABC):
     def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]: ...
 
     @abc.abstractmethod
+    def pids(self) -> list[int]:
+        """The processes doing the lane's timed work (their CPU waiting is recorded per figure)."""
+
+    @abc.abstractmethod
     def close(self) -> dict[str, Any]:
         """Release the implementation; returns peak-memory facts for the receipt."""
 
@@ -233,6 +138,9 @@ class InProcessLane(Lane):
         if self.engine is None:
             raise UsageError(f"the {self.label} lane is closed")
         return time_greedy(self.engine, tokens, n_new, count)
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
 
     def close(self) -> dict[str, Any]:
         hwm = _status_kb("self", "VmHWM") if self._reset_rss else None
@@ -275,6 +183,9 @@ class WorkerLane(Lane):
 
     def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
         return self.model.time_greedy(tokens, n_new, count)
+
+    def pids(self) -> list[int]:
+        return [self.worker.pid]
 
     def close(self) -> dict[str, Any]:
         hwm = _status_kb(self.worker.pid, "VmHWM")
@@ -336,6 +247,9 @@ class ExternalLane(Lane):
 
     def _evaluate(self, tokens: list[int], n_new: int, count: int) -> list[float]:
         return time_greedy(self.engine, tokens, n_new, count)
+
+    def pids(self) -> list[int]:
+        return [self.engine.proc.pid]
 
     def close(self) -> dict[str, Any]:
         hwm = _status_kb(self.engine.proc.pid, "VmHWM") if self.engine.proc.poll() is None else None
@@ -422,15 +336,34 @@ class Figure:
     warmup_evals: int = 0  # untimed evaluations: calibration and one before every sample
     timed_evals: int = 0
     samples: list[float] = field(default_factory=list)
+    cpu_ns: list[int] = field(default_factory=lambda: [0, 0])  # (on a CPU, waiting) during the timed samples
+    cpu_known: bool = True
+
+    def add_cpu(self, before: tuple[int, int] | None, after: tuple[int, int] | None) -> None:
+        """Add one sample's scheduler times (cpu_times before and after it)."""
+        if before is None or after is None:
+            self.cpu_known = False
+            return
+        self.cpu_ns[0] += max(0, after[0] - before[0])
+        self.cpu_ns[1] += max(0, after[1] - before[1])
+
+    @property
+    def cpu_wait(self) -> float | None:
+        """The fraction of the timed samples' runnable time the lane spent waiting for a CPU (None: unknown)."""
+        total = sum(self.cpu_ns)
+        return self.cpu_ns[1] / total if self.cpu_known and total > 0 else None
 
     def stats(self) -> dict[str, Any]:
-        """gate.summarize of the samples, plus what ran."""
-        return {
+        """gate.summarize of the samples, plus what ran and how long it waited for a CPU."""
+        out = {
             **gate.summarize(self.samples),
             "evals_per_sample": self.evals_per_sample,
             "warmup_evals": self.warmup_evals,
             "timed_evals": self.timed_evals,
         }
+        if self.cpu_wait is not None:
+            out["cpu_wait"] = self.cpu_wait
+        return out
 
 
 def workload(metric: str, ids: list[int], gen_tokens: int) -> tuple[list[int], int, int]:
@@ -488,7 +421,9 @@ def measure(
                 fig = figures[lane.label][metric]
                 lane.evaluate(tokens, n_new, 1)
                 fig.warmup_evals += 1
+                before = cpu_times(lane.pids())
                 seconds = lane.evaluate(tokens, n_new, fig.evals_per_sample)
+                fig.add_cpu(before, cpu_times(lane.pids()))
                 fig.timed_evals += len(seconds)
                 fig.samples.append(fig.n_tokens * len(seconds) / sum(seconds))
             if between is not None and metric == "pp":

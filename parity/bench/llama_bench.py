@@ -7,7 +7,9 @@ and context settings. The binary is built by parity.backends.tools (`ensure_llam
 from __future__ import annotations
 
 import json
+import resource
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,15 +160,28 @@ class LlamaBenchRunner:
             ),
             "default": llama_bench_command(tp.binary, model, prompt_tokens, gen_tokens, self.reps, threads, []),
         }
+        self.threads = {"matched": params["n_threads"], "default": threads}
         self.outputs: dict[str, list[str]] = {config: [] for config in self.commands}
         self.tests: dict[str, list[list[dict[str, Any]]]] = {config: [] for config in self.commands}
+        self.cpu: dict[str, list[float]] = {config: [0.0, 0.0] for config in self.commands}  # CPU s, wall s x threads
 
     def run_once(self) -> None:
-        """One llama-bench invocation (pp and tg, K repetitions each) of each configuration."""
+        """One llama-bench invocation (pp and tg, K repetitions each) of each configuration; its CPU time against
+        its wall time x threads says how long it waited for a CPU (cpu_wait, parity.bench.noise)."""
         for config, cmd in self.commands.items():
+            before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
             output = run(cmd)
+            wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            self.cpu[config][0] += cpu
+            self.cpu[config][1] += wall * self.threads[config]
             self.tests[config].append(parse_llama_bench(output))
             self.outputs[config].append(output)
+
+    def cpu_wait(self, config: str) -> float | None:
+        """1 - CPU time / (wall time x threads) of a configuration's invocations (None before any ran)."""
+        cpu, capacity = self.cpu[config]
+        return min(1.0, max(0.0, 1.0 - cpu / capacity)) if capacity > 0 else None
 
     def results(self, out_dir: Path, model_name: str) -> list[dict[str, Any]]:
         """One record per configuration: settings and pp/tg statistics over all invocations; raw output saved."""
@@ -195,6 +210,9 @@ class LlamaBenchRunner:
                 tests = [t for tests in runs for t in tests if (t["n_prompt"] > 0) == (metric == "pp")]
                 if tests:
                     record[metric] = summarize_tests(tests)
+                    wait = self.cpu_wait(config)
+                    if wait is not None:
+                        record[metric]["cpu_wait"] = wait
             records.append(record)
         return records
 
@@ -221,19 +239,17 @@ def summarize_tests(tests: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cross_check(model_sha256: str, ours: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Our cross-check lane vs llama-bench `matched`: pp gated (10 % + noise, either way), tg reported.
-
-    The medians of both sides' samples are compared (each sample at least bench_lanes.MIN_SAMPLE_S of
-    evaluations on both sides); noise as in the gate: the relative MAD of our samples plus that of
-    llama-bench's (median |x - median| / median of each).
-    """
+    """Our cross-check lane vs llama-bench `matched`: pp judged (10 % either way, parity.bench.noise: pass, FAIL or
+    too noisy), tg reported. The medians of both sides' samples are compared (each sample at least
+    bench_lanes.MIN_SAMPLE_S of evaluations on both sides), against a noise band from both sides' dispersion and
+    CPU waiting."""
     rows = []
     matched = next((r for r in runs if r["config"] == "matched"), None)
     for metric in gate.METRICS:
         if matched is None or matched.get(metric) is None or ours.get(metric) is None:
             continue
         theirs, mine = matched[metric], ours[metric]
-        v = gate.judge_agreement(theirs["median"], theirs["mad"], mine["median"], mine["mad"])
+        v = gate.judge_agreement(theirs, mine)
         rows.append(
             {
                 "model_sha256": model_sha256,
@@ -243,7 +259,9 @@ def cross_check(model_sha256: str, ours: dict[str, Any], runs: list[dict[str, An
                 "ours_config": ours["config"],
                 "change": v.change,
                 "allowed": v.allowed,
-                "status": ("pass" if v.passed else "FAIL") if metric == "pp" else "info",
+                "band": gate.finite(v.band),
+                "reason": v.reason,
+                "status": v.status if metric == "pp" else "info",
             }
         )
     return rows

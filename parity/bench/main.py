@@ -33,7 +33,8 @@ recorded as `protocol_overhead` and gated: above BAR_S (0.25 s) the run fails (e
 
 Exit codes: 0 pass, no baseline yet, or baseline written; 1 gate failure, cross-check disagreement, an
 implementation failing while measured, or the protocol overhead above its bar; 2 usage / backend unavailable;
-5 build failure (llama-bench).
+5 build failure (llama-bench); 7 too noisy to judge (nothing failed, but a figure's noise band is wider than the
+threshold: parity.bench.noise, parity.errors.TooNoisy).
 
 Implementations are spec strings of the one registry (parity.engines.spec: `numpy`, `numpy:dtype=float64`,
 `llama`, `llama:type_k=f16,flash_attn=on`, `bitnet`, ...; --impl, repeatable; default numpy, llama, and bitnet
@@ -60,14 +61,14 @@ from typing import TYPE_CHECKING, Any
 from parity.backends import lock
 from parity.backends import tools as build_tools
 from parity.bench import gate as bench_gate
-from parity.bench import inputs, llama_bench, protocol_probe
+from parity.bench import host, inputs, llama_bench, protocol_probe
 from parity.bench import lanes as bench_lanes
 from parity.compare import receipts
 from parity.core.fs import atomic_write_text
 from parity.core.proc import log
 from parity.engines.bridged import apply_spec
 from parity.engines.spec import ImplSpec
-from parity.errors import ParityError, UsageError
+from parity.errors import ParityError, TooNoisy, UsageError
 
 if TYPE_CHECKING:
     from parity.backends.bridge import BackendParams
@@ -96,6 +97,7 @@ class BenchOptions:
     min_sample_s: float = bench_lanes.MIN_SAMPLE_S
     cross_check_threads: int = 1
     protocol_probe: bool = True  # measure (and gate) the protocol overhead on Gemma-sized logits
+    harness_overhead: bool = True  # time `parity run` against the engines' own work (parity.bench.overhead)
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the flag."""
@@ -204,7 +206,7 @@ def bench_model(
             except ParityError as exc:  # raised after our lanes are closed
                 lb_errors.append(exc)
 
-    figures: dict[str, dict[str, bench_lanes.Figure]] = {}
+    figures: dict[str, dict[str, bench_lanes.Figure]] = {}  # lane label -> metric -> how it was measured
     try:
         if lanes:
             figures = bench_lanes.calibrate(lanes, opts.prompt_tokens, opts.gen_tokens, opts.min_sample_s)
@@ -248,6 +250,7 @@ def bench_model(
     if runner is not None:
         extra["llama_bench"] = runner.results(out_dir, model.name)
     extra["samples"] = {label: {m: f.samples for m, f in per.items()} for label, per in figures.items()}
+    extra["cpu_wait"] = {label: {m: f.cpu_wait for m, f in per.items()} for label, per in figures.items()}
     return list(results.values()), extra
 
 
@@ -292,9 +295,14 @@ def _run_options(opts: BenchOptions) -> Any:
     return RunOptions(threads=opts.threads)
 
 
-def ratios(model: inputs.ModelRef, samples: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+def ratios(
+    model: inputs.ModelRef,
+    samples: dict[str, dict[str, list[float]]],
+    cpu_wait: dict[str, dict[str, float | None]] | None = None,
+) -> list[dict[str, Any]]:
     """Same-run ratios lane ÷ llama.cpp (the `llama` lane) per metric, from per-repetition pairs; every other
-    lane in order, the cross-check lane excepted (default: numpy/llama, bitnet/llama)."""
+    lane in order, the cross-check lane excepted (default: numpy/llama, bitnet/llama). A ratio's cpu_wait
+    combines both lanes' (either side's waiting moves it): 1 - (1 - w_lane)(1 - w_llama)."""
     out: list[dict[str, Any]] = []
     if "llama" not in samples:
         return out
@@ -304,14 +312,11 @@ def ratios(model: inputs.ModelRef, samples: dict[str, dict[str, list[float]]]) -
         for metric in bench_gate.METRICS:
             if impl in samples and samples[impl][metric] and samples["llama"][metric]:
                 qs = bench_gate.ratio_samples(samples[impl][metric], samples["llama"][metric])
-                out.append(
-                    {
-                        "model_sha256": model.sha256,
-                        "name": f"{impl}/llama",
-                        "metric": metric,
-                        "stats": bench_gate.summarize(qs),
-                    }
-                )
+                stats = bench_gate.summarize(qs)
+                waits = [(cpu_wait or {}).get(lane, {}).get(metric) for lane in (impl, "llama")]
+                if None not in waits:
+                    stats["cpu_wait"] = 1 - (1 - waits[0]) * (1 - waits[1])  # type: ignore[operator]
+                out.append({"model_sha256": model.sha256, "name": f"{impl}/llama", "metric": metric, "stats": stats})
     return out
 
 
@@ -338,7 +343,7 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
         "kind": "parity-bench",
         "version": BENCH_VERSION,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": bench_lanes.machine_info(),
+        "machine": host.machine_info(),
         "settings": {
             "prompt_tokens": opts.prompt_tokens,
             "gen_tokens": opts.gen_tokens,
@@ -355,7 +360,7 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
         "llama_bench": [],
         "cross_check": [],
     }
-    with bench_lanes.blas_threads(opts.threads) as blas:
+    with host.blas_threads(opts.threads) as blas:
         receipt["settings"]["numpy_blas_threads"] = blas
         for model in models:
             bench_one(receipt, model, impls, opts, tools, open_lane)
@@ -383,11 +388,18 @@ def bench_one(
     results, extra = bench_model(model, impls, opts, tools, open_lane)
     receipt["models"].append({**model.to_dict(), "architecture": extra["architecture"]})
     receipt["results"] += results
-    receipt["ratios"] += ratios(model, extra["samples"])
+    receipt["ratios"] += ratios(model, extra["samples"], extra["cpu_wait"])
     runs = extra["llama_bench"]
     receipt["llama_bench"] += [{"model_sha256": model.sha256, **r} for r in runs]
     if extra["xcheck"] is not None and runs:
         receipt["cross_check"] += llama_bench.cross_check(model.sha256, extra["xcheck"], runs)
+    ok = {r["impl"] for r in results if r["status"] == "ok"}
+    if opts.harness_overhead and {"numpy", "llama"} <= ok:
+        from parity.bench import overhead
+
+        out = Path(opts.out_dir) / "overhead" / bench_gate.slugify(model.name)
+        record = overhead.measure(model, impls["llama"], out, opts.gen_tokens, opts.threads, open_lane)
+        receipt.setdefault("harness_overhead", []).append(record)
 
 
 def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
@@ -410,10 +422,15 @@ def finish(receipt: dict[str, Any], opts: BenchOptions) -> int:
         else:
             rows = bench_gate.compare(bench_gate.load_baseline(path_found), receipt, opts.max_drop)
             gate.update(baseline=str(path_found), rows=[r.to_dict() for r in rows])
-            status = "fail" if bench_gate.gate_failed(rows) else "pass"
+            status = "fail" if bench_gate.gate_failed(rows) else "too-noisy" if bench_gate.gate_noisy(rows) else "pass"
     receipt["gate"] = gate
     receipt["status"] = status
-    receipt["exit_code"] = 1 if bench_gate.failure_reasons(receipt) else 0
+    if bench_gate.failure_reasons(receipt):
+        receipt["exit_code"] = 1
+    elif bench_gate.noisy_reasons(receipt):
+        receipt["exit_code"] = TooNoisy.exit_code
+    else:
+        receipt["exit_code"] = 0
     write_receipt(out_dir / "bench.json", receipt)
     if opts.baseline:
         write_receipt(Path(gate["baseline"]), receipt)

@@ -122,14 +122,22 @@ def cross_check_table(receipt: dict[str, Any]) -> str:
                 fmt_rate(c["theirs"]["median"]),
                 fmt_pct(c["change"]),
                 "±" + fmt_pct(c["allowed"], False),
+                _band(c.get("band"), "band" in c),
                 c["status"],
                 fmt_rate(p["median"] if p else None),
                 fmt_rate(d["median"] if d else None),
             ]
         )
-    header = ["model", "metric", "ours median", "llama-bench median", "ours vs it", "allowed", "status"]
+    header = ["model", "metric", "ours median", "llama-bench median", "ours vs it", "allowed", "noise", "status"]
     header += ["ours F32 KV median", "llama-bench defaults median"]
-    return table(header, rows, [False, False, True, True, True, True, False, True, True])
+    return table(header, rows, [False, False, True, True, True, True, True, False, True, True])
+
+
+def _band(band: float | None, present: bool) -> str:
+    """A noise band (parity.bench.noise) as ±x%; "n/a" without a noise estimate; "-" in receipts before it."""
+    if not present:
+        return "-"
+    return "n/a" if band is None else "±" + fmt_pct(band, False)
 
 
 def gate_table(receipt: dict[str, Any]) -> str:
@@ -144,12 +152,13 @@ def gate_table(receipt: dict[str, Any]) -> str:
             fmt_rate(g["current"]) if g["kind"] == "throughput" else _num(g["current"]),
             fmt_pct(g["change"]),
             "-" if g["allowed"] is None else "-" + fmt_pct(g["allowed"], False),
+            _band(g.get("band"), "band" in g and g["status"] not in ("missing", "new")),
             g["status"],
         ]
         for g in receipt["gate"]["rows"]
     ]
-    header = ["kind", "model", "subject", "metric", "baseline", "current", "change", "fails below", "status"]
-    return table(header, rows, [False] * 4 + [True] * 4 + [False])
+    header = ["kind", "model", "subject", "metric", "baseline", "current", "change", "fails below", "noise", "status"]
+    return table(header, rows, [False] * 4 + [True] * 5 + [False])
 
 
 def protocol_overhead_line(receipt: dict[str, Any]) -> str | None:
@@ -162,6 +171,26 @@ def protocol_overhead_line(receipt: dict[str, Any]) -> str | None:
         f"through protocol v2 to a child process: median {p['median_s']:.3f} s ({p['min_s']:.3f}..{p['max_s']:.3f}, "
         f"{len(p['samples'])} requests); bar {p['bar_s']:g} s: {p['verdict']}"
     )
+
+
+def harness_overhead_lines(receipt: dict[str, Any]) -> list[str]:
+    """One line per model of the harness overhead figure (parity.bench.overhead)."""
+    names = _names(receipt)
+    lines = []
+    for h in receipt.get("harness_overhead", []):
+        name = names.get(h["model_sha256"], h["model_sha256"][:12])
+        if "error" in h:
+            lines.append(f"harness overhead ({name}): not measured, `parity run` failed: {h['error']}")
+            continue
+        engines = ", ".join(
+            f"{k} {e['load_s']:.2f} s load + {e['compute_s']:.3f} s compute" for k, e in h["engines"].items()
+        )
+        lines.append(
+            f"harness overhead ({name}, `parity run --max-tokens {h['gen_tokens']}`, median of {h['runs']}): "
+            f"{h['median_wall_s']:.2f} s wall - engines {h['engines_s']:.2f} s ({engines}) = "
+            f"{h['overhead_s']:.2f} s ({h['overhead_fraction']:.0%} of the run)"
+        )
+    return lines
 
 
 def _sampling(settings: dict[str, Any]) -> str:
@@ -196,17 +225,21 @@ def render_text(receipt: dict[str, Any]) -> str:
             "",
             "llama-bench cross-check, median of each (ours: a llama.cpp lane with llama-bench's batch sizes, "
             "KV F16, flash attention off, same warm-up and evaluations per sample; pp must agree within "
-            "10% + noise, noise = relative MAD of ours + of llama-bench's):",
+            '10%, judged only when the noise band is narrower than that (README, "The bench rule")):',
             cross_check_table(receipt),
         ]
     probe = protocol_overhead_line(receipt)
     if probe:
         parts += ["", probe]
+    overhead = harness_overhead_lines(receipt)
+    if overhead:
+        parts += ["", *overhead]
     gate_run = receipt["gate"]
     parts += ["", gate_run["note"]]
     if gate_run["rows"]:
         parts += [
-            "gate: FAIL when a figure drops more than 10% + noise, noise = relative MAD of the baseline + of this run",
+            f"gate: FAIL when a figure drops more than {gate_run['threshold']:.0%}; too noisy to judge when its noise "
+            'band (both runs\' dispersion and CPU waiting) is wider than that (README, "The bench rule")',
             gate_table(receipt),
         ]
     parts += ["", verdict(receipt)]
@@ -215,7 +248,9 @@ def render_text(receipt: dict[str, Any]) -> str:
 
 def verdict(receipt: dict[str, Any]) -> str:
     """The last line: overall status and exit code, with the reasons for a failure."""
-    reasons = gate.failure_reasons(receipt)
+    reasons = gate.failure_reasons(receipt) or gate.noisy_reasons(receipt)
+    if receipt["exit_code"] == 7:
+        return "bench: TOO NOISY TO JUDGE (exit 7): " + "; ".join(reasons)
     head = "FAIL" if receipt["exit_code"] else receipt["status"].upper()
     return f"bench: {head} (exit {receipt['exit_code']})" + (": " + "; ".join(reasons) if reasons else "")
 

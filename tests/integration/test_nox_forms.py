@@ -84,7 +84,13 @@ def test_parity_windows_then_status(llama_plan: build.BuildPlan) -> None:
 def test_bench_baseline(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
     env = {"PARITY_BASELINE_DIR": str(tmp_path / "baselines")}
     proc = _nox("-s", "bench", "--", "--baseline", env=env)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    # pass, or on a busy machine exactly "too noisy to judge" (parity exits 7, parity.bench.noise; nox reports any
+    # failed session as 1), never a failure
+    assert proc.returncode in (0, 1), (proc.stdout[-3000:], proc.stderr[-3000:])
+    if proc.returncode == 1:
+        assert "bench: TOO NOISY TO JUDGE (exit 7): " in proc.stdout, (proc.stdout[-3000:], proc.stderr[-3000:])
+    else:
+        assert "bench: BASELINE-WRITTEN (exit 0)" in proc.stdout, proc.stdout[-3000:]
     written = list((tmp_path / "baselines").glob("*.json"))
     assert len(written) == 1, (written, proc.stdout[-2000:])
     assert "unrecognized arguments" not in proc.stdout + proc.stderr
