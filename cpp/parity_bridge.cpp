@@ -944,7 +944,7 @@ int parity_capture_run(parity_model * m, const int32_t * tokens, int32_t n_token
     if (int rc = check_tokens(m, tokens, n_tokens, limit, "min(n_batch, n_ctx)", err, err_len)) {
         return rc;
     }
-    if (out == nullptr || out_logits == nullptr || n_names < 0 || n_replace < 0 || (n_names > 0 && names == nullptr) ||
+    if (out == nullptr || n_names < 0 || n_replace < 0 || (n_names > 0 && names == nullptr) ||
         (n_replace > 0 && (replace_names == nullptr || replace_data == nullptr || replace_width == nullptr))) {
         return set_err(err, err_len, PARITY_E_INVALID, "parity_capture_run: bad arguments");
     }
@@ -1017,7 +1017,7 @@ int parity_capture_run(parity_model * m, const int32_t * tokens, int32_t n_token
                            e.record ? "recorded" : "replaced", e.record ? e.filled : e.n_replaced, n_ub);
         }
     }
-    for (int32_t i = 0; i < n_tokens; i++) {
+    for (int32_t i = 0; out_logits != nullptr && i < n_tokens; i++) {
         if (int rc = copy_logits(m, i, out_logits + static_cast<size_t>(i) * m->n_vocab, err, err_len)) {
             return rc;
         }

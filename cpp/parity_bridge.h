@@ -106,7 +106,7 @@ int parity_dequantize(int32_t type, const void * src, size_t src_len, int64_t n_
 /* Graph tensor capture (issue 14, localisation), through llama.cpp's eval callback (cb_eval).
  *
  * parity_capture_run evaluates `tokens` in ONE llama_decode from an empty cache, exactly as parity_eval
- * (out_logits gets the same n_tokens * n_vocab floats), and meanwhile:
+ * (out_logits, unless NULL, gets the same n_tokens * n_vocab floats), and meanwhile:
  *  - lists every per-token tensor the graph computed (parity_capture_names): a named node of type
  *    F32/F16/BF16 whose outermost non-unit dimension is the micro-batch's token count (every node when the
  *    micro-batch holds one token); ggml's derived names ("... (view)", "(reshaped)", ...) are left out;

@@ -253,15 +253,17 @@ class BridgeModel:
         names: list[str],
         replace: dict[str, np.ndarray] | None = None,
         max_bytes: int = CAPTURE_BUDGET,
+        with_logits: bool = True,
     ) -> Capture:
         """One llama_decode of `tokens` capturing the graph tensors named exactly in `names` (parity_capture_run).
 
         `replace` (name -> float32 (n_tokens, width)) overwrites each named tensor once computed (teacher
         forcing). Over `max_bytes` of recorded floats, a BridgeError (buffer too small) gives the size needed.
+        Without `with_logits` the Capture's logits are an empty (0, n_vocab) array (nothing copied).
         """
         ffi = self.b.ffi
         arr = ffi.new("int32_t[]", tokens)
-        logits = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        logits = np.empty((len(tokens) if with_logits else 0, self.n_vocab), dtype=np.float32)
         keep = [ffi.new("char[]", n.encode("utf-8")) for n in names]
         c_names = ffi.new("const char *[]", keep or [ffi.NULL])
         rep = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (replace or {}).items()}
@@ -276,7 +278,7 @@ class BridgeModel:
         err = self.b._err()
         rc = self.b.lib.parity_capture_run(
             self.h, arr, len(tokens), c_names, len(names), r_names, r_data, r_width, len(rep), max_bytes,
-            ffi.from_buffer("float[]", logits), out, err, ERR_LEN,
+            ffi.from_buffer("float[]", logits) if with_logits else ffi.NULL, out, err, ERR_LEN,
         )  # fmt: skip
         self.b.check(rc, err)
         cap = out[0]

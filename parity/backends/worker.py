@@ -293,9 +293,16 @@ class RemoteModel:
     def greedy(self, tokens: list[int], n_new: int) -> list[int]:
         return list(self.worker.call("greedy", self.handle, tokens, n_new))
 
-    def capture(self, tokens: list[int], names: list[str], replace: dict[str, Any] | None, max_bytes: int) -> Any:
+    def capture(
+        self,
+        tokens: list[int],
+        names: list[str],
+        replace: dict[str, Any] | None,
+        max_bytes: int,
+        with_logits: bool = True,
+    ) -> Any:
         """BridgeModel.capture in the worker: a bridge.Capture (logits, tensors, names, occurrences)."""
-        return self.worker.call("capture", self.handle, tokens, names, replace, max_bytes)
+        return self.worker.call("capture", self.handle, tokens, names, replace, max_bytes, with_logits)
 
     def time_greedy(self, tokens: list[int], n_new: int, count: int) -> list[float]:
         """`time_greedy` in the worker: seconds of each of `count` greedy(tokens, n_new), timed there."""

@@ -110,7 +110,8 @@ class BridgedImplementation(Implementation):
         """The per-token tensor names llama.cpp's graph computes for `tokens` (one decode, cached per length)."""
         ids = list(tokens)
         if len(ids) not in self._graph_names:
-            self._graph_names[len(ids)] = list(self._model.capture(ids, [], None, self.capture_budget).names)
+            cap = self._model.capture(ids, [], None, self.capture_budget, False)
+            self._graph_names[len(ids)] = list(cap.names)
         return self._graph_names[len(ids)]
 
     def tensors(
@@ -130,7 +131,7 @@ class BridgedImplementation(Implementation):
         available = None if exact and not replace else self.graph_names(ids)
         wanted = list(names or []) if available is None else tensor_names.select(names, available, who)
         rep = tensor_names.check_replace(replace, len(ids), who, available)
-        cap = self._model.capture(ids, wanted, rep or None, self.capture_budget)
+        cap = self._model.capture(ids, wanted, rep or None, self.capture_budget, False)
         return dict(cap.tensors)
 
     def close(self) -> None:

@@ -114,3 +114,28 @@ def test_micro_batches_concatenate_rows(llama_plan: build.BuildPlan, impl: Bridg
         # replay across micro-batches: rows are written back where they were read
         forced = split.tensors(TOKENS, replace={"ffn_out-0": parts["ffn_out-0"]})
         assert np.array_equal(forced["result_output"], parts["result_output"])
+
+
+@pytest.mark.bitnet_cpp
+def test_fork_captures_and_replays() -> None:
+    """bitnet.cpp's 2024 llama.h: the same capture through its eval callback (its own names: inp_embd, ...)."""
+    from parity.backends import lock
+
+    spec = lock.get_spec("bitnet")
+    override = lock.source_override(spec)
+    if override is None:
+        pytest.fail(
+            "this test needs a bitnet.cpp source: set PARITY_BITNET_SRC to a checkout of microsoft/BitNet at "
+            "c82b5e6 with 3rdparty/llama.cpp at 406a5036 (CI deselects it with -m 'not bitnet_cpp')"
+        )
+    plan = build.ensure_built(spec, override)
+    with _open(plan, "bitnet", type_v=1) as fork:  # its most precise working configuration: V cache F16
+        free = fork.tensors(TOKENS)
+        for name in ("attn_norm-0", "l_out-1", "result_norm", "result_output"):
+            assert free[name].shape[0] == len(TOKENS), name
+        assert np.array_equal(free["result_output"], fork.logits(TOKENS))
+        forced = fork.tensors(TOKENS, replace={n: v for n, v in free.items() if n != "result_output"})
+        assert all(np.array_equal(forced[n], v) for n, v in free.items())
+        bumped = fork.tensors(TOKENS, replace={"l_out-0": free["l_out-0"] * np.float32(1.05)})
+        assert np.array_equal(bumped["attn_norm-0"], free["attn_norm-0"])
+        assert not np.array_equal(bumped["result_output"], free["result_output"])
