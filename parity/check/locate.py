@@ -180,26 +180,60 @@ def unavailable(reason: str, status: str = "unavailable") -> dict[str, Any]:
     return {"status": status, "reason": reason, "mode": None, "first": None, "next": [], "rows": []}
 
 
-def _compare(
-    impl: Implementation,
-    free_i: dict[str, np.ndarray],
+def measure_reference(
     ref: BridgedImplementation,
-    tokens: list[int],
-    open_model: Callable[[str | None, BackendParams], RemoteModel],
+    tokens: Sequence[int],
     params: BackendParams,
-    deq: Callable[[], Path | None],
+    plan: BuildPlan,
+    lane_model: Path,
+    lane_sha256: str,
+    *,
+    log_dir: Path | None = None,
+    label: str = "llama",
+    verbose: bool = False,
+    timeout: float = 600.0,
+) -> Captured:
+    """Configuration A's default tensors (the open lane reference `ref`) and the noise of every configuration:
+    the lane's file under other parameters in `ref`'s worker, the dequantized copy in one more worker."""
+    ids = list(tokens)
+    a = ref.tensors(ids)
+    with ExitStack() as stack:
+        workers: list[Worker] = []
+
+        def open_model(path: str | None, p: BackendParams) -> RemoteModel:
+            if path is None:
+                return ref.open_variant(p)
+            if not workers:
+                w = Worker(f"{label}-locate-f32", plan.bridge_path, log_dir=log_dir, log_level=1, timeout=timeout)
+                workers.append(stack.enter_context(w))
+            return RemoteModel(workers[0], path, p)
+
+        deq = (
+            dequantized_model(plan, lane_model, lane_sha256, verbose=verbose) if needs_dequantized(lane_model) else None
+        )
+        return reference_side(a, ids, params, deq, open_model)
+
+
+def compare_implementation(
+    impl: Implementation,
+    captured: Captured,
+    tokens: Sequence[int],
+    free: dict[str, np.ndarray] | None = None,
+    k: float = analysis.K_DEFAULT,
 ) -> dict[str, Any]:
-    a = ref.tensors(tokens)
+    """The implementation's tensors freely (unless given) and teacher-forced with A's, analysed (analyse())."""
+    ids = list(tokens)
+    free_i = impl.tensors(ids) if free is None else free
+    a = captured.a
     common = [n for n in a if n in free_i]
     if not common:
         return unavailable("the implementation's graph tensors share no name with the reference's")
-    captured = reference_side(a, tokens, params, deq(), open_model)
     try:
-        replay_i: dict[str, np.ndarray] | None = impl.tensors(tokens, common, {n: a[n] for n in common})
+        replay_i: dict[str, np.ndarray] | None = impl.tensors(ids, common, {n: a[n] for n in common})
         reason = None
     except (Unsupported, UsageError) as exc:  # can capture but not be teacher-forced: free-running only
         replay_i, reason = None, str(exc)
-    return analyse(captured, free_i, replay_i, reason)
+    return analyse(captured, free_i, replay_i, reason, k)
 
 
 def localise_lane(
@@ -222,38 +256,31 @@ def localise_lane(
     t0 = time.perf_counter()
     ids = list(tokens)
     try:
-        with ExitStack() as stack:
-            impl = stack.enter_context(impl_open())
+        with impl_open() as impl:
             free_i = impl.tensors(ids)  # first: an implementation without tensors costs no reference work
-            ref = stack.enter_context(
-                BridgedImplementation(
-                    ref_spec,
+            with BridgedImplementation(
+                ref_spec,
+                plan,
+                lane_model,
+                params,
+                log_dir=log_dir,
+                log_name=f"{label}-locate",
+                verbose=verbose,
+                timeout=timeout,
+            ) as ref:
+                captured = measure_reference(
+                    ref,
+                    ids,
+                    params,
                     plan,
                     lane_model,
-                    params,
+                    lane_sha256,
                     log_dir=log_dir,
-                    log_name=f"{label}-locate",
+                    label=label,
                     verbose=verbose,
                     timeout=timeout,
                 )
-            )
-            workers: list[Worker] = []
-
-            def open_model(path: str | None, p: BackendParams) -> RemoteModel:
-                # the lane's own file: a variant in the reference's worker; another file: one more worker
-                if path is None:
-                    return ref.open_variant(p)
-                if not workers:
-                    w = Worker(f"{label}-locate-f32", plan.bridge_path, log_dir=log_dir, log_level=1, timeout=timeout)
-                    workers.append(stack.enter_context(w))
-                return RemoteModel(workers[0], path, p)
-
-            def deq() -> Path | None:
-                if not needs_dequantized(lane_model):
-                    return None
-                return dequantized_model(plan, lane_model, lane_sha256, verbose=verbose)
-
-            record = _compare(impl, free_i, ref, ids, open_model, params, deq)
+            record = compare_implementation(impl, captured, ids, free_i)
     except Unsupported as exc:
         if mode == "on":
             raise
