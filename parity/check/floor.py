@@ -5,16 +5,16 @@ evaluates the same token ids again, in the same worker, under configurations tha
 in another order, and hands the logits to parity.compare.calibrate (the statistics):
 
 - `stepwise` one token per llama_decode (or `batch` when the lane itself is stepwise): other kernels (matrix
-  x vector instead of matrix x matrix, repacked GEMV vs GEMM), other accumulation order;
+  x vector instead of matrix x matrix), other accumulation order;
 - `repack_off` the weights left in their file layout (llama_model_params.use_extra_bufts = false), where
   llama.cpp repacks them for its CPU kernels by default. bitnet.cpp's 2024 llama.h has no such switch: the
   configuration is recorded as unavailable there.
 
-Measured on the default model (F32/F16/Q8_0) and Gemma 3 270M Q4_K_M (README, "Verdicts"): threads 1 vs 2 and
-n_ubatch splits (16, 7) were bit-identical to the base, so they are not run. The floor is cached on disk
-(cache_dir()/floor), keyed by everything that determines it: the model's sha256, the backend build (commit,
-source fingerprint, bridge key) and the CPU it reports, the lane's parameters, the token ids and the
-configurations; a repeat run reads it back instead of evaluating anything.
+Both run on one thread (see _configs). Thread counts and n_ubatch splits were measured too (default model
+F32/F16/Q8_0, Gemma 3 270M Q4_K_M; README, "Verdicts") and never moved a logit, so they are not run. The floor
+is cached on disk (cache_dir()/floor), keyed by everything that determines it: the model's sha256, the backend
+build (commit, source fingerprint, bridge key) and the CPU it reports, the lane's parameters, the token ids and
+the configurations; a repeat run reads it back instead of evaluating anything.
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ from parity.compare import calibrate
 from parity.core import paths
 from parity.core.fs import atomic_write_json
 from parity.engines.bridged import BridgedImplementation
-from parity.errors import WorkerError
 from parity.options import RunOptions
 
-FLOOR_VERSION = 1  # bump when what a floor record holds or how it is computed changes (old entries are ignored)
-CONFIGS = ("other_shape", "repack_off")
+FLOOR_VERSION = 2  # bump when what a floor record holds or how it is computed changes (old entries are ignored)
 
 
 def cache_dir() -> Path:
@@ -92,27 +90,30 @@ def _load(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("version") == FLOOR_VERSION else None
 
 
-def _configs(ref: BridgedImplementation, params: BackendParams, eval_shape: str) -> list[tuple[str, Any]]:
-    """(name, params or shape) of each configuration to run; a string value is an evaluation shape."""
+def _configs(params: BackendParams, eval_shape: str) -> list[tuple[str, BackendParams, str]]:
+    """(name, context parameters, evaluation shape) of each configuration to run.
+
+    Each runs on one thread: ggml splits a matmul's output rows between threads and computes every row the same
+    way, so the thread count never moved a logit (measured: README, "Verdicts"), while a 2-thread decode waits
+    on the other thread at every op, which costs ~0.4 s per single-token decode on a loaded 2-core machine
+    against ~1 ms on one thread. Were it ever to move one, that movement would be the reference's own too."""
+    one = dataclasses.replace(params, n_threads=1)
     other = "stepwise" if eval_shape == "batch" else "batch"
-    out: list[tuple[str, Any]] = [(other, other)]
-    name = "repack_off" if params.repack else "repack_on"
-    out.append((name, dataclasses.replace(params, repack=0 if params.repack else 1)))
-    return out
+    repack = ("repack_off", 0) if params.repack else ("repack_on", 1)
+    return [(other, one, other), (repack[0], dataclasses.replace(one, repack=repack[1]), eval_shape)]
 
 
 def _evaluate(
-    ref: BridgedImplementation, what: Any, tokens: list[int], eval_shape: str
+    ref: BridgedImplementation, params: BackendParams, shape: str, tokens: list[int]
 ) -> tuple[np.ndarray | None, str | None]:
     """One configuration's logits, or None and why it is unavailable on this backend."""
-    if isinstance(what, str):
-        return ref.evaluate(tokens, what), None
-    if ref.hello.get("api_generation") == 1:
+    if params.repack != 1 and ref.hello.get("api_generation") == 1:
         return None, "this llama.h (bitnet.cpp's 2024 fork) has no weight-repacking switch (use_extra_bufts)"
-    variant = ref.open_variant(what)
+    if params == ref.params:
+        return ref.evaluate(tokens, shape), None
+    variant = ref.open_variant(params)
     try:
-        out = variant.eval(tokens) if eval_shape == "batch" else variant.eval_stepwise(tokens)
-        return np.asarray(out), None
+        return np.asarray(variant.eval(tokens) if shape == "batch" else variant.eval_stepwise(tokens)), None
     finally:
         variant.close()
 
@@ -132,10 +133,9 @@ def measure(
     """The lane's floor record (the receipt's `floor`): configurations, per-position rows, summary, cost."""
     t0 = time.perf_counter()
     ids = list(tokens)
-    planned = _configs(ref, params, eval_shape)
-    key = cache_key(
-        model_sha256, plan, str(ref.hello.get("system_info", "")), params, eval_shape, ids, [n for n, _ in planned]
-    )
+    planned = _configs(params, eval_shape)
+    names = [f"{n}:{s}:{json.dumps(_changed(params, c), sort_keys=True)}" for n, c, s in planned]
+    key = cache_key(model_sha256, plan, str(ref.hello.get("system_info", "")), params, eval_shape, ids, names)
     path = cache_dir() / f"{key}.json"
     if use_cache and (hit := _load(path)) is not None:
         hit["cache"] = {"hit": True, "key": key, "path": str(path)}
@@ -145,19 +145,16 @@ def measure(
     rounding = rounding_model(model)
     logits: dict[str, np.ndarray] = {}
     described: list[dict[str, Any]] = []
-    for name, what in planned:
+    for name, cfg, shape in planned:
         t1 = time.perf_counter()
-        try:
-            out, why = _evaluate(ref, what, ids, eval_shape)
-        except WorkerError:
-            raise
-        entry: dict[str, Any] = {"name": name, "seconds": round(time.perf_counter() - t1, 4)}
+        out, why = _evaluate(ref, cfg, shape, ids)
+        entry: dict[str, Any] = {"name": name, "shape": shape, "params": _changed(params, cfg)}
+        entry["seconds"] = round(time.perf_counter() - t1, 4)
         if out is None:
             entry.update(status="unavailable", reason=why)
         else:
             logits[name] = out
             entry["status"] = "measured"
-            entry["params"] = what if isinstance(what, str) else _changed(params, what)
         described.append(entry)
     eps = calibrate.rounding_epsilon(base, rounding["unit_roundoff"], rounding["n_matmul"])
     summaries, rows, summary = calibrate.measure_floor(base, logits, eps)
