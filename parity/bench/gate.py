@@ -2,8 +2,9 @@
 
 Statistics: every figure is a list of per-repetition samples (tokens/s) summarised as median, min, max,
 mean, standard deviation, *spread* = (max - min) / median (the width of the repetitions, reported) and
-*mad* = median(|x - median|) / median (the relative median absolute deviation, used by the gate because
-one repetition pre-empted by another job on a shared machine moves the range a lot and the MAD hardly).
+*mad* = median(|x - median|) / median (the relative median absolute deviation, reported; the rule uses the MAD
+of the log samples, because one repetition pre-empted by another job on a shared machine moves the range a lot
+and the MAD hardly).
 
 The rule (one rule for absolute throughputs, same-run ratios and the llama-bench cross-check) lives in
 parity.bench.noise: the change of the medians on a log scale against a noise band made of the samples' own
