@@ -132,3 +132,72 @@ def lane_receipt(*, floor: bool = True, localised: bool = True, label: str = "ll
 def valid(r: dict[str, Any]) -> list[str]:
     """Schema violations of `r` (parity/schema/receipt.schema.json)."""
     return receipts.validation_errors(r)
+
+
+SUITE_SCRIPT_ID = "<script>console.error('injected by an item id')</script>"
+
+
+def suite_receipt() -> tuple[dict[str, Any], np.ndarray]:
+    """A suite receipt as parity.suite.receipt.build makes it (stats, verdicts), and every position's KLD.
+
+    Six items: KLD spread over decades, one failing its limit, one whose evaluation failed, one whose id is
+    markup. The figures come from parity.suite.stats / verdicts on synthetic per-position values."""
+    from parity.suite import stats, verdicts
+
+    rng = np.random.default_rng(3)
+    th = verdicts.Thresholds(1e-3)
+    ids = ["fox", SUITE_SCRIPT_ID, "arith", "story", "broken", "code"]
+    rows, parts = [], []
+    for i, item_id in enumerate(ids):
+        n = 40
+        if item_id == "broken":
+            rows.append(verdicts.item_row(i, item_id, n, None, "the reference's worker crashed (signal 11) <core>", th))
+            continue
+        scale = 1e-2 if item_id == "story" else 1e-5
+        kld = scale * rng.lognormal(0.0, 1.5, n - 1)
+        p_ref = rng.uniform(0.1, 0.9, n - 1)
+        p_impl = np.clip(p_ref + rng.normal(0, 1e-3, n - 1), 1e-6, 1)
+        values = stats.PositionStats(
+            "float64",
+            item=np.full(n - 1, i, np.int64),
+            position=np.arange(n - 1, dtype=np.int64),
+            token=np.arange(n - 1, dtype=np.int64),
+            logp_ref=np.log(p_ref),
+            logp_impl=np.log(p_impl),
+            kld=kld,
+            p_ref=p_ref,
+            p_impl=p_impl,
+            same_top=rng.uniform(size=n - 1) > 0.02,
+        )
+        parts.append(values)
+        rows.append(verdicts.item_row(i, item_id, n, values, None, th))
+    everything = stats.concat(parts)
+    summary = stats.summarize(everything)
+    verdict = verdicts.overall(rows, th)
+    side = {"spec": "numpy", "label": "numpy", "model": {"path": "/models/m.gguf", "sha256": H}, "describe": None}
+    receipt = {
+        "kind": "parity-suite",
+        "version": 1,
+        "created": "2026-01-01T00:00:00+00:00",
+        "parity_version": "0.1.0",
+        "suite_key": H,
+        "input": {"mode": "prompts", "path": "p.jsonl", "sha256": H, "ctx": None, "n_items": 6, "n_tokens": 240},
+        "scoring": {"mode": "all", "description": "every position", "n_positions": len(everything)},
+        "implementation": side,
+        "reference": {**side, "spec": "llama", "label": "llama"},
+        "executor": {"kind": "local", "workers": 1, "shard": None, "seconds": 1.0, "tokens_per_second": 240.0},
+        "verdict": verdict,
+        "complete": True,
+        "n_items": len(rows),
+        "n_done": len(parts),
+        "missing": [],
+        "statistics": summary,
+        "statistics_text": stats.format_text(summary),
+        "items": rows,
+        "worst": verdicts.worst(rows),
+        "histogram": verdicts.histogram(np.asarray(everything.kld)),
+        "status": verdict["status"],
+        "exit_code": verdicts.EXIT_CODES[verdict["status"]],
+        "report_html": None,
+    }
+    return receipt, np.asarray(everything.kld)

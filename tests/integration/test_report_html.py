@@ -21,7 +21,9 @@ import pytest
 
 from parity.backends import build
 from parity.compare import receipts, report_heatmap, report_html
-from tests.report_fixtures import PLANTED, SCRIPT_PIECE, lane_receipt
+from parity.models import modelgen
+from parity.suite import report as suite_report
+from tests.report_fixtures import PLANTED, SCRIPT_PIECE, SUITE_SCRIPT_ID, lane_receipt
 
 from .conftest import run_cli
 from .test_windows_html import _chromium
@@ -167,3 +169,32 @@ def test_report_renders_floor_heatmap_and_escaped_pieces(tmp_path: Path) -> None
         assert r.colours[colour] >= 0.6 * cells * area, (colour, cells, r.colours[colour])
     assert r.colours[first] <= 1.2 * area  # one cell out of tolerance, nothing else that red
     assert r.colours[report_heatmap.MISSING] >= 0.6 * area  # cells with no op in that layer are grey
+
+
+@pytest.mark.compile
+@pytest.mark.model
+def test_parity_suite_writes_a_report_that_renders(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    items = [
+        {"id": SUITE_SCRIPT_ID, "text": "The quick brown fox jumps over the lazy dog."},
+        {"id": 'arith "2+2" & more', "text": "What is 2+2? Four, and 3+3 is six."},
+        {"id": "ids", "tokens": [1, *range(40, 72)]},
+    ]
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in items), encoding="utf-8")
+    out = tmp_path / "suite"
+    proc = run_cli(
+        "suite", "--prompts", str(prompts), "--threads", "1", "--out-dir", str(out), "--format", "json",
+        "--model-gguf", str(modelgen.default_model("q8_0")[0]),
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    rec = json.loads(proc.stdout)
+    assert rec["report_html"] == str(out / "report.html")
+    r = render(out / "report.html", tmp_path)
+    assert r.console == [] and r.page_requests == []
+    assert "<script" not in r.dom.lower().replace("&lt;script", "")
+    assert SUITE_SCRIPT_ID.replace("<", "&lt;").replace(">", "&gt;") in r.dom
+    assert r.dom.count("data-index=") == len(items)
+    assert 'id="kld-histogram"' in r.dom and 'id="kld-cdf"' in r.dom and "bin edges" not in r.dom  # exact CDF
+    # the histogram's bars and the CDF's line are drawn: pixels of their colours well beyond the legend swatches
+    assert r.colours[suite_report.BARS] > 3000, r.colours.most_common(12)
+    assert r.colours[suite_report.CDF] > 600, r.colours.most_common(12)
