@@ -100,7 +100,7 @@ def _scaled_attention(orig: Callable[..., Array]) -> Callable[..., Array]:
 
 def _block_wrapper(arch: str, bug: str, orig: Callable[..., Array]) -> Callable[..., Array]:
     def block(x: Array, layer: Any, p: Any, cos: Array, sin: Array, *args: Any) -> Array:
-        il = args[-2] if arch == "llama" else args[1]  # llama_block(..., il, tap); gemma3_block(..., allowed, il, tap)
+        il = args[0] if arch == "llama" else args[1]  # llama_block(..., sin, il, ...); gemma3_block(..., allowed, il, ...)
         if bug == "rms_eps":
             p = dataclasses.replace(p, rms_eps=p.rms_eps * RMS_EPS_FACTOR)
         elif bug == "attn_scale" and arch == "gemma3" and not p.is_swa[il]:
