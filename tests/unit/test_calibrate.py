@@ -152,3 +152,17 @@ def test_receipt_v3_with_floor_and_verdict_validates_and_v1_v2_still_do() -> Non
     del broken["floor"]["rows"][0]["epsilon"]
     assert receipts.validation_errors(broken)
     assert math.isfinite(v["ratio"])
+
+
+def test_tolerances_without_a_mode_select_the_fixed_verdict(tmp_path: Any) -> None:
+    from parity.errors import UsageError
+    from parity.options import resolve
+
+    none = tmp_path / "pyproject.toml"  # no [tool.parity]: the defaults
+    assert resolve({}, none).verdict == "calibrated"
+    assert resolve({"cos_tol": 0.9}, none).verdict == "fixed"
+    assert resolve({"mse_tol": 0.5, "verdict": "fixed"}, none).verdict == "fixed"
+    with pytest.raises(UsageError, match="--cos-tol only apply with --verdict fixed"):
+        resolve({"cos_tol": 0.9, "verdict": "calibrated"}, none)
+    with pytest.raises(UsageError, match="--verdict must be calibrated or fixed"):
+        resolve({"verdict": "loose"}, none)
