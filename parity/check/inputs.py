@@ -20,7 +20,7 @@ from parity.engines import spec as impl_specs
 from parity.engines.spec import ImplSpec
 from parity.errors import BackendUnavailable, ModelFormatError, RepairRecursion, UsageError, WorkerError
 from parity.options import RunOptions
-from parity.tokenize.tokenizer import HFTokenizer, gguf_config_hash
+from parity.tokenize.tokenizer import HFTokenizer
 
 if TYPE_CHECKING:
     from parity.engines.numpy.engine import NumpyEngine
@@ -62,25 +62,26 @@ def preflight(backend: str, opts: RunOptions, source: str | None = None) -> buil
         os.environ.pop(REPAIR_GUARD_ENV, None)
 
 
-def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> HFTokenizer | None:
-    """The tokenizer authority: --tokenizer (external), a tokenizer.json beside the model (auto_discovered),
-    else the vocabulary embedded in the GGUF exported to HF tokenizers (gguf_embedded). None only when the
-    GGUF's vocabulary type cannot be exported; then llama.cpp's own ids are the authority."""
-    from parity.tokenize.export import export_metadata
+def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> tuple[HFTokenizer | None, str]:
+    """The tokenizer authority and the GGUF vocabulary's config hash.
 
-    if tok_path is not None:
-        return HFTokenizer.load(tok_path)
+    The authority: --tokenizer (external), a tokenizer.json beside the model (auto_discovered), else the
+    vocabulary embedded in the GGUF exported to HF tokenizers (gguf_embedded; cached per model SHA-256 by
+    parity.tokenize.cache, so a warm run exports nothing). None only when the GGUF's vocabulary type cannot
+    be exported; then llama.cpp's own ids are the authority. A malformed vocabulary is exit 2 here."""
+    from parity.tokenize.cache import vocab_facts
+
     beside = model_path.parent / "tokenizer.json"
-    if beside.is_file():
-        return HFTokenizer.load(beside, source="auto_discovered")
-    try:
-        text = export_metadata(gguf.metadata, str(model_path))
-    except ModelFormatError:
-        raise  # a malformed vocabulary (a value of the wrong type) is bad input, not an unsupported one
-    except UsageError as exc:
-        log(f"tokenizer: cannot export the GGUF vocabulary ({exc}); using llama.cpp's ids as the authority")
-        return None
-    return HFTokenizer.from_text(text, source="gguf_embedded", path=model_path, file_hash=gguf.sha256())
+    external = tok_path if tok_path is not None else (beside if beside.is_file() else None)
+    facts = vocab_facts(gguf.metadata, model_path, gguf.sha256(), export=external is None)
+    if external is not None:
+        return HFTokenizer.load(external, source="external" if tok_path else "auto_discovered"), facts.gguf_config_hash
+    if not facts.exported:
+        log(
+            f"tokenizer: cannot export the GGUF vocabulary ({facts.export_error}); using llama.cpp's ids as the authority"
+        )
+        return None, facts.gguf_config_hash
+    return HFTokenizer.from_export(facts, path=model_path, file_hash=gguf.sha256()), facts.gguf_config_hash
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,7 @@ def check_input(
     else:
         n_ctx_train = gguf.get_int(f"{gguf.architecture}.context_length", min=1)
     check_lane_formats(opts, lane_backends, gguf, lane_models or {})  # unsupported model format -> exit 2
-    hf = resolve_tokenizer(model_path, tok_path, gguf)
-    vocab_hash = gguf_config_hash(gguf.metadata)  # a malformed vocabulary fails here, not in a lane
+    hf, vocab_hash = resolve_tokenizer(model_path, tok_path, gguf)  # a malformed vocabulary fails here
     return Checked(gguf, engine, hf, vocab_hash, n_ctx_train)
 
 

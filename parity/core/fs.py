@@ -48,6 +48,37 @@ def sha256_file(path: Path, chunk: int = CHUNK) -> str:
     return h.hexdigest()
 
 
+def sha256_file_cached(path: Path, cache: Path) -> str:
+    """SHA-256 of `path`, remembered in the directory `cache` under the file's identity and change stamps.
+
+    The stamp is (device, inode, size, mtime_ns, ctime_ns): any write, replacement or touch of the file
+    changes it (ctime cannot be set by a user), so a changed file is hashed again. The cache is only an
+    optimisation: an unreadable or unwritable entry means hashing the file, never a wrong digest.
+    """
+
+    def stamp() -> list[int]:
+        st = path.stat()
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    before = stamp()
+    entry = cache / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
+    try:
+        record = json.loads(entry.read_text())
+        digest = record.get("sha256") if isinstance(record, dict) and record.get("stamp") == before else None
+        if isinstance(digest, str) and len(digest) == 64:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = sha256_file(path)
+    if stamp() == before:  # not changed while it was being read
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(entry, {"path": str(path.resolve()), "stamp": before, "sha256": digest})
+        except (OSError, ParityError):
+            pass
+    return digest
+
+
 def sha256_if_readable(path: Path) -> str | None:
     """SHA-256 of a file, or None when it cannot be read (missing, a directory, no permission)."""
     try:

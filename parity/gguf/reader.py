@@ -19,7 +19,8 @@ import numpy.typing as npt
 from gguf.constants import GGUFValueType
 from gguf.gguf_reader import ReaderField
 
-from parity.core.fs import sha256_file
+from parity.core.fs import sha256_file_cached
+from parity.core.paths import user_cache_dir
 from parity.errors import ModelFormatError, UsageError
 from parity.gguf.checks import REDOWNLOAD, CheckedReader, check_header, value_type_name
 from parity.gguf.metadata import Metadata
@@ -132,9 +133,9 @@ class GGUFFile:
         return f"{self.architecture}.{suffix}"
 
     def sha256(self) -> str:
-        """Hex SHA-256 of the whole file, streamed in 1 MiB chunks and cached."""
+        """Hex SHA-256 of the whole file, remembered per file stamp across runs (core/fs.sha256_file_cached)."""
         if self._sha256 is None:
-            self._sha256 = sha256_file(self.path)
+            self._sha256 = sha256_file_cached(self.path, user_cache_dir() / "sha256")
         return self._sha256
 
 
