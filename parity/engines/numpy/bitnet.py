@@ -33,11 +33,13 @@ from parity.engines.numpy.llama import LlamaParams, llama_params
 from parity.engines.numpy.numerics import Numerics, Weight, matmul
 from parity.engines.numpy.ops import (
     Array,
+    Bound,
     FloatType,
-    Forward,
+    KVCache,
     Tap,
     attention,
     bound,
+    causal_mask_at,
     no_tap,
     require_tensor,
     rms_norm,
@@ -181,8 +183,11 @@ def bitnet_block(
     num: Numerics,
     il: int = 0,
     tap: Tap = no_tap,
+    kv: KVCache | None = None,
+    allowed: Array | None = None,
 ) -> Array:
-    """One bitnet block: x + Wo(subnorm(attn(norm(x)))); then + Wdown(subnorm(swiglu(norm(.)))). Taps llama.cpp's names."""
+    """One bitnet block: x + Wo(subnorm(attn(norm(x)))); then + Wdown(subnorm(swiglu(norm(.)))). Taps llama.cpp's
+    names; with `kv`, k and v join the cache and the queries attend over it (`allowed`: their (n, n_kv) mask)."""
     n = x.shape[0]
     h = tap("attn_norm", il, rms_norm(x, layer.attn_norm, p.rms_eps))  # (n, d)
     q = _proj(h, layer, "attn_q", num).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
@@ -191,8 +196,10 @@ def bitnet_block(
     q = tap("Qcur", il, rope_neox(q, cos, sin))  # (n, h, hd)
     k = num.cache(tap("Kcur", il, rope_neox(k, cos, sin)), num.k_f16)  # (n, hk, hd): as the KV cache stores it
     v = num.cache(tap("Vcur", il, v), num.v_f16)  # (n, hk, hd)
+    if kv is not None:
+        k, v = kv.store(il, k, v)  # (n_kv, hk, hd) each
     scale = 1.0 / np.sqrt(x.dtype.type(p.head_dim))  # 1.0f/sqrtf(float(n_embd_head))
-    a = tap("kqv_out", il, attention(q, k, v, scale, f16_probs=num.round_probs))  # (n, d)
+    a = tap("kqv_out", il, attention(q, k, v, scale, allowed, f16_probs=num.round_probs))  # (n, d)
     a = tap("attn_sub_norm", il, rms_norm(a, layer.attn_sub_norm, p.rms_eps))  # (n, d)
     x = tap("ffn_inp", il, x + tap("attn_out", il, _proj(a, layer, "attn_output", num)))  # (n, d)
     h = tap("ffn_norm", il, rms_norm(x, layer.ffn_norm, p.rms_eps))  # (n, d)
@@ -202,25 +209,36 @@ def bitnet_block(
 
 
 def bitnet_forward(
-    w: BitnetWeights, tokens: Array, last_only: bool = False, tap: Tap = no_tap, num: Numerics | None = None
+    w: BitnetWeights,
+    tokens: Array,
+    last_only: bool = False,
+    tap: Tap = no_tap,
+    kv: KVCache | None = None,
+    num: Numerics | None = None,
 ) -> Array:
-    """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`."""
+    """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`.
+
+    With `kv` the tokens sit at the positions after those cached, and their K/V join the cache.
+    """
     num = num or Numerics()
     p = w.params
+    n = tokens.shape[0]
+    positions = np.arange(n) if kv is None else kv.positions(n)  # (n,)
+    allowed = None if kv is None else causal_mask_at(positions, kv.n + n)  # (n, n_kv)
     x = tap("embd", -1, w.token_embd[tokens])  # (n, d)
-    cos, sin = rope_cos_sin(
-        np.arange(tokens.shape[0]), p.n_rot, p.rope_base, p.rope_freq_scale, None, x.dtype.type
-    )  # (n, hd/2) each
+    cos, sin = rope_cos_sin(positions, p.n_rot, p.rope_base, p.rope_freq_scale, None, x.dtype.type)  # (n, hd/2) x2
     for il, layer in enumerate(w.layers):
-        x = bitnet_block(x, layer, p, cos, sin, num, il, tap)  # (n, d)
+        x = bitnet_block(x, layer, p, cos, sin, num, il, tap, kv, allowed)  # (n, d)
+    if kv is not None:
+        kv.advance(n)
     if last_only:
         x = x[-1:]  # (1, d)
     x = tap("result_norm", -1, rms_norm(x, w.output_norm, p.rms_eps))  # (n, d)
     return tap("result_output", -1, matmul(x, w.output, num))  # (n, V): the tied head
 
 
-def build_bitnet(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
-    """ARCHITECTURES entry: the `exact` forward, n_vocab, n_ctx_train."""
+def build_bitnet(f: GGUFFile, dtype: FloatType) -> Bound:
+    """ARCHITECTURES entry: the `exact` forward, bound to the weights."""
     return bound(load_bitnet(f, dtype), bitnet_forward)
 
 
@@ -228,4 +246,4 @@ def mirrored_logits(f: GGUFFile, tokens: list[int], num: Numerics, dtype: FloatT
     """Logits of every position with `num`'s rounding points, on the weights exactly as `f` stores them."""
     weights = load_bitnet(f, dtype, keep_codes=True)
     ids = np.asarray(tokens, dtype=np.int64)
-    return bitnet_forward(weights, ids, False, no_tap, num).astype(np.float64)
+    return bitnet_forward(weights, ids, False, no_tap, None, num).astype(np.float64)

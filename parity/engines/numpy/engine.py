@@ -15,15 +15,15 @@ import numpy.typing as npt
 from parity.engines.numpy.bitnet import build_bitnet
 from parity.engines.numpy.gemma3 import build_gemma3
 from parity.engines.numpy.llama import build_llama
-from parity.engines.numpy.ops import DTYPES, Array, FloatType, Forward, no_tap
+from parity.engines.numpy.ops import DTYPES, Array, Bound, FloatType, KVCache, no_tap
 from parity.engines.numpy.taps import Recorder
 from parity.errors import ModelFormatError, UsageError
 from parity.gguf.reader import GGUFFile, open_gguf
 
 __all__ = ["ARCHITECTURES", "DTYPES", "NumpyEngine"]
 
-# One builder per architecture: (gguf, dtype) -> (forward, n_vocab, n_ctx_train).
-ARCHITECTURES: dict[str, Callable[[GGUFFile, FloatType], tuple[Forward, int, int]]] = {
+# One builder per architecture: (gguf, dtype) -> the forward bound to the dequantized weights.
+ARCHITECTURES: dict[str, Callable[[GGUFFile, FloatType], Bound]] = {
     "llama": build_llama,
     "gemma3": build_gemma3,
     "bitnet": build_bitnet,
@@ -48,7 +48,9 @@ class NumpyEngine:
                 f"the numpy engine supports {', '.join(ARCHITECTURES)}",
                 fix="use a model of a supported architecture",
             )
-        self._forward, self.n_vocab, self.n_ctx_train = builder(self.gguf, DTYPES[dtype])
+        built = builder(self.gguf, DTYPES[dtype])
+        self._forward, self.params = built.forward, built.params
+        self.n_vocab, self.n_ctx_train = built.params.n_vocab, built.params.n_ctx_train
 
     def _check_tokens(self, tokens: Sequence[int], n_extra: int = 0) -> Array:
         ids = np.asarray(tokens)
@@ -75,7 +77,8 @@ class NumpyEngine:
     def logits(self, tokens: Sequence[int]) -> npt.NDArray[np.float64]:
         """Logits for every position of one forward pass: (len(tokens), n_vocab), returned as float64."""
         ids = self._check_tokens(tokens)
-        return self._forward(ids, False, no_tap).astype(np.float64)
+        out: npt.NDArray[np.float64] = self._forward(ids, False, no_tap, None).astype(np.float64)
+        return out
 
     def tensors(
         self, tokens: Sequence[int], names: Sequence[str] | None = None, replace: Mapping[str, Array] | None = None
@@ -86,19 +89,41 @@ class NumpyEngine:
         """
         ids = self._check_tokens(tokens)
         rec = Recorder(int(ids.size), names, replace)
-        self._forward(ids, False, rec)
+        self._forward(ids, False, rec, None)
         return rec.finish()
 
     def greedy(self, tokens: Sequence[int], n_new: int) -> list[int]:
-        """Argmax continuation of `n_new` tokens, recomputing the whole forward pass each step."""
-        if n_new < 0:
-            raise UsageError(f"n_new must be >= 0, got {n_new}", fix="ask for zero or more new tokens")
-        # the last generated token is never fed back, so it needs no position of its own
-        ids = list(self._check_tokens(tokens, max(n_new - 1, 0)).tolist())
+        """Argmax continuation of `n_new` tokens: the prompt in one pass, then one token per pass over a KV cache.
+
+        Checked against `greedy_reference` (tests/unit/test_engine_fast.py): the prompt pass is the plain
+        computation bit for bit; each later step multiplies one query row against the cached keys instead of
+        recomputing the prefix, so its logits differ from the reference's by float rounding only.
+        """
+        ids = self._greedy_ids(tokens, n_new)
+        if not n_new:
+            return []
+        p = self.params
+        kv = KVCache(p.n_layer, ids.size + n_new - 1, p.n_head_kv, p.head_dim, DTYPES[self.dtype])
+        last = self._forward(ids, True, no_tap, kv)[0]  # (V,)
+        out = [int(np.argmax(last))]
+        while len(out) < n_new:
+            last = self._forward(np.asarray(out[-1:], dtype=np.int64), True, no_tap, kv)[0]  # (V,)
+            out.append(int(np.argmax(last)))
+        return out
+
+    def greedy_reference(self, tokens: Sequence[int], n_new: int) -> list[int]:
+        """The plain path's greedy: every step recomputes the whole forward pass (the yardstick of `greedy`)."""
+        ids = list(self._greedy_ids(tokens, n_new).tolist())
         out: list[int] = []
         for _ in range(n_new):
-            last = self._forward(np.asarray(ids, dtype=np.int64), True, no_tap)[0]  # (V,)
+            last = self._forward(np.asarray(ids, dtype=np.int64), True, no_tap, None)[0]  # (V,)
             nxt = int(np.argmax(last))
             out.append(nxt)
             ids.append(nxt)
         return out
+
+    def _greedy_ids(self, tokens: Sequence[int], n_new: int) -> Array:
+        if n_new < 0:
+            raise UsageError(f"n_new must be >= 0, got {n_new}", fix="ask for zero or more new tokens")
+        # the last generated token is never fed back, so it needs no position of its own
+        return self._check_tokens(tokens, max(n_new - 1, 0))

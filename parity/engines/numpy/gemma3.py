@@ -33,14 +33,16 @@ import numpy as np
 from parity.engines.numpy.ops import (
     Array,
     BlockWeights,
+    Bound,
     FloatType,
-    Forward,
     Hparams,
+    KVCache,
     Tap,
     attention,
     block_weights,
     bound,
     causal_mask,
+    causal_mask_at,
     embeddings_and_head,
     float_key,
     int_key,
@@ -98,6 +100,12 @@ def sliding_window_mask(n: int, n_swa: int) -> Array:
     pos = np.arange(n)  # (n,)
     distance = pos[:, None] - pos[None, :]  # (n, n): query - key
     return causal_mask(n) & (distance < n_swa)  # (n, n)
+
+
+def sliding_window_mask_at(positions: Array, n_kv: int, n_swa: int) -> Array:
+    """(n, n_kv) bool [query, key]: `sliding_window_mask` for queries at `positions` over keys 0..n_kv-1."""
+    distance = positions[:, None] - np.arange(n_kv)[None, :]  # (n, n_kv): query - key
+    return (distance >= 0) & (distance < n_swa)  # (n, n_kv)
 
 
 def softcap(x: Array, cap: float) -> Array:
@@ -230,8 +238,10 @@ def gemma3_block(
     allowed: Array,
     il: int = 0,
     tap: Tap = no_tap,
+    kv: KVCache | None = None,
 ) -> Array:
-    """One Gemma 3 block: x + post_norm(attn(norm(x))); then + post_norm(ffn(norm(.))). Taps llama.cpp's names."""
+    """One Gemma 3 block: x + post_norm(attn(norm(x))); then + post_norm(ffn(norm(.))). Taps llama.cpp's names;
+    with `kv`, k and v join the cache and `allowed` is the (n, n_kv) mask over it."""
     n = x.shape[0]
     h = tap("attn_norm", il, rms_norm(x, layer.attn_norm, p.rms_eps))  # (n, d)
     q = linear(h, layer.wq).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
@@ -242,6 +252,8 @@ def gemma3_block(
     k = tap("Kcur_normed", il, rms_norm(k, layer.k_norm, p.rms_eps))  # (n, hk, hd)
     k = tap("Kcur", il, rope_neox(k, cos, sin))  # (n, hk, hd)
     v = tap("Vcur", il, v)  # (n, hk, hd)
+    if kv is not None:
+        k, v = kv.store(il, k, v)  # (n_kv, hk, hd) each
     q = q * x.dtype.type(p.attn_scale)  # (n, h, hd): the graph scales Q, then attends with scale 1
     a = tap("kqv_out", il, attention(q, k, v, 1.0, allowed))  # (n, h*hd): before wo
     a = tap("attn_post_norm", il, rms_norm(linear(a, layer.wo), layer.attn_post_norm, p.rms_eps))  # (n, d)
@@ -251,26 +263,37 @@ def gemma3_block(
     return tap("l_out", il, x + tap("ffn_post_norm", il, rms_norm(h, layer.ffn_post_norm, p.rms_eps)))  # (n, d)
 
 
-def gemma3_forward(w: Gemma3Weights, tokens: Array, last_only: bool = False, tap: Tap = no_tap) -> Array:
-    """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`."""
+def gemma3_forward(
+    w: Gemma3Weights, tokens: Array, last_only: bool = False, tap: Tap = no_tap, kv: KVCache | None = None
+) -> Array:
+    """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`.
+
+    With `kv` the tokens sit at the positions after those cached, and their K/V join the cache.
+    """
     p = w.params
     n = tokens.shape[0]
     t = w.token_embd.dtype.type
     x = tap("embd", -1, w.token_embd[tokens])  # (n, d)
     x = tap("inp_scaled", -1, x * np.sqrt(t(p.n_embd)))  # (n, d): sqrtf(n_embd) in the float32 engine
-    positions = np.arange(n)  # (n,)
+    positions = np.arange(n) if kv is None else kv.positions(n)  # (n,)
     rope_global = rope_cos_sin(positions, p.n_rot, p.rope_base, p.rope_freq_scale, None, t)  # (n, n_rot/2) x2
     rope_local = rope_cos_sin(positions, p.n_rot, p.rope_base_swa, 1.0, None, t)  # (n, n_rot/2) x2
-    mask_global = causal_mask(n)  # (n, n)
-    mask_local = sliding_window_mask(n, p.n_swa) if p.n_swa > 0 else mask_global  # (n, n)
+    if kv is None:
+        mask_global = causal_mask(n)  # (n, n)
+        mask_local = sliding_window_mask(n, p.n_swa) if p.n_swa > 0 else mask_global  # (n, n)
+    else:
+        mask_global = causal_mask_at(positions, kv.n + n)  # (n, n_kv)
+        mask_local = sliding_window_mask_at(positions, kv.n + n, p.n_swa) if p.n_swa > 0 else mask_global
     for il, (layer, swa) in enumerate(zip(w.layers, p.is_swa, strict=True)):
         cos, sin = rope_local if swa else rope_global
-        x = gemma3_block(x, layer, p, cos, sin, mask_local if swa else mask_global, il, tap)  # (n, d)
+        x = gemma3_block(x, layer, p, cos, sin, mask_local if swa else mask_global, il, tap, kv)  # (n, d)
+    if kv is not None:
+        kv.advance(n)
     logits = output_head(x, w.output_norm, w.output, p.rms_eps, last_only, tap)  # (n, V)
     logits = softcap(logits, p.final_logit_softcap) if p.final_logit_softcap else logits  # (n, V)
     return tap("result_output", -1, logits)  # (n, V)
 
 
-def build_gemma3(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
-    """The engine's builder for `gemma3`: dequantize once, return (forward, n_vocab, n_ctx_train)."""
+def build_gemma3(f: GGUFFile, dtype: FloatType) -> Bound:
+    """The engine's builder for `gemma3`: dequantize once, return the bound forward."""
     return bound(load_gemma3(f, dtype), gemma3_forward)

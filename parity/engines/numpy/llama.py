@@ -18,13 +18,15 @@ import numpy as np
 from parity.engines.numpy.ops import (
     Array,
     BlockWeights,
+    Bound,
     FloatType,
-    Forward,
     Hparams,
+    KVCache,
     Tap,
     attention,
     block_weights,
     bound,
+    causal_mask_at,
     embeddings_and_head,
     linear,
     load_tensor,
@@ -93,9 +95,18 @@ def load_llama(f: GGUFFile, dtype: FloatType) -> LlamaWeights:
 
 
 def llama_block(
-    x: Array, layer: LlamaLayer, p: LlamaParams, cos: Array, sin: Array, il: int = 0, tap: Tap = no_tap
+    x: Array,
+    layer: LlamaLayer,
+    p: LlamaParams,
+    cos: Array,
+    sin: Array,
+    il: int = 0,
+    tap: Tap = no_tap,
+    kv: KVCache | None = None,
+    allowed: Array | None = None,
 ) -> Array:
-    """One llama block: x + attn(norm(x)); then + ffn(norm(.)). `tap` sees llama.cpp's named tensors of layer il."""
+    """One llama block: x + attn(norm(x)); then + ffn(norm(.)). `tap` sees llama.cpp's named tensors of layer il;
+    with `kv`, k and v join the cache and the queries attend over it (`allowed`: their (n, n_kv) mask)."""
     n = x.shape[0]
     h = tap("attn_norm", il, rms_norm(x, layer.attn_norm, p.rms_eps))  # (n, d)
     q = linear(h, layer.wq, layer.biases.get("attn_q")).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
@@ -104,28 +115,40 @@ def llama_block(
     q = tap("Qcur", il, rope(q, cos, sin))  # (n, h, hd): after RoPE, as llama.cpp names it
     k = tap("Kcur", il, rope(k, cos, sin))  # (n, hk, hd)
     v = tap("Vcur", il, v)  # (n, hk, hd)
+    if kv is not None:
+        k, v = kv.store(il, k, v)  # (n_kv, hk, hd) each
     # kq_scale = 1.0f/sqrtf(n_embd_head), computed in the engine dtype like ggml computes it in float;
     # llama.cpp's llama graph never reads `attention.scale` (only granite-style archs set it)
     scale = 1.0 / np.sqrt(x.dtype.type(p.head_dim))  # ()
-    a = tap("kqv_out", il, attention(q, k, v, scale))  # (n, h*hd)
+    a = tap("kqv_out", il, attention(q, k, v, scale, allowed))  # (n, h*hd)
     x = tap("ffn_inp", il, x + tap("attn_out", il, linear(a, layer.wo, layer.biases.get("attn_output"))))  # (n, d)
     h = tap("ffn_norm", il, rms_norm(x, layer.ffn_norm, p.rms_eps))  # (n, d)
     f = tap("ffn_out", il, swiglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down, layer.biases, tap, il))  # (n, d)
     return tap("l_out", il, x + f)  # (n, d)
 
 
-def llama_forward(w: LlamaWeights, tokens: Array, last_only: bool = False, tap: Tap = no_tap) -> Array:
-    """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`."""
+def llama_forward(
+    w: LlamaWeights, tokens: Array, last_only: bool = False, tap: Tap = no_tap, kv: KVCache | None = None
+) -> Array:
+    """Logits for tokens at positions 0..n-1: (n, V), or (1, V) for the last position when `last_only`.
+
+    With `kv` the tokens sit at the positions after those cached, and their K/V join the cache.
+    """
     p = w.params
+    n = tokens.shape[0]
+    positions = np.arange(n) if kv is None else kv.positions(n)  # (n,)
+    allowed = None if kv is None else causal_mask_at(positions, kv.n + n)  # (n, n_kv)
     x = tap("embd", -1, w.token_embd[tokens])  # (n, d)
     cos, sin = rope_cos_sin(
-        np.arange(tokens.shape[0]), p.n_rot, p.rope_base, p.rope_freq_scale, w.rope_freqs, x.dtype.type
+        positions, p.n_rot, p.rope_base, p.rope_freq_scale, w.rope_freqs, x.dtype.type
     )  # (n, hd/2) each
     for il, layer in enumerate(w.layers):
-        x = llama_block(x, layer, p, cos, sin, il, tap)  # (n, d)
+        x = llama_block(x, layer, p, cos, sin, il, tap, kv, allowed)  # (n, d)
+    if kv is not None:
+        kv.advance(n)
     return tap("result_output", -1, output_head(x, w.output_norm, w.output, p.rms_eps, last_only, tap))  # (n, V)
 
 
-def build_llama(f: GGUFFile, dtype: FloatType) -> tuple[Forward, int, int]:
-    """The engine's builder for `llama`: dequantize once, return (forward, n_vocab, n_ctx_train)."""
+def build_llama(f: GGUFFile, dtype: FloatType) -> Bound:
+    """The engine's builder for `llama`: dequantize once, return the bound forward."""
     return bound(load_llama(f, dtype), llama_forward)

@@ -15,8 +15,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from parity.engines.numpy.loader import dequantized
 from parity.errors import ModelFormatError
-from parity.gguf.dequant import dequantize
 from parity.gguf.reader import GGUFFile
 
 Array = npt.NDArray[Any]
@@ -119,6 +119,43 @@ def softmax(x: Array, axis: int = -1) -> Array:
 def causal_mask(n: int) -> Array:
     """(n, n) bool [query, key]: True where the key may be attended to, i.e. key <= query."""
     return np.tril(np.ones((n, n), dtype=bool))  # (n, n)
+
+
+def causal_mask_at(positions: Array, n_kv: int) -> Array:
+    """(n, n_kv) bool [query, key] for queries at `positions` over keys at 0..n_kv-1: key <= query.
+
+    With positions 0..n-1 and n_kv = n this is causal_mask(n).
+    """
+    return np.arange(n_kv)[None, :] <= positions[:, None]  # (n, n_kv)
+
+
+class KVCache:
+    """Keys and values of the positions evaluated so far, per layer: greedy's incremental decode.
+
+    The plain path has none (every call evaluates positions 0..n-1 from scratch). With a cache, a call evaluates
+    its tokens at positions n_cached.., stores their K/V (after RoPE, as llama.cpp's cache holds them) and
+    attends over everything stored. Evaluating a whole prompt into an empty cache is the plain computation.
+    """
+
+    def __init__(self, n_layer: int, capacity: int, n_head_kv: int, head_dim: int, dtype: FloatType) -> None:
+        self.k: Array = np.zeros((n_layer, capacity, n_head_kv, head_dim), dtype=dtype)  # (L, cap, hk, hd)
+        self.v: Array = np.zeros_like(self.k)  # (L, cap, hk, hd)
+        self.n = 0  # positions stored
+
+    def positions(self, n: int) -> Array:
+        """Positions of the next `n` tokens."""
+        return np.arange(self.n, self.n + n)  # (n,)
+
+    def store(self, il: int, k: Array, v: Array) -> tuple[Array, Array]:
+        """Append layer il's k, v (n, hk, hd) at the next positions; every stored key and value of the layer."""
+        end = self.n + k.shape[0]
+        self.k[il, self.n : end] = k
+        self.v[il, self.n : end] = v
+        return self.k[il, :end], self.v[il, :end]  # (n_kv, hk, hd) each
+
+    def advance(self, n: int) -> None:
+        """After every layer stored its `n` new positions."""
+        self.n += n
 
 
 def attention(
@@ -312,7 +349,7 @@ def load_tensor(
             f"{f.path}: tensor '{name}' has shape {t.shape}, expected {shape} from the metadata",
             fix="the metadata does not match the weights; regenerate or re-convert the model",
         )
-    return dequantize(t).astype(dtype, copy=False)
+    return dequantized(f, t, dtype)
 
 
 def require_tensor(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType) -> Array:
@@ -365,8 +402,8 @@ def embeddings_and_head(f: GGUFFile, p: Hparams, dtype: FloatType) -> tuple[Arra
     return token_embd, output_norm, token_embd if output is None else output
 
 
-# (tokens, last_only, tap) -> logits: what each architecture's builder returns
-Forward = Callable[[Array, bool, Tap], Array]
+# (tokens, last_only, tap, kv) -> logits: what each architecture's forward is, bound to its weights
+Forward = Callable[[Array, bool, Tap, KVCache | None], Array]
 
 
 class Loaded(Protocol):
@@ -379,10 +416,18 @@ class Loaded(Protocol):
 W = TypeVar("W", bound=Loaded)
 
 
-def bound(weights: W, forward: Callable[[W, Array, bool, Tap], Array]) -> tuple[Forward, int, int]:
-    """What an architecture's builder returns: `forward` bound to its loaded `weights`, n_vocab, n_ctx_train."""
+@dataclass(frozen=True)
+class Bound:
+    """What an architecture's builder returns: its forward bound to the loaded weights, and their hyperparameters."""
 
-    def run(tokens: Array, last_only: bool, tap: Tap = no_tap) -> Array:
-        return forward(weights, tokens, last_only, tap)
+    forward: Forward
+    params: Hparams
 
-    return run, weights.params.n_vocab, weights.params.n_ctx_train
+
+def bound(weights: W, forward: Callable[[W, Array, bool, Tap, KVCache | None], Array]) -> Bound:
+    """`forward` bound to its loaded `weights`."""
+
+    def run(tokens: Array, last_only: bool, tap: Tap = no_tap, kv: KVCache | None = None) -> Array:
+        return forward(weights, tokens, last_only, tap, kv)
+
+    return Bound(run, weights.params)
