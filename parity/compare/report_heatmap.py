@@ -18,6 +18,12 @@ WITHIN = ((-3.0, "#f2faef"), (-1.0, "#a6dba0"), (0.0, "#ffe58a"))
 BEYOND = ((0.0, "#fc8d59"), (1.0, "#d73027"), (2.0, "#a50026"))
 
 
+MODE_WORDS = {
+    "replay": "Each op of the implementation fed the reference's own inputs: only that op's local error.",
+    "free": "Both engines running freely: how the error grows through the layers.",
+}
+
+
 def heat_colour(ratio: float | None) -> str:
     """The heatmap colour of an op whose error is `ratio` times its tolerance (None: not measured)."""
     if ratio is None or math.isnan(ratio) or ratio < 0:
@@ -51,7 +57,9 @@ def heatmap(loc: Mapping[str, Any], label: str, index: int = 0) -> str:
     rows = [row for row in loc.get("rows") or [] if isinstance(row, Mapping)]
     first = _first_name(loc)
     mode = str(loc.get("mode", ""))
-    head = f"<h3>Localisation{f' ({esc(mode)})' if mode else ''}</h3>"
+    head = f"<h3>Localisation{f' ({esc(mode)})' if mode else ''}</h3>" + (
+        f'<p class="muted">{esc(MODE_WORDS[mode])}</p>' if mode in MODE_WORDS else ""
+    )
     if not rows:
         why = ": ".join(str(x) for x in (loc.get("status", "no rows"), loc.get("reason")) if x)
         return head + f'<p class="muted localisation">No op was compared ({esc(why)}).</p>'
@@ -101,7 +109,8 @@ def heatmap(loc: Mapping[str, Any], label: str, index: int = 0) -> str:
                 out_of = out_of if isinstance(out_of, bool) else ratio is not None and ratio > 1
                 status = "out" if out_of else ("none" if ratio is None else "within")
             out.append(
-                f'<rect class="cell" data-op="{esc(op)}" data-layer="{esc(y)}" data-status="{status}" '
+                f'<rect class="cell" data-mode="{esc(mode)}" data-op="{esc(op)}" data-layer="{esc(y)}" '
+                f'data-status="{status}" '
                 f'x="{px}" y="{py}" width="{cw - 1}" height="{ch - 1}" fill="{heat_colour(ratio)}">'
                 f"<title>{esc(tip)}</title></rect>"
             )
@@ -153,11 +162,12 @@ def _localisation_words(loc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]
 
 
 def localisations(r: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The receipt's localisations to draw: its main one (replay when the implementation could be teacher-forced)
+    and, kept beside it (check/locate.py), the free-running one that shows the error growing through the layers."""
     loc = r.get("localisation")
-    if isinstance(loc, Mapping) and "rows" not in loc and "status" not in loc:  # {mode: localisation, ...}
-        return [v for v in loc.values() if isinstance(v, Mapping)]
-    if isinstance(loc, Mapping):
-        return [loc]
     if isinstance(loc, list):
         return [x for x in loc if isinstance(x, Mapping)]
-    return []
+    if not isinstance(loc, Mapping):
+        return []
+    free = loc.get("free")
+    return [loc, free] if isinstance(free, Mapping) and free.get("rows") else [loc]

@@ -28,7 +28,7 @@ from tests.report_fixtures import PLANTED, SCRIPT_PIECE, SUITE_SCRIPT_ID, lane_r
 from .conftest import run_cli
 from .test_windows_html import _chromium
 
-WIDTH, HEIGHT = 1100, 1800
+WIDTH, HEIGHT = 1100, 2300
 
 
 def png_pixels(path: Path) -> np.ndarray:
@@ -158,16 +158,17 @@ def test_report_renders_floor_heatmap_and_escaped_pieces(tmp_path: Path) -> None
     # the noise floor is shaded (KL and max |dlogit| panels): a large area of its fill colour
     assert r.colours[report_html.FLOOR_FILL] > 20_000, r.colours.most_common(12)
     # every heatmap cell has its colour: count pixels per expected colour (cells are 1 px apart)
-    rows = r_["localisation"]["rows"]
-    ops = len({row["op"] for row in rows})
+    loc = r_["localisation"]
+    rows = loc["rows"] + loc["free"]["rows"]  # both maps: replay and free-running
+    ops = len({row["op"] for row in loc["rows"]})
     cw = max(26, min(80, 860 // ops))
     area = (cw - 1) * (18 - 1)
     expected = Counter(report_heatmap.heat_colour(row["ratio"]) for row in rows)
-    first = report_heatmap.heat_colour(next(row["ratio"] for row in rows if row["name"] == PLANTED))
-    assert expected[first] == 1 and first not in {report_heatmap.heat_colour(x) for x in (1e-3, 0.1, 0.5, 1.0)}
+    first = report_heatmap.heat_colour(next(row["ratio"] for row in loc["rows"] if row["name"] == PLANTED))
+    assert first not in {report_heatmap.heat_colour(x) for x in (1e-3, 0.1, 0.5, 1.0)}
     for colour, cells in expected.items():
         assert r.colours[colour] >= 0.6 * cells * area, (colour, cells, r.colours[colour])
-    assert r.colours[first] <= 1.2 * area  # one cell out of tolerance, nothing else that red
+    assert r.colours[first] <= (expected[first] + 0.2) * area  # the planted op's cells, nothing else that red
     assert r.colours[report_heatmap.MISSING] >= 0.6 * area  # cells with no op in that layer are grey
 
 

@@ -86,15 +86,19 @@ def test_heatmap_cells_and_first_op() -> None:
     loc = r["localisation"]
     assert loc["first"]["name"] == PLANTED
     page = Page(report_html.render([r]))
-    cells = page.find("rect", **{"class": "cell"})
+    cells = page.find("rect", **{"class": "cell", "data-mode": "replay"})
     measured = [c for c in cells if c["data-status"] != "none"]
     assert len(measured) == len(loc["rows"])
+    free = page.find("rect", **{"class": "cell", "data-mode": "free"})  # the free-running map beside it
+    out_free = {(c["data-layer"], c["data-op"]) for c in free if c["data-status"] == "out"}
+    assert ("3", "Qcur") in out_free and ("5", "l_out") in out_free and ("global", "result_output") in out_free
+    assert {"heatmap-llama", "heatmap-llama-1"} <= page.ids()
     out = [(c["data-layer"], c["data-op"]) for c in cells if c["data-status"] == "out"]
     assert out == [("3", "Qcur")]
     first_rows = [row for row in loc["rows"] if row["name"] == PLANTED]
     colour = report_heatmap.heat_colour(first_rows[0]["ratio"])
     assert [c["fill"] for c in cells if c["data-status"] == "out"] == [colour]
-    assert len(page.find("rect", **{"class": "first"})) == 1
+    assert len(page.find("rect", **{"class": "first"})) == 2  # in each map
     assert any("First op out of tolerance" in t for t in page.text)
     # layers as rows (global ops in their own row), ops as columns
     assert {c["data-layer"] for c in cells} == {*map(str, range(6)), "global"}
@@ -189,7 +193,7 @@ def test_non_finite_error_is_out_of_tolerance() -> None:
     r = lane_receipt()
     row = next(x for x in r["localisation"]["rows"] if x["name"] == "ffn_out-5")
     row.update(error=None, ratio=None, out_of_tolerance=True)
-    cells = Page(report_html.render([r])).find("rect", **{"class": "cell"})
+    cells = Page(report_html.render([r])).find("rect", **{"class": "cell", "data-mode": "replay"})
     cell = next(c for c in cells if c["data-layer"] == "5" and c["data-op"] == "ffn_out")
     assert cell["data-status"] == "out" and cell["fill"] == report_heatmap.BEYOND[-1][1]
 
