@@ -28,7 +28,7 @@ from tests.report_fixtures import PLANTED, SCRIPT_PIECE, SUITE_SCRIPT_ID, lane_r
 from .conftest import run_cli
 from .test_windows_html import _chromium
 
-WIDTH, HEIGHT = 1100, 2300
+WIDTH = 1100
 
 
 def png_pixels(path: Path) -> np.ndarray:
@@ -87,8 +87,8 @@ class Rendered:
     colours: Counter[str]
 
 
-def render(page: Path, tmp_path: Path) -> Rendered:
-    """Load `page` once in headless Chromium: DOM, console, net log and a WIDTH x HEIGHT screenshot."""
+def render(page: Path, tmp_path: Path, height: int) -> Rendered:
+    """Load `page` once in headless Chromium: DOM, console, net log and a WIDTH x `height` screenshot."""
     png, netlog = tmp_path / f"{page.stem}.png", tmp_path / f"{page.stem}-netlog.json"
     proc = _chromium(
         page,
@@ -98,7 +98,7 @@ def render(page: Path, tmp_path: Path) -> Rendered:
         "--enable-logging=stderr",
         "--v=0",
         f"--log-net-log={netlog}",
-        f"--window-size={WIDTH},{HEIGHT}",
+        f"--window-size={WIDTH},{height}",
         f"--screenshot={png}",
         "--dump-dom",
     )
@@ -112,7 +112,7 @@ def render(page: Path, tmp_path: Path) -> Rendered:
         and str(e.get("params", {}).get("network_isolation_key", "")).startswith("file://")
     ]
     pixels = png_pixels(png)
-    assert pixels.shape == (HEIGHT, WIDTH, 3)
+    assert pixels.shape == (height, WIDTH, 3)
     return Rendered(proc.stdout, console, requests, pixels, colour_counts(pixels))
 
 
@@ -124,7 +124,7 @@ def test_the_detectors_see_a_console_message_and_a_request(tmp_path: Path) -> No
         '<img src="http://control.invalid/x.png"></body></html>',
         encoding="utf-8",
     )
-    r = render(page, tmp_path)
+    r = render(page, tmp_path, 200)
     assert any("control message" in line for line in r.console), r.console
     assert r.page_requests == ["http://control.invalid/x.png"]
 
@@ -136,21 +136,21 @@ def test_parity_run_writes_a_report_that_renders(llama_plan: build.BuildPlan, tm
     assert proc.returncode == 0, proc.stderr
     receipt = receipts.load(tmp_path / "receipt_llama.json")
     assert receipt["token_text"] and set(map(str, receipt["token_ids"])) <= set(receipt["token_text"])
-    r = render(tmp_path / "report.html", tmp_path)
+    r = render(tmp_path / "report.html", tmp_path, 1300)
     assert r.console == [] and r.page_requests == []
     assert 'id="chart-llama"' in r.dom and 'id="tokens-llama"' in r.dom and "PASS" in r.dom
     assert r.dom.count('class="tok') >= receipt["positions"]
     # the three series are drawn: pixels of each series' colour, far more than a legend swatch (12 x 10)
     for colour in (report_html.COS, report_html.KL, report_html.DLOGIT):
         assert r.colours[colour] > 400, (colour, r.colours.most_common(12))
-    chart = r.pixels[250:900, 60:1000]
+    chart = r.pixels[400:1000, 60:1000]
     assert len(np.unique(chart.reshape(-1, 3), axis=0)) > 20  # not a blank region
 
 
 def test_report_renders_floor_heatmap_and_escaped_pieces(tmp_path: Path) -> None:
     r_ = lane_receipt()
     page = report_html.write(tmp_path / "report.html", [r_])
-    r = render(page, tmp_path)
+    r = render(page, tmp_path, 2300)
     assert r.console == [], r.console  # no script ran, nothing was blocked
     assert r.page_requests == []
     assert "<script" not in r.dom.lower().replace("&lt;script", "")  # the piece stayed text
@@ -190,7 +190,7 @@ def test_parity_suite_writes_a_report_that_renders(llama_plan: build.BuildPlan, 
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     rec = json.loads(proc.stdout)
     assert rec["report_html"] == str(out / "report.html")
-    r = render(out / "report.html", tmp_path)
+    r = render(out / "report.html", tmp_path, 1000)
     assert r.console == [] and r.page_requests == []
     assert "<script" not in r.dom.lower().replace("&lt;script", "")
     assert SUITE_SCRIPT_ID.replace("<", "&lt;").replace(">", "&gt;") in r.dom
