@@ -7,7 +7,7 @@ items (canonical order) to idle slots and passes each outcome on as it arrives. 
 
 Local: `multiprocessing` (spawn) processes, each a `Pair` behind a pipe; a worker whose parent dies reads
 EOF and exits. Ray: `--ray-address ADDR` / RAY_ADDRESS joins a running cluster, else a local one is started
-on 127.0.0.1 for the run and stopped after it; actors need parity, the build and the models at the same
+for the run on loopback only (LOOPBACK_ENV) and stopped after it; actors need parity, the build and the models at the same
 paths on every node (one machine, or a shared filesystem).
 """
 
@@ -191,6 +191,11 @@ class SuiteActor:
         self.pair.close()
 
 
+# Ray resolves 127.0.0.1 to the machine's routable address unless "clusters" are off (ray_constants
+# ENABLE_RAY_CLUSTER); off, the node's address is loopback and its servers listen there only.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def import_ray() -> Any:
     try:
         import ray  # type: ignore[import-not-found, unused-ignore]
@@ -208,8 +213,10 @@ class RayExecutor(Executor):
         self, impl: Side, ref: Side, mode: str, workers: int, threads: int, address: str | None, verbose: bool
     ) -> None:
         super().__init__(impl, ref, mode, workers, threads)
-        self.ray = ray = import_ray()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        if not self.address:  # Ray advertises loopback as the node's address (and binds there) with this off
+            os.environ.setdefault(LOOPBACK_ENV, "0")
+        self.ray = ray = import_ray()
         self._started_here = False
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": False}
@@ -218,11 +225,7 @@ class RayExecutor(Executor):
                     ray.init(address=self.address, **kwargs)
                 else:  # a local cluster for this run, on loopback only
                     ray.init(
-                        address="local",
-                        num_cpus=max(workers, os.cpu_count() or 1),
-                        include_dashboard=False,
-                        _node_ip_address="127.0.0.1",
-                        **kwargs,
+                        address="local", num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, **kwargs
                     )
                     self._started_here = True
             except ConnectionError as exc:
@@ -252,7 +255,8 @@ class RayExecutor(Executor):
             outcome: Outcome = self.ray.get(ready[0])
             return slot, outcome
         except self.ray.exceptions.RayError as exc:  # the actor died or raised: this item only
-            first = (str(exc).strip().splitlines() or [""])[0]
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            first = lines[-1].strip() if lines else ""  # the exception itself, after Ray's traceback
             self._actors[slot] = self._new_actor(slot)
             return slot, Outcome(item.index, None, f"Ray actor failed: {type(exc).__name__}: {first}", 0.0)
 
