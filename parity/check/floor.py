@@ -38,7 +38,7 @@ from parity.core.fs import atomic_write_json
 from parity.engines.bridged import BridgedImplementation
 from parity.options import RunOptions
 
-FLOOR_VERSION = 2  # bump when what a floor record holds or how it is computed changes (old entries are ignored)
+FLOOR_VERSION = 3  # bump when what a floor record holds or how it is computed changes (old entries are ignored)
 
 
 def cache_dir() -> Path:

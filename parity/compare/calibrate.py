@@ -10,17 +10,18 @@ bit-identical across orders (F32 at this size, or integer dot products such as Q
 is 0, so it is bounded below by a rounding model of the reference's working precision (`rounding_epsilon`):
 with u the unit roundoff of the coarsest format its CPU kernels round activations to (2^-24 for F32, 2^-11
 for F16, 2^-8 for BF16, half a step of 127 levels for the 8-bit formats every quantized type is multiplied
-in), n the number of matrix multiplies on the path of a token (the model's 2-D weight tensors), and s the
-logit scale at that position (max |logit|), eps = u * sqrt(n) * s: one rounding of relative size u per
-matmul, independent across matmuls, adding in quadrature. In KL, a logit perturbation of rms eps costs about
-eps^2 / 2. Nothing in it is measured on, or tuned to, a machine.
+in) and n the number of matrix multiplies on the path of a token (the model's 2-D weight tensors), the logit
+vector is perturbed by a relative r = u * sqrt(n) (one rounding of relative size u per matmul, independent,
+adding in quadrature): at most eps = r * max |logit| on any one logit, and sigma = r * std(logits) in rms over
+the vocabulary. In KL that costs about sigma^2 / 2 (KL ~ Var_p(dlogit) / 2), and the reference's top-1 vs
+top-2 lead moves by about sqrt(2) * sigma. Nothing in it is measured on, or tuned to, a machine.
 
 The verdict (mode calibrated). Three checks, each against k times the effective floor max(measured, model):
 - mean KL(ref || impl) over positions (THE statistic, the one the summary line names),
 - max |dlogit| over positions,
 - top-1 at decisive positions: where the implementation's top-1 differs from the reference's, the
   reference's logit lead of its top-1 over the implementation's must be within k times how far the
-  reference itself moves its top-2 lead at that position (max(measured, 2 eps)); else it is a decisive flip
+  reference itself moves its top-2 lead at that position (max(measured, sqrt(2) sigma)); else it is a decisive flip
   and fails the lane. The same rule turns a greedy-decode mismatch into a tie flip.
 K = 3, from the statistic: if the implementation and each reference configuration are independent rounding
 perturbations of the same function with rms sigma_i and sigma_r, KL(ref || impl) ~ (sigma_i^2 + sigma_r^2) / 2
@@ -64,7 +65,7 @@ def activation_roundoff(weight_types: Iterable[str]) -> tuple[float, str]:
 
 
 def rounding_epsilon(ref: np.ndarray, unit_roundoff: float, n_matmul: int) -> np.ndarray:
-    """Per position (n,): u * sqrt(n_matmul) * max |logit| (the module docstring's rounding model)."""
+    """Per position (n,): eps = u * sqrt(n_matmul) * max |logit| (the module docstring's rounding model)."""
     scale = np.abs(np.asarray(ref, dtype=np.float64)).max(axis=-1)  # (n,)
     out: np.ndarray = unit_roundoff * math.sqrt(max(n_matmul, 1)) * scale
     return out
@@ -101,9 +102,13 @@ def measure_floor(
     """(per-config summaries, per-position floor rows, summary) of the reference against itself.
 
     `configs` maps a configuration's name to its logits on the same sequence as `base`; `epsilon` is
-    rounding_epsilon(base, ...). A position's floor is the largest distance over the configurations."""
+    rounding_epsilon(base, ...). A position's floor is the largest distance over the configurations.
+    Each row also carries the rounding model: `epsilon` (max |dlogit|) and `sigma` (rms dlogit)."""
     base = np.asarray(base, dtype=np.float64)
     n = base.shape[0]
+    scale = np.abs(base).max(axis=-1) if n else np.zeros(0)  # (n,)
+    rel = np.divide(np.asarray(epsilon, dtype=np.float64), scale, out=np.zeros(n), where=scale > 0)  # (n,): u sqrt(n)
+    sigma = rel * (base.std(axis=-1) if n else np.zeros(0))  # (n,)
     per: dict[str, dict[str, np.ndarray]] = {name: config_distance(base, x) for name, x in configs.items()}
     summaries: list[dict[str, Any]] = []
     for name, dist in per.items():
@@ -134,6 +139,7 @@ def measure_floor(
             "top1_flip": bool(flip[i]),
             "ref_top1_margin": float(margin[i]),
             "epsilon": float(epsilon[i]),
+            "sigma": float(sigma[i]),
         }
         for i in range(n)
     ]
@@ -146,7 +152,7 @@ def measure_floor(
         "top1_flips": int(flip.sum()),
         "flip_max_lead": float(margin[flip].max(initial=0.0)),
         "moved": [s["name"] for s in summaries if s["moved"]],
-        "rounding_mean_kl": float(np.mean(0.5 * np.asarray(epsilon) ** 2)) if n else 0.0,
+        "rounding_mean_kl": float(np.mean(0.5 * sigma**2)) if n else 0.0,
         "rounding_max_abs": float(np.max(epsilon, initial=0.0)),
     }
     return summaries, rows, summary
@@ -168,10 +174,15 @@ def _check(statistic: str, value: float, measured: float, rounding: float, k: fl
     }
 
 
+def _sigma(row: Mapping[str, Any]) -> float:
+    """The row's rms rounding perturbation (rows written before it existed: the max-entry bound eps)."""
+    return float(row["sigma"] if row.get("sigma") is not None else row["epsilon"])
+
+
 def is_tie(ref_lead: float, prob_gap: float | None, floor_row: Mapping[str, Any], k: float, tie_margin: float) -> bool:
     """A top-1 flip the reference itself could make: its lead (logits) within k x its own lead movement at
-    that position (max(measured, 2 eps)), or its top-2 probability gap below --tie-margin."""
-    move = max(float(floor_row["lead_move"]), 2.0 * float(floor_row["epsilon"]))
+    that position (max(measured, sqrt(2) sigma)), or its top-2 probability gap below --tie-margin."""
+    move = max(float(floor_row["lead_move"]), math.sqrt(2.0) * _sigma(floor_row))
     return ref_lead <= k * move or (prob_gap is not None and prob_gap < tie_margin)
 
 
@@ -247,11 +258,11 @@ def verdict(
     if not passed:
         decisive = {f["pos"] for f in flips["decisive"]}
         for i, row in enumerate(floor_rows):
-            eps = float(row["epsilon"])
+            sigma = _sigma(row)
             if (
                 i in decisive
-                or kl[i] > k * max(float(row["kl"]), 0.5 * eps * eps)
-                or max_abs[i] > k * max(float(row["max_abs"]), eps)
+                or kl[i] > k * max(float(row["kl"]), 0.5 * sigma * sigma)
+                or max_abs[i] > k * max(float(row["max_abs"]), float(row["epsilon"]))
             ):
                 first = i
                 break

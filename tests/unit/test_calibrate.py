@@ -84,7 +84,7 @@ def test_zero_floor_falls_back_to_the_rounding_model_and_stays_tight() -> None:
     ok = calibrate.verdict(ref + 1e-7, ref, rows, summary, 0.01)
     assert ok["passed"]
     bad = calibrate.verdict(ref + np.where(np.arange(V) == 3, 1e-4, 0.0), ref, rows, summary, 0.01)
-    assert not bad["passed"] and bad["failed"] == ["max_abs"]
+    assert not bad["passed"] and "max_abs" in bad["failed"]
 
 
 def test_flips_within_the_reference_movement_are_ties_others_decisive() -> None:
