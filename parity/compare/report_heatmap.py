@@ -74,7 +74,7 @@ def heatmap(loc: Mapping[str, Any], label: str, index: int = 0) -> str:
     cw = max(26, min(80, 860 // max(len(ops), 1)))
     ch = 18 if len(ylabels) <= 40 else 10
     left, top = 58, 86
-    width, height = left + cw * len(ops) + 10, top + ch * len(ylabels) + 10
+    width, height = left + cw * len(ops) + 70, top + ch * len(ylabels) + 10  # room for the last rotated label
     svg_id = f"heatmap-{dom_id(label)}" + (f"-{index}" if index else "")
     out = [
         f'<svg id="{svg_id}" class="heatmap" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

@@ -15,6 +15,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,22 +130,44 @@ def test_the_detectors_see_a_console_message_and_a_request(tmp_path: Path) -> No
     assert r.page_requests == ["http://control.invalid/x.png"]
 
 
+def assert_heatmaps_drawn(r: Rendered, loc: dict[str, Any], first_name: str) -> None:
+    """Every cell of the receipt's localisation maps (replay, and free beside it) has its colour on screen,
+    and the first op's colour covers no more than its cells."""
+    rows = loc["rows"] + ((loc.get("free") or {}).get("rows") or [])
+    ops = len({row["op"] for row in loc["rows"]})
+    cw = max(26, min(80, 860 // ops))
+    area = (cw - 1) * (18 - 1)
+    expected = Counter(report_heatmap.heat_colour(row["ratio"]) for row in rows)
+    first = report_heatmap.heat_colour(next(row["ratio"] for row in loc["rows"] if row["name"] == first_name))
+    assert first not in {report_heatmap.heat_colour(x) for x in (1e-3, 0.1, 0.5, 1.0)}  # out-of-tolerance red
+    for colour, cells in expected.items():
+        assert r.colours[colour] >= 0.6 * cells * area, (colour, cells, r.colours[colour])
+    assert r.colours[first] <= (expected[first] + 0.2) * area  # the first op's cells, nothing else that red
+
+
 @pytest.mark.compile
 @pytest.mark.model
 def test_parity_run_writes_a_report_that_renders(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
-    proc = run_cli("run", "--out-dir", str(tmp_path), "--format", "json")
-    assert proc.returncode == 0, proc.stderr
+    """A real run on the default model (the numpy engine with one layer's ffn_norm weights scaled, localised)."""
+    impl = "py:tests.planted.bugs:factory_norm_weights"
+    proc = run_cli("run", "--out-dir", str(tmp_path), "--format", "json", "--impl", impl, "--locate")
+    assert proc.returncode == 1, proc.stderr  # the planted bug diverges
     receipt = receipts.load(tmp_path / "receipt_llama.json")
     assert receipt["token_text"] and set(map(str, receipt["token_ids"])) <= set(receipt["token_text"])
-    r = render(tmp_path / "report.html", tmp_path, 1300)
+    loc = receipt["localisation"]
+    assert loc["status"] == "out_of_tolerance" and loc["first"]["name"] == "ffn_norm-1"
+    r = render(tmp_path / "report.html", tmp_path, 2000)
     assert r.console == [] and r.page_requests == []
-    assert 'id="chart-llama"' in r.dom and 'id="tokens-llama"' in r.dom and "PASS" in r.dom
+    for part in ('id="chart-llama"', 'id="tokens-llama"', 'id="heatmap-llama"', "DIVERGED", "ffn_norm-1"):
+        assert part in r.dom, part
     assert r.dom.count('class="tok') >= receipt["positions"]
-    # the three series are drawn: pixels of each series' colour, far more than a legend swatch (12 x 10)
+    # the three series and the floor are drawn: pixels of each colour, far more than a legend swatch (12 x 10)
     for colour in (report_html.COS, report_html.KL, report_html.DLOGIT):
         assert r.colours[colour] > 400, (colour, r.colours.most_common(12))
+    assert r.colours[report_html.FLOOR_FILL] > 5000, r.colours.most_common(12)  # a swatch is 120 px
     chart = r.pixels[400:1000, 60:1000]
     assert len(np.unique(chart.reshape(-1, 3), axis=0)) > 20  # not a blank region
+    assert_heatmaps_drawn(r, loc, "ffn_norm-1")
 
 
 def test_report_renders_floor_heatmap_and_escaped_pieces(tmp_path: Path) -> None:
@@ -158,18 +181,8 @@ def test_report_renders_floor_heatmap_and_escaped_pieces(tmp_path: Path) -> None
     # the noise floor is shaded (KL and max |dlogit| panels): a large area of its fill colour
     assert r.colours[report_html.FLOOR_FILL] > 20_000, r.colours.most_common(12)
     # every heatmap cell has its colour: count pixels per expected colour (cells are 1 px apart)
-    loc = r_["localisation"]
-    rows = loc["rows"] + loc["free"]["rows"]  # both maps: replay and free-running
-    ops = len({row["op"] for row in loc["rows"]})
-    cw = max(26, min(80, 860 // ops))
-    area = (cw - 1) * (18 - 1)
-    expected = Counter(report_heatmap.heat_colour(row["ratio"]) for row in rows)
-    first = report_heatmap.heat_colour(next(row["ratio"] for row in loc["rows"] if row["name"] == PLANTED))
-    assert first not in {report_heatmap.heat_colour(x) for x in (1e-3, 0.1, 0.5, 1.0)}
-    for colour, cells in expected.items():
-        assert r.colours[colour] >= 0.6 * cells * area, (colour, cells, r.colours[colour])
-    assert r.colours[first] <= (expected[first] + 0.2) * area  # the planted op's cells, nothing else that red
-    assert r.colours[report_heatmap.MISSING] >= 0.6 * area  # cells with no op in that layer are grey
+    assert_heatmaps_drawn(r, r_["localisation"], PLANTED)
+    assert r.colours[report_heatmap.MISSING] >= 0.6 * 25 * 17  # cells with no op in that layer are grey
 
 
 @pytest.mark.compile
