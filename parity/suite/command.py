@@ -23,7 +23,7 @@ from typing import Any
 from parity.core.proc import log
 from parity.errors import UsageError
 from parity.suite import receipt, stats, verdicts
-from parity.suite.store import Store, in_shard
+from parity.suite.store import Store, in_shard, locked
 
 DEFAULT_OUT = ".parity/suite"
 
@@ -187,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
         mode=args.score,
         shard=shard,
     )
-    store = Store.open_write(out, prepared.manifest, args.resume)
-    with store.locked():
+    with locked(out):
+        store = Store.open_write(out, prepared.manifest, args.resume)
         executor_info, errors = _compute(store, prepared, shard, args)
         rec = receipt.build([store], th, executor_info, errors)
     return _finish(out, rec, args.format)

@@ -53,6 +53,14 @@ def in_shard(index: int, shard: tuple[int, int] | None) -> bool:
     return shard is None or index % shard[1] == shard[0] - 1
 
 
+@contextlib.contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """The out directory's writer lock (held from before the manifest is read): a second run into the same
+    directory waits a few seconds, then stops naming the lock file."""
+    with file_lock(root / ".lock", what=f"suite out directory {root}", timeout=5.0):
+        yield
+
+
 class Store:
     """One out directory, opened for writing (`create` or `resume`) or for reading (`open_read`)."""
 
@@ -112,12 +120,6 @@ class Store:
                 f"{root} is not a parity suite out directory (no {MANIFEST})", fix="pass a --out-dir of `parity suite`"
             )
         return cls(root, manifest)
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """The directory's writer lock: a second run into it waits, then exits 2 naming it."""
-        with file_lock(self.root / ".lock", what=f"suite out directory {self.root}", timeout=5.0):
-            yield
 
     # ---------------------------------------------------------------------------------------------- items
 

@@ -1,0 +1,215 @@
+"""`parity suite` for real (issue 16): local workers, Ray actors and merged shards print the same statistics;
+20 SIGKILLs during a run, resumed each time, lose nothing and compute no finished item again.
+
+The suite: numpy vs llama.cpp on the default model, token-id items and text items (parity's own tokenizer
+path), one thread per side. Ray: one real local head for the module, started in this process on loopback
+(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: every Ray server listens on 127.0.0.1) and shut down after.
+Cost on a quiet 2-core machine: ~20 s for Ray's start, ~1 min for the rest (each CLI run loads both sides).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from parity.backends import build
+from parity.suite import store
+
+from .conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.model
+THREADS = "1"
+N_KILLS = 20
+N_ITEMS = 60  # enough that 20 killed runs, each finishing a few items, leave work for the last ones
+
+
+def _suite(path: Path, n_ids: int = 58) -> Path:
+    lines = [
+        {"id": f"ids-{i}", "tokens": [1, *((7 + 37 * i + 13 * k) % 500 + 3 for k in range(13))]} for i in range(n_ids)
+    ]
+    lines += [
+        {"id": "fox", "text": "The quick brown fox jumps over the lazy dog."},
+        {"id": "chat", "text": "What is 2+2?", "template": "chatml", "system": "Answer briefly."},
+    ]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
+def _suite_args(prompts: Path, out: Path, *extra: str) -> list[str]:
+    return ["suite", "--prompts", str(prompts), "--threads", THREADS, "--out-dir", str(out), "--format", "json", *extra]
+
+
+def _run(prompts: Path, out: Path, *extra: str) -> dict[str, Any]:
+    r = run_cli(*_suite_args(prompts, out, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec: dict[str, Any] = json.loads(r.stdout)
+    assert rec == json.loads((out / "suite.json").read_text())
+    return rec
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _suite(tmp_path_factory.mktemp("suite") / "items.jsonl")
+
+
+BASELINE_DIR: list[Path] = []
+
+
+@pytest.fixture(scope="module")
+def baseline(llama_plan: build.BuildPlan, prompts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted, unsharded local run."""
+    BASELINE_DIR[:] = [tmp_path_factory.mktemp("local") / "out"]
+    return _run(prompts, BASELINE_DIR[0])
+
+
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local Ray head bound to 127.0.0.1, for this module's tests."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        import ray
+    except ImportError:
+        pytest.fail("ray is not installed: pip install -e '.[test]' (the test extra has it)")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        address = str(ray.get_runtime_context().gcs_address)
+        assert address.startswith("127.0.0.1:"), address
+        yield address
+    finally:
+        ray.shutdown()
+
+
+def _same_numbers(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["statistics_text"] == b["statistics_text"]
+    assert a["statistics"] == b["statistics"]
+    keys = ("index", "id", "n_scored", "status", "mean_kld", "max_kld", "kld_p99", "same_top", "rms_dp")
+    assert [{k: r[k] for k in keys} for r in a["items"]] == [{k: r[k] for k in keys} for r in b["items"]]
+    assert a["histogram"] == b["histogram"] and a["worst"] == b["worst"]
+
+
+def test_local_ray_and_merged_shards_print_identical_statistics(
+    baseline: dict[str, Any], prompts: Path, ray_address: str, tmp_path: Path
+) -> None:
+    assert baseline["complete"] and baseline["status"] == "pass" and baseline["n_done"] == N_ITEMS
+    assert baseline["scoring"]["n_positions"] > 100
+    # a correct port is not vacuously exact: the two sides differ, by little
+    assert 0 < baseline["statistics"]["kld"]["max"] < 1e-6
+
+    on_ray = _run(prompts, tmp_path / "ray", "--executor", "ray", "--workers", "2", "--ray-address", ray_address)
+    assert on_ray["executor"]["kind"] == "ray" and on_ray["executor"]["workers"] == 2
+    _same_numbers(baseline, on_ray)
+
+    shard_dirs = []
+    for k in (1, 2, 3):
+        rec = _run(prompts, tmp_path / f"shard{k}", "--shard", f"{k}/3")
+        assert rec["n_items"] == len([i for i in range(N_ITEMS) if i % 3 == k - 1]) and rec["complete"]
+        shard_dirs.append(str(tmp_path / f"shard{k}"))
+    r = run_cli("suite", "merge", *shard_dirs, "--out-dir", str(tmp_path / "merged"), "--format", "json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = json.loads(r.stdout)
+    assert merged["executor"]["kind"] == "merge" and merged["complete"]
+    _same_numbers(baseline, merged)
+
+    # merging a part of the shards: an incomplete suite, named, exit 2
+    r = run_cli("suite", "merge", *shard_dirs[:2], "--out-dir", str(tmp_path / "partial"))
+    assert r.returncode == 2 and f"missing: {len(range(2, N_ITEMS, 3))} item(s)" in r.stdout
+
+
+def _segments(out: Path) -> list[list[dict[str, Any]]]:
+    """progress.jsonl cut into runs (each starts with its `run` event)."""
+    segs: list[list[dict[str, Any]]] = []
+    for ev in store.read_progress(out):
+        if ev["event"] == "run":
+            segs.append([])
+        segs[-1].append(ev)
+    return segs
+
+
+def _item_seconds(out: Path) -> float:
+    """The median time one item took in a finished run (start to done), from its progress log."""
+    begun: dict[int, float] = {}
+    took = []
+    for ev in store.read_progress(out):
+        if ev["event"] == "start":
+            begun[ev["item"]] = ev["t"]
+        elif ev["event"] == "done":
+            took.append(ev["t"] - begun[ev["item"]])
+    return sorted(took)[len(took) // 2]
+
+
+def test_twenty_sigkills_resumed_each_time_lose_nothing_and_redo_nothing(
+    baseline: dict[str, Any], prompts: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    per_item = _item_seconds(BASELINE_DIR[0])
+    rng = random.Random(16)
+    kills = in_run = 0
+    for cycle in range(N_KILLS):
+        args = _suite_args(prompts, out, *(["--resume"] if cycle else []))
+        runs_before = len(_segments(out)) if (out / store.PROGRESS).exists() else 0
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "parity", *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: the kill takes its workers and C++ processes too
+        )
+        t0 = time.monotonic()
+        if rng.random() < 0.25:  # anywhere in the first seconds: start-up, preparation, model loading
+            deadline = t0 + rng.uniform(0.0, 4.0)
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+        else:  # while items are computed: once this run finished one, within the next few items
+            while proc.poll() is None and time.monotonic() - t0 < 120:
+                segs = _segments(out) if (out / store.PROGRESS).exists() else []
+                if len(segs) > runs_before and any(e["event"] == "done" for e in segs[-1]):
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 3 * per_item))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+            if (out / store.PROGRESS).exists() and len(_segments(out)) > runs_before:
+                in_run += 1  # killed after it began computing (else during start-up: no trace in the log)
+        proc.wait(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), f"run {cycle} exited {proc.returncode}"
+    final = _run(prompts, out, "--resume")
+    assert kills >= N_KILLS - 1, f"only {kills} of {N_KILLS} runs were still running when killed"
+
+    # the same statistics as one uninterrupted run
+    _same_numbers(baseline, final)
+    assert final["complete"] and final["n_done"] == N_ITEMS and final["executor"]["resumed"]
+
+    # nothing finished is lost or started again; a kill costs at most the item in flight
+    segs = _segments(out)
+    assert len(segs) >= in_run + 1 and in_run >= N_KILLS // 2
+    known: set[int] = set()
+    starts = dict.fromkeys(range(N_ITEMS), 0)
+    for seg in segs:
+        head, events = seg[0], seg[1:]
+        assert set(head["done"]) >= known, f"finished items lost: {sorted(known - set(head['done']))}"
+        started = [e["item"] for e in events if e["event"] == "start"]
+        again = set(head["done"]) & set(started)
+        assert not again, f"finished items computed again: {sorted(again)}"
+        done_here = [e["item"] for e in events if e["event"] == "done"]
+        assert len(done_here) == len(set(done_here)) and set(done_here) <= set(started)
+        assert len(set(started) - set(done_here)) <= 1  # one worker: at most one item in flight
+        for i in started:
+            starts[i] += 1
+        known = set(head["done"]) | set(done_here)
+    assert known == set(range(N_ITEMS))
+    assert all(n >= 1 for n in starts.values())
+    assert sum(starts.values()) <= N_ITEMS + kills
+    print(
+        f"{kills} kills ({in_run} while computing), {len(segs)} runs, {sum(starts.values())} computations of {N_ITEMS} items"
+    )
