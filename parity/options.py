@@ -172,8 +172,8 @@ def resolve(cli: dict[str, Any], pyproject: Path | None = None) -> RunOptions:
 # above). tests/unit/test_config.py fails when a module reads one that is not listed here.
 ENVIRONMENT: dict[str, str] = {
     "PARITY_ROOT": "the project root holding lock/ and cpp/ (core/paths.py)",
-    "PARITY_CACHE": "build cache, default ./cache (core/paths.py)",
-    "PARITY_THIRD_PARTY": "fetched backend sources, default ./third_party (core/paths.py)",
+    "PARITY_CACHE": "build cache, default ~/.cache/parity/build, shared by every clone (core/paths.py)",
+    "PARITY_THIRD_PARTY": "fetched backend sources, default ~/.cache/parity/sources (core/paths.py)",
     "PARITY_LLAMA_SRC": "a local llama.cpp tree instead of the pinned source (lock/backends.toml override_env)",
     "PARITY_BITNET_SRC": "a local bitnet.cpp tree (lock/backends.toml override_env)",
     "PARITY_SDIST_DIR": "a directory already holding the pinned llama-cpp-python sdist (backends/lock.py)",

@@ -1,13 +1,23 @@
 """Building a backend: libllama with CMake + Ninja, then parity's bridge with scikit-build-core.
 
-Artifacts live in cache/<backend>-<key>/, keyed by the source fingerprint, the CMake options, the compiler
-and the CPU (GGML_NATIVE builds for the host CPU). The bridge sits in a subdirectory keyed by its own
-sources, so editing cpp/ rebuilds only the bridge. A build receipt (build.json) is written last and marks
-an entry complete: a second run finds it and rebuilds nothing.
+Artifacts live in <cache>/<backend>-<key>/, keyed by the source fingerprint, the CMake options, the compiler
+and the CPU (GGML_NATIVE builds for the host CPU). <cache> is per user (parity.core.paths.cache_dir: the
+platform cache directory, PARITY_CACHE overrides), so another clone, a CI run on the same runner or another
+project finds an entry it did not build. The bridge sits in a subdirectory keyed by its own sources, so
+editing cpp/ rebuilds only the bridge. A build receipt (build.json) marks an entry complete: a second run
+finds it and rebuilds nothing.
+
+Concurrency and killed builds: one lock per backend and cache (<cache>/.<backend>.build.lock, the name older
+parity versions use too) makes a second builder wait, then find the entry built. Each part is built in a staging directory beside its final
+place (<entry>.partial, <entry>/bridge-<key>.partial), emptied first if an earlier build died there, and
+renamed into place only when complete (`_publish`, one rename); so a half-written entry is never found,
+never used, and never resumed from. The libllama build tree is dropped before the rename (its CMake cache
+names the staging path); the installed prefix, the logs and lib.json stay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -138,14 +148,23 @@ def ensure_built(
     if is_built(p):
         log(f"{spec.name}: up to date ({p.bridge_path}) [{time.perf_counter() - t0:.2f} s]")
         return p
-    with file_lock(paths.cache_dir() / f".{spec.name}.build.lock", what=f"the {spec.name} build"):
+    with file_lock(lock_path(p), what=f"the {spec.name} build"):
         if is_built(p):  # another process finished it while we waited
             log(f"{spec.name}: up to date ({p.bridge_path})")
             return p
         src = lock.acquire(spec, override, verbose=verbose)
-        lib_seconds = _build_lib(spec, p, src.path, verbose=verbose, jobs=jobs)
+        lib_seconds = 0.0
+        if not lib_complete(p.lib_dir):
+            stage = _staging(p.lib_dir)
+            lib_seconds = _build_lib(spec, p, src.path, verbose=verbose, jobs=jobs, into=stage)
+            shutil.rmtree(stage / "build")  # objects; its CMake cache names the staging path: never reusable
+            _publish(stage, p.lib_dir)
+        else:
+            log(f"{spec.name}: libllama up to date ({p.lib_dir / 'prefix'})")
+        bridge_stage = _staging(p.bridge_dir)
+        staged = dataclasses.replace(p, bridge_dir=bridge_stage)
         with Timer(f"{spec.name}: bridge (scikit-build-core)") as t:
-            _build_bridge(p, verbose=verbose)
+            _build_bridge(staged, verbose=verbose)
         receipt = {
             "version": BUILD_RECEIPT_VERSION,
             "backend": spec.name,
@@ -160,9 +179,42 @@ def ensure_built(
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "python": sys.version.split()[0],
         }
-        atomic_write_json(p.receipt_path, receipt)
+        atomic_write_json(staged.receipt_path, receipt)
+        _publish(bridge_stage, p.bridge_dir)
     log(f"{spec.name}: built in {time.perf_counter() - t0:.1f} s -> {p.bridge_path}")
     return p
+
+
+def lock_path(p: BuildPlan) -> Path:
+    """The build lock of a backend in a cache (every clone using the cache takes it before building there)."""
+    return p.lib_dir.with_name(f".{p.backend}.build.lock")
+
+
+def lib_complete(lib_dir: Path) -> bool:
+    """A published libllama entry: lib.json and the installed llama.h."""
+    return (lib_dir / "lib.json").is_file() and (lib_dir / "prefix" / "include" / "llama.h").is_file()
+
+
+def _staging(final: Path) -> Path:
+    """An empty staging directory beside `final` (<final>.partial). Called under the entry's lock, so whatever
+    is there is what a killed build left behind: it is deleted, never resumed from."""
+    stage = final.with_name(final.name + ".partial")
+    if stage.exists():
+        log(f"discarding {stage} (left by an interrupted build)")
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _publish(stage: Path, final: Path) -> None:
+    """Move a complete staging directory into place with one rename. Whatever sits at `final` is incomplete
+    (the caller checked under the lock: an interrupted build of an older parity that built in place): it is
+    moved aside first, then deleted."""
+    if final.exists():
+        aside = final.with_name(f"{final.name}.stale-{os.getpid()}")
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(stage, final)
 
 
 def _init_cache(p: BuildPlan, prefix: Path) -> str:
@@ -177,11 +229,15 @@ def _init_cache(p: BuildPlan, prefix: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cmake_commands(p: BuildPlan, src: Path, jobs: int, install: str = "cmake") -> list[list[str]]:
-    """The exact configure / build (/ install) commands for libllama (asserted by unit tests)."""
-    build = p.lib_dir / "build"
+def cmake_commands(
+    p: BuildPlan, src: Path, jobs: int, install: str = "cmake", root: Path | None = None
+) -> list[list[str]]:
+    """The exact configure / build (/ install) commands for libllama in `root` (default: the entry itself;
+    ensure_built passes its staging directory) (asserted by unit tests)."""
+    root = root or p.lib_dir
+    build = root / "build"
     cmds = [
-        ["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-C", str(p.lib_dir / "init-cache.cmake")],
+        ["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-C", str(root / "init-cache.cmake")],
         ["cmake", "--build", str(build), "--parallel", str(jobs)],
     ]
     if install == "cmake":
@@ -207,34 +263,39 @@ def collect_install(build_dir: Path, src: Path, include_dirs: tuple[str, ...], p
         )
 
 
-def _build_lib(spec: lock.BackendSpec, p: BuildPlan, src: Path, *, verbose: bool, jobs: int | None) -> float:
-    prefix = p.lib_dir / "prefix"
-    done = p.lib_dir / "lib.json"
-    if done.is_file() and (prefix / "include" / "llama.h").is_file():
+def _build_lib(
+    spec: lock.BackendSpec, p: BuildPlan, src: Path, *, verbose: bool, jobs: int | None, into: Path | None = None
+) -> float:
+    """Build and install libllama in `into` (default: the entry itself); lib.json, written last, names the
+    entry's prefix."""
+    root = into or p.lib_dir
+    prefix = root / "prefix"
+    done = root / "lib.json"
+    if lib_complete(root):
         log(f"{spec.name}: libllama up to date ({prefix})")
         return 0.0
     for rel, target in spec.prepare_copy.items():
         dst = src / target
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / rel, dst)
-    p.lib_dir.mkdir(parents=True, exist_ok=True)
-    (p.lib_dir / "init-cache.cmake").write_text(_init_cache(p, prefix), encoding="utf-8")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "init-cache.cmake").write_text(_init_cache(p, prefix), encoding="utf-8")
     if prefix.exists():
         shutil.rmtree(prefix)
     jobs = jobs or os.cpu_count() or 2
     t0 = time.perf_counter()
     labels = ("configure", "build", "install")
     for label, cmd in zip(
-        labels, cmake_commands(p, src, jobs, spec.install), strict=False
+        labels, cmake_commands(p, src, jobs, spec.install, root), strict=False
     ):  # no install step for "collect"
         with Timer(f"{spec.name}: libllama {label}"):
             shown = f"{spec.name}: building libllama" if label == "build" else None
-            run(cmd, verbose=verbose, log_file=p.lib_dir / f"{label}.log", progress=shown)
+            run(cmd, verbose=verbose, log_file=root / f"{label}.log", progress=shown)
     if spec.install == "collect":
         with Timer(f"{spec.name}: libllama install (collect)"):
-            collect_install(p.lib_dir / "build", src, spec.include_dirs, prefix)
+            collect_install(root / "build", src, spec.include_dirs, prefix)
     seconds = time.perf_counter() - t0
-    atomic_write_json(done, {"seconds": round(seconds, 2), "prefix": str(prefix)})
+    atomic_write_json(done, {"seconds": round(seconds, 2), "prefix": str(p.lib_dir / "prefix")})
     return seconds
 
 

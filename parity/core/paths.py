@@ -1,7 +1,10 @@
 """Where parity keeps things: the project root (lock/, cpp/), the build cache, fetched sources.
 
-Precedence: PARITY_ROOT / PARITY_CACHE / PARITY_THIRD_PARTY env vars, else the checkout this package
-lives in, else the current directory.
+Precedence: PARITY_ROOT / PARITY_CACHE / PARITY_THIRD_PARTY env vars; else the root is the checkout this package
+lives in (or the current directory), and the build cache and fetched sources are per user, in the platform cache
+directory (`user_cache_dir()`: $XDG_CACHE_HOME/parity, else ~/.cache/parity; `build/` and `sources/`). Both are
+keyed by what determines them (parity.backends.build, parity.backends.lock), so every clone and project of one
+user shares them and builds nothing twice.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ def lock_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Build artifacts and downloads (git-ignored)."""
+    """Build artifacts and downloads: PARITY_CACHE, else <user cache>/build (shared by every clone)."""
     env = os.environ.get("PARITY_CACHE")
-    return Path(env).resolve() if env else project_root() / "cache"
+    return Path(env).expanduser().resolve() if env else user_cache_dir().resolve() / "build"
 
 
 def user_cache_dir() -> Path:
@@ -46,6 +49,6 @@ def user_cache_dir() -> Path:
 
 
 def third_party_dir() -> Path:
-    """Fetched backend sources (git-ignored, never committed)."""
+    """Fetched backend sources (never committed): PARITY_THIRD_PARTY, else <user cache>/sources."""
     env = os.environ.get("PARITY_THIRD_PARTY")
-    return Path(env).resolve() if env else project_root() / "third_party"
+    return Path(env).expanduser().resolve() if env else user_cache_dir().resolve() / "sources"
