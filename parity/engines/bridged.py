@@ -53,7 +53,10 @@ class BridgedImplementation(Implementation):
         log_name: str | None = None,
         verbose: bool = False,
         timeout: float = 600.0,
+        worker: Worker | None = None,
     ) -> None:
+        """`worker`: an already started worker of this backend to load the model in (it becomes this
+        implementation's and is closed with it); by default a new one is started."""
         self.spec = spec.text
         self.kind = spec.kind
         self.plan = plan
@@ -61,7 +64,7 @@ class BridgedImplementation(Implementation):
         self.eval_shape = spec.get("eval_shape") or eval_shape
         self.capture_budget = CAPTURE_BUDGET  # bytes of recorded tensors one tensors() call may hold
         self._graph_names: dict[int, list[str]] = {}  # n_tokens -> per-token tensor names the graph computes
-        self._worker = Worker(
+        self._worker = worker or Worker(
             log_name or spec.label, plan.bridge_path, log_dir=log_dir, log_level=3 if verbose else 1, timeout=timeout
         )
         self._model_path = str(model)
@@ -136,6 +139,7 @@ class BridgedImplementation(Implementation):
 
     def close(self) -> None:
         try:
-            self._model.close()
+            if self._worker.proc.poll() is None:  # a worker that crashed has nothing left to close
+                self._model.close()
         finally:
             self._worker.close()

@@ -17,7 +17,7 @@ from parity.backends.bridge import BackendParams
 from parity.engines import spec as impl_spec
 from parity.engines.base import TENSOR_GLOBALS, TENSOR_OPS
 from parity.engines.bridged import BridgedImplementation
-from parity.errors import UsageError
+from parity.errors import UsageError, WorkerError
 from parity.models import modelgen
 
 pytestmark = pytest.mark.compile
@@ -114,6 +114,14 @@ def test_micro_batches_concatenate_rows(llama_plan: build.BuildPlan, impl: Bridg
         # replay across micro-batches: rows are written back where they were read
         forced = split.tensors(TOKENS, replace={"ffn_out-0": parts["ffn_out-0"]})
         assert np.array_equal(forced["result_output"], parts["result_output"])
+
+
+def test_a_crash_during_capture_is_a_worker_error(llama_plan: build.BuildPlan, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARITY_FAULT_INJECT", "abort:capture")  # the worker aborts as a C++ abort would
+    with _open(llama_plan) as im:
+        with pytest.raises(WorkerError, match="killed by signal SIGABRT during capture") as info:
+            im.tensors(TOKENS, ["l_out-0"])
+        assert info.value.exit_code == 1
 
 
 @pytest.mark.bitnet_cpp
