@@ -46,6 +46,7 @@ def as_dict(shared: Shared, results: list[LaneResult], code: int) -> dict[str, A
             "lanes_passed": sum(r.passed for r in results),
             "lanes": len(results),
             "exit_code": code,
+            "report": str(shared.report) if shared.report else None,
         },
     }
 
@@ -150,6 +151,8 @@ def as_text(shared: Shared, results: list[LaneResult], code: int) -> str:
         if tokenizer_consistent(shared)
         else f"  tokenizer     NOT consistent: {a['source']} tokenizer vs {checked} ({same_vocab})",
     ]
+    if shared.report:
+        out.append(f"  report        {shared.report}")
     return "\n".join(out)
 
 

@@ -152,6 +152,7 @@ def test_parity_run_writes_a_report_that_renders(llama_plan: build.BuildPlan, tm
     impl = "py:tests.planted.bugs:factory_norm_weights"
     proc = run_cli("run", "--out-dir", str(tmp_path), "--format", "json", "--impl", impl, "--locate")
     assert proc.returncode == 1, proc.stderr  # the planted bug diverges
+    assert json.loads(proc.stdout)["overall"]["report"] == str(tmp_path / "report.html")
     receipt = receipts.load(tmp_path / "receipt_llama.json")
     assert receipt["token_text"] and set(map(str, receipt["token_ids"])) <= set(receipt["token_text"])
     loc = receipt["localisation"]
