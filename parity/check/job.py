@@ -73,9 +73,6 @@ class Shared:
     impl_error: str | None = None
     # Opens the implementation under test again (localisation, check/locate.py); None with --no-locate.
     open_impl: Callable[[], Implementation] | None = None
-    # prepare()'s tokenizer workers, one per plan key, each handed to the first lane of that key: one worker
-    # process per backend per run instead of one for tokenizing and another for the lane
-    spare_workers: dict[str, Worker] = field(default_factory=dict)
     # The GGUF vocabulary, for the receipts' token_text (the report's token strip; check/pieces.py).
     vocab: pieces.Vocab | None = None
     # report.html, written beside the receipts once every lane has run (compare/report_html.py).
@@ -84,14 +81,6 @@ class Shared:
     @property
     def sequence(self) -> list[int]:
         return self.prompt_ids + self.generated
-
-    def take_worker(self, key: str) -> Worker | None:
-        """The started worker of plan `key`, once (the caller owns it); None after that."""
-        return self.spare_workers.pop(key, None)
-
-    def close_workers(self) -> None:
-        while self.spare_workers:
-            self.spare_workers.popitem()[1].close()
 
 
 @dataclass
@@ -144,18 +133,6 @@ def prepare(opts: RunOptions, refs: list[ImplSpec]) -> tuple[Shared, dict[str, b
 
     `refs` are the reference lanes (inputs.reference_specs). Returns the shared work and one build plan per
     plan key (ImplSpec.plan_key: a kind, or kind@source), the references' and a bridged --impl's."""
-    spare: dict[str, Worker] = {}  # the tokenizer workers, handed to the lanes (Shared.take_worker)
-    try:
-        return _prepare(opts, refs, spare)
-    except BaseException:
-        for w in spare.values():
-            w.close()
-        raise
-
-
-def _prepare(
-    opts: RunOptions, refs: list[ImplSpec], spare: dict[str, Worker]
-) -> tuple[Shared, dict[str, build.BuildPlan]]:
     impl_spec = impl_specs.parse(opts.impl)
     lane_backends = list(dict.fromkeys(r.kind for r in refs))
     t0 = time.perf_counter()
@@ -189,13 +166,45 @@ def _prepare(
         impl_plan = inputs.preflight(impl_spec.kind, opts, impl_spec.get("source"))
     seconds = {"load": time.perf_counter() - t0}
 
-    # Tokenize with every backend (vocab only) and compare with the external tokenizer. The workers stay
-    # started: each plan key's goes to its first lane (Shared.take_worker).
+    # Tokenize with every backend (vocab only) and compare with the external tokenizer.
     t1 = time.perf_counter()
     backend_ids: dict[str, list[int]] = {}
-    template, formatted, chat_record = _tokenize_in_backends(
-        opts, plans, by_key, spare, lane_models, model_path, gguf.metadata, hf, backend_ids
-    )
+    formatted: str | None = None
+    template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
+    chat_record: dict[str, Any] | None = None
+    for b, p in plans.items():
+        kind = by_key[b].kind
+        with Worker(
+            kind,
+            p.bridge_path,
+            log_dir=Path(opts.out_dir) / "logs",
+            log_level=3 if opts.verbose else 1,
+            timeout=opts.timeout,
+        ) as w:
+            vm = inputs.open_vocab(w, kind, lane_models.get(kind, model_path))
+            if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
+                template, formatted, chat_record = apply_template(
+                    opts.prompt_template,
+                    opts.prompt,
+                    opts.system_prompt,
+                    gguf.metadata,
+                    model_path,
+                    add_bos=bool(vm.info()["add_bos"]),
+                )
+            ids = vm.tokenize(formatted, True, True)
+            if opts.dump_cpp_ids:
+                log(f"{b} ids: {ids}")
+            if hf is not None:
+                ours = hf.encode(formatted)
+                if opts.dump_ids:
+                    log(f"tokenizer.json ids: {ours}")
+                    log(f"{b} ids: {ids}")
+
+                def piece(t: int, vm: RemoteModel = vm) -> str:
+                    return vm.piece(t).decode("utf-8", "replace")
+
+                check_token_parity(ours, ids, backend=b, ours_str=hf.token_str, theirs_str=piece)
+            backend_ids[b] = ids
     assert formatted is not None, "prepare() needs at least one backend"
     first = next(iter(backend_ids.values()))
     for b, ids in backend_ids.items():  # backends must agree with each other too
@@ -259,69 +268,12 @@ def _prepare(
         backend_ids,
     )
     shared.chat_template = chat_record
-    shared.spare_workers = spare
     shared.implementation = described
     shared.impl_error = impl_error
     if opts.locate != "off":  # localisation reopens the implementation under test (the numpy engine reused)
         shared.open_impl = lambda: _open_impl(impl_spec, impl_plan, checked.engine, model_path, opts, n_total)
     shared.vocab = pieces.Vocab.from_metadata(gguf.metadata)
     return shared, plans
-
-
-def _tokenize_in_backends(
-    opts: RunOptions,
-    plans: dict[str, build.BuildPlan],
-    by_key: dict[str, ImplSpec],
-    spare: dict[str, Worker],
-    lane_models: dict[str, Path],
-    model_path: Path,
-    metadata: dict[str, Any],
-    hf: HFTokenizer | None,
-    backend_ids: dict[str, list[int]],
-) -> tuple[str, str | None, dict[str, Any] | None]:
-    """Format the prompt, tokenize it in every backend (vocabulary only) and check each against the tokenizer
-    authority (exit 2 on a mismatch). Fills `backend_ids` and `spare` (the started workers, by plan key).
-    Returns (template, formatted prompt, chat template record)."""
-    formatted: str | None = None
-    template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
-    chat_record: dict[str, Any] | None = None
-    for b, p in plans.items():
-        kind = by_key[b].kind
-        w = spare[b] = Worker(
-            kind,
-            p.bridge_path,
-            log_dir=Path(opts.out_dir) / "logs",
-            log_level=3 if opts.verbose else 1,
-            timeout=opts.timeout,
-        )
-        vm = inputs.open_vocab(w, kind, lane_models.get(kind, model_path))
-        try:
-            if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
-                template, formatted, chat_record = apply_template(
-                    opts.prompt_template,
-                    opts.prompt,
-                    opts.system_prompt,
-                    metadata,
-                    model_path,
-                    add_bos=bool(vm.info()["add_bos"]),
-                )
-            ids = vm.tokenize(formatted, True, True)
-            if opts.dump_cpp_ids:
-                log(f"{b} ids: {ids}")
-            if hf is not None:
-                ours = hf.encode(formatted)
-                if opts.dump_ids:
-                    log(f"tokenizer.json ids: {ours}")
-                    log(f"{b} ids: {ids}")
-
-                def piece(t: int, vm: RemoteModel = vm) -> str:
-                    return vm.piece(t).decode("utf-8", "replace")
-
-                check_token_parity(ours, ids, backend=b, ours_str=hf.token_str, theirs_str=piece)
-            backend_ids[b] = ids
-        finally:
-            vm.close()  # the vocabulary-only model; the worker stays for the lane
-    return template, formatted, chat_record
 
 
 def _open_impl(
@@ -378,7 +330,6 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
             log_name=label,
             verbose=opts.verbose,
             timeout=opts.timeout,
-            worker=shared.take_worker(lane.plan_key),
         ) as ref:
             base["backend_info"]["api_generation"] = ref.hello["api_generation"]
             base["backend_info"]["system_info"] = ref.hello["system_info"]
@@ -543,15 +494,6 @@ def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResul
     ensure_out_dir(out_dir)
     lanes = inputs.reference_specs(lane_specs)
     shared, plans = prepare(opts, lanes)
-    try:
-        return _run_lanes(opts, lanes, shared, plans, out_dir)
-    finally:
-        shared.close_workers()  # a tokenizer worker no lane took (e.g. every lane failed before starting)
-
-
-def _run_lanes(
-    opts: RunOptions, lanes: list[ImplSpec], shared: Shared, plans: dict[str, build.BuildPlan], out_dir: Path
-) -> tuple[Shared, list[LaneResult]]:
 
     def one(lane: ImplSpec) -> LaneResult:
         try:
