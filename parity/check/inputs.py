@@ -20,7 +20,7 @@ from parity.engines import spec as impl_specs
 from parity.engines.spec import ImplSpec
 from parity.errors import BackendUnavailable, ModelFormatError, RepairRecursion, UsageError, WorkerError
 from parity.options import RunOptions
-from parity.tokenize.tokenizer import HFTokenizer
+from parity.tokenize.tokenizer import HFTokenizer, apply_template, check_token_parity
 
 if TYPE_CHECKING:
     from parity.engines.numpy.engine import NumpyEngine
@@ -185,3 +185,59 @@ def check_lane_formats(
             f"--numerics {opts.numerics} is implemented for the bitnet architecture, not {gguf.architecture!r}",
             fix="use --numerics exact",
         )
+
+
+def tokenize_in_backends(
+    opts: RunOptions,
+    plans: dict[str, build.BuildPlan],
+    by_key: dict[str, ImplSpec],
+    spare: dict[str, Worker],
+    lane_models: dict[str, Path],
+    model_path: Path,
+    metadata: dict[str, Any],
+    hf: HFTokenizer | None,
+    backend_ids: dict[str, list[int]],
+) -> tuple[str, str | None, dict[str, Any] | None]:
+    """Format the prompt, tokenize it in every backend (vocabulary only) and check each against the tokenizer
+    authority (exit 2 on a mismatch). Fills `backend_ids` and `spare` (the started workers, by plan key).
+    Returns (template, formatted prompt, chat template record)."""
+    formatted: str | None = None
+    template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
+    chat_record: dict[str, Any] | None = None
+    for b, p in plans.items():
+        kind = by_key[b].kind
+        w = spare[b] = Worker(
+            kind,
+            p.bridge_path,
+            log_dir=Path(opts.out_dir) / "logs",
+            log_level=3 if opts.verbose else 1,
+            timeout=opts.timeout,
+        )
+        vm = open_vocab(w, kind, lane_models.get(kind, model_path))
+        try:
+            if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
+                template, formatted, chat_record = apply_template(
+                    opts.prompt_template,
+                    opts.prompt,
+                    opts.system_prompt,
+                    metadata,
+                    model_path,
+                    add_bos=bool(vm.info()["add_bos"]),
+                )
+            ids = vm.tokenize(formatted, True, True)
+            if opts.dump_cpp_ids:
+                log(f"{b} ids: {ids}")
+            if hf is not None:
+                ours = hf.encode(formatted)
+                if opts.dump_ids:
+                    log(f"tokenizer.json ids: {ours}")
+                    log(f"{b} ids: {ids}")
+
+                def piece(t: int, vm: RemoteModel = vm) -> str:
+                    return vm.piece(t).decode("utf-8", "replace")
+
+                check_token_parity(ours, ids, backend=b, ours_str=hf.token_str, theirs_str=piece)
+            backend_ids[b] = ids
+        finally:
+            vm.close()  # the vocabulary-only model; the worker stays for the lane
+    return template, formatted, chat_record

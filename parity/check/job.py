@@ -20,12 +20,11 @@ import numpy as np
 
 from parity.backends import build
 from parity.backends.bridge import BackendParams
-from parity.backends.worker import RemoteModel, Worker
+from parity.backends.worker import Worker
 from parity.check import floor as noise_floor
 from parity.check import inputs, pieces
 from parity.check import locate as localisation
 from parity.compare import metrics, receipts, report_html
-from parity.core.proc import log
 from parity.engines import spec as impl_specs
 from parity.engines.base import Implementation
 from parity.engines.bridged import BridgedImplementation, apply_spec
@@ -40,7 +39,7 @@ from parity.errors import (
 )
 from parity.models import modelgen
 from parity.options import RunOptions
-from parity.tokenize.tokenizer import apply_template, check_token_parity
+from parity.tokenize.tokenizer import check_token_parity
 
 if TYPE_CHECKING:
     from parity.engines.numpy.engine import NumpyEngine
@@ -73,6 +72,9 @@ class Shared:
     impl_error: str | None = None
     # Opens the implementation under test again (localisation, check/locate.py); None with --no-locate.
     open_impl: Callable[[], Implementation] | None = None
+    # prepare()'s tokenizer workers, one per plan key, each handed to the first lane of that key: one worker
+    # process per backend per run instead of one for tokenizing and another for the lane
+    spare_workers: dict[str, Worker] = field(default_factory=dict)
     # The GGUF vocabulary, for the receipts' token_text (the report's token strip; check/pieces.py).
     vocab: pieces.Vocab | None = None
     # report.html, written beside the receipts once every lane has run (compare/report_html.py).
@@ -81,6 +83,14 @@ class Shared:
     @property
     def sequence(self) -> list[int]:
         return self.prompt_ids + self.generated
+
+    def take_worker(self, key: str) -> Worker | None:
+        """The started worker of plan `key`, once (the caller owns it); None after that."""
+        return self.spare_workers.pop(key, None)
+
+    def close_workers(self) -> None:
+        while self.spare_workers:
+            self.spare_workers.popitem()[1].close()
 
 
 @dataclass
@@ -133,6 +143,18 @@ def prepare(opts: RunOptions, refs: list[ImplSpec]) -> tuple[Shared, dict[str, b
 
     `refs` are the reference lanes (inputs.reference_specs). Returns the shared work and one build plan per
     plan key (ImplSpec.plan_key: a kind, or kind@source), the references' and a bridged --impl's."""
+    spare: dict[str, Worker] = {}  # the tokenizer workers, handed to the lanes (Shared.take_worker)
+    try:
+        return _prepare(opts, refs, spare)
+    except BaseException:
+        for w in spare.values():
+            w.close()
+        raise
+
+
+def _prepare(
+    opts: RunOptions, refs: list[ImplSpec], spare: dict[str, Worker]
+) -> tuple[Shared, dict[str, build.BuildPlan]]:
     impl_spec = impl_specs.parse(opts.impl)
     lane_backends = list(dict.fromkeys(r.kind for r in refs))
     t0 = time.perf_counter()
@@ -166,45 +188,13 @@ def prepare(opts: RunOptions, refs: list[ImplSpec]) -> tuple[Shared, dict[str, b
         impl_plan = inputs.preflight(impl_spec.kind, opts, impl_spec.get("source"))
     seconds = {"load": time.perf_counter() - t0}
 
-    # Tokenize with every backend (vocab only) and compare with the external tokenizer.
+    # Tokenize with every backend (vocab only) and compare with the external tokenizer. The workers stay
+    # started: each plan key's goes to its first lane (Shared.take_worker).
     t1 = time.perf_counter()
     backend_ids: dict[str, list[int]] = {}
-    formatted: str | None = None
-    template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
-    chat_record: dict[str, Any] | None = None
-    for b, p in plans.items():
-        kind = by_key[b].kind
-        with Worker(
-            kind,
-            p.bridge_path,
-            log_dir=Path(opts.out_dir) / "logs",
-            log_level=3 if opts.verbose else 1,
-            timeout=opts.timeout,
-        ) as w:
-            vm = inputs.open_vocab(w, kind, lane_models.get(kind, model_path))
-            if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
-                template, formatted, chat_record = apply_template(
-                    opts.prompt_template,
-                    opts.prompt,
-                    opts.system_prompt,
-                    gguf.metadata,
-                    model_path,
-                    add_bos=bool(vm.info()["add_bos"]),
-                )
-            ids = vm.tokenize(formatted, True, True)
-            if opts.dump_cpp_ids:
-                log(f"{b} ids: {ids}")
-            if hf is not None:
-                ours = hf.encode(formatted)
-                if opts.dump_ids:
-                    log(f"tokenizer.json ids: {ours}")
-                    log(f"{b} ids: {ids}")
-
-                def piece(t: int, vm: RemoteModel = vm) -> str:
-                    return vm.piece(t).decode("utf-8", "replace")
-
-                check_token_parity(ours, ids, backend=b, ours_str=hf.token_str, theirs_str=piece)
-            backend_ids[b] = ids
+    template, formatted, chat_record = inputs.tokenize_in_backends(
+        opts, plans, by_key, spare, lane_models, model_path, gguf.metadata, hf, backend_ids
+    )
     assert formatted is not None, "prepare() needs at least one backend"
     first = next(iter(backend_ids.values()))
     for b, ids in backend_ids.items():  # backends must agree with each other too
@@ -268,6 +258,7 @@ def prepare(opts: RunOptions, refs: list[ImplSpec]) -> tuple[Shared, dict[str, b
         backend_ids,
     )
     shared.chat_template = chat_record
+    shared.spare_workers = spare
     shared.implementation = described
     shared.impl_error = impl_error
     if opts.locate != "off":  # localisation reopens the implementation under test (the numpy engine reused)
@@ -330,6 +321,7 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
             log_name=label,
             verbose=opts.verbose,
             timeout=opts.timeout,
+            worker=shared.take_worker(lane.plan_key),
         ) as ref:
             base["backend_info"]["api_generation"] = ref.hello["api_generation"]
             base["backend_info"]["system_info"] = ref.hello["system_info"]
@@ -494,6 +486,15 @@ def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResul
     ensure_out_dir(out_dir)
     lanes = inputs.reference_specs(lane_specs)
     shared, plans = prepare(opts, lanes)
+    try:
+        return _run_lanes(opts, lanes, shared, plans, out_dir)
+    finally:
+        shared.close_workers()  # a tokenizer worker no lane took (e.g. every lane failed before starting)
+
+
+def _run_lanes(
+    opts: RunOptions, lanes: list[ImplSpec], shared: Shared, plans: dict[str, build.BuildPlan], out_dir: Path
+) -> tuple[Shared, list[LaneResult]]:
 
     def one(lane: ImplSpec) -> LaneResult:
         try:
