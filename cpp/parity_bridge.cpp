@@ -41,7 +41,7 @@ struct parity_model {
 #endif
     parity_capture * capture = nullptr;  // the capture in progress (parity_capture_run), else nullptr
     std::unordered_map<std::string, int32_t> census;  // per-token tensor name -> nodes per graph (capture)
-    bool census_known = false;
+    int32_t census_rows = 0;  // the micro-batch token count it was taken with (0: none yet)
 };
 
 // The eval callback installed on every context (defined with the capture code at the end of this file):
@@ -978,22 +978,26 @@ int parity_capture_run(parity_model * m, const int32_t * tokens, int32_t n_token
         e->replace = replace_data[i];
         e->replace_width = replace_width[i];
     }
-    if (n_replace > 0 && !m->census_known) {
-        // Which node of a name is its last needs the graph's census: one decode that records nothing.
+    // Which node of a name is its last needs the graph's census: one decode that records nothing, unless a
+    // capture with the same first micro-batch size took it (with one token per micro-batch every node counts
+    // as per-token, so the census depends on that size).
+    const int32_t n_ub_ctx = static_cast<int32_t>(llama_n_ubatch(m->ctx));
+    const int32_t first_rows = n_ub_ctx > 0 && n_ub_ctx < n_tokens ? n_ub_ctx : n_tokens;
+    if (n_replace > 0 && m->census_rows != first_rows) {
         parity_capture probe;
         if (int rc = capture_decode(m, &probe, tokens, n_tokens, err, err_len)) {
             return rc;
         }
         m->census = probe.census;
-        m->census_known = true;
+        m->census_rows = first_rows;
     }
     c->last_of = &m->census;
     if (int rc = capture_decode(m, c.get(), tokens, n_tokens, err, err_len)) {
         return rc;
     }
-    if (!m->census_known) {
+    if (m->census_rows != first_rows) {
         m->census = c->census;
-        m->census_known = true;
+        m->census_rows = first_rows;
     }
     for (const auto & e : c->entries) {
         if (c->census.find(e.name) == c->census.end()) {
