@@ -111,13 +111,17 @@ def _noise_report(bench: Bench) -> None:
 
 
 MODELS = {"default_bench": "llama", "gemma_bench": "gemma3"}
-# Gemma 3 270M has ONE KV head: every query head reads it whatever the mapping, so the GQA bug computes the same
-# function there (test_gqa_bug_is_no_bug_with_one_kv_head checks it changes nothing).
+# On Gemma 3 270M Q4_K_M, bugs inside a quantized matmul's op are within the reference's own activation rounding:
+# llama.cpp rounds every matmul input to 8 bits, which moves ffn_out by up to 7% (the `dequantized` noise), so a
+# 5% gate weight scale or erf-vs-tanh GELU (<1e-3) at ffn_out cannot be told from it
+# (test_within_the_references_own_rounding). Gemma 3 270M has ONE KV head: every query head reads it whatever the
+# mapping, so the GQA bug computes the same function there (test_gqa_bug_is_no_bug_with_one_kv_head).
+WITHIN_ROUNDING = ("gelu_erf", "gate_weights")
 CASES = [
     (m, b)
     for m, arch in MODELS.items()
     for b, bug in bugs.BUGS.items()
-    if arch in bug.archs and not (m == "gemma_bench" and b == "gqa_map")
+    if arch in bug.archs and not (m == "gemma_bench" and b in ("gqa_map", *WITHIN_ROUNDING))
 ]
 
 
@@ -141,7 +145,14 @@ def test_planted_bug_is_located(request: pytest.FixtureRequest, which: str, bug:
     _show(bench, bug, record, verdict)
     want = bugs.expected(bug, bench.arch, _params(bench))
     assert record["status"] == "out_of_tolerance", analysis.summary_line(record)
-    assert record["first"]["name"] == want, analysis.summary_line(record)
+    assert record["first"]["name"] in want, analysis.summary_line(record)
+
+
+@pytest.mark.parametrize("bug", WITHIN_ROUNDING)
+def test_within_the_references_own_rounding(gemma_bench: Bench, bug: str) -> None:
+    record, verdict = _run(gemma_bench, bug)
+    _show(gemma_bench, bug, record, verdict)
+    assert record["status"] == "ok" and verdict["passed"], analysis.summary_line(record)
 
 
 def test_gqa_bug_is_no_bug_with_one_kv_head(gemma_bench: Bench) -> None:

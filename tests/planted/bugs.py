@@ -60,18 +60,22 @@ BUGS: dict[str, Bug] = {
 }
 
 
-def expected(bug: str, arch: str, params: Any) -> str:
-    """The graph tensor localisation must name first: the first op whose output the bug changes."""
+NORMS = ("attn_norm", "Qcur_normed", "Kcur_normed", "attn_post_norm", "ffn_norm", "ffn_post_norm")
+
+
+def expected(bug: str, arch: str, params: Any) -> tuple[str, ...]:
+    """The graph tensors localisation may name first: the first op whose output the bug changes (for the
+    epsilon, planted in every RMSNorm, any norm of layer 0: which one shows it first depends on the rows' scale)."""
     mid = scaled_layer(params.n_layer)
     first_global = next((il for il, swa in enumerate(getattr(params, "is_swa", ())) if not swa), 0)
     return {
-        "rms_eps": "attn_norm-0",
-        "rope_base": f"Qcur-{first_global}",
-        "attn_scale": f"kqv_out-{first_global}",
-        "gelu_erf": "ffn_out-0",
-        "gqa_map": "kqv_out-0",
-        "norm_weights": f"ffn_norm-{mid}",
-        "gate_weights": f"ffn_out-{mid}",
+        "rms_eps": tuple(f"{op}-0" for op in NORMS),
+        "rope_base": (f"Qcur-{first_global}",),
+        "attn_scale": (f"kqv_out-{first_global}",),
+        "gelu_erf": ("ffn_out-0",),
+        "gqa_map": ("kqv_out-0",),
+        "norm_weights": (f"ffn_norm-{mid}",),
+        "gate_weights": (f"ffn_out-{mid}",),
     }[bug]
 
 
@@ -100,7 +104,9 @@ def _scaled_attention(orig: Callable[..., Array]) -> Callable[..., Array]:
 
 def _block_wrapper(arch: str, bug: str, orig: Callable[..., Array]) -> Callable[..., Array]:
     def block(x: Array, layer: Any, p: Any, cos: Array, sin: Array, *args: Any) -> Array:
-        il = args[0] if arch == "llama" else args[1]  # llama_block(..., sin, il, ...); gemma3_block(..., allowed, il, ...)
+        il = (
+            args[0] if arch == "llama" else args[1]
+        )  # llama_block(..., sin, il, ...); gemma3_block(..., allowed, il, ...)
         if bug == "rms_eps":
             p = dataclasses.replace(p, rms_eps=p.rms_eps * RMS_EPS_FACTOR)
         elif bug == "attn_scale" and arch == "gemma3" and not p.is_swa[il]:
