@@ -261,8 +261,11 @@ def _prepare(
     shared.spare_workers = spare
     shared.implementation = described
     shared.impl_error = impl_error
-    if opts.locate != "off":  # localisation reopens the implementation under test (the numpy engine reused)
-        shared.open_impl = lambda: _open_impl(impl_spec, impl_plan, checked.engine, model_path, opts, n_total)
+    if opts.locate != "off":  # localisation reopens the implementation under test
+        # --locate keeps the numpy engine for it; automatic localisation (a diverged lane) rebuilds it rather
+        # than holding every run's dequantized weights through the lanes
+        kept = checked.engine if opts.locate == "on" else None
+        shared.open_impl = lambda: _open_impl(impl_spec, impl_plan, kept, model_path, opts, n_total)
     shared.vocab = pieces.Vocab.from_metadata(gguf.metadata)
     return shared, plans
 
