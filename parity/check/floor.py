@@ -10,8 +10,9 @@ in another order, and hands the logits to parity.compare.calibrate (the statisti
   llama.cpp repacks them for its CPU kernels by default. bitnet.cpp's 2024 llama.h has no such switch: the
   configuration is recorded as unavailable there.
 
-Both run on one thread (see _configs). Thread counts and n_ubatch splits were measured too (default model
-F32/F16/Q8_0, Gemma 3 270M Q4_K_M; README, "Verdicts") and never moved a logit, so they are not run. The floor
+Both run on one thread (see _configs). Measured too (README, "Verdicts"): thread counts never moved a logit;
+n_ubatch splits moved Gemma 3 270M Q4_K_M by as much as `stepwise` through the same single-row kernels (no
+information for the cost); flash attention and an F16 KV cache are another kernel and another precision. The floor
 is cached on disk (cache_dir()/floor), keyed by everything that determines it: the model's sha256, the backend
 build (commit, source fingerprint, bridge key) and the CPU it reports, the lane's parameters, the token ids and
 the configurations; a repeat run reads it back instead of evaluating anything.

@@ -288,11 +288,18 @@ def _x(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.2g}x"
 
 
+def _floor_note(check: Mapping[str, Any]) -> str:
+    """Which floor set the bar: the measured one, or the rounding model where it is larger."""
+    if check["rounding_floor"] > check["measured_floor"]:
+        return f"rounding model {check['rounding_floor']:.2g} > measured {check['measured_floor']:.2g}"
+    return "measured"
+
+
 def reason_line(kl: Mapping[str, Any], dlogit: Mapping[str, Any], flips: Mapping[str, Any], k: float) -> str:
     """One line, in floor units: why a lane passed or failed."""
     return (
-        f"mean KL {kl['value']:.2g} = {_x(kl['ratio'])} the reference's own variation (k = {k:g}); "
-        f"max |dlogit| {dlogit['value']:.2g} = {_x(dlogit['ratio'])}; "
+        f"mean KL {kl['value']:.2g} = {_x(kl['ratio'])} the reference's own variation (k = {k:g}; floor "
+        f"{_floor_note(kl)}); max |dlogit| {dlogit['value']:.2g} = {_x(dlogit['ratio'])} ({_floor_note(dlogit)}); "
         f"{len(flips['decisive'])} decisive top-1 flips ({len(flips['ties'])} within the reference's own movement)"
     )
 

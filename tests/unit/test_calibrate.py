@@ -69,7 +69,7 @@ def test_implementation_at_the_floor_passes_and_ten_times_it_fails() -> None:
     near = calibrate.verdict(ref + rng.normal(0, 1e-3, ref.shape), ref, fl["rows"], fl["summary"], 0.01)
     assert near["passed"] and near["mode"] == "calibrated" and near["k"] == calibrate.K
     assert 0.3 < near["ratio"] < 3 and near["margin"] > 0 and near["first"] is None
-    assert "the reference's own variation (k = 3)" in near["reason"]
+    assert "the reference's own variation (k = 3; floor measured)" in near["reason"]
     far = calibrate.verdict(ref + rng.normal(0, 1e-2, ref.shape), ref, fl["rows"], fl["summary"], 0.01)
     assert not far["passed"] and "mean_kl" in far["failed"] and far["ratio"] > calibrate.K and far["margin"] < 0
     assert far["first"] is not None
