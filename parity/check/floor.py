@@ -13,7 +13,7 @@ in another order, and hands the logits to parity.compare.calibrate (the statisti
 Both run on one thread (see _configs). Measured too (README, "Verdicts"): thread counts never moved a logit;
 n_ubatch splits moved Gemma 3 270M Q4_K_M by as much as `stepwise` through the same single-row kernels (no
 information for the cost); flash attention and an F16 KV cache are another kernel and another precision. The floor
-is cached on disk (cache_dir()/floor), keyed by everything that determines it: the model's sha256, the backend
+is cached on disk (~/.cache/parity/floor), keyed by everything that determines it: the model's sha256, the backend
 build (commit, source fingerprint, bridge key) and the CPU it reports, the lane's parameters, the token ids and
 the configurations; a repeat run reads it back instead of evaluating anything.
 """
@@ -43,7 +43,8 @@ FLOOR_VERSION = 3  # bump when what a floor record holds or how it is computed c
 
 
 def cache_dir() -> Path:
-    return paths.cache_dir() / "floor"
+    """Where floors are cached: the per-user cache root's floor/ (~/.cache/parity/floor), shared by clones."""
+    return paths.user_cache_dir() / "floor"
 
 
 def rounding_model(model: Path) -> dict[str, Any]:
