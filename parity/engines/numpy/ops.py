@@ -41,9 +41,12 @@ def rms_norm(x: Array, w: Array, eps: float) -> Array:
 
     ggml squares in float32 but accumulates the sum in double; `dtype=np.float64` does the same.
     """
-    ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float64).astype(x.dtype)  # (n, 1)
+    # np.mean(..., dtype=np.float64) computed as it computes it (float64 sum / count), without its Python layers
+    total: Array = np.add.reduce(np.square(x), axis=-1, keepdims=True, dtype=np.float64)  # (n, 1)
+    ms = (total / x.shape[-1]).astype(x.dtype)  # (n, 1)
     scale = 1.0 / np.sqrt(ms + eps)  # (n, 1)
-    return x * scale * w  # (n, d)
+    out: Array = x * scale * w  # (n, d)
+    return out
 
 
 def linear(x: Array, w: Array, b: Array | None = None) -> Array:
@@ -63,12 +66,12 @@ def rope_cos_sin(
     the angle.
     """
     theta_scale = np.power(dtype(base), dtype(-2.0) / dtype(n_rot))  # ()
-    theta: Array = positions.astype(dtype)  # (n,)
-    angles: Array = np.empty((positions.shape[0], n_rot // 2), dtype=dtype)  # (n, n_rot/2)
-    for i in range(n_rot // 2):
-        ff = dtype(1.0) if freq_factors is None else dtype(freq_factors[i])  # ()
-        angles[:, i] = dtype(freq_scale) * (theta / ff)  # (n,)
-        theta = theta * theta_scale  # (n,)
+    steps: Array = np.full((positions.shape[0], n_rot // 2), theta_scale, dtype=dtype)  # (n, n_rot/2)
+    steps[:, 0] = positions.astype(dtype)
+    # theta[:, i] = ((pos * theta_scale) * theta_scale) ... i times: accumulate multiplies one step at a time
+    theta = np.multiply.accumulate(steps, axis=1)  # (n, n_rot/2)
+    ff = np.ones(n_rot // 2, dtype=dtype) if freq_factors is None else freq_factors.astype(dtype)  # (n_rot/2,)
+    angles = dtype(freq_scale) * (theta / ff)  # (n, n_rot/2)
     # cos/sin evaluated in float64 then rounded: numpy's float32 SIMD cos/sin differ from libm's cosf/sinf
     # (which ggml calls) by 1 ulp for many angles, the rounded float64 result for far fewer
     cos = np.cos(angles.astype(np.float64)).astype(dtype)  # (n, n_rot/2)
