@@ -81,7 +81,11 @@ def resolve_tokenizer(model_path: Path, tok_path: Path | None, gguf: Any) -> tup
             f"tokenizer: cannot export the GGUF vocabulary ({facts.export_error}); using llama.cpp's ids as the authority"
         )
         return None, facts.gguf_config_hash
-    return HFTokenizer.from_export(facts, path=model_path, file_hash=gguf.sha256()), facts.gguf_config_hash
+    assert facts.hf_config_hash is not None
+    hf = HFTokenizer.from_export(
+        facts.tokenizer_json, facts.tokenizer_text, facts.hf_config_hash, path=model_path, file_hash=gguf.sha256()
+    )
+    return hf, facts.gguf_config_hash
 
 
 @dataclass(frozen=True)

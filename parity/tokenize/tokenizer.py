@@ -13,14 +13,11 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from parity.core.fs import sha256_file
 from parity.errors import TokenizerMismatch, UsageError
 from parity.tokenize import chat_template
-
-if TYPE_CHECKING:
-    from parity.tokenize.cache import VocabFacts
 from parity.tokenize.chat_template import GGUF_TEMPLATE
 
 TEMPLATES = ("auto", "raw", "instruct", "llama3-chat", "gemma", "chatml")
@@ -59,16 +56,14 @@ class HFTokenizer:
         return cls(path, Tokenizer.from_str(text), _hf_config_hash(json.loads(text)), file_hash, source)
 
     @classmethod
-    def from_export(cls, facts: VocabFacts, *, path: Path, file_hash: str) -> HFTokenizer:
-        """The GGUF vocabulary exported to tokenizer.json (parity.tokenize.cache), as the authority."""
+    def from_export(
+        cls, tokenizer_json: Path | None, text: str | None, config_hash: str, *, path: Path, file_hash: str
+    ) -> HFTokenizer:
+        """The GGUF vocabulary exported to tokenizer.json (a cached file, else its text), as the authority."""
         from tokenizers import Tokenizer
 
-        assert facts.hf_config_hash is not None, "from_export needs an exported vocabulary"
-        if facts.tokenizer_json is not None:
-            tok = Tokenizer.from_file(str(facts.tokenizer_json))
-        else:
-            tok = Tokenizer.from_str(facts.tokenizer_text or "")
-        return cls(path, tok, facts.hf_config_hash, file_hash, "gguf_embedded")
+        tok = Tokenizer.from_file(str(tokenizer_json)) if tokenizer_json is not None else Tokenizer.from_str(text or "")
+        return cls(path, tok, config_hash, file_hash, "gguf_embedded")
 
     @classmethod
     def load(cls, path: Path, source: str = "external") -> HFTokenizer:

@@ -115,7 +115,7 @@ def test_vocab_facts_cached_per_model(tmp_path: Path) -> None:
     assert cold.gguf_config_hash == warm.gguf_config_hash == gguf_config_hash(f.metadata)
     assert warm.tokenizer_json is not None and warm.tokenizer_json.read_text() == export_metadata(f.metadata, str(path))
     assert warm.hf_config_hash == cold.hf_config_hash
-    hf = HFTokenizer.from_export(warm, path=path, file_hash=f.sha256())
+    hf = HFTokenizer.from_export(warm.tokenizer_json, None, warm.hf_config_hash or "", path=path, file_hash="")
     assert (
         hf.config_hash
         == HFTokenizer.from_text(
@@ -149,4 +149,4 @@ def test_vocab_facts_unwritable_cache_still_exports(tmp_path: Path) -> None:
     blocker.write_text("")
     facts = vocab_facts(f.metadata, path, f.sha256(), export=True, root=blocker)
     assert facts.tokenizer_json is None and facts.tokenizer_text == export_metadata(f.metadata, str(path))
-    assert HFTokenizer.from_export(facts, path=path, file_hash="").encode("hello")
+    assert HFTokenizer.from_export(None, facts.tokenizer_text, "h", path=path, file_hash="").encode("hello")
