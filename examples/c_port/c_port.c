@@ -5,7 +5,8 @@
  *   (layer 1 rotates NEOX pairs (i, i + n_rot/2) instead of llama's adjacent pairs (2i, 2i + 1)).
  *
  * It reads an F32 llama GGUF itself (header, metadata, tensor infos, alignment, data) and answers
- * hello / logits / greedy / bye on stdin/stdout as docs/PROTOCOL.md specifies. Logs go to stderr only.
+ * hello / logits / greedy / tensors / bye on stdin/stdout as docs/PROTOCOL.md specifies (tensors: its named
+ * graph tensors in llama.cpp's naming, with teacher forcing). Logs go to stderr only.
  *
  * The float order follows llama.cpp/ggml where that is cheap (as parity's numpy engine does):
  *  - RMSNorm squares in float, sums in double, scale = 1.0f / sqrtf(mean + eps), then (x * scale) * w;
@@ -964,6 +965,60 @@ static int rope_is_neox(int layer) {
     return layer == 1 && strcmp(planted_bug, "rope") == 0; /* the planted bug; llama is normal mode */
 }
 
+/* Graph tensors (the `tensors` request): forward() passes each named tensor through tap(), which records a
+ * copy when asked and then overwrites it with the replacement parity sent (teacher forcing). Names follow
+ * llama.cpp's graph ("attn_norm-0"); rows are positions, laid out as ggml's (Q: head by head). */
+#define MAX_TAPS 1024
+typedef struct {
+    char name[64];
+    float *data; /* n * width floats, recorded */
+    size_t width;
+} rec_t;
+typedef struct {
+    int active, all;           /* all: record every tensor (names null) */
+    int n;                     /* positions */
+    const jval *names;         /* J_ARR of names when !all */
+    const jval *replace;       /* J_ARR of {name, shape, offset, bytes} or NULL */
+    const unsigned char *body; /* the request payload */
+    size_t body_len;
+    rec_t rec[MAX_TAPS];
+    int n_rec;
+    int n_replaced;
+    int overflow; /* more than MAX_TAPS tensors asked for */
+} taps_t;
+static taps_t g_taps;
+
+static void tap(const char *op, int layer, float *x, size_t width) {
+    if (!g_taps.active) return;
+    char name[64];
+    if (layer >= 0) snprintf(name, sizeof name, "%s-%d", op, layer);
+    else snprintf(name, sizeof name, "%s", op);
+    const size_t count = (size_t)g_taps.n * width;
+    int want = g_taps.all;
+    for (size_t k = 0; !want && g_taps.names && k < g_taps.names->n; k++) {
+        const jval *e = &g_taps.names->items[k];
+        want = e->t == J_STR && strcmp(e->s, name) == 0;
+    }
+    if (want && g_taps.n_rec >= MAX_TAPS) g_taps.overflow = 1;
+    if (want && g_taps.n_rec < MAX_TAPS) {
+        rec_t *r = &g_taps.rec[g_taps.n_rec++];
+        snprintf(r->name, sizeof r->name, "%s", name);
+        r->width = width;
+        r->data = xmalloc(count * sizeof(float));
+        memcpy(r->data, x, count * sizeof(float));
+    }
+    for (size_t k = 0; g_taps.replace && k < g_taps.replace->n; k++) {
+        const jval *e = &g_taps.replace->items[k];
+        const jval *nm = jget(e, "name"), *off = jget(e, "offset"), *by = jget(e, "bytes");
+        if (!nm || nm->t != J_STR || strcmp(nm->s, name) != 0) continue;
+        /* checked in op_tensors: offset/bytes are integers inside the payload */
+        if ((size_t)by->i != count * 4) continue; /* a wrong width is reported as not replaced */
+        const unsigned char *src = g_taps.body + off->i;
+        for (size_t i = 0; i < count; i++) x[i] = f32_from_bits((uint32_t)le_bytes(src + 4 * i, 4));
+        g_taps.n_replaced++;
+    }
+}
+
 /* logits: [n, V], or [1, V] for the last position when last_only. */
 static void forward(const model_t *m, const int *tokens, int n, int last_only, float *logits) {
     const int d = m->n_embd, h = m->n_head, hk = m->n_head_kv, hd = m->head_dim, f = m->n_ff, V = m->n_vocab;
@@ -987,11 +1042,15 @@ static void forward(const model_t *m, const int *tokens, int n, int last_only, f
     for (int l = 0; l < m->n_layer; l++) {
         const layer_t *L = &m->layers[l];
         rms_norm(t, x, L->attn_norm, n, d, m->rms_eps);
+        tap("attn_norm", l, t, (size_t)d);
         linear(q, t, L->wq, L->bq, n, d, qo);
         linear(k, t, L->wk, L->bk, n, d, kvo);
         linear(v, t, L->wv, L->bv, n, d, kvo);
         rope_apply(q, n, h, hd, m->n_rot, cs, sn, rope_is_neox(l));
         rope_apply(k, n, hk, hd, m->n_rot, cs, sn, rope_is_neox(l));
+        tap("Qcur", l, q, (size_t)qo); /* after RoPE: the last node llama.cpp names Qcur */
+        tap("Kcur", l, k, (size_t)kvo);
+        tap("Vcur", l, v, (size_t)kvo);
         for (int hh = 0; hh < h; hh++) {
             const int g = hh / group; /* query head hh reads KV head hh / (h / hk) */
             for (int i = 0; i < n; i++) {
@@ -1019,9 +1078,13 @@ static void forward(const model_t *m, const int *tokens, int n, int last_only, f
                 }
             }
         }
+        tap("kqv_out", l, att, (size_t)qo);
         linear(y, att, L->wo, L->bo, n, qo, d);
+        tap("attn_out", l, y, (size_t)d);
         for (size_t e = 0; e < (size_t)n * d; e++) x[e] += y[e];
+        tap("ffn_inp", l, x, (size_t)d);
         rms_norm(t, x, L->ffn_norm, n, d, m->rms_eps);
+        tap("ffn_norm", l, t, (size_t)d);
         linear(gate, t, L->w_gate, L->b_gate, n, d, f);
         linear(up, t, L->w_up, L->b_up, n, d, f);
         for (size_t e = 0; e < (size_t)n * f; e++) {
@@ -1029,12 +1092,16 @@ static void forward(const model_t *m, const int *tokens, int n, int last_only, f
             gate[e] = (gv / (1.0f + expf(-gv))) * up[e];
         }
         linear(y, gate, L->w_down, L->b_down, n, f, d);
+        tap("ffn_out", l, y, (size_t)d);
         for (size_t e = 0; e < (size_t)n * d; e++) x[e] += y[e];
+        tap("l_out", l, x, (size_t)d);
     }
     const float *xs = last_only ? x + (size_t)(n - 1) * d : x;
     const int rows = last_only ? 1 : n;
     rms_norm(t, xs, m->output_norm, rows, d, m->rms_eps);
+    if (!last_only) tap("result_norm", -1, t, (size_t)d);
     linear(logits, t, m->output, NULL, rows, d, V);
+    if (!last_only) tap("result_output", -1, logits, (size_t)V);
     free(x), free(t), free(y), free(q), free(k), free(v), free(att), free(gate), free(up), free(sc), free(cs), free(sn);
 }
 
@@ -1153,7 +1220,7 @@ static void op_hello(const jval *req, const jval *id) {
             g_model.n_head_kv, g_model.n_ff, planted_bug[0] ? " PLANTED_BUG=" : "", planted_bug);
     buf_t b = {0};
     reply_start(&b, 1, id);
-    buf_printf(&b, ", \"protocol\": %d, \"name\": \"%s\", \"version\": \"%s\", \"capabilities\": [\"greedy\"]}",
+    buf_printf(&b, ", \"protocol\": %d, \"name\": \"%s\", \"version\": \"%s\", \"capabilities\": [\"greedy\", \"tensors\"]}",
                PROTOCOL_VERSION, C_PORT_NAME, C_PORT_VERSION);
     send_reply(&b, NULL, 0);
     free(b.s);
@@ -1218,6 +1285,77 @@ static void op_greedy(const jval *req, const jval *id) {
     free(ids);
 }
 
+static void op_tensors(const jval *req, const jval *id, const unsigned char *body, size_t body_len) {
+    const jval *names = jget(req, "names"), *replace = jget(req, "replace");
+    if (names && names->t != J_ARR && names->t != J_NULL) {
+        send_error(id, "tensors", "'names' must be a list of names or null");
+        return;
+    }
+    if (replace && replace->t != J_ARR && replace->t != J_NULL) {
+        send_error(id, "tensors", "'replace' must be a list");
+        return;
+    }
+    size_t n_replace = replace && replace->t == J_ARR ? replace->n : 0;
+    for (size_t k = 0; k < n_replace; k++) {
+        const jval *e = &replace->items[k], *off = jget(e, "offset"), *by = jget(e, "bytes"), *nm = jget(e, "name");
+        if (e->t != J_OBJ || !nm || nm->t != J_STR || !off || off->t != J_NUM || !off->is_int || !by ||
+            by->t != J_NUM || !by->is_int || off->i < 0 || by->i < 0 || (uint64_t)off->i + (uint64_t)by->i > body_len) {
+            send_error(id, "tensors", "a 'replace' entry needs a name and an offset/bytes inside the payload");
+            return;
+        }
+    }
+    int *ids, n;
+    if (get_tokens(req, 0, &ids, &n)) {
+        send_error(id, "tensors", g_err);
+        return;
+    }
+    memset(&g_taps, 0, sizeof g_taps);
+    g_taps.active = 1;
+    g_taps.all = !names || names->t == J_NULL;
+    g_taps.names = g_taps.all ? NULL : names;
+    g_taps.replace = n_replace ? replace : NULL;
+    g_taps.body = body;
+    g_taps.body_len = body_len;
+    g_taps.n = n;
+    float *logits = xmalloc((size_t)n * g_model.n_vocab * sizeof(float));
+    forward(&g_model, ids, n, 0, logits);
+    g_taps.active = 0;
+    if (g_taps.overflow) {
+        send_error(id, "tensors", "more than 1024 tensors asked for in one request: ask for fewer names");
+    } else if ((size_t)g_taps.n_replaced != n_replace) {
+        send_error(id, "tensors", "a replacement names no tensor of this graph, or its width differs");
+    } else {
+        size_t total = 0;
+        for (int r = 0; r < g_taps.n_rec; r++) total += (size_t)n * g_taps.rec[r].width * 4;
+        unsigned char *payload = xmalloc(total + 1);
+        buf_t b = {0};
+        reply_start(&b, 1, id);
+        buf_puts(&b, ", \"tensors\": [");
+        size_t off = 0;
+        for (int r = 0; r < g_taps.n_rec; r++) {
+            const rec_t *rc = &g_taps.rec[r];
+            const size_t count = (size_t)n * rc->width;
+            buf_printf(&b, "%s{\"name\": ", r ? ", " : "");
+            buf_json_str(&b, rc->name);
+            buf_printf(&b, ", \"shape\": [%d, %zu], \"dtype\": \"float32\", \"offset\": %zu, \"bytes\": %zu}", n, rc->width,
+                       off, count * 4);
+            for (size_t e = 0; e < count; e++) {
+                uint32_t u;
+                memcpy(&u, &rc->data[e], 4);
+                for (int byte = 0; byte < 4; byte++) payload[off + 4 * e + byte] = (unsigned char)(u >> (8 * byte));
+            }
+            off += count * 4;
+        }
+        buf_printf(&b, "], \"payload_bytes\": %zu}", total);
+        send_reply(&b, payload, total);
+        free(b.s);
+        free(payload);
+    }
+    for (int r = 0; r < g_taps.n_rec; r++) free(g_taps.rec[r].data);
+    free(logits);
+    free(ids);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
         fprintf(stderr, "usage: %s  (speaks parity's protocol v2 on stdin/stdout; see docs/PROTOCOL.md)\n", argv[0]);
@@ -1239,9 +1377,11 @@ int main(int argc, char **argv) {
         const jval *id = jget(&req, "id");
         const jval *op = jget(&req, "op");
         const jval *pb = jget(&req, "payload_bytes");
-        if (pb && pb->t == J_NUM && pb->is_int && pb->i > 0) { /* requests carry none; skip one if sent */
-            for (long long k = 0; k < pb->i && getchar() != EOF; k++) {
-            }
+        unsigned char *body = NULL; /* only a `tensors` request with replacements carries one */
+        size_t body_len = 0;
+        if (pb && pb->t == J_NUM && pb->is_int && pb->i > 0) {
+            body = xmalloc((size_t)pb->i);
+            body_len = fread(body, 1, (size_t)pb->i, stdin);
         }
         if (req.t != J_OBJ) {
             send_error(id, NULL, "a request must be a JSON object");
@@ -1257,6 +1397,7 @@ int main(int argc, char **argv) {
             send_reply(&b, NULL, 0);
             free(b.s);
             jfree(&req);
+            free(body);
             break;
         } else if (!said_hello) {
             send_error(id, op->s, "hello must be the first request");
@@ -1264,12 +1405,15 @@ int main(int argc, char **argv) {
             op_logits(&req, id);
         } else if (strcmp(op->s, "greedy") == 0) {
             op_greedy(&req, id);
+        } else if (strcmp(op->s, "tensors") == 0) {
+            op_tensors(&req, id, body, body_len);
         } else {
             char msg[200];
-            snprintf(msg, sizeof msg, "unknown op '%.100s' (c_port serves hello, logits, greedy, bye)", op->s);
+            snprintf(msg, sizeof msg, "unknown op '%.100s' (c_port serves hello, logits, greedy, tensors, bye)", op->s);
             send_error(id, op->s, msg);
         }
         jfree(&req);
+        free(body);
     }
     free(line.s);
     if (g_loaded) model_free(&g_model);

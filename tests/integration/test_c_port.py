@@ -105,7 +105,9 @@ def _session(binary: Path, model: Path) -> tuple[np.ndarray, list[int]]:
     assert proc.returncode == 0, proc.stderr.decode()
     assert all(r.header["ok"] for r in replies), [r.header for r in replies]
     h = replies[0].header
-    assert h["protocol"] == 2 and h["name"] == "c_port" and h["version"] and h["capabilities"] == ["greedy"], h
+    assert (
+        h["protocol"] == 2 and h["name"] == "c_port" and h["version"] and h["capabilities"] == ["greedy", "tensors"]
+    ), h
     assert replies[1].header["shape"] == [len(TOKENS), 512]
     assert replies[3].header == {"ok": True, "id": 3}
     return replies[1].logits(), replies[2].header["tokens"]
@@ -197,3 +199,28 @@ def test_cli_cmd_planted_rope_bug_is_caught(
     assert code == 1, err
     assert r["status"] == "diverged" and not r["summary"]["all_passed"], r["summary"]
     assert r["summary"]["first_divergence"] is not None, r["summary"]
+
+
+def test_c_port_graph_tensors_against_llama_cpp(
+    binaries: dict[str, Path], f32_model: Path, llama_plan: build.BuildPlan
+) -> None:
+    """`tensors`: the C port's named graph tensors are llama.cpp's (same names, ~1e-6 apart on F32); replayed on
+    llama.cpp's own tensors, the planted bug's only out-of-line ops are layer 1's RoPE outputs (Qcur-1, Kcur-1)."""
+    from parity.backends.bridge import BackendParams
+    from parity.engines import spec as impl_spec
+    from parity.engines.bridged import BridgedImplementation
+    from parity.engines.external import CommandImplementation
+
+    ids = TOKENS[:16]
+    with BridgedImplementation(impl_spec.parse("llama"), llama_plan, f32_model, BackendParams()) as ref:
+        theirs = ref.tensors(ids)
+    replay = {k: v for k, v in theirs.items() if k != "result_output"}
+    for build_name, planted in (("ok", set()), ("rope", {"Qcur-1", "Kcur-1"})):
+        with CommandImplementation(impl_spec.parse(f"cmd:{binaries[build_name]}"), f32_model, timeout=60) as port:
+            ours = port.tensors(ids)
+            assert set(ours) == set(theirs)
+            local = port.tensors(ids, replace=replay)
+        off = {k for k, v in theirs.items() if np.max(np.abs(local[k] - v)) > 1e-4 * max(1.0, np.max(np.abs(v)))}
+        assert off == planted, (build_name, off)
+        if not planted:
+            assert all(np.max(np.abs(ours[k] - v)) < 1e-4 * max(1.0, np.max(np.abs(v))) for k, v in theirs.items())
