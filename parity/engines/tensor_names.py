@@ -14,11 +14,21 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from parity.engines.base import TENSOR_GLOBALS, TENSOR_OPS
+from parity.engines.base import TENSOR_GLOBALS, TENSOR_OPS, Implementation
 from parity.errors import UsageError
 
 _LAYER = re.compile(r"^(?P<op>.+)-(?P<layer>\d+)$")
 _PATTERN_CHARS = frozenset("*?[")
+
+
+def can_capture(impl: Implementation) -> bool:
+    """Whether `impl.tensors()` can answer at all, known without running anything: it overrides the base
+    method, and an external engine (cmd:/py:) announced `tensors` in its hello. Use it to raise Unsupported
+    (exit 2) before a run starts."""
+    if type(impl).tensors is Implementation.tensors:
+        return False
+    caps = getattr(impl, "capabilities", None)
+    return caps is None or "tensors" in caps
 
 
 def split_name(name: str) -> tuple[str, int | None]:

@@ -15,6 +15,7 @@ import pytest
 from parity.backends import build
 from parity.backends.bridge import BackendParams
 from parity.engines import spec as impl_spec
+from parity.engines import tensor_names
 from parity.engines.base import TENSOR_GLOBALS, TENSOR_OPS
 from parity.engines.bridged import BridgedImplementation
 from parity.errors import UsageError, WorkerError
@@ -39,6 +40,7 @@ def impl(llama_plan: build.BuildPlan) -> Iterator[BridgedImplementation]:
 def test_default_names_cover_every_layer(impl: BridgedImplementation) -> None:
     info = impl._model.info()
     n_layer, n_embd, n_vocab = int(info["n_layer"]), int(info["n_embd"]), int(info["n_vocab"])
+    assert tensor_names.can_capture(impl)
     out = impl.tensors(TOKENS)
     layered = {"attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_inp", "ffn_norm", "ffn_out", "l_out"}
     assert layered <= set(TENSOR_OPS)

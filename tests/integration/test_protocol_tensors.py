@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from parity.engines import spec as impl_spec
+from parity.engines import tensor_names
 from parity.engines.external import CommandImplementation
 from parity.errors import Unsupported, UsageError, WorkerError
 from parity.models import modelgen
@@ -38,7 +39,7 @@ def toy(
 
 
 def test_tensors_record_and_replay(toy: CommandImplementation) -> None:
-    assert "tensors" in toy.capabilities
+    assert "tensors" in toy.capabilities and tensor_names.can_capture(toy)
     free = toy.tensors(TOKENS)  # None: the default names it has
     assert list(free) == ["inp_embd", "attn_norm-0", "ffn_out-0", "l_out-0", "attn_norm-1", "ffn_out-1", "l_out-1",
                           "result_output"]  # fmt: skip
@@ -72,6 +73,7 @@ def test_no_capability_is_unsupported_before_anything_is_sent(tmp_path: Path) ->
     gguf, _ = modelgen.default_model("f32")
     with _open(f"cmd:{sys.executable} {ENGINES / 'faulty.py'} none", tmp_path, gguf) as impl:
         sent = impl._id
+        assert not tensor_names.can_capture(impl)
         with pytest.raises(Unsupported, match="does not announce 'tensors'") as info:
             impl.tensors(TOKENS)
         assert info.value.exit_code == 2 and impl._id == sent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,16 @@ def test_reader_refuses_a_payload_over_the_limit_before_allocating() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_logits_file_cannot_capture(tmp_path: Path) -> None:
+    from parity.engines.external import LogitsFileImplementation
+    from parity.engines.spec import parse
+    from parity.errors import Unsupported
+
+    path = tmp_path / "l.npz"
+    np.savez(path, tokens=np.array([1, 2]), logits=np.zeros((2, 4), np.float32))
+    impl = LogitsFileImplementation(parse(f"logits:{path}"))
+    assert not tensor_names.can_capture(impl)
+    with pytest.raises(Unsupported, match="cannot capture graph tensors"):
+        impl.tensors([1, 2])
