@@ -27,8 +27,10 @@ TOKENS = [1, 17, 42, 99, 5, 23, 64, 7, 31, 12, 88, 3]
 
 
 def _open(plan: build.BuildPlan, text: str = "llama", **params: int) -> BridgedImplementation:
+    # one thread: a capture syncs after every named node, and waking a second thread each time is most of
+    # the cost on a loaded machine (the tests compare captures of one configuration with each other)
     gguf, _ = modelgen.default_model("f32")
-    return BridgedImplementation(impl_spec.parse(text), plan, gguf, BackendParams(**params))
+    return BridgedImplementation(impl_spec.parse(text), plan, gguf, BackendParams(**{"n_threads": 1, **params}))
 
 
 @pytest.fixture(scope="module")
