@@ -69,7 +69,7 @@ def create(model_path: str) -> Toy:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples" / "protocol_v2"))
-    import echo_numpy
+    import echo_numpy  # type: ignore[import-not-found]
 
-    echo_numpy.create = create  # type: ignore[assignment]  # the example's protocol loop, this engine
+    echo_numpy.create = create  # the example's protocol loop, this engine
     sys.exit(echo_numpy.main())
