@@ -224,6 +224,31 @@ def test_finish_baseline_then_pass_then_fail(
     assert "<svg" in (out / "report.html").read_text()
 
 
+def test_finish_too_noisy_to_judge_exits_7(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every lane waited 40 % of its runnable time for a CPU (a busy machine): not a pass, not a failure."""
+    monkeypatch.setenv("PARITY_BASELINE_DIR", str(tmp_path / "baselines"))
+    assert bench.finish(make_receipt(), bench.BenchOptions(out_dir=str(tmp_path), baseline=True)) == 0
+    busy = make_receipt(numpy_pp=800.0)  # 20 % slower, but nobody can tell on this machine
+    for r in busy["results"]:
+        for metric in ("pp", "tg"):
+            r[metric]["cpu_wait"] = 0.4
+    busy["ratios"][0]["stats"]["cpu_wait"] = 0.64
+    capsys.readouterr()
+    assert bench.finish(busy, bench.BenchOptions(out_dir=str(tmp_path))) == 7
+    text = capsys.readouterr().out
+    assert "bench: TOO NOISY TO JUDGE (exit 7): 5 figure(s) vs the baseline" in text and "CPU was busy" in text
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert (saved["status"], saved["exit_code"]) == ("too-noisy", 7) and not bench.validation_errors(saved)
+    assert {g["status"] for g in saved["gate"]["rows"]} == {"noisy"} and all(
+        g["band"] > 0.1 for g in saved["gate"]["rows"]
+    )
+    # a failure still wins over noise: exit 1
+    busy["results"][1].update(status="error", reason="llama worker was killed by signal SIGSEGV", pp=None, tg=None)
+    assert bench.finish(busy, bench.BenchOptions(out_dir=str(tmp_path))) == 1
+
+
 def test_finish_without_baseline_exits_0_and_says_how(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
