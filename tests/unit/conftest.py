@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,13 +14,17 @@ class StrayCall(AssertionError):
     pass
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+@pytest.fixture(scope="session")
+def _user_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_user_cache(monkeypatch: pytest.MonkeyPatch, _user_cache_dir: Path) -> None:
     """Per-user caches (file hashes, exported tokenizers: core/paths.user_cache_dir) go to a temporary
-    directory, so unit tests neither read a developer's cache nor fill it with thousands of fuzzed files."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-        yield
+    directory, so unit tests neither read a developer's cache nor fill it with thousands of fuzzed files.
+    Per test (not session-wide), so integration tests run in the same pytest session see the real caches."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_user_cache_dir))
 
 
 @pytest.fixture(autouse=True)
