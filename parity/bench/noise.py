@@ -73,7 +73,7 @@ class Decision:
     """One comparison: change and band as relative figures (exp(x) - 1), the verdict and why."""
 
     change: float  # current / baseline - 1 (of the medians)
-    band: float  # exp(band) - 1: how far the change could be off; inf without a noise estimate
+    band: float  # 1 - exp(-band): the band as a relative drop, comparable with the threshold; inf without an estimate
     allowed: float  # the threshold (relative)
     status: str  # pass | FAIL | noisy
     reason: str
@@ -92,7 +92,7 @@ def decide(base: Estimate, cur: Estimate, threshold: float, two_sided: bool = Fa
     tau = -math.log(1.0 - threshold)
     d = cur.log_median - base.log_median
     band = Z * math.hypot(base.se, cur.se) + base.wait + cur.wait
-    change, width = _relative(d), _relative(band)
+    change, width = _relative(d), -math.expm1(-band)  # noisy exactly when width > threshold
     if min(base.n, cur.n) < MIN_SAMPLES:
         return Decision(change, math.inf, threshold, NOISY, f"fewer than {MIN_SAMPLES} samples: no noise estimate")
     if band > tau:
