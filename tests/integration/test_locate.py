@@ -9,7 +9,23 @@ alone would miss. End to end (`parity run` through parity.api.check): --locate o
 a planted py: implementation diverges and is localised automatically, --no-locate skips it, and an
 implementation without tensors is exit 2 under --locate and "unavailable" otherwise.
 
-`pytest -rA tests/integration/test_locate.py` prints the tables (report: noise per op type, error/tolerance).
+`pytest -rA tests/integration/test_locate.py` prints the tables (noise per op type, each bug's verdicts). Measured
+on AMD EPYC AVX2, 32 tokens (final logits: FLOOR's calibrated verdict; located: replay, first op out of tolerance):
+
+| bug | default model F32: logits / located | Gemma 3 270M Q4_K_M: logits / located |
+|---|---|---|
+| RMSNorm eps x10 | FAIL / attn_norm-0 (6.1e-5 vs tol 3.8e-6) | FAIL / attn_norm-0 (4.3e-6 vs 3.8e-6; ffn_post_norm-0 at 5x) |
+| RoPE base +1% | FAIL / Qcur-0 (6.2e-3) | pass / Qcur-5 (2.6e-3 vs 3.8e-6) |
+| attention scale x1.05 (Gemma: global layers) | FAIL / kqv_out-0 (0.06) | pass / kqv_out-5 (0.06 vs 4.0e-6) |
+| GELU erf instead of tanh | n/a (SwiGLU) | pass / not located (within llama.cpp's activation rounding) |
+| GQA head mapping | FAIL / kqv_out-0 (1.5) | no bug: one KV head |
+| one layer's ffn_norm weights x1.02 | FAIL / ffn_norm-1 (0.02) | pass / ffn_norm-9 (0.02 vs 3.8e-6) |
+| one layer's ffn_gate weights x1.05 | FAIL / ffn_out-1 (0.066) | pass / not located (ffn_out noise 7%) |
+
+Cost on this (shared, loaded) 2-core machine: default model in-process ~25 s for all cases, the three default
+end-to-end runs ~100 s; Gemma: the shared measurement ~4 min (numpy load, reference + 3 noise configurations free
+and replayed, floor), ~45 s per bug, the end-to-end Gemma --locate run ~3.5 min. The F32 copy of Gemma
+(llama-quantize, ~1.1 GB) is made once per machine in cache_dir()/locate.
 """
 
 from __future__ import annotations
@@ -205,3 +221,21 @@ def test_implementation_without_tensors(tmp_path: Path) -> None:
     loc = r.lanes[0].localisation
     assert r.exit_code == 1 and loc is not None and loc["status"] == "unavailable", r.text()
     assert "localisation unavailable: implementation" in r.text()
+
+
+def test_gemma_locate_fails_a_bug_the_final_logits_pass(tmp_path: Path) -> None:
+    """The real path on the real model: a py: implementation with the attention scale 5% off on Gemma's global
+    layers passes the calibrated final-logit verdict, and --locate fails the lane at kqv_out-5."""
+    r = check(
+        impl="py:tests.planted.bugs:factory_attn_scale",
+        model=locked_gemma(),
+        locate="on",
+        out_dir=str(tmp_path),
+        max_tokens=4,
+        prompt="Name three rivers of Europe and the seas they flow into.",
+    )
+    lane = r.lanes[0]
+    assert lane.verdict is not None and lane.verdict["passed"], r.text()
+    assert r.exit_code == 1 and lane.status == "diverged", r.text()
+    assert lane.localisation is not None and lane.localisation["first"]["name"] == "kqv_out-5", r.text()
+    assert "localisation  first op out of tolerance: kqv_out-5 (replay error" in r.text()
