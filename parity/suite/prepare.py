@@ -91,6 +91,9 @@ def prepare(
     shard: tuple[int, int] | None,
 ) -> Prepared:
     impl_s, ref_s = parse_side(impl_text, "implementation"), parse_side(ref_text, "reference")
+    # the input first: a bad line or file is exit 2 before any model is opened or backend built
+    raws = inputs.parse_prompts(prompts) if prompts is not None else None
+    corpus = inputs.read_text(text, "--text") if text is not None else None
     paths = {"implementation": _model(impl_s, opts), "reference": _model(ref_s, opts)}
     models = {p: _open_model(p) for p in dict.fromkeys(paths.values())}
     plans = {}
@@ -103,7 +106,6 @@ def prepare(
         plans[tok_key] = check_inputs.preflight("llama", opts)
     ref_model = models[paths["reference"]]
 
-    raws = inputs.parse_prompts(prompts) if prompts is not None else None
     workers = [
         Worker(f"suite-vocab-{i}", plans[tok_key].bridge_path, log_dir=Path(opts.out_dir) / "logs")
         for i in range(len(models))
@@ -150,7 +152,8 @@ def prepare(
                 raise UsageError(
                     f"--ctx {ctx} exceeds the model's context of {n_ctx}", fix=f"use --ctx {n_ctx} or less"
                 )
-            ids = tokenize(inputs.read_text(text, "--text"), False)
+            assert corpus is not None
+            ids = tokenize(corpus, False)
             bos = int(ref_info["bos"]) if ref_info["add_bos"] else None
             items = inputs.chunk_text(ids, ctx, bos, chunks)
             source, where_ctx = text, ctx

@@ -187,3 +187,44 @@ def test_progress_log_skips_a_torn_line(tmp_path: Path) -> None:
         f.write('{"event": "do')
     assert [e["event"] for e in store.read_progress(tmp_path)] == ["start"]
     assert json.loads((tmp_path / store.MANIFEST).read_text())["suite_key"] == "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ([], "needs its items"),
+        (["--text", "t.txt"], "--text needs --ctx"),
+        (["--prompts", "p.jsonl", "--ctx", "8"], "--ctx and --chunks apply to --text"),
+        (["--prompts", "p.jsonl", "--shard", "4/3"], "--shard 4/3"),
+        (["--prompts", "p.jsonl", "--workers", "0"], "--workers 0"),
+        (["--prompts", "p.jsonl", "--ray-address", "127.0.0.1:1"], "applies to --executor ray"),
+        (["--prompts", "p.jsonl", "--min-same-top", "2"], "--min-same-top 2"),
+        (["--prompts", "p.jsonl", "--impl", "logits:x.npz"], "a suite evaluates many"),
+        (["--prompts", "p.jsonl", "--impl", "llama:modle=x"], "no option 'modle'"),
+        (["--prompts", "p.jsonl"], "p.jsonl:2: field 'tokens'"),
+    ],
+)
+def test_cli_bad_input_is_exit_2_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], words: str
+) -> None:
+    from parity import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"text": "fine"}\n{"tokens": "1 2 3"}\n', encoding="utf-8")
+    assert cli.main(["suite", *args, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "fix" in err, err
+    assert not (tmp_path / "out" / "suite.json").exists()
+
+
+def test_merge_refuses_other_suites_and_its_own_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from parity import cli
+
+    Store.open_write(tmp_path / "a", _manifest(3, [1, 2]), resume=False)
+    Store.open_write(tmp_path / "b", {**_manifest(3, [2, 2]), "suite_key": "d" * 64}, resume=False)
+    assert cli.main(["suite", "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out-dir", str(tmp_path / "m")]) == 2
+    assert "different suites" in capsys.readouterr().err
+    assert cli.main(["suite", "merge", str(tmp_path / "a"), "--out-dir", str(tmp_path / "a")]) == 2
+    assert "one of the merged directories" in capsys.readouterr().err
+    assert cli.main(["suite", "merge", str(tmp_path / "none"), "--out-dir", str(tmp_path / "m")]) == 2
+    assert "not a parity suite out directory" in capsys.readouterr().err
