@@ -166,3 +166,5 @@ def test_tolerances_without_a_mode_select_the_fixed_verdict(tmp_path: Any) -> No
         resolve({"cos_tol": 0.9, "verdict": "calibrated"}, none)
     with pytest.raises(UsageError, match="--verdict must be calibrated or fixed"):
         resolve({"verdict": "loose"}, none)
+    # the project's own [tool.parity] leaves the mode open, so a script's --cos-tol still means fixed
+    assert resolve({}).verdict == "calibrated" and resolve({"cos_tol": 0.9}).verdict == "fixed"
