@@ -47,6 +47,8 @@ class Side:
 
     def open(self, worker_name: str = "") -> Implementation:
         s = impl_specs.parse(self.spec)
+        if s.get("model"):  # resolved where the suite started: a Ray actor's working directory is another
+            s = impl_specs.ImplSpec(s.kind, tuple((k, self.model if k == "model" else v) for k, v in s.options))
         ctx = OpenContext(
             Path(self.model),
             params=self.params,
