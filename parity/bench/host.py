@@ -120,6 +120,20 @@ def blas_threads(n: int) -> Iterator[dict[str, Any]]:
         setter(before)
 
 
+def cpu_pressure_us() -> int | None:
+    """Microseconds during which some runnable task of the machine waited for a CPU (Linux PSI, the `some total`
+    of /proc/pressure/cpu), or None where the kernel does not expose it. Over an interval it says how busy the
+    whole machine was: a lane can run undisturbed on its core while the other core's oversubscription still
+    slows it (shared caches, memory bandwidth, SMT siblings), which its own waiting time does not show."""
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some "):
+                return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def cpu_times(pids: Sequence[int]) -> tuple[int, int] | None:
     """(ns on a CPU, ns runnable but waiting for one) summed over every thread of `pids`, from the scheduler's
     /proc/<pid>/task/<tid>/schedstat; None where the kernel does not expose it (then no contention is known)."""

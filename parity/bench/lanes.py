@@ -38,6 +38,7 @@ from parity.bench.host import _openblas_setters as _openblas_setters
 from parity.bench.host import blas_info as blas_info
 from parity.bench.host import blas_threads as blas_threads
 from parity.bench.host import cpu_info as cpu_info
+from parity.bench.host import cpu_pressure_us as cpu_pressure_us
 from parity.bench.host import cpu_times as cpu_times
 from parity.bench.host import machine_info as machine_info
 from parity.engines.spec import ImplSpec
@@ -338,6 +339,21 @@ class Figure:
     samples: list[float] = field(default_factory=list)
     cpu_ns: list[int] = field(default_factory=lambda: [0, 0])  # (on a CPU, waiting) during the timed samples
     cpu_known: bool = True
+    psi_us: list[int] = field(default_factory=lambda: [0, 0])  # (machine stalled, wall) during the timed samples
+    psi_known: bool = True
+
+    def add_pressure(self, before: int | None, after: int | None, wall_us: int) -> None:
+        """Add one sample's machine-wide CPU pressure (host.cpu_pressure_us before and after it)."""
+        if before is None or after is None:
+            self.psi_known = False
+            return
+        self.psi_us[0] += max(0, after - before)
+        self.psi_us[1] += max(0, wall_us)
+
+    @property
+    def cpu_pressure(self) -> float | None:
+        """The fraction of the timed samples' wall time during which some task of the machine waited for a CPU."""
+        return min(1.0, self.psi_us[0] / self.psi_us[1]) if self.psi_known and self.psi_us[1] > 0 else None
 
     def add_cpu(self, before: tuple[int, int] | None, after: tuple[int, int] | None) -> None:
         """Add one sample's scheduler times (cpu_times before and after it)."""
@@ -363,6 +379,8 @@ class Figure:
         }
         if self.cpu_wait is not None:
             out["cpu_wait"] = self.cpu_wait
+        if self.cpu_pressure is not None:
+            out["cpu_pressure"] = self.cpu_pressure
         return out
 
 
@@ -421,9 +439,10 @@ def measure(
                 fig = figures[lane.label][metric]
                 lane.evaluate(tokens, n_new, 1)
                 fig.warmup_evals += 1
-                before = cpu_times(lane.pids())
+                before, psi, t0 = cpu_times(lane.pids()), cpu_pressure_us(), time.perf_counter()
                 seconds = lane.evaluate(tokens, n_new, fig.evals_per_sample)
                 fig.add_cpu(before, cpu_times(lane.pids()))
+                fig.add_pressure(psi, cpu_pressure_us(), int((time.perf_counter() - t0) * 1e6))
                 fig.timed_evals += len(seconds)
                 fig.samples.append(fig.n_tokens * len(seconds) / sum(seconds))
             if between is not None and metric == "pp":

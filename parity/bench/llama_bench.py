@@ -15,6 +15,7 @@ from typing import Any
 
 from parity.backends.tools import ToolsPlan
 from parity.bench import gate
+from parity.bench.host import cpu_pressure_us
 from parity.core.fs import atomic_write_text
 from parity.core.proc import run
 from parity.errors import UsageError
@@ -164,14 +165,21 @@ class LlamaBenchRunner:
         self.outputs: dict[str, list[str]] = {config: [] for config in self.commands}
         self.tests: dict[str, list[list[dict[str, Any]]]] = {config: [] for config in self.commands}
         self.cpu: dict[str, list[float]] = {config: [0.0, 0.0] for config in self.commands}  # CPU s, wall s x threads
+        self.psi: dict[str, list[float] | None] = {config: [0.0, 0.0] for config in self.commands}  # stalled, wall µs
 
     def run_once(self) -> None:
         """One llama-bench invocation (pp and tg, K repetitions each) of each configuration; its CPU time against
         its wall time x threads says how long it waited for a CPU (cpu_wait, parity.bench.noise)."""
         for config, cmd in self.commands.items():
             before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+            psi = cpu_pressure_us()
             output = run(cmd)
             wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+            psi_after, acc = cpu_pressure_us(), self.psi[config]
+            if psi is None or psi_after is None or acc is None:
+                self.psi[config] = None
+            else:
+                acc[0], acc[1] = acc[0] + psi_after - psi, acc[1] + wall * 1e6
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             self.cpu[config][0] += cpu
             self.cpu[config][1] += wall * self.threads[config]
@@ -210,9 +218,11 @@ class LlamaBenchRunner:
                 tests = [t for tests in runs for t in tests if (t["n_prompt"] > 0) == (metric == "pp")]
                 if tests:
                     record[metric] = summarize_tests(tests)
-                    wait = self.cpu_wait(config)
+                    wait, psi = self.cpu_wait(config), self.psi[config]
                     if wait is not None:
                         record[metric]["cpu_wait"] = wait
+                    if psi is not None and psi[1] > 0:
+                        record[metric]["cpu_pressure"] = min(1.0, psi[0] / psi[1])
             records.append(record)
         return records
 

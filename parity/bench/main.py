@@ -251,6 +251,7 @@ def bench_model(
         extra["llama_bench"] = runner.results(out_dir, model.name)
     extra["samples"] = {label: {m: f.samples for m, f in per.items()} for label, per in figures.items()}
     extra["cpu_wait"] = {label: {m: f.cpu_wait for m, f in per.items()} for label, per in figures.items()}
+    extra["cpu_pressure"] = {label: {m: f.cpu_pressure for m, f in per.items()} for label, per in figures.items()}
     return list(results.values()), extra
 
 
@@ -299,6 +300,7 @@ def ratios(
     model: inputs.ModelRef,
     samples: dict[str, dict[str, list[float]]],
     cpu_wait: dict[str, dict[str, float | None]] | None = None,
+    cpu_pressure: dict[str, dict[str, float | None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Same-run ratios lane ÷ llama.cpp (the `llama` lane) per metric, from per-repetition pairs; every other
     lane in order, the cross-check lane excepted (default: numpy/llama, bitnet/llama). A ratio's cpu_wait
@@ -316,6 +318,9 @@ def ratios(
                 waits = [(cpu_wait or {}).get(lane, {}).get(metric) for lane in (impl, "llama")]
                 if None not in waits:
                     stats["cpu_wait"] = 1 - (1 - waits[0]) * (1 - waits[1])  # type: ignore[operator]
+                pressures = [(cpu_pressure or {}).get(lane, {}).get(metric) for lane in (impl, "llama")]
+                if None not in pressures:
+                    stats["cpu_pressure"] = max(pressures)  # type: ignore[type-var]
                 out.append({"model_sha256": model.sha256, "name": f"{impl}/llama", "metric": metric, "stats": stats})
     return out
 
@@ -388,7 +393,7 @@ def bench_one(
     results, extra = bench_model(model, impls, opts, tools, open_lane)
     receipt["models"].append({**model.to_dict(), "architecture": extra["architecture"]})
     receipt["results"] += results
-    receipt["ratios"] += ratios(model, extra["samples"], extra["cpu_wait"])
+    receipt["ratios"] += ratios(model, extra["samples"], extra["cpu_wait"], extra["cpu_pressure"])
     runs = extra["llama_bench"]
     receipt["llama_bench"] += [{"model_sha256": model.sha256, **r} for r in runs]
     if extra["xcheck"] is not None and runs:

@@ -7,9 +7,13 @@ Each side of a comparison is a list of samples (tokens/s, or a same-run ratio). 
     se    = 1.2533 * 1.4826 * MAD(log samples) / sqrt(n)     (standard error of a median, from the samples' own
                                                               dispersion; MAD, not stdev: one pre-empted sample
                                                               barely moves it)
-    wait  = -log(1 - cpu_wait)                               (the CPU time the lane was denied: cpu_wait is the
-                                                              fraction of its runnable time spent waiting for a
-                                                              CPU, from /proc/<pid>/schedstat; see lanes.CpuWait)
+    wait  = -log(1 - max(cpu_wait, cpu_pressure))           (how busy the CPU was: cpu_wait is the fraction of the
+                                                              lane's runnable time spent waiting for a CPU, from
+                                                              /proc/<pid>/task/*/schedstat; cpu_pressure the
+                                                              fraction of the wall time some task of the machine
+                                                              waited, Linux PSI: an oversubscribed machine slows a
+                                                              lane that never waits, through shared caches, memory
+                                                              and SMT siblings; see bench.host)
     band  = Z * sqrt(se_base^2 + se_cur^2) + wait_base + wait_cur      (half-width, Z = 2: about 95 %)
     tau   = -log(1 - threshold)                              (threshold 10 %: tau = 0.105)
 
@@ -50,7 +54,7 @@ class Estimate:
     n: int
 
 
-def estimate(samples: Sequence[float], cpu_wait: float | None = None) -> Estimate:
+def estimate(samples: Sequence[float], cpu_wait: float | None = None, cpu_pressure: float | None = None) -> Estimate:
     """The log-median of positive samples, its standard error and the contention term."""
     logs = [math.log(x) for x in samples if x > 0]
     if not logs:
@@ -59,13 +63,13 @@ def estimate(samples: Sequence[float], cpu_wait: float | None = None) -> Estimat
     n = len(logs)
     mad = statistics.median(abs(x - med) for x in logs)
     se = SE_MEDIAN * mad / math.sqrt(n) if n >= MIN_SAMPLES else math.inf
-    wait = -math.log(1.0 - min(max(cpu_wait or 0.0, 0.0), MAX_WAIT))
+    wait = -math.log(1.0 - min(max(cpu_wait or 0.0, cpu_pressure or 0.0, 0.0), MAX_WAIT))
     return Estimate(med, se, wait, n)
 
 
 def of_stats(stats: dict[str, Any]) -> Estimate:
     """The estimate of a receipt figure (gate.summarize stats, optionally with cpu_wait)."""
-    return estimate(stats["samples"], stats.get("cpu_wait"))
+    return estimate(stats["samples"], stats.get("cpu_wait"), stats.get("cpu_pressure"))
 
 
 @dataclass(frozen=True)

@@ -597,8 +597,10 @@ def test_llama_bench_runner_interleaves_and_cross_checks(fp: Any, isolated: Path
     # the faked invocations used no CPU: as if llama-bench had waited for a core all along
     assert runner.cpu_wait("matched") == pytest.approx(1.0)
     runner.cpu = {"matched": [0.9, 1.0], "default": [1.0, 1.0]}  # 0.9 CPU s in 1 s of wall time x threads
+    runner.psi = {"matched": [0.0, 1e6], "default": [2e5, 1e6]}  # the machine stalled 0 and 0.2 s of 1 s
     runs = runner.results(isolated, "default-f32")
     assert runs[0]["pp"]["cpu_wait"] == pytest.approx(0.1) and runs[1]["tg"]["cpu_wait"] == 0.0
+    assert runs[0]["pp"]["cpu_pressure"] == 0.0 and runs[1]["tg"]["cpu_pressure"] == pytest.approx(0.2)
     runner.cpu["matched"] = [1.0, 1.0]
     runs = runner.results(isolated, "default-f32")
     assert [(r["config"], r["invocations"]) for r in runs] == [("matched", 3), ("default", 3)]

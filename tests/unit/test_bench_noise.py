@@ -74,6 +74,15 @@ def test_a_busy_cpu_is_too_noisy_even_when_the_samples_agree() -> None:
     assert gate.judge(_stats(IDLE_A, 0.01), _stats(SLOWER_20, 0.02)).status == "FAIL"
 
 
+def test_a_busy_machine_is_too_noisy_even_when_the_lane_never_waited() -> None:
+    # the lane kept its core (cpu_wait ~0), but other tasks queued for the other one 60 % of the time (Linux PSI):
+    # shared caches, memory bandwidth and SMT siblings moved this run's median by up to 40 % between runs here
+    busy = {**_stats(IDLE_B, cpu_wait=0.01), "cpu_pressure": 0.6}
+    d = gate.judge(_stats(IDLE_A, 0.01), busy)
+    assert d.status == "noisy" and "the CPU was busy" in d.reason
+    assert noise.of_stats(busy).wait == pytest.approx(-math.log(0.4))  # the larger of the two counts
+
+
 def test_too_few_samples_cannot_be_judged() -> None:
     d = gate.judge(_stats(IDLE_A[:2]), _stats(IDLE_B))
     assert d.status == "noisy" and d.band == math.inf and "fewer than 3 samples" in d.reason
