@@ -34,6 +34,7 @@ def test_default_f32_matches_llama_cpp(llama_plan: build.BuildPlan, tmp_path: Pa
     s = r["summary"]
     assert r["status"] == "pass" and s["all_passed"]
     assert s["max_abs"] <= 1e-4, s  # F32 weights, F32 KV cache, flash attention off
+    assert r["verdict"]["mode"] == "calibrated" and r["verdict"]["passed"], r["verdict"]  # the default verdict
     assert s["decisive_positions"] > 0 and s["top1_agreement_decisive"] == 1.0, s
     assert r["run_config"]["type_k"] == 0 and r["run_config"]["type_v"] == 0 and r["run_config"]["flash_attn"] == 0
     assert r["greedy"]["first_difference"] is None and r["greedy"]["verdict"] == "identical"
@@ -46,6 +47,7 @@ def test_default_f32_matches_llama_cpp(llama_plan: build.BuildPlan, tmp_path: Pa
 def test_default_f16_variant(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
     code, _, err = _run(tmp_path, "--variant", "f16")
     assert code == 0, err
+    assert _receipt(tmp_path)["verdict"]["mode"] == "calibrated"
     s = _receipt(tmp_path)["summary"]
     assert 1 - s["min_cosine"] <= 1e-6 and s["mean_kl"] <= 1e-5, s
 
@@ -53,7 +55,12 @@ def test_default_f16_variant(llama_plan: build.BuildPlan, tmp_path: Path) -> Non
 def test_default_q8_0_variant(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
     code, _, err = _run(tmp_path, "--variant", "q8_0")
     assert code == 0, err
-    s = _receipt(tmp_path)["summary"]
+    r = _receipt(tmp_path)
+    # Q8_0 x Q8_0 dot products are exact integers (llama.cpp was bit-identical in every evaluation order here), so
+    # the floor is at least the rounding model of its 8-bit activations (compare/calibrate.py), never 0
+    assert r["verdict"]["mode"] == "calibrated" and r["floor"]["rounding"]["format"] == "Q8_0", r["floor"]["rounding"]
+    assert all(c["floor"] > 0 for c in r["verdict"]["checks"]), r["verdict"]["checks"]
+    s = r["summary"]
     assert 1 - s["min_cosine"] <= 1e-3 and s["mean_kl"] <= 5e-3, s
 
 
