@@ -106,7 +106,7 @@ class Pair:
             values = stats.compute(ref_rows, impl_rows, item.tokens, mode=self.mode, item=item.index)
         except ParityError as exc:  # a side failed (worker crash/hang, bad reply): this item only
             self.close()
-            return Outcome(item.index, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+            return Outcome(item.index, None, _one_line(exc), time.perf_counter() - t0)
         described = None
         if not self._described:  # once per worker: what the receipt records of each side
             described = {"reference": _describe(ref), "implementation": _describe(impl)}
@@ -119,6 +119,12 @@ class Pair:
             for side in opened:
                 with contextlib.suppress(ParityError):
                     side.close()
+
+
+def _one_line(exc: ParityError) -> str:
+    """The error's first line and its fix (a worker's error carries its stderr tail after the first line)."""
+    first = (exc.message.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" + (f" (fix: {exc.fix})" if exc.fix else "")
 
 
 def _describe(impl: Implementation) -> dict[str, Any]:

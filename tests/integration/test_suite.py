@@ -213,3 +213,22 @@ def test_twenty_sigkills_resumed_each_time_lose_nothing_and_redo_nothing(
     print(
         f"{kills} kills ({in_run} while computing), {len(segs)} runs, {sum(starts.values())} computations of {N_ITEMS} items"
     )
+
+
+def test_a_side_that_crashes_fails_its_items_not_the_run_and_resume_retries_them(
+    llama_plan: build.BuildPlan, tmp_path: Path
+) -> None:
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"tokens": [1, 20, 30, 40]}\n{"tokens": [1, 50, 60, 70]}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    # llama.cpp's worker aborts in every eval, as a C++ abort would: each item is an error, the run exit 1
+    r = run_cli(*_suite_args(items, out), env={"PARITY_FAULT_INJECT": "abort:eval"})
+    assert r.returncode == 1, r.stderr[-2000:]
+    rec = json.loads(r.stdout)
+    assert rec["status"] == "error" and rec["verdict"]["n_error"] == 2 and rec["n_done"] == 0
+    assert all(row["status"] == "error" and "SIGABRT" in row["reason"] for row in rec["items"]), rec["items"]
+    assert "Traceback" not in r.stderr
+    # the failed items were not persisted as done: a resume computes exactly them
+    fixed = _run(items, out, "--resume")
+    assert fixed["status"] == "pass" and fixed["n_done"] == 2
+    assert [e["item"] for e in store.read_progress(out) if e["event"] == "start"] == [0, 1, 0, 1]
