@@ -25,7 +25,7 @@ import pytest
 from parity.backends import build
 from parity.suite import store
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, locked_gemma, run_cli
 
 pytestmark = pytest.mark.model
 THREADS = "1"
@@ -232,3 +232,34 @@ def test_a_side_that_crashes_fails_its_items_not_the_run_and_resume_retries_them
     fixed = _run(items, out, "--resume")
     assert fixed["status"] == "pass" and fixed["n_done"] == 2
     assert [e["item"] for e in store.read_progress(out) if e["event"] == "start"] == [0, 1, 0, 1]
+
+
+def test_two_files_of_one_model_through_one_engine(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    """The quantisation question: llama.cpp on the Q8_0 file against llama.cpp on the F32 file."""
+    from parity.models.modelgen import default_model
+
+    items = tmp_path / "items.jsonl"
+    items.write_text(
+        '{"id": "a", "text": "The quick brown fox jumps over the lazy dog."}\n{"id": "b", "tokens": [1, 9, 8, 7, 6, 5]}\n',
+        encoding="utf-8",
+    )
+    q8, f32 = default_model("q8_0")[0], default_model("f32")[0]
+    sides = ("--impl", f"llama:model={q8}", "--reference", f"llama:model={f32}")
+    loose = _run(items, tmp_path / "loose", *sides, "--max-mean-kld", "0.1")
+    assert loose["implementation"]["model"]["path"] == str(q8) and loose["reference"]["model"]["path"] == str(f32)
+    mean = loose["statistics"]["kld"]["mean"]
+    assert 1e-6 < mean < 0.1, mean  # 8-bit weights move the distribution, by little
+    r = run_cli(*_suite_args(items, tmp_path / "strict"), *sides, "--max-mean-kld", "1e-7")
+    assert r.returncode == 1, r.stderr[-2000:]
+    strict = json.loads(r.stdout)
+    assert strict["status"] == "fail" and strict["statistics"] == loose["statistics"]
+    assert set(strict["worst"]) == {0, 1} and all("mean KLD" in row["reason"] for row in strict["items"])
+    # files whose vocabularies differ are refused before anything runs
+    r = run_cli(
+        *_suite_args(items, tmp_path / "other"),
+        "--impl",
+        f"llama:model={locked_gemma()}",
+        "--reference",
+        f"llama:model={f32}",
+    )
+    assert r.returncode == 2 and "different vocabularies" in r.stderr, r.stderr[-2000:]
