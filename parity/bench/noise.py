@@ -102,7 +102,7 @@ def decide(base: Estimate, cur: Estimate, threshold: float, two_sided: bool = Fa
     if band > tau:
         why = f"noise band ±{width:.1%} is wider than the {threshold:.0%} it must resolve"
         if base.wait + cur.wait > tau / 2:
-            why += " (the CPU was busy: lanes waited for a core)"
+            why += " (the CPU was busy: tasks waited for a core)"
         return Decision(change, width, threshold, NOISY, why)
     beyond = abs(d) > tau if two_sided else d < -tau
     if beyond:
