@@ -75,3 +75,14 @@ def test_flags() -> None:
     assert options.resolve({}).locate == "auto"
     with pytest.raises(UsageError, match="locate must be auto, on or off"):
         options.resolve({"locate": "always"})
+
+
+def test_which_models_get_the_dequantized_configuration() -> None:
+    from parity.models import modelgen
+
+    # F32 weights multiply as stored; F16 and 8-bit weights round the activations (compare/locate's noise)
+    assert [locate.needs_dequantized(modelgen.default_model(v)[0]) for v in ("f32", "f16", "q8_0")] == [
+        False,
+        True,
+        True,
+    ]
