@@ -235,6 +235,12 @@ class RayExecutor(Executor):
                     f"cannot connect to the Ray cluster at {self.address}: {exc}",
                     fix="check --ray-address / RAY_ADDRESS (`ray status` on the head), or omit it to start a local one",
                 ) from exc
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus < workers:  # each actor takes one CPU: more would wait for ever
+            raise UsageError(
+                f"--workers {workers}: the Ray cluster has {cpus} CPU(s), one per actor",
+                fix=f"use --workers {max(cpus, 1)} or add nodes to the cluster",
+            )
         self._remote = ray.remote(num_cpus=1, max_restarts=0, runtime_env={"env_vars": thread_env(threads)})(SuiteActor)
         self._actors: list[Any] = [self._new_actor(s) for s in range(workers)]
         self._refs: dict[Any, tuple[int, Item]] = {}

@@ -4,7 +4,8 @@
 The suite: numpy vs llama.cpp on the default model, token-id items and text items (parity's own tokenizer
 path), one thread per side. Ray: one real local head for the module, started in this process on loopback
 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: every Ray server listens on 127.0.0.1) and shut down after.
-Cost on a quiet 2-core machine: ~20 s for Ray's start, ~1 min for the rest (each CLI run loads both sides).
+Cost (2-core machine shared with other jobs, load ~4-8): 129 s for this file, of which the 20 SIGKILLs 60 s,
+local/Ray/shards 33 s + 16 s to start Ray and the baseline, the rest ~17 s (each CLI run loads both sides).
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def test_local_ray_and_merged_shards_print_identical_statistics(
     on_ray = _run(prompts, tmp_path / "ray", "--executor", "ray", "--workers", "2", "--ray-address", ray_address)
     assert on_ray["executor"]["kind"] == "ray" and on_ray["executor"]["workers"] == 2
     _same_numbers(baseline, on_ray)
+    r = run_cli(
+        *_suite_args(prompts, tmp_path / "ray3", "--executor", "ray", "--workers", "3", "--ray-address", ray_address)
+    )
+    assert r.returncode == 2 and "has 2 CPU(s), one per actor" in r.stderr, r.stderr[-2000:]
 
     shard_dirs = []
     for k in (1, 2, 3):
