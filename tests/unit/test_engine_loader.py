@@ -36,8 +36,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:overflow:RuntimeWarning")
 @pytest.mark.parametrize("chunk", [1, 4096, 1 << 30])  # a row per chunk, several rows, everything at once
-def test_values_identical_to_dequantize(model: Path, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mapped", [False, True])  # np.empty, or the 4 KiB-page memory map of large arrays
+def test_values_identical_to_dequantize(model: Path, chunk: int, mapped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(loader, "HUGE_BYTES", 0 if mapped else loader.HUGE_BYTES)
     f = open_gguf(model)
     assert len(f.tensors) == len(loader.ROW_LOCAL)
     for name, t in f.tensors.items():
