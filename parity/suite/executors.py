@@ -1,7 +1,7 @@
 """Where a suite's items are evaluated: local worker processes (default) or Ray actors (`--executor ray`).
 
 Both keep `workers` slots, each holding both sides open for the whole run (parity.suite.sides.Pair: models
-loaded once per slot), with one item in flight per slot. `drive` is the one scheduling loop: it hands the
+loaded once per slot), with DEPTH items queued per slot. `drive` is the one scheduling loop: it hands the
 items (canonical order) to idle slots and passes each outcome on as it arrives. A slot whose process dies
 (a crash in an in-process engine, a killed actor) fails its in-flight item only and is started again.
 
@@ -67,23 +67,27 @@ class Executor(abc.ABC):
         self.close()
 
 
+# Items queued per slot: while the coordinator persists one outcome (~10 ms: two fsynced files), the slot is
+# already computing the next; a kill loses at most DEPTH items per slot, which a resume computes again.
+DEPTH = 2
+
+
 def drive(
     ex: Executor, items: Sequence[Item], on_start: Callable[[Item], None], on_done: Callable[[Item, Outcome], None]
 ) -> None:
-    """Evaluate `items` on `ex`'s slots, one in flight per slot, calling back as items start and finish."""
+    """Evaluate `items` on `ex`'s slots, DEPTH in flight per slot, calling back as items start and finish."""
     pending = deque(items)
     by_index = {it.index: it for it in items}
-    idle = list(range(ex.workers))
-    busy = 0
-    while pending or busy:
-        while pending and idle:
-            slot, item = idle.pop(0), pending.popleft()
+    load = dict.fromkeys(range(ex.workers), 0)
+    while pending or any(load.values()):
+        while pending and min(load.values()) < DEPTH:
+            slot = min(load, key=lambda s: (load[s], s))
+            item = pending.popleft()
             on_start(item)
             ex.send(slot, item)
-            busy += 1
+            load[slot] += 1
         slot, outcome = ex.receive()
-        busy -= 1
-        idle.append(slot)
+        load[slot] -= 1
         on_done(by_index[outcome.index], outcome)
 
 
@@ -120,7 +124,8 @@ class LocalExecutor(Executor):
         self._ctx = multiprocessing.get_context("spawn")
         self._procs: list[Any] = [None] * workers
         self._conns: list[multiprocessing.connection.Connection | None] = [None] * workers
-        self._inflight: dict[int, Item] = {}
+        self._inflight: dict[int, deque[Item]] = {s: deque() for s in range(workers)}
+        self._failed: deque[tuple[int, Outcome]] = deque()  # the rest of a dead worker's queue
         for slot in range(workers):
             self._start(slot)
 
@@ -137,19 +142,22 @@ class LocalExecutor(Executor):
     def send(self, slot: int, item: Item) -> None:
         conn = self._conns[slot]
         assert conn is not None
-        self._inflight[slot] = item
+        self._inflight[slot].append(item)
         with contextlib.suppress(BrokenPipeError, OSError):  # the worker is gone: receive() reports it
             conn.send(item)
 
     def receive(self) -> tuple[int, Outcome]:
-        by_conn = {id(c): s for s, c in enumerate(self._conns) if c is not None and s in self._inflight}
+        if self._failed:
+            return self._failed.popleft()
+        by_conn = {id(c): s for s, c in enumerate(self._conns) if c is not None and self._inflight[s]}
         ready = multiprocessing.connection.wait([c for c in self._conns if c is not None and id(c) in by_conn])
         conn = ready[0]
         assert isinstance(conn, multiprocessing.connection.Connection)
         slot = by_conn[id(conn)]
-        item = self._inflight.pop(slot)
+        queue = self._inflight[slot]
         try:
-            outcome: Outcome = conn.recv()
+            outcome: Outcome = conn.recv()  # a worker answers its requests in order
+            queue.popleft()
             return slot, outcome
         except (EOFError, OSError):
             proc = self._procs[slot]
@@ -157,7 +165,9 @@ class LocalExecutor(Executor):
             why = f"local worker process {proc.pid} died (exit code {proc.exitcode})"
             conn.close()
             self._start(slot)
-            return slot, Outcome(item.index, None, why, 0.0)
+            self._failed.extend((slot, Outcome(it.index, None, why, 0.0)) for it in queue)
+            queue.clear()
+            return self._failed.popleft()
 
     def close(self) -> None:
         for slot, conn in enumerate(self._conns):
@@ -243,7 +253,7 @@ class RayExecutor(Executor):
             )
         self._remote = ray.remote(num_cpus=1, max_restarts=0, runtime_env={"env_vars": thread_env(threads)})(SuiteActor)
         self._actors: list[Any] = [self._new_actor(s) for s in range(workers)]
-        self._refs: dict[Any, tuple[int, Item]] = {}
+        self._refs: dict[Any, tuple[int, Item, Any]] = {}
 
     def _new_actor(self, slot: int) -> Any:
         return self._remote.remote(self.impl, self.ref, self.mode, f"-ray{slot}")
@@ -252,18 +262,22 @@ class RayExecutor(Executor):
         return {**super().describe(), "ray_address": self.address or "local"}
 
     def send(self, slot: int, item: Item) -> None:
-        self._refs[self._actors[slot].evaluate.remote(item)] = (slot, item)
+        actor = self._actors[slot]
+        self._refs[actor.evaluate.remote(item)] = (slot, item, actor)
 
     def receive(self) -> tuple[int, Outcome]:
         ready, _ = self.ray.wait(list(self._refs), num_returns=1)
-        slot, item = self._refs.pop(ready[0])
+        slot, item, actor = self._refs.pop(ready[0])
         try:
             outcome: Outcome = self.ray.get(ready[0])
             return slot, outcome
         except self.ray.exceptions.RayError as exc:  # the actor died or raised: this item only
             lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
             first = lines[-1].strip() if lines else ""  # the exception itself, after Ray's traceback
-            self._actors[slot] = self._new_actor(slot)
+            if self._actors[slot] is actor:  # once per failed actor, whatever it had queued
+                with contextlib.suppress(Exception):
+                    self.ray.kill(actor)  # it may be alive (an exception, not a crash): free its CPU
+                self._actors[slot] = self._new_actor(slot)
             return slot, Outcome(item.index, None, f"Ray actor failed: {type(exc).__name__}: {first}", 0.0)
 
     def close(self) -> None:
