@@ -39,7 +39,7 @@ from parity.core.fs import atomic_write_json
 from parity.engines.bridged import BridgedImplementation
 from parity.options import RunOptions
 
-FLOOR_VERSION = 3  # bump when what a floor record holds or how it is computed changes (old entries are ignored)
+FLOOR_VERSION = 4  # bump when what a floor record holds or how it is computed changes (old entries are ignored)
 
 
 def cache_dir() -> Path:
@@ -47,13 +47,21 @@ def cache_dir() -> Path:
     return paths.user_cache_dir() / "floor"
 
 
-def rounding_model(model: Path) -> dict[str, Any]:
-    """The rounding model's inputs from the GGUF: the matmul weights' formats and how many there are."""
+def rounding_model(model: Path, params: BackendParams | None = None) -> dict[str, Any]:
+    """The rounding model's inputs: the coarsest format the reference rounds to - its matmul weights'
+    activation formats, its K/V cache types and flash attention's F16 (from the lane's `params`) - and how
+    many matmul weights there are."""
     from parity.gguf.reader import open_gguf
+    from parity.gguf.types import type_name
 
     f = open_gguf(model)
     types = [t.type_name for t in f.tensors.values() if len(t.shape) == 2]
     u, fmt = calibrate.activation_roundoff(types)
+    if params is not None:  # a K/V cache or flash attention coarser than the activations sets the precision
+        stored = [type_name(params.type_k), type_name(params.type_v)] + (["F16"] if params.flash_attn == 1 else [])
+        u_kv, fmt_kv = calibrate.storage_roundoff(stored)
+        if u_kv > u:
+            u, fmt = u_kv, f"{fmt_kv} (KV cache / attention)"
     return {"unit_roundoff": u, "format": fmt, "n_matmul": len(types), "model": calibrate.__name__}
 
 
@@ -144,7 +152,7 @@ def measure(
         hit["seconds"] = round(time.perf_counter() - t0, 4)
         hit["measured_seconds"] = hit.get("measured_seconds")
         return hit
-    rounding = rounding_model(model)
+    rounding = rounding_model(model, params)
     logits: dict[str, np.ndarray] = {}
     described: list[dict[str, Any]] = []
     for name, cfg, shape in planned:

@@ -64,6 +64,21 @@ def activation_roundoff(weight_types: Iterable[str]) -> tuple[float, str]:
     return (best or U_F32), name
 
 
+def storage_roundoff(stored_types: Iterable[str]) -> tuple[float, str]:
+    """The coarsest rounding of values STORED in these formats (a K/V cache): floats as above; a quantized
+    cache keeps 2^(b-1)-1 levels per block (Q4: 7, Q5: 15, Q8: 127), half a level relative to the block's max."""
+    best, name = 0.0, "F32"
+    for t in stored_types:
+        key = t.upper()
+        u = _FLOAT_ROUNDOFF.get(key)
+        if u is None:
+            bits = 4 if key.startswith(("Q4", "IQ4")) else 5 if key.startswith("Q5") else 8
+            u = 1.0 / (2 * (2 ** (bits - 1) - 1))
+        if u > best:
+            best, name = u, key
+    return (best or U_F32), name
+
+
 def rounding_epsilon(ref: np.ndarray, unit_roundoff: float, n_matmul: int) -> np.ndarray:
     """Per position (n,): eps = u * sqrt(n_matmul) * max |logit| (the module docstring's rounding model)."""
     scale = np.abs(np.asarray(ref, dtype=np.float64)).max(axis=-1)  # (n,)
