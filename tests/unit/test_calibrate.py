@@ -168,3 +168,12 @@ def test_tolerances_without_a_mode_select_the_fixed_verdict(tmp_path: Any) -> No
         resolve({"verdict": "loose"}, none)
     # the project's own [tool.parity] leaves the mode open, so a script's --cos-tol still means fixed
     assert resolve({}).verdict == "calibrated" and resolve({"cos_tol": 0.9}).verdict == "fixed"
+
+
+def test_storage_roundoff_of_kv_cache_types() -> None:
+    """A K/V cache stored in F16 or a quantized type rounds more coarsely than F32 activations."""
+    assert calibrate.storage_roundoff(["F32", "F32"]) == (calibrate.U_F32, "F32")
+    assert calibrate.storage_roundoff(["F16", "F32"]) == (calibrate.U_F16, "F16")
+    assert calibrate.storage_roundoff(["Q8_0"])[0] == 1 / 254
+    assert calibrate.storage_roundoff(["Q4_0", "Q8_0"]) == (1 / 14, "Q4_0")
+    assert calibrate.storage_roundoff(["Q5_1"])[0] == 1 / 30
