@@ -36,7 +36,13 @@ TENSOR_OPS = (
     "ffn_post_norm",
     "l_out",
 )
-TENSOR_GLOBALS = ("inp_embd", "inp_scaled", "result_norm", "result_output")
+TENSOR_GLOBALS = (
+    "embd",
+    "inp_embd",
+    "inp_scaled",
+    "result_norm",
+    "result_output",
+)  # embd: mainline; inp_embd: the 2024 fork
 
 
 class Implementation(ABC):

@@ -37,9 +37,9 @@ LAYER_OPS = {
     "bitnet": {"attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_inp", "ffn_norm", "l_out"},
 }
 GLOBALS = {
-    "llama": {"result_norm", "result_output"},
-    "gemma3": {"inp_scaled", "result_norm", "result_output"},
-    "bitnet": {"result_norm", "result_output"},
+    "llama": {"embd", "result_norm", "result_output"},
+    "gemma3": {"embd", "inp_scaled", "result_norm", "result_output"},
+    "bitnet": {"embd", "result_norm", "result_output"},
 }
 
 

@@ -14,7 +14,7 @@ GRAPH = ["embd", "norm-0", "attn_norm-0", "Qcur-0", "ffn_gate-0", "l_out-0", "at
 
 
 def test_default_names_are_the_base_lists_the_graph_has() -> None:
-    assert tensor_names.default_names(GRAPH) == ["attn_norm-0", "Qcur-0", "l_out-0", "attn_norm-1", "l_out-1",
+    assert tensor_names.default_names(GRAPH) == ["embd", "attn_norm-0", "Qcur-0", "l_out-0", "attn_norm-1", "l_out-1",
                                                  "result_output"]  # fmt: skip
     assert tensor_names.split_name("attn_norm-12") == ("attn_norm", 12)
     assert tensor_names.split_name("result_output") == ("result_output", None)
