@@ -14,7 +14,8 @@ unchanged. `--no-locate` ("off"): never. The analysis is parity.compare.locate; 
      the activations to 8 bits / F16 first. That rounding is the reference's largest own error on a
      quantized model and no scheduling option moves it: measured on Gemma 3 270M Q4_K_M, replay noise under
      repack/ubatch is <= 2e-6 while the rounding moves a matmul's output by 5-8% (README, "Localisation").
-   Threads 1 vs 2 and other n_ubatch splits were bit-identical on both models here, so they are not run.
+   Threads 1 vs 2 were bit-identical on both models here (not run); n_ubatch 16 moved Gemma through the same
+   small-tail kernels `ubatch_tail` exercises (35 tokens: 16 + 16 + 3), and was bit-identical on F32.
 3. the implementation: its tensors freely, then teacher-forced with A's tensors (names both graphs have).
 
 An implementation without `tensors` raises Unsupported: with --locate that is exit 2; automatic localisation
