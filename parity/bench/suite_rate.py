@@ -1,0 +1,103 @@
+"""The suite's throughput against llama-perplexity's KL-divergence mode, llama.cpp on both sides (issue 16).
+
+One model pair (BASE as the reference, OTHER as the implementation), one text, one context and thread count:
+
+- llama-perplexity, as users run it: `-m BASE --kl-divergence-base FILE` (evaluates BASE, stores its
+  log-probs) then `-m OTHER --kl-divergence-base FILE --kl-divergence` (evaluates OTHER, prints the
+  statistics). Both runs are timed whole (process start, model load, warm-up, evaluation, statistics): the
+  two of them are what a KL-divergence comparison costs, and they evaluate the same two models parity does.
+- `parity suite --text TEXT --ctx N --chunks K --score perplexity --reference llama:model=BASE --impl
+  llama:model=OTHER`, timed whole the same way (interpreter start, tokenization, both models loaded in one
+  worker, every chunk evaluated on both sides, statistics, receipt).
+
+The figure is tokens per second (chunks x ctx over wall seconds) of each, and their ratio; the issue's target
+is ratio >= TARGET_RATIO. Both printouts are parsed, so the figure also says whether the two agree on mean
+KLD, same top p and RMS dp. parity.bench calls `measure()`; the commands it ran are in the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from parity.backends import lock, perplexity, tools
+from parity.core.proc import CommandError, run
+
+TARGET_RATIO = 0.8
+
+
+def suite_command(
+    base_model: Path, other_model: Path, text: Path, out_dir: Path, *, ctx: int, chunks: int, threads: int
+) -> list[str]:
+    """The `parity suite` run that answers the same question as the two llama-perplexity runs."""
+    return [
+        *(sys.executable, "-m", "parity", "suite", "--text", str(text), "--ctx", str(ctx), "--chunks", str(chunks)),
+        *("--score", "perplexity", "--reference", f"llama:model={base_model}", "--impl", f"llama:model={other_model}"),
+        *("--threads", str(threads), "--out-dir", str(out_dir), "--format", "json"),
+    ]
+
+
+def measure(
+    base_model: Path, other_model: Path, text: Path, workdir: Path, *, ctx: int, chunks: int, threads: int
+) -> dict[str, Any]:
+    """Time both tools on the same pair, text, context and threads; the receipt's `suite_rate` record."""
+    spec = lock.get_spec("llama")
+    ppl = tools.ensure_llama_perplexity(spec, lock.source_override(spec))
+    workdir.mkdir(parents=True, exist_ok=True)
+    base_file = workdir / "base.kld"
+    base_cmd = perplexity.base_command(
+        ppl.binary, base_model, text, base_file, n_ctx=ctx, n_chunks=chunks, threads=threads
+    )
+    kld_cmd = perplexity.kld_command(ppl.binary, other_model, base_file, n_ctx=ctx, threads=threads)
+    base_run = perplexity.run_tool(base_cmd, workdir / "llama-perplexity-base.log")
+    kld_run = perplexity.run_tool(kld_cmd, workdir / "llama-perplexity-kld.log")
+    base_file.unlink(missing_ok=True)  # n_vocab x 2 bytes per scored position: large, and not needed again
+    theirs = perplexity.parse_output(kld_run.output)
+
+    out_dir = workdir / "suite"
+    cmd = suite_command(base_model, other_model, text, out_dir, ctx=ctx, chunks=chunks, threads=threads)
+    t0 = time.perf_counter()
+    try:
+        run(cmd, log_file=workdir / "parity-suite.log")
+    except CommandError as exc:
+        if exc.returncode != 1:  # 1: an item's verdict failed, which does not change what was timed
+            raise
+    suite_seconds = time.perf_counter() - t0
+    ours = json.loads((out_dir / "suite.json").read_text(encoding="utf-8"))
+    tokens = ctx * chunks
+    ppl_seconds = base_run.seconds + kld_run.seconds
+    ratio = (tokens / suite_seconds) / (tokens / ppl_seconds)
+    return {
+        "tokens": tokens,
+        "ctx": ctx,
+        "chunks": chunks,
+        "threads": threads,
+        "llama_perplexity": {
+            "seconds_base": round(base_run.seconds, 3),
+            "seconds_kld": round(kld_run.seconds, 3),
+            "tokens_per_s": tokens / ppl_seconds,
+            "commands": [shlex.join(base_cmd), shlex.join(kld_cmd)],
+        },
+        "parity_suite": {
+            "seconds": round(suite_seconds, 3),
+            "tokens_per_s": tokens / suite_seconds,
+            "command": shlex.join(cmd),
+        },
+        "ratio": ratio,
+        "target": TARGET_RATIO,
+        "meets_target": ratio >= TARGET_RATIO,
+        "agreement": _agreement(theirs, ours),
+    }
+
+
+def _agreement(theirs: dict[str, tuple[float, float | None]], suite: dict[str, Any]) -> dict[str, Any]:
+    """llama-perplexity's printed figure next to parity's (same units: KLD as is, the rest in percent)."""
+    s = suite.get("statistics") or suite.get("summary") or {}
+    if not s.get("kld"):
+        return {}
+    mine = {"Mean KLD": s["kld"]["mean"], "RMS Δp": 100 * s["dp"]["rms"], "Same top p": 100 * s["same_top"]["p"]}
+    return {k: {"llama_perplexity": theirs[k][0], "parity": v} for k, v in mine.items() if k in theirs}
