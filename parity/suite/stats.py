@@ -391,7 +391,9 @@ def format_text(summary: dict[str, Any]) -> str:
     k, d, t = s["kld"], s["dp"], s["same_top"]
     cor = s["ppl_correlation"]
     lines = [
-        f"====== Perplexity statistics ====== ({n} positions)",
+        f"scored positions: {n}",
+        "",
+        "====== Perplexity statistics ======",
         f"Mean PPL(Q)                   : {s['ppl_impl']['value']:10.6f} ± {_u(s['ppl_impl']['uncertainty'], '%10.6f')}",
         f"Mean PPL(base)                : {s['ppl_ref']['value']:10.6f} ± {_u(s['ppl_ref']['uncertainty'], '%10.6f')}",
         f"Cor(ln(PPL(Q)), ln(PPL(base))): {_u(cor, '%6.2f', 100.0)}%",
