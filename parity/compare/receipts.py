@@ -22,11 +22,16 @@ def schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
     return data
 
 
-def validation_errors(receipt: Any, schema_path: Path = SCHEMA_PATH) -> list[str]:
-    """Human-readable schema violations (empty when valid)."""
+@cache
+def _validator(schema_path: Path) -> Any:
     from jsonschema import Draft202012Validator
 
-    v = Draft202012Validator(schema(schema_path))
+    return Draft202012Validator(schema(schema_path))
+
+
+def validation_errors(receipt: Any, schema_path: Path = SCHEMA_PATH) -> list[str]:
+    """Human-readable schema violations (empty when valid)."""
+    v = _validator(schema_path)
     return [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in v.iter_errors(receipt)]
 
 
