@@ -33,7 +33,7 @@ import numpy as np
 
 from parity.backends.bridge import BackendParams
 from parity.backends.build import BuildPlan
-from parity.compare import calibrate
+from parity.compare import calibrate, metrics
 from parity.core import paths
 from parity.core.fs import atomic_write_json
 from parity.engines.bridged import BridgedImplementation
@@ -220,15 +220,5 @@ def judge(
         return calibrate.fixed_verdict(summary, opts.cos_tol, opts.mse_tol), greedy, summary
     v = calibrate.verdict(ours, ref, floor["rows"], floor["summary"], opts.tie_margin)
     greedy = calibrate.greedy_with_floor(greedy, floor["rows"], n_prompt, v["k"])
-    first = None
-    if v["first"] is not None:
-        r = rows[v["first"]]
-        first = {
-            "pos": r["pos"],
-            "cosine": r["cosine"],
-            "mse": r["mse"],
-            "token_id": r["token_id"],
-            "ours_top1": r["top5_ours"][0],
-            "ref_top1": r["top5_ref"][0],
-        }
+    first = None if v["first"] is None else metrics.divergence_record(rows[v["first"]])
     return v, greedy, {**summary, "all_passed": v["passed"], "first_divergence": first}

@@ -126,19 +126,24 @@ class Thresholds:
         return {"cos_tol": self.cos_tol, "mse_tol": self.mse_tol, "top1_margin": TOP1_MARGIN}
 
 
+def divergence_record(r: dict[str, Any]) -> dict[str, Any]:
+    """The summary's `first_divergence` entry for the position row `r`."""
+    return {
+        "pos": r["pos"],
+        "cosine": r["cosine"],
+        "mse": r["mse"],
+        "token_id": r["token_id"],
+        "ours_top1": r["top5_ours"][0],
+        "ref_top1": r["top5_ref"][0],
+    }
+
+
 def summarize(rows: list[dict[str, Any]], th: Thresholds) -> dict[str, Any]:
     """Aggregate rows; find the first divergent position."""
     first = None
     for r in rows:
         if r["cosine"] < th.cos_tol or r["mse"] > th.mse_tol:
-            first = {
-                "pos": r["pos"],
-                "cosine": r["cosine"],
-                "mse": r["mse"],
-                "token_id": r["token_id"],
-                "ours_top1": r["top5_ours"][0],
-                "ref_top1": r["top5_ref"][0],
-            }
+            first = divergence_record(r)
             break
     decisive = [r for r in rows if r["ref_top1_margin"] > TOP1_MARGIN]
     return {
