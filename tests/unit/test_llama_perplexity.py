@@ -124,3 +124,24 @@ def test_base_file_round_trip(tmp_path: Path) -> None:
     path.write_bytes(b"_weights_" + bytes(40))
     with pytest.raises(UsageError, match="not a llama-perplexity"):
         P.read_base_file(path)
+
+
+def test_suite_rate_runs_the_same_question_through_parity_suite() -> None:
+    from parity.bench import suite_rate
+
+    cmd = suite_rate.suite_command(
+        Path("b.gguf"), Path("q.gguf"), Path("t.txt"), Path("out"), ctx=64, chunks=8, threads=2
+    )
+    assert cmd[1:4] == ["-m", "parity", "suite"]
+    flags = dict(zip(cmd[4::2], cmd[5::2], strict=True))
+    assert flags == {
+        "--text": "t.txt",
+        "--ctx": "64",
+        "--chunks": "8",
+        "--score": "perplexity",
+        "--reference": "llama:model=b.gguf",
+        "--impl": "llama:model=q.gguf",
+        "--threads": "2",
+        "--out-dir": "out",
+        "--format": "json",
+    }
