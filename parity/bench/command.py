@@ -89,6 +89,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="time `parity run` on each model (3 runs, --gen-tokens generated) against numpy's and llama.cpp's own "
         "load and compute for the same job; the difference is the receipt's harness_overhead (default: on)",
     )
+    p.add_argument(
+        "--suite-rate",
+        nargs=2,
+        metavar=("BASE", "OTHER"),
+        help="also time `parity suite --score perplexity` against llama-perplexity's two KL-divergence runs on the "
+        "pair (names or paths as --model) over parity/data/corpus.txt; the receipt's suite_rate (target ratio 0.8)",
+    )
+    p.add_argument("--suite-rate-ctx", type=int, default=256, metavar="N", help="chunk size of --suite-rate (256)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout (default text)")
     p.add_argument("--verbose", action="store_true", help="stream build output")
     p.add_argument(
@@ -118,6 +126,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         cross_check_threads=args.cross_check_threads,
         protocol_probe=args.protocol_probe,
         harness_overhead=args.harness_overhead,
+        suite_rate=tuple(args.suite_rate) if args.suite_rate else None,
+        suite_rate_ctx=args.suite_rate_ctx,
     )
 
 

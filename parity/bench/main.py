@@ -98,6 +98,8 @@ class BenchOptions:
     cross_check_threads: int = 1
     protocol_probe: bool = True  # measure (and gate) the protocol overhead on Gemma-sized logits
     harness_overhead: bool = True  # time `parity run` against the engines' own work (parity.bench.overhead)
+    suite_rate: tuple[str, str] | None = None  # BASE, OTHER: parity suite vs llama-perplexity (bench.suite_rate)
+    suite_rate_ctx: int = 256
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the flag."""
@@ -377,6 +379,13 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
             f"{protocol_probe.POSITIONS} x {protocol_probe.VOCAB} float32 through protocol v2"
         )
         receipt["protocol_overhead"] = protocol_probe.measure(log_dir=out_dir / "logs")
+    if opts.suite_rate:
+        from parity.bench import suite_rate
+
+        base, other = (inputs.resolve_model(m).path for m in opts.suite_rate)
+        receipt["suite_rate"] = suite_rate.measure(
+            base, other, suite_rate.TEXT, out_dir / "suite_rate", ctx=opts.suite_rate_ctx, threads=opts.threads
+        )
     return receipt
 
 

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from parity.backends import lock, perplexity, tools
+from parity.core import paths
 from parity.core.proc import CommandError, run
 
 TARGET_RATIO = 0.8
+TEXT = paths.project_root() / "parity" / "data" / "corpus.txt"  # what `parity bench --suite-rate` reads
 
 
 def suite_command(
@@ -41,19 +43,33 @@ def suite_command(
     ]
 
 
+def _chunks_of(base_file: Path) -> int:
+    return perplexity.read_base_file(base_file).n_chunk
+
+
 def measure(
-    base_model: Path, other_model: Path, text: Path, workdir: Path, *, ctx: int, chunks: int, threads: int
+    base_model: Path,
+    other_model: Path,
+    text: Path,
+    workdir: Path,
+    *,
+    ctx: int,
+    threads: int,
+    chunks: int | None = None,
 ) -> dict[str, Any]:
-    """Time both tools on the same pair, text, context and threads; the receipt's `suite_rate` record."""
+    """Time both tools on the same pair, text, context and threads; the receipt's `suite_rate` record.
+
+    `chunks`: the first K chunks of the text (None: every chunk, as llama-perplexity's default)."""
     spec = lock.get_spec("llama")
     ppl = tools.ensure_llama_perplexity(spec, lock.source_override(spec))
     workdir.mkdir(parents=True, exist_ok=True)
     base_file = workdir / "base.kld"
     base_cmd = perplexity.base_command(
-        ppl.binary, base_model, text, base_file, n_ctx=ctx, n_chunks=chunks, threads=threads
+        ppl.binary, base_model, text, base_file, n_ctx=ctx, n_chunks=-1 if chunks is None else chunks, threads=threads
     )
     kld_cmd = perplexity.kld_command(ppl.binary, other_model, base_file, n_ctx=ctx, threads=threads)
     base_run = perplexity.run_tool(base_cmd, workdir / "llama-perplexity-base.log")
+    chunks = _chunks_of(base_file)
     kld_run = perplexity.run_tool(kld_cmd, workdir / "llama-perplexity-kld.log")
     base_file.unlink(missing_ok=True)  # n_vocab x 2 bytes per scored position: large, and not needed again
     theirs = perplexity.parse_output(kld_run.output)
