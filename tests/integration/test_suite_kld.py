@@ -15,7 +15,9 @@ arithmetic order (numpy's pairwise double sums and SIMD expf against glibc's exp
 C++ threads add position sums in any order), i.e. ~1e-7 relative per position, below the printed digits.
 So parity must match llama-perplexity's printout to its last printed digit, +-1 in that digit for the
 rounding of a value that sits on a boundary. Measured: every uint16 code of the base file's first chunk
-reproduced; at 8 x 64 both printouts identical character for character; at 16 x 256 (2032 positions) identical
+reproduced; at 8 x 64 both printouts identical character for character; at 2 x 128 (CI) three figures one unit
+apart in the 6th decimal (one base row of 126 had its float32 log-sum-exp, hence its log-probs, one ulp off: numpy's
+expf and pairwise sum against glibc's expf and a loop, across a rounding boundary); at 16 x 256 (2032 positions) identical
 but for two KLD figures one unit apart in the 6th decimal (mean 0.406074 vs 0.406075, maximum 4.238413 vs
 4.238412: per-position KLDs agree to ~1e-7 relative, float32's epsilon).
 
