@@ -1038,6 +1038,7 @@ static void forward(const model_t *m, const int *tokens, int n, int last_only, f
     const float kq_scale = 1.0f / sqrtf((float)hd);
 
     for (int p = 0; p < n; p++) memcpy(x + (size_t)p * d, m->tok_embd + (size_t)tokens[p] * d, (size_t)d * sizeof(float));
+    tap("embd", -1, x, (size_t)d); /* llama.cpp's token-embedding rows */
     rope_tables(m, n, cs, sn);
     for (int l = 0; l < m->n_layer; l++) {
         const layer_t *L = &m->layers[l];
