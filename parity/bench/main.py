@@ -335,7 +335,7 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
     """
     opts.validate()
     out_dir = Path(opts.out_dir)
-    from parity.check.job import ensure_out_dir
+    from parity.check.inputs import ensure_out_dir
 
     ensure_out_dir(out_dir)
     models = [inputs.resolve_model(m) for m in dict.fromkeys(opts.models)]

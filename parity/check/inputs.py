@@ -18,7 +18,14 @@ from parity.backends.worker import RemoteModel, Worker
 from parity.core.proc import log
 from parity.engines import spec as impl_specs
 from parity.engines.spec import ImplSpec
-from parity.errors import BackendUnavailable, ModelFormatError, RepairRecursion, UsageError, WorkerError
+from parity.errors import (
+    BackendUnavailable,
+    ModelFormatError,
+    PermissionDenied,
+    RepairRecursion,
+    UsageError,
+    WorkerError,
+)
 from parity.options import RunOptions
 from parity.tokenize.tokenizer import HFTokenizer, apply_template, check_token_parity
 
@@ -245,3 +252,15 @@ def tokenize_in_backends(
         finally:
             vm.close()  # the vocabulary-only model; the worker stays for the lane
     return template, formatted, chat_record
+
+
+def ensure_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot write to --out-dir {out_dir}", fix="choose a writable directory") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot use --out-dir {out_dir}: {exc.strerror}", fix="choose another directory") from exc

@@ -22,7 +22,7 @@ from parity.backends import build
 from parity.backends.bridge import BackendParams
 from parity.backends.worker import Worker
 from parity.check import floor as noise_floor
-from parity.check import inputs, pieces
+from parity.check import inputs, mirror, pieces
 from parity.check import locate as localisation
 from parity.compare import metrics, receipts, report_html
 from parity.engines import spec as impl_specs
@@ -32,7 +32,6 @@ from parity.engines.registry import OpenContext, open_implementation
 from parity.engines.spec import ImplSpec
 from parity.errors import (
     ParityError,
-    PermissionDenied,
     Unsupported,
     UsageError,
     WorkerError,
@@ -302,7 +301,9 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
     lane_model = shared.lane_models.get(backend, shared.model_path)
     if shared.impl_error is not None:
         return _error_lane(label, p, base, f"the implementation under test failed: {shared.impl_error}", out_dir)
-    ours, base["numerics"] = _lane_numerics(backend, lane_model, shared, opts, params, eval_shape)
+    ours, base["numerics"] = mirror.lane_logits(
+        backend, lane_model, shared.sequence, shared.logits, shared.seconds, opts, params, eval_shape
+    )
     if lane_model != shared.model_path:
         from parity.core.fs import sha256_file
         from parity.models import ternary_model
@@ -332,7 +333,7 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
             if opts.numerics != "exact":  # measure how far the engine's other evaluation shape lands from this one
                 other_shape = "stepwise" if eval_shape == "batch" else "batch"
                 other = ref.evaluate(shared.sequence, other_shape)
-                base["numerics"]["engine_shape_gap"] = numerics_gap(ref_logits, other, eval_shape)
+                base["numerics"]["engine_shape_gap"] = mirror.numerics_gap(ref_logits, other, eval_shape)
             theirs = ref.greedy(shared.prompt_ids, opts.max_tokens)
             if np.shape(ref_logits) != np.shape(ours):  # e.g. a model whose vocabulary the engines read differently
                 raise WorkerError(
@@ -401,35 +402,6 @@ def _error_lane(label: str, p: build.BuildPlan, base: dict[str, Any], error: str
     return LaneResult(label, "error", path, None, error=error, commit=p.commit)
 
 
-def numerics_gap(ref: Any, other: Any, shape: str) -> dict[str, Any]:
-    """The engine against itself in the other evaluation shape: what mirroring the wrong shape would cost."""
-    return {
-        "other_shape": "stepwise" if shape == "batch" else "batch",
-        **metrics.logit_gap(np.asarray(other), np.asarray(ref)),
-    }
-
-
-def _lane_numerics(
-    backend: str, lane_model: Path, shared: Shared, opts: RunOptions, params: BackendParams, eval_shape: str
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The logits this lane is compared with, and the receipt's description of how they were computed."""
-    from parity.engines.numpy import numerics
-
-    num = numerics.for_lane(opts.numerics, backend, eval_shape, params.type_k, params.type_v)
-    if not num.mirroring:
-        return shared.logits, num.describe() | {"dtype": opts.dtype}
-    from parity.engines.numpy.bitnet import mirrored_logits
-    from parity.engines.numpy.ops import DTYPES
-    from parity.gguf.reader import open_gguf
-
-    f = open_gguf(lane_model)
-    types = {name: t.ggml_type for name, t in f.tensors.items()}
-    t0 = time.perf_counter()
-    ours = mirrored_logits(f, shared.sequence, num, DTYPES[opts.dtype])
-    shared.seconds[f"numpy_mirror_{backend}"] = time.perf_counter() - t0
-    return ours, num.describe(types) | {"dtype": opts.dtype, "note": numerics.gap_note(num, types)}
-
-
 def _receipt_base(
     backend: str,
     p: build.BuildPlan,
@@ -471,22 +443,10 @@ def _receipt_base(
     }
 
 
-def ensure_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except PermissionError as exc:
-        raise PermissionDenied(f"cannot write to --out-dir {out_dir}", fix="choose a writable directory") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot use --out-dir {out_dir}: {exc.strerror}", fix="choose another directory") from exc
-
-
 def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResult]]:
     """Prepare once, then run every reference lane to completion (a failed lane never stops the others)."""
     out_dir = Path(opts.out_dir)
-    ensure_out_dir(out_dir)
+    inputs.ensure_out_dir(out_dir)
     lanes = inputs.reference_specs(lane_specs)
     shared, plans = prepare(opts, lanes)
     try:
