@@ -101,7 +101,12 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def suite(session: nox.Session) -> None:
     """An implementation vs a reference over many prompts or a text: KLD statistics, shards, Ray (`parity suite --help`)."""
-    args = list(session.posargs or ["--prompts", SUITE_EXAMPLE])
+    args = list(session.posargs)
+    # the example suite unless the flags name the items (like parity_windows' example config), so that
+    # `nox -s suite -- --impl numpy:dtype=float64` works as `nox -s parity -- --impl ...` does
+    items = any(a.split("=")[0] in ("--prompts", "--text") for a in args)
+    if not items and (not args or args[0] != "merge"):
+        args = ["--prompts", SUITE_EXAMPLE, *args]
     ray = "ray" in args or "--executor=ray" in args  # --executor ray needs the ray package in this venv
     _ensure_llama(session, *(["ray>=2.9"] if ray else []))
     session.run("parity", "suite", *args)
