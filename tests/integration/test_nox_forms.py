@@ -54,6 +54,15 @@ def test_parity_with_posargs_json_on_stdout(llama_plan: build.BuildPlan) -> None
     assert "Prerequisite session" not in proc.stderr and "unrecognized arguments" not in proc.stderr
 
 
+def test_suite_with_posargs_keeps_the_example_items(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    """`nox -s suite -- FLAGS`: flags that do not name the items keep the example suite (as README shows)."""
+    out = tmp_path / "suite"
+    proc = _nox("-s", "suite", "--", "--impl", "numpy:dtype=float64", "--out-dir", str(out), "--format", "json")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    record = json.loads(proc.stdout)
+    assert record["complete"] and record["n_done"] >= 1 and (out / "suite.json").is_file()
+
+
 def test_parity_both_no_repair(llama_plan: build.BuildPlan) -> None:
     proc = _nox("-s", "parity_both", "--", "--no-repair")
     spec = lock.get_spec("bitnet")
