@@ -118,16 +118,7 @@ def lane_receipt(*, floor: bool = True, localised: bool = True, label: str = "ll
         r["summary"] = {  # as check/floor.judge: the summary follows the calibrated verdict
             **summary,
             "all_passed": v["passed"],
-            "first_divergence": None
-            if first is None
-            else {
-                "pos": first["pos"],
-                "cosine": first["cosine"],
-                "mse": first["mse"],
-                "token_id": first["token_id"],
-                "ours_top1": first["top5_ours"][0],
-                "ref_top1": first["top5_ref"][0],
-            },
+            "first_divergence": None if first is None else metrics.divergence_record(first),
         }
         r["version"] = 3
     if localised:

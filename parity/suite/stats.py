@@ -296,6 +296,18 @@ def _median(values: np.ndarray) -> float:
     )
 
 
+def _spread(ordered: np.ndarray, mean: float, uncertainty: float | None, fractions: Sequence[float]) -> dict[str, Any]:
+    """Mean with its uncertainty, extremes, median and percentiles of sorted values, as llama-perplexity prints them."""
+    return {
+        "mean": mean,
+        "uncertainty": uncertainty,
+        "max": float(ordered[-1]),
+        "median": _median(ordered),
+        "min": float(ordered[0]),
+        "percentiles": {f"{100 * f:.1f}": _percentile(ordered, f) for f in fractions},
+    }
+
+
 def _pm(value: float, unc: float | None) -> dict[str, float | None]:
     return {"value": value, "uncertainty": unc}
 
@@ -342,14 +354,7 @@ def summarize(stats: PositionStats) -> dict[str, Any]:
     kld = stats.kld
     kld_sorted = np.sort(kld.astype(_F32) if f32 else kld)
     mean_kld, unc_kld = _mean_unc(_fsum(kld), _fsum(kld * kld), n)
-    out["kld"] = {
-        "mean": mean_kld,
-        "uncertainty": unc_kld,
-        "max": float(kld_sorted[-1]),
-        "median": _median(kld_sorted),
-        "min": float(kld_sorted[0]),
-        "percentiles": {f"{100 * f:.1f}": _percentile(kld_sorted, f) for f in KLD_PERCENTILES},
-    }
+    out["kld"] = _spread(kld_sorted, mean_kld, unc_kld, KLD_PERCENTILES)
     dp = stats.p_impl - stats.p_ref
     if f32:
         dp = (stats.p_impl.astype(_F32) - stats.p_ref.astype(_F32)).astype(np.float64)
@@ -359,12 +364,7 @@ def summarize(stats: PositionStats) -> dict[str, Any]:
     mse, unc_mse = _mean_unc(_fsum(dp2), _fsum(dp2 * dp2), n)
     rms = math.sqrt(mse)
     out["dp"] = {
-        "mean": mean_dp,
-        "uncertainty": unc_dp,
-        "max": float(dp_sorted[-1]),
-        "median": _median(dp_sorted),
-        "min": float(dp_sorted[0]),
-        "percentiles": {f"{100 * f:.1f}": _percentile(dp_sorted, f) for f in DP_PERCENTILES},
+        **_spread(dp_sorted, mean_dp, unc_dp, DP_PERCENTILES),
         "rms": rms,
         "rms_uncertainty": None if unc_mse is None or rms == 0 else 0.5 / rms * unc_mse,
     }
