@@ -138,6 +138,15 @@ int check_tokens(parity_model * m, const int32_t * tokens, int32_t n_tokens, int
     return PARITY_OK;
 }
 
+// A context to evaluate with and tokens that fit one decode (min(n_batch, n_ctx)): what every one-batch call checks.
+int check_batch(parity_model * m, const int32_t * tokens, int32_t n_tokens, char * err, size_t err_len) {
+    if (int rc = check_model(m, true, err, err_len)) {
+        return rc;
+    }
+    const int32_t limit = m->params.n_batch < m->params.n_ctx ? m->params.n_batch : m->params.n_ctx;
+    return check_tokens(m, tokens, n_tokens, limit, "min(n_batch, n_ctx)", err, err_len);
+}
+
 // Decodes tokens[0..n) at positions pos0.. as one batch; marks every position (or only the last) for logits.
 int decode(parity_model * m, const int32_t * tokens, int32_t n, int32_t pos0, bool all_logits, char * err,
            size_t err_len) {
@@ -458,11 +467,7 @@ int parity_detokenize(parity_model * m, const int32_t * tokens, int32_t n_tokens
 int parity_eval(parity_model * m, const int32_t * tokens, int32_t n_tokens, float * out_logits, char * err,
                 size_t err_len) {
     PARITY_GUARD_BEGIN
-    if (int rc = check_model(m, true, err, err_len)) {
-        return rc;
-    }
-    const int32_t limit = m->params.n_batch < m->params.n_ctx ? m->params.n_batch : m->params.n_ctx;
-    if (int rc = check_tokens(m, tokens, n_tokens, limit, "min(n_batch, n_ctx)", err, err_len)) {
+    if (int rc = check_batch(m, tokens, n_tokens, err, err_len)) {
         return rc;
     }
     if (out_logits == nullptr) {
@@ -509,11 +514,7 @@ int parity_eval_stepwise(parity_model * m, const int32_t * tokens, int32_t n_tok
 int parity_greedy(parity_model * m, const int32_t * prompt, int32_t n_prompt, int32_t n_new, int32_t * out_tokens,
                   char * err, size_t err_len) {
     PARITY_GUARD_BEGIN
-    if (int rc = check_model(m, true, err, err_len)) {
-        return rc;
-    }
-    const int32_t limit = m->params.n_batch < m->params.n_ctx ? m->params.n_batch : m->params.n_ctx;
-    if (int rc = check_tokens(m, prompt, n_prompt, limit, "min(n_batch, n_ctx)", err, err_len)) {
+    if (int rc = check_batch(m, prompt, n_prompt, err, err_len)) {
         return rc;
     }
     if (n_new < 0 || (n_new > 0 && out_tokens == nullptr)) {
@@ -937,11 +938,7 @@ int parity_capture_run(parity_model * m, const int32_t * tokens, int32_t n_token
                        const int64_t * replace_width, int32_t n_replace, uint64_t max_bytes, float * out_logits,
                        parity_capture ** out, char * err, size_t err_len) {
     PARITY_GUARD_BEGIN
-    if (int rc = check_model(m, true, err, err_len)) {
-        return rc;
-    }
-    const int32_t limit = m->params.n_batch < m->params.n_ctx ? m->params.n_batch : m->params.n_ctx;
-    if (int rc = check_tokens(m, tokens, n_tokens, limit, "min(n_batch, n_ctx)", err, err_len)) {
+    if (int rc = check_batch(m, tokens, n_tokens, err, err_len)) {
         return rc;
     }
     if (out == nullptr || n_names < 0 || n_replace < 0 || (n_names > 0 && names == nullptr) ||
