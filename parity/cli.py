@@ -9,6 +9,7 @@ traceback; it never exits 1, which means "a lane diverged"."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
@@ -17,12 +18,32 @@ from pathlib import Path
 from typing import Any
 
 from parity import __version__
-from parity.bench import command as bench
 from parity.errors import ParityError
-from parity.models import fetch
-from parity.suite import command as suite
-from parity.tokenize import export
-from parity.workflow import cli as windows_cli
+
+# The commands defined by a module of their own: name -> (module, the help line `parity --help` shows). Each
+# module has add_parser(subparsers) and run(args). main() imports only the module of the command that runs
+# (startup time, issue 15: importing them all cost ~0.4 s per command); the others are listed from this table.
+# tests/unit/test_cli_lazy.py checks the table against each module's own parser.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "fetch-models": (
+        "parity.models.fetch",
+        "fetch the models pinned in lock/models.lock.json into the cache, or verify the cache",
+    ),
+    "windows": (
+        "parity.workflow.cli",
+        "stepwise parity of N implementations in windows, resumable (run|resume|status|report|bench)",
+    ),
+    "tokenizer": ("parity.tokenize.export", "tokenizer tools"),
+    "bench": (
+        "parity.bench.command",
+        "throughput of numpy / llama.cpp / bitnet.cpp, cross-checked with llama-bench, gated on a baseline",
+    ),
+    "suite": (
+        "parity.suite.command",
+        "an implementation vs a reference over many prompts or a whole text: dataset statistics "
+        "(llama-perplexity's KL-divergence definitions), per-item verdicts, shards, Ray (nox -s suite)",
+    ),
+}
 
 
 def _add_common_flags(p: argparse.ArgumentParser, default_metrics: str) -> None:
@@ -165,8 +186,11 @@ _COMMON_KEYS = (
 _RUN_KEYS = (*_COMMON_KEYS, "variant", "mse_tol", "threads", "dtype", "timeout", "eval_shape", "numerics")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (also the source of `parity --help`)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser (also the source of `parity --help`).
+
+    `only`: the command about to run. Of the LAZY_COMMANDS only its module is imported and adds its real
+    parser; the others are listed with their help line. None: every module's real parser (tests, docs)."""
     # the docstring's first paragraph (it wraps the exit-code list over two lines), not just its first line
     description = " ".join(__doc__.split("\n\n")[0].split()) if __doc__ else None
     parser = argparse.ArgumentParser(prog="parity", description=description)
@@ -193,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--variant", choices=("f32", "f16", "q8_0"), default="f32")
     p_gen.add_argument("-o", "--out-dir", required=True, metavar="DIR")
 
-    fetch.add_parser(sub)
-    windows_cli.add_parser(sub)
-    export.add_parser(sub)
-    bench.add_parser(sub)
-    suite.add_parser(sub)
+    for name, (module, help_line) in LAZY_COMMANDS.items():
+        if only is None or only == name:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_line)
 
     p_rec = sub.add_parser("receipts", help="receipt tools")
     rsub = p_rec.add_subparsers(dest="receipts_command", required=True, metavar="ACTION")
@@ -262,20 +286,20 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one line per error, traceback only with --debug; returns the exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the command is the first word that is not an option (the top-level options take no value)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(only=command)
     args = parser.parse_args(argv)
     handlers: dict[str, Any] = {
         "run": cmd_run,
         "parity-both": cmd_parity_both,
-        "fetch-models": fetch.run,
-        "windows": windows_cli.run,
-        "tokenizer": export.run,
-        "bench": bench.run,
-        "suite": suite.run,
         "setup-cpp": cmd_setup,
         "generate-model": cmd_generate,
         "receipts": cmd_receipts_verify,
     }
+    if args.command in LAZY_COMMANDS:
+        handlers[args.command] = importlib.import_module(LAZY_COMMANDS[args.command][0]).run
     debug = args.debug or bool(os.environ.get("PARITY_DEBUG"))
     try:
         code: int = handlers[args.command](args)
