@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,30 +40,64 @@ def canonical_hash(tokens: Sequence[str], merges: Sequence[str], special_ids: Se
 
 @dataclass
 class HFTokenizer:
-    """An HF tokenizers tokenizer loaded from tokenizer.json, with its authority record."""
+    """An HF tokenizers tokenizer from tokenizer.json, with its authority record.
+
+    The Tokenizer itself is built on first use, because building one from a 262k vocabulary takes
+    seconds (`built`). While `content_sha256` (the tokenizer.json text's SHA-256) is set, `encode` answers from the
+    remembered encodings (tokenize/encodings.py) when it can, so a repeated prompt never builds it."""
 
     path: Path
-    tok: Any
+    loader: Callable[[], Any]  # builds the HF Tokenizer; called at most once
     config_hash: str
     file_hash: str
     source: str = "external"  # external | auto_discovered | gguf_embedded
+    content_sha256: str | None = None  # the key of remembered encodings; None: none are used
+    _tok: Any = field(default=None, repr=False)
+
+    def built(self) -> Any:
+        """The HF Tokenizer, built now if it was not yet."""
+        if self._tok is None:
+            self._tok = self.loader()
+        return self._tok
+
+    @property
+    def tok(self) -> Any:
+        """The HF Tokenizer. A caller may change its settings, so from then on no encoding is remembered."""
+        self.content_sha256 = None
+        return self.built()
 
     @classmethod
     def from_text(cls, text: str, *, source: str, path: Path, file_hash: str) -> HFTokenizer:
         """A tokenizer from tokenizer.json text (e.g. exported from a GGUF); `path`/`file_hash` name its origin."""
         from tokenizers import Tokenizer
 
-        return cls(path, Tokenizer.from_str(text), _hf_config_hash(json.loads(text)), file_hash, source)
+        tok = Tokenizer.from_str(text)
+        return cls(path, lambda: tok, _hf_config_hash(json.loads(text)), file_hash, source, _tok=tok)
 
     @classmethod
     def from_export(
         cls, tokenizer_json: Path | None, text: str | None, config_hash: str, *, path: Path, file_hash: str
     ) -> HFTokenizer:
-        """The GGUF vocabulary exported to tokenizer.json (a cached file, else its text), as the authority."""
-        from tokenizers import Tokenizer
+        """The GGUF vocabulary exported to tokenizer.json (a cached file, else its text), as the authority.
 
-        tok = Tokenizer.from_file(str(tokenizer_json)) if tokenizer_json is not None else Tokenizer.from_str(text or "")
-        return cls(path, tok, config_hash, file_hash, "gguf_embedded")
+        Built on first use; encodings are remembered under the export's content hash."""
+        from parity.core.fs import sha256_file_cached
+        from parity.core.paths import user_cache_dir
+
+        def build() -> Any:
+            from tokenizers import Tokenizer
+
+            return (
+                Tokenizer.from_file(str(tokenizer_json))
+                if tokenizer_json is not None
+                else Tokenizer.from_str(text or "")
+            )
+
+        if tokenizer_json is not None:
+            content = sha256_file_cached(tokenizer_json, user_cache_dir() / "sha256")
+        else:
+            content = hashlib.sha256((text or "").encode("utf-8")).hexdigest()
+        return cls(path, build, config_hash, file_hash, "gguf_embedded", content_sha256=content)
 
     @classmethod
     def load(cls, path: Path, source: str = "external") -> HFTokenizer:
@@ -78,13 +112,20 @@ class HFTokenizer:
             raise UsageError(
                 f"{path} is not a valid HF tokenizer.json: {exc}", fix="export one with the model's tokenizer"
             ) from exc
-        return cls(path, tok, _hf_config_hash(data), sha256_file(path), source)
+        return cls(path, lambda: tok, _hf_config_hash(data), sha256_file(path), source, _tok=tok)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=add_special).ids)
+        def compute() -> list[int]:
+            return list(self.built().encode(text, add_special_tokens=add_special).ids)
+
+        if self.content_sha256 is None:
+            return compute()
+        from parity.tokenize import encodings
+
+        return encodings.remembered(self.content_sha256, text, add_special, compute)
 
     def token_str(self, token_id: int) -> str:
-        s = self.tok.id_to_token(token_id)
+        s = self.built().id_to_token(token_id)
         return "<none>" if s is None else str(s)
 
     def authority(self, token_count: int) -> dict[str, Any]:
