@@ -190,7 +190,24 @@ def harness_overhead_lines(receipt: dict[str, Any]) -> list[str]:
             f"{h['median_wall_s']:.2f} s wall - engines {h['engines_s']:.2f} s ({engines}) = "
             f"{h['overhead_s']:.2f} s ({h['overhead_fraction']:.0%} of the run)"
         )
+        if "target" in h:
+            lines.append(f"  {run_target_line(h)}")
     return lines
+
+
+def run_target_line(h: dict[str, Any]) -> str:
+    """Issue 15's target for one harness_overhead record (parity.bench.overhead.run_target), met or NOT met."""
+    t = h["target"]
+    text = f"`parity run` target: {t['wall_s']:.2f} s wall <= {t['max_wall_s']:g} s"
+    if "max_llama_ratio" in t:
+        ratio = "-" if t["llama_ratio"] is None else f"{t['llama_ratio']:.1f}x"
+        text += f", {ratio} llama.cpp's own load + compute <= {t['max_llama_ratio']:g}x"
+    cpu = h.get("cpu_s")
+    if cpu:
+        text += f"; CPU {sorted(cpu)[len(cpu) // 2]:.2f} s (median, workers included)"
+    if h.get("cpu_pressure") is not None:
+        text += f"; machine busy {h['cpu_pressure']:.0%} of the time"
+    return text + (": met" if t["met"] else ": NOT met")
 
 
 def _sampling(settings: dict[str, Any]) -> str:
