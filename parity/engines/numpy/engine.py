@@ -49,7 +49,7 @@ class NumpyEngine:
                 fix="use a model of a supported architecture",
             )
         built = builder(self.gguf, DTYPES[dtype])
-        self._forward, self.params = built.forward, built.params
+        self._forward, self.params, self.weights = built.forward, built.params, built.weights
         self.n_vocab, self.n_ctx_train = built.params.n_vocab, built.params.n_ctx_train
 
     def _check_tokens(self, tokens: Sequence[int], n_extra: int = 0) -> Array:

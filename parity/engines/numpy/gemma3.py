@@ -37,6 +37,7 @@ from parity.engines.numpy.ops import (
     FloatType,
     Hparams,
     KVCache,
+    Matrix,
     Tap,
     attention,
     block_weights,
@@ -148,10 +149,10 @@ class Gemma3Weights:
     """All weights of a Gemma 3 model, dequantized to the engine dtype."""
 
     params: Gemma3Params
-    token_embd: Array  # (V, d)
+    token_embd: Matrix  # (V, d): an array, or kept quantized (ops.load_matrix)
     layers: list[Gemma3Layer]
     output_norm: Array  # (d,)
-    output: Array  # (V, d); the same array as token_embd when the output is tied
+    output: Matrix  # (V, d); the same object as token_embd when the output is tied
 
 
 def _swa_layers(f: GGUFFile, n_layer: int, n_swa: int) -> tuple[bool, ...]:
@@ -289,7 +290,7 @@ def gemma3_forward(
         x = gemma3_block(x, layer, p, cos, sin, mask_local if swa else mask_global, il, tap, kv)  # (n, d)
     if kv is not None:
         kv.advance(n)
-    logits = output_head(x, w.output_norm, w.output, p.rms_eps, last_only, tap)  # (n, V)
+    logits = output_head(x, w.output_norm, w.output, p.rms_eps, last_only, tap, kv is not None)  # (n, V)
     logits = softcap(logits, p.final_logit_softcap) if p.final_logit_softcap else logits  # (n, V)
     return tap("result_output", -1, logits)  # (n, V)
 

@@ -22,6 +22,7 @@ from parity.engines.numpy.ops import (
     FloatType,
     Hparams,
     KVCache,
+    Matrix,
     Tap,
     attention,
     block_weights,
@@ -56,10 +57,10 @@ class LlamaWeights:
     """All weights of a llama model, dequantized to the engine dtype."""
 
     params: LlamaParams
-    token_embd: Array  # (V, d)
+    token_embd: Matrix  # (V, d): an array, or kept quantized (ops.load_matrix)
     layers: list[LlamaLayer]
     output_norm: Array  # (d,)
-    output: Array  # (V, d); the same array as token_embd when the output is tied
+    output: Matrix  # (V, d); the same object as token_embd when the output is tied
     rope_freqs: Array | None  # (n_rot/2,) llama3 frequency factors
 
 
@@ -146,7 +147,8 @@ def llama_forward(
         x = llama_block(x, layer, p, cos, sin, il, tap, kv, allowed)  # (n, d)
     if kv is not None:
         kv.advance(n)
-    return tap("result_output", -1, output_head(x, w.output_norm, w.output, p.rms_eps, last_only, tap))  # (n, V)
+    logits = output_head(x, w.output_norm, w.output, p.rms_eps, last_only, tap, kv is not None)  # (n, V)
+    return tap("result_output", -1, logits)  # (n, V)
 
 
 def build_llama(f: GGUFFile, dtype: FloatType) -> Bound:

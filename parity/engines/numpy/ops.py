@@ -16,11 +16,14 @@ import numpy as np
 import numpy.typing as npt
 
 from parity.engines.numpy.loader import dequantized
+from parity.engines.numpy.qrows import Q8Rows, is_q8_rows
 from parity.errors import ModelFormatError
 from parity.gguf.reader import GGUFFile
 
 Array = npt.NDArray[Any]
 FloatType = type[np.floating[Any]]
+# A vocabulary matrix (token_embd, output): an array, or a Q8_0 one kept quantized (parity.engines.numpy.qrows)
+Matrix = Array | Q8Rows
 DTYPES: dict[str, FloatType] = {"float32": np.float32, "float64": np.float64}
 
 # A tap point: (op, layer or -1, tensor) -> the tensor the graph continues with (parity.engines.numpy.taps).
@@ -217,14 +220,20 @@ def swiglu_ffn(
     return tap("ffn_down", il, linear(par, w_down)) + down_b  # (n, d)
 
 
-def output_head(x: Array, output_norm: Array, output: Array, eps: float, last_only: bool, tap: Tap) -> Array:
+def output_head(
+    x: Array, output_norm: Array, output: Matrix, eps: float, last_only: bool, tap: Tap, fast: bool = False
+) -> Array:
     """The final RMSNorm (tap `result_norm`) and the output matmul, (n, d) -> (n, V); the last row when `last_only`.
 
-    llama.cpp also skips the head for rows it does not output.
+    llama.cpp also skips the head for rows it does not output. A quantized head (Q8Rows) multiplies by its
+    dequantized weights, or with `fast` (the KV-cached greedy) by its quants block by block.
     """
     if last_only:
         x = x[-1:]  # (1, d)
-    return linear(tap("result_norm", -1, rms_norm(x, output_norm, eps)), output)  # (n, V)
+    h = tap("result_norm", -1, rms_norm(x, output_norm, eps))  # (n, d)
+    if isinstance(output, Q8Rows):
+        return output.project_fast(h) if fast else output.project(h)  # (n, V)
+    return linear(h, output)  # (n, V)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -396,12 +405,22 @@ def block_weights(f: GGUFFile, il: int, p: Hparams, dtype: FloatType) -> dict[st
     }
 
 
-def embeddings_and_head(f: GGUFFile, p: Hparams, dtype: FloatType) -> tuple[Array, Array, Array]:
+def load_matrix(f: GGUFFile, name: str, shape: tuple[int, int], dtype: FloatType) -> Matrix | None:
+    """`load_tensor` for a vocabulary matrix: a Q8_0 one stays quantized (Q8Rows), any other is dequantized."""
+    t = f.tensors.get(name)
+    if t is None or t.shape != shape or not is_q8_rows(t):
+        return load_tensor(f, name, shape, dtype, required=False)
+    return Q8Rows.load(f, t, dtype)
+
+
+def embeddings_and_head(f: GGUFFile, p: Hparams, dtype: FloatType) -> tuple[Matrix, Array, Matrix]:
     """token_embd (V, d), output_norm (d,) and the output head (V, d): `output.weight`, or token_embd itself
-    when the file has none (tied, as llama.cpp's TENSOR_DUPLICATED)."""
-    token_embd = require_tensor(f, "token_embd.weight", (p.n_vocab, p.n_embd), dtype)
+    when the file has none (tied, as llama.cpp's TENSOR_DUPLICATED). Q8_0 ones stay quantized (`load_matrix`)."""
+    token_embd = load_matrix(f, "token_embd.weight", (p.n_vocab, p.n_embd), dtype)
+    if token_embd is None:
+        token_embd = require_tensor(f, "token_embd.weight", (p.n_vocab, p.n_embd), dtype)  # raises: missing
     output_norm = require_tensor(f, "output_norm.weight", (p.n_embd,), dtype)
-    output = load_tensor(f, "output.weight", (p.n_vocab, p.n_embd), dtype, required=False)
+    output = load_matrix(f, "output.weight", (p.n_vocab, p.n_embd), dtype)
     return token_embd, output_norm, token_embd if output is None else output
 
 
@@ -425,6 +444,7 @@ class Bound:
 
     forward: Forward
     params: Hparams
+    weights: Any = None  # what `forward` is bound to (an architecture's weights dataclass)
 
 
 def bound(weights: W, forward: Callable[[W, Array, bool, Tap, KVCache | None], Array]) -> Bound:
@@ -433,4 +453,4 @@ def bound(weights: W, forward: Callable[[W, Array, bool, Tap, KVCache | None], A
     def run(tokens: Array, last_only: bool, tap: Tap = no_tap, kv: KVCache | None = None) -> Array:
         return forward(weights, tokens, last_only, tap, kv)
 
-    return Bound(run, weights.params)
+    return Bound(run, weights.params, weights)

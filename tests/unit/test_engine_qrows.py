@@ -1,0 +1,81 @@
+"""Q8_0 vocabulary matrices kept quantized (parity.engines.numpy.qrows) against the dequantized float matrix.
+
+Rows (the embedding lookup) must be exactly parity.gguf.dequant's values. Products may differ from x @ W.T by
+the order of float additions only: by Higham's bound, a sum of n products computed in any order is within
+gamma_n = n u / (1 - n u) of the exact sum, relative to sum |x_j w_ij| (u = 2^-24 in float32, 2^-53 in float64).
+Both the reference and the quantized product meet it; the fast product adds each row in n = cols + cols/32 + 1
+roundings (32-wide block sums, a scale, the blocks' sum), so they differ by at most 2 gamma_n.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from parity.engines.numpy.engine import NumpyEngine
+from parity.engines.numpy.qrows import CHUNK_ROWS, Q8Rows
+from parity.gguf.dequant import dequantize
+from parity.gguf.reader import open_gguf
+
+from . import test_engine_gemma3 as g3
+from .test_engine_fast import N_NEW, PROMPTS, TOL_F32, TOL_F64, stepped_logits
+
+ROWS, COLS = 2 * CHUNK_ROWS + 37, 96  # three chunks, the last one padded
+Q8 = gguf.GGMLQuantizationType.Q8_0
+
+
+def gamma(n: int, dtype: type[np.floating]) -> float:
+    u = float(np.finfo(dtype).eps) / 2
+    return n * u / (1 - n * u)
+
+
+@pytest.fixture(scope="module")
+def q8_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("q8") / "m.gguf"
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((ROWS, COLS)) * rng.uniform(0.01, 3.0, (ROWS, 1))).astype(np.float32)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", gguf.quants.quantize(w, Q8), raw_dtype=Q8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_and_products_match_the_dequantized_matrix(q8_file: Path, dtype: type[np.floating]) -> None:
+    f = open_gguf(q8_file)
+    t = f.tensors["token_embd.weight"]
+    m = Q8Rows.load(f, t, dtype)
+    w = dequantize(t).astype(dtype)  # (ROWS, COLS): the reference weights
+    assert m.shape == w.shape and m.dtype == dtype and m.nbytes < w.nbytes * 0.7
+    ids = np.array([0, 1, CHUNK_ROWS - 1, CHUNK_ROWS, ROWS - 1, 5, 5])
+    assert np.array_equal(m[ids], w[ids])
+    x = (np.random.default_rng(4).standard_normal((3, COLS)) * 10).astype(dtype)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)  # (3, ROWS), exact but for float64's own rounding
+    size = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)  # sum_j |x_j w_ij|
+    for got, n in ((m.project(x), COLS), (m.project_fast(x), COLS + COLS // 32 + 1)):
+        assert got.shape == (3, ROWS) and got.dtype == dtype
+        err = np.abs(got.astype(np.float64) - ref)
+        assert np.all(err <= gamma(n, dtype) * size + gamma(COLS, np.float64) * size)
+    plain = x @ w.T
+    assert np.all(np.abs(m.project_fast(x) - plain) <= 2 * gamma(COLS + COLS // 32 + 1, dtype) * size)
+    assert not np.array_equal(m.project_fast(x[:1]), np.zeros((1, ROWS)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_engine_keeps_a_q8_0_head_quantized_and_its_greedy_matches(tmp_path: Path, dtype: str) -> None:
+    path = g3.write_gemma3(tmp_path / "q.gguf", g3.make_weights(6, n_layer=3), wtype=Q8)
+    e = NumpyEngine(path, dtype=dtype)
+    assert isinstance(e.weights.output, Q8Rows) and e.weights.output is e.weights.token_embd  # tied, quantized
+    tol = TOL_F32 if dtype == "float32" else TOL_F64
+    for prompt in PROMPTS:
+        ids = e.greedy(prompt, N_NEW)
+        assert ids == e.greedy_reference(prompt, N_NEW)
+        ref = e.logits(prompt + ids[:-1])
+        fast = stepped_logits(e, prompt, ids[:-1])
+        assert float(np.max(np.abs(fast - ref))) <= tol * float(np.max(np.abs(ref)))
