@@ -173,7 +173,8 @@ def measure_floor(
     return summaries, rows, summary
 
 
-def _check(statistic: str, value: float, measured: float, rounding: float, k: float) -> dict[str, Any]:
+def floor_check(statistic: str, value: float, measured: float, rounding: float, k: float) -> dict[str, Any]:
+    """One check of a verdict: `value` against k x max(measured floor, rounding model), with its ratio."""
     floor = max(measured, rounding)
     threshold = k * floor
     return {
@@ -252,14 +253,14 @@ def verdict(
     max_abs = np.abs(d.diff).max(axis=-1) if d.diff.size else np.zeros(0)  # (n,)
     flips = top1_flips(ours, ref, floor_rows, k, tie_margin)
     checks = [
-        _check(
+        floor_check(
             "mean_kl",
             float(kl.mean()) if kl.size else 0.0,
             float(floor_summary["mean_kl"]),
             float(floor_summary["rounding_mean_kl"]),
             k,
         ),
-        _check(
+        floor_check(
             "max_abs",
             float(max_abs.max(initial=0.0)),
             float(floor_summary["max_abs"]),

@@ -13,6 +13,7 @@ an incomplete merge, 3 a Ray cluster that cannot be reached.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -85,15 +86,21 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue --out-dir: compute only the items not yet done")
     p.add_argument("--out-dir", metavar="DIR", help=f"items, progress and suite.json (default {DEFAULT_OUT})")
+    _verdict_flags(p, "")
     p.add_argument(
         "--max-mean-kld",
         type=float,
         metavar="X",
-        help=f"an item passes when its mean KLD <= X (default {verdicts.DEFAULT_MAX_MEAN_KLD:g})",
+        help=f"--verdict fixed: an item passes when its mean KLD <= X (default {verdicts.DEFAULT_MAX_MEAN_KLD:g}); "
+        "given without --verdict, it selects fixed",
     )
     p.add_argument("--max-kld-p99", type=float, metavar="X", help="and its 99th KLD percentile <= X")
     p.add_argument("--min-same-top", type=float, metavar="P", help="and its same-top fraction >= P (0..1)")
-    p.add_argument("--threads", type=int, help="threads of each C++ side (default [tool.parity] threads)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="threads of each side in each worker (default: [tool.parity] threads shared by the --workers)",
+    )
     p.add_argument("--timeout", type=float, help="seconds one side may take on one item before its worker is killed")
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout")
     p.add_argument(
@@ -110,10 +117,28 @@ def add_parser(sub: Any) -> None:
     pm.add_argument(
         "--out-dir", dest="merge_out", required=True, metavar="DIR", help="where the merged suite.json goes"
     )
+    _verdict_flags(pm, "merge_")
     pm.add_argument("--max-mean-kld", dest="merge_max_mean_kld", type=float, metavar="X")
     pm.add_argument("--max-kld-p99", dest="merge_max_kld_p99", type=float, metavar="X")
     pm.add_argument("--min-same-top", dest="merge_min_same_top", type=float, metavar="P")
     pm.add_argument("--format", dest="merge_format", choices=("text", "json"), default="text")
+
+
+def _verdict_flags(p: Any, prefix: str) -> None:
+    p.add_argument(
+        "--verdict",
+        dest=f"{prefix}verdict",
+        choices=("calibrated", "fixed"),
+        help="calibrated (default): an item passes within k x the reference's own variation on it (a C++ "
+        "reference; README, Suites); fixed: --max-mean-kld (and --max-kld-p99, --min-same-top)",
+    )
+    p.add_argument(
+        "--tie-margin",
+        dest=f"{prefix}tie_margin",
+        type=float,
+        help="calibrated: a top-1 flip is also a tie where the reference's top-2 probabilities differ by less "
+        "than this (default 0.01)",
+    )
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -125,6 +150,20 @@ def _shard(text: str | None) -> tuple[int, int] | None:
             f"--shard {text}: not K/N with 1 <= K <= N", fix="e.g. --shard 2/3 (the second of three slices)"
         )
     return int(m.group(1)), int(m.group(2))
+
+
+def _mode(flag: str | None, tie_margin: float | None, thresholds: dict[str, float | None]) -> tuple[str, float]:
+    """(verdict mode, tie margin) as parity run resolves them (flag > PARITY_VERDICT > [tool.parity]); suite
+    thresholds given without --verdict select fixed, and with --verdict calibrated are exit 2."""
+    from parity import options
+
+    given = [f"--{k.replace('_', '-')}" for k, v in thresholds.items() if v is not None]
+    if given and flag == "calibrated":
+        raise UsageError(
+            f"{' and '.join(given)} only apply with --verdict fixed", fix="drop them, or pass --verdict fixed"
+        )
+    opts = options.resolve({"verdict": flag, "tie_margin": tie_margin})
+    return ("fixed" if given and flag is None else opts.verdict), opts.tie_margin
 
 
 def _thresholds(mean: float | None, p99: float | None, top: float | None) -> verdicts.Thresholds:
@@ -166,8 +205,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--ray-address applies to --executor ray", fix="add --executor ray")
     shard = _shard(args.shard)
     th = _thresholds(args.max_mean_kld, args.max_kld_p99, args.min_same_top)
+    limits = {"max_mean_kld": args.max_mean_kld, "max_kld_p99": args.max_kld_p99, "min_same_top": args.min_same_top}
+    mode, tie_margin = _mode(args.verdict, args.tie_margin, limits)
     from parity import options
+    from parity.suite import calibrate
     from parity.suite.prepare import prepare
+
+    if mode == "calibrated":
+        calibrate.check_reference(args.reference or "llama")
 
     given = {
         k: getattr(args, k)
@@ -176,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
     }
     out = Path(args.out_dir or DEFAULT_OUT)
     opts = options.resolve({**given, "out_dir": str(out)})
+    from parity.suite.executors import slot_threads
+
+    opts = dataclasses.replace(opts, threads=slot_threads(opts.threads, args.workers, explicit="threads" in given))
     prepared = prepare(
         args.impl or "numpy",
         args.reference or "llama",
@@ -187,10 +235,19 @@ def run(args: argparse.Namespace) -> int:
         mode=args.score,
         shard=shard,
     )
+    rule: verdicts.Rule = th
+    if mode == "calibrated":
+        prepared.ref = dataclasses.replace(prepared.ref, evidence=True)  # the workers keep verdicts.evidence()
     with locked(out):
         store = Store.open_write(out, prepared.manifest, args.resume)
+        floor = None  # the reference's own variation, measured beside the items (parity.suite.calibrate)
+        if mode == "calibrated":
+            sha = prepared.manifest["sides"]["reference"]["model"]["sha256"]
+            floor = calibrate.Background(prepared.ref, prepared.items, sha, out)
         executor_info, errors = _compute(store, prepared, shard, args)
-        rec = receipt.build([store], th, executor_info, errors)
+        if floor is not None:
+            rule = verdicts.Calibrated(floor.result(), tie_margin)
+        rec = receipt.build([store], rule, executor_info, errors)
     return _finish(out, rec, args.format)
 
 
@@ -227,7 +284,7 @@ def _compute(
             return
         if outcome.describe:
             store.save_sides(outcome.describe)
-        store.save(item.index, item.id, len(item.tokens), outcome.values, outcome.seconds)
+        store.save(item.index, item.id, len(item.tokens), outcome.values, outcome.seconds, outcome.evidence)
         store.progress("done", item=item.index)
         n_tokens += len(item.tokens)
 
@@ -247,7 +304,11 @@ def _compute(
 
 def merge(args: argparse.Namespace) -> int:
     """`parity suite merge DIR... --out-dir OUT`: the shards' items as one suite (they must share the suite key)."""
-    th = _thresholds(args.merge_max_mean_kld, args.merge_max_kld_p99, args.merge_min_same_top)
+    rule: verdicts.Rule = _thresholds(args.merge_max_mean_kld, args.merge_max_kld_p99, args.merge_min_same_top)
+    limits = {"max_mean_kld": args.merge_max_mean_kld, "max_kld_p99": args.merge_max_kld_p99}
+    mode, tie_margin = _mode(
+        args.merge_verdict, args.merge_tie_margin, {**limits, "min_same_top": args.merge_min_same_top}
+    )
     stores = [Store.open_read(Path(d)) for d in args.dirs]
     keys = {st.key for st in stores}
     if len(keys) > 1:
@@ -258,6 +319,17 @@ def merge(args: argparse.Namespace) -> int:
     out = Path(args.merge_out)
     if any(out.resolve() == Path(d).resolve() for d in args.dirs):
         raise UsageError(f"--out-dir {out} is one of the merged directories", fix="write the merge to a new directory")
+    if mode == "calibrated":
+        from parity.suite import calibrate
+
+        floor = calibrate.read([Path(d) for d in args.dirs])
+        if floor is None:
+            raise UsageError(
+                f"none of the directories holds the reference's floor ({calibrate.FLOOR_FILE}): the shards ran with "
+                "--verdict fixed",
+                fix="merge with --verdict fixed, or run the shards again without it",
+            )
+        rule = verdicts.Calibrated(floor, tie_margin)
     out.mkdir(parents=True, exist_ok=True)
     info = {
         "kind": "merge",
@@ -266,7 +338,7 @@ def merge(args: argparse.Namespace) -> int:
         "seconds": 0.0,
         "tokens_per_second": None,
     }
-    rec = receipt.build(stores, th, info, merged=True)
+    rec = receipt.build(stores, rule, info, merged=True)
     if not rec["complete"]:
         log(
             f"suite merge: {len(rec['missing'])} item(s) are in none of the directories (a shard missing or unfinished)"

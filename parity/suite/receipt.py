@@ -22,7 +22,7 @@ from parity.suite import stats, verdicts
 from parity.suite.store import RECEIPT, Store, in_shard
 
 SCHEMA_PATH = paths.schema_path("suite.schema.json")
-VERSION = 1
+VERSION = 2  # 2: the calibrated verdict (verdict.mode, items' ratio/floor/calibrated, the top-level floor)
 
 
 def _side(manifest: dict[str, Any], role: str, described: dict[str, Any] | None) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def _side(manifest: dict[str, Any], role: str, described: dict[str, Any] | None)
 
 def build(
     stores: list[Store],
-    th: verdicts.Thresholds,
+    rule: verdicts.Rule,
     executor: dict[str, Any],
     errors: dict[int, str] | None = None,
     merged: bool = False,
@@ -55,14 +55,14 @@ def build(
             st, rec = done[i]
             values = st.load_values(i)
             parts.append(values)
-            row = verdicts.item_row(i, item_id, n_tokens, values, None, th)
+            row = verdicts.item_row(i, item_id, n_tokens, values, None, rule, rec.get("evidence"))
             row["seconds"] = rec.get("seconds")
         else:
-            row = verdicts.item_row(i, item_id, n_tokens, None, errors.get(i), th)
+            row = verdicts.item_row(i, item_id, n_tokens, None, errors.get(i), rule)
         rows.append(row)
     everything = stats.concat(parts) if parts else stats.empty(stats.MODE_ENCODING[manifest["mode"]])
     summary = stats.summarize(everything)
-    verdict = verdicts.overall(rows, th)
+    verdict = verdicts.overall(rows, rule)
     described = next((d for d in (st.sides() for st in stores) if d), None)
     missing = [r["index"] for r in rows if r["status"] == "missing"]
     return {
@@ -81,6 +81,7 @@ def build(
         "reference": _side(manifest, "reference", described),
         "executor": {**executor, "shard": {"k": shard[0], "n": shard[1]} if shard else None},
         "verdict": verdict,
+        "floor": dict(rule.floor) if isinstance(rule, verdicts.Calibrated) else None,
         "complete": not missing,
         "n_items": len(rows),
         "n_done": len(parts),
@@ -126,16 +127,21 @@ def render(receipt: dict[str, Any], path: Path | None = None) -> str:
     lines = [head, "", r["statistics_text"].rstrip("\n"), ""]
     v = r["verdict"]
     lines.append(f"verdict: {v['status'].upper()}: {v['reason']}")
+    calibrated = v.get("mode") == "calibrated"
+    if calibrated:
+        lines.append(f"floor: {verdicts.floor_line(r.get('floor'))}")
     by_index = {row["index"]: row for row in r["items"]}
     if r["worst"]:
-        lines.append("worst items (mean KLD, max KLD, same top):")
+        what = "ratio to the item's floor, mean KL, max KLD, same top" if calibrated else "mean KLD, max KLD, same top"
+        lines.append(f"worst items ({what}):")
         for i in r["worst"][:5]:
             row = by_index[i]
             detail = (
                 row["reason"]
                 if row["status"] == "error"
                 else (
-                    f"{_f(row['mean_kld'], '{:.3e}')}  {_f(row['max_kld'], '{:.3e}')}  {_f(row['same_top'], '{:.2%}')}"
+                    (f"{_f(row.get('ratio'), '{:.3g}x')}  " if calibrated else "")
+                    + f"{_f(row['mean_kld'], '{:.3e}')}  {_f(row['max_kld'], '{:.3e}')}  {_f(row['same_top'], '{:.2%}')}"
                 )
             )
             lines.append(f"  {row['status'].upper():5} #{i} {row['id']}: {detail}")

@@ -21,6 +21,7 @@ import numpy as np
 from parity.compare.html_svg import Scale, esc, fmt, legend, page
 from parity.core.fs import atomic_write_text
 from parity.errors import ParityError
+from parity.suite import verdicts
 
 REPORT_NAME = "report.html"
 BARS, CDF, LIMIT, MARK = "#4c78a8", "#f58518", "#d62728", "#555555"
@@ -44,7 +45,7 @@ def _x_scale(receipt: Mapping[str, Any]) -> Scale:
     edges, counts = list(h.get("edges") or [1e-12, 1e2]), list(h.get("counts") or [])
     used = [i for i, c in enumerate(counts) if c]
     lo, hi = (edges[used[0]], edges[used[-1] + 1]) if used else (edges[0], edges[-1])
-    limit = ((receipt.get("verdict") or {}).get("thresholds") or {}).get("max_mean_kld")
+    limit = _limit(receipt)[0]
     if isinstance(limit, int | float) and limit > 0:
         hi = max(hi, 10 * limit)
     lo = max(edges[0], 10.0 ** math.floor(math.log10(lo)))
@@ -94,9 +95,23 @@ def _vlines(x: Scale, lines: Sequence[tuple[float | None, str, str]]) -> list[st
     return out
 
 
+def _limit(receipt: Mapping[str, Any]) -> tuple[float | None, str]:
+    """The item limit drawn on the KLD axis: fixed, --max-mean-kld; calibrated, k x the median item's mean-KL
+    floor (each item has its own floor: the table gives every item's ratio)."""
+    v = receipt.get("verdict") or {}
+    if v.get("mode") == "calibrated":
+        floors = sorted(r["floor"] for r in receipt.get("items") or [] if isinstance(r.get("floor"), int | float))
+        if not floors or not isinstance(v.get("k"), int | float):
+            return None, ""
+        value = float(v["k"]) * floors[len(floors) // 2]
+        return value, f"k x the median item's mean-KL floor {fmt(value)} (the reference's own variation)"
+    limit = (v.get("thresholds") or {}).get("max_mean_kld")
+    return limit, f"an item's mean KLD limit {fmt(limit)}"
+
+
 def _markers(receipt: Mapping[str, Any]) -> list[tuple[float | None, str, str]]:
     k = (receipt.get("statistics") or {}).get("kld") or {}
-    limit = ((receipt.get("verdict") or {}).get("thresholds") or {}).get("max_mean_kld")
+    limit, limit_label = _limit(receipt)
     return [
         (k.get("mean"), MARK, f"mean KLD {fmt(k.get('mean'))}"),
         (k.get("median"), MARK, f"median KLD {fmt(k.get('median'))}"),
@@ -105,7 +120,7 @@ def _markers(receipt: Mapping[str, Any]) -> list[tuple[float | None, str, str]]:
             MARK,
             f"99th percentile {fmt((k.get('percentiles') or {}).get('99.0'))}",
         ),
-        (limit, LIMIT, f"an item's mean KLD limit {fmt(limit)}"),
+        (limit, LIMIT, limit_label),
     ]
 
 
@@ -220,7 +235,9 @@ def _order(items: Sequence[Mapping[str, Any]], worst: Sequence[int]) -> list[Map
 def items_table(receipt: Mapping[str, Any]) -> str:
     items = [r for r in receipt.get("items") or [] if isinstance(r, Mapping)]
     rows = _order(items, receipt.get("worst") or [])
+    calibrated = (receipt.get("verdict") or {}).get("mode") == "calibrated"
     cols = (
+        *((("ratio", "ratio to floor"), ("floor", "mean-KL floor")) if calibrated else ()),
         ("mean_kld", "mean KLD"),
         ("max_kld", "max KLD"),
         ("kld_p99", "KLD p99"),
@@ -272,6 +289,10 @@ def _facts(r: Mapping[str, Any]) -> str:
         ("done", f"{r.get('n_done')} of {r.get('n_items')} items" + ("" if r.get("complete") else " (incomplete)")),
         ("receipt", f"version {r.get('version')}, {r.get('created', '')}, parity {r.get('parity_version', '')}"),
     ]
+    v = r.get("verdict") or {}
+    facts.insert(0, ("verdict", f"{v.get('mode', 'fixed')}: {v.get('rule', '')}"))
+    if v.get("mode") == "calibrated":
+        facts.insert(1, ("floor", verdicts.floor_line(r.get("floor"))))
     return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts) + "</dl>"
 
 
@@ -298,7 +319,7 @@ def render(receipt: Mapping[str, Any], kld: np.ndarray | None = None) -> str:
                 (BARS, "positions per bin"),
                 (CDF, "fraction of positions <= x"),
                 (MARK, "mean, median, 99th percentile"),
-                (LIMIT, "an item's mean KLD limit"),
+                (LIMIT, _limit(receipt)[1] or "an item's mean KLD limit"),
             ]
         ),
         "<h2>Items, worst first</h2>",

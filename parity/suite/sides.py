@@ -26,7 +26,7 @@ from parity.engines import spec as impl_specs
 from parity.engines.base import Implementation
 from parity.engines.registry import OpenContext, open_implementation
 from parity.errors import ParityError
-from parity.suite import stats
+from parity.suite import stats, verdicts
 from parity.suite.inputs import Item
 
 
@@ -44,6 +44,7 @@ class Side:
     timeout: float = 600.0
     log_dir: str | None = None
     verbose: bool = False
+    evidence: bool = False  # the reference of a calibrated suite: each item also keeps verdicts.evidence()
 
     def open(self, worker_name: str = "") -> Implementation:
         s = impl_specs.parse(self.spec)
@@ -72,6 +73,7 @@ class Outcome:
     error: str | None
     seconds: float
     describe: dict[str, dict[str, Any]] | None = None
+    evidence: dict[str, Any] | None = None  # parity.suite.verdicts.evidence() (calibrated runs)
 
 
 class Pair:
@@ -104,6 +106,7 @@ class Pair:
             ref_rows = _rows(ref.logits(item.tokens), len(item.tokens), positions, ref.spec)
             impl_rows = _rows(impl.logits(item.tokens), len(item.tokens), positions, impl.spec)
             values = stats.compute(ref_rows, impl_rows, item.tokens, mode=self.mode, item=item.index)
+            evidence = verdicts.evidence(ref_rows, impl_rows, values) if self.sides[0].evidence else None
         except ParityError as exc:  # a side failed (worker crash/hang, bad reply): this item only
             self.close()
             return Outcome(item.index, None, _one_line(exc), time.perf_counter() - t0)
@@ -111,7 +114,7 @@ class Pair:
         if not self._described:  # once per worker: what the receipt records of each side
             described = {"reference": _describe(ref), "implementation": _describe(impl)}
             self._described = True
-        return Outcome(item.index, values, None, time.perf_counter() - t0, described)
+        return Outcome(item.index, values, None, time.perf_counter() - t0, described, evidence)
 
     def close(self) -> None:
         if self._open is not None:

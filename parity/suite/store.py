@@ -5,6 +5,7 @@
     OUT/items/NNNNNN.npz     an item's per-position statistics (parity.suite.stats.PositionStats.to_bytes)
     OUT/items/NNNNNN.json    its record (id, tokens, seconds, error); written AFTER the npz: it marks the item done
     OUT/progress.jsonl       one line per run start, item start and item done (what ran when; appended)
+    OUT/floor.json           the reference's own variation of a calibrated run (parity.suite.calibrate)
     OUT/suite.json           the receipt (parity/schema/suite.schema.json), rewritten at the end of each run
 
 Every file is written by the one atomic writer (parity.core.fs: temp file, fsync, rename), and only by the
@@ -141,11 +142,22 @@ class Store:
                 out[int(rec["index"])] = rec
         return out
 
-    def save(self, index: int, item_id: str, n_tokens: int, values: stats.PositionStats, seconds: float) -> None:
-        """Persist a finished item: statistics first, then the record that marks it done."""
+    def save(
+        self,
+        index: int,
+        item_id: str,
+        n_tokens: int,
+        values: stats.PositionStats,
+        seconds: float,
+        evidence: dict[str, Any] | None = None,
+    ) -> None:
+        """Persist a finished item: statistics first, then the record that marks it done (with the calibrated
+        verdict's per-position `evidence`, parity.suite.verdicts.evidence, when the run computed it)."""
         npz, rec = self._paths(index)
         atomic_write_bytes(npz, values.to_bytes())
         record = {"index": index, "id": item_id, "n_tokens": n_tokens, "n_scored": len(values), "seconds": seconds}
+        if evidence is not None:
+            record["evidence"] = evidence
         atomic_write_json(rec, {**record, "suite_key": self.key})
 
     def load_values(self, index: int) -> stats.PositionStats:

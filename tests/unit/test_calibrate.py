@@ -123,9 +123,9 @@ def test_fixed_verdict_is_the_tolerance_rule() -> None:
 
 
 def test_a_zero_floor_with_zero_logits_has_no_ratio() -> None:
-    check = calibrate._check("max_abs", 1.0, 0.0, 0.0, 3.0)
+    check = calibrate.floor_check("max_abs", 1.0, 0.0, 0.0, 3.0)
     assert check["ratio"] is None and not check["passed"]
-    assert calibrate._check("max_abs", 0.0, 0.0, 0.0, 3.0)["ratio"] == 0.0
+    assert calibrate.floor_check("max_abs", 0.0, 0.0, 0.0, 3.0)["ratio"] == 0.0
 
 
 def test_receipt_v3_with_floor_and_verdict_validates_and_v1_v2_still_do() -> None:
