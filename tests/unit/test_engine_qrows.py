@@ -1,4 +1,4 @@
-"""Q8_0 vocabulary matrices kept quantized (parity.engines.numpy.qrows) against the dequantized float matrix.
+"""Q8_0/Q5_0/Q4_0 matrices kept quantized (parity.engines.numpy.qrows) against the dequantized float matrix.
 
 Rows (the embedding lookup) must be exactly parity.gguf.dequant's values. Products may differ from x @ W.T by
 the order of float additions only: by Higham's bound, a sum of n products computed in any order is within
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from parity.engines.numpy.engine import NumpyEngine
-from parity.engines.numpy.qrows import CHUNK_ROWS, Q8Rows
+from parity.engines.numpy.qrows import CHUNK_ROWS, QRows
 from parity.gguf.dequant import dequantize
 from parity.gguf.reader import open_gguf
 
@@ -24,7 +24,8 @@ from . import test_engine_gemma3 as g3
 from .test_engine_fast import N_NEW, PROMPTS, TOL_F32, TOL_F64, stepped_logits
 
 ROWS, COLS = 2 * CHUNK_ROWS + 37, 96  # three chunks, the last one padded
-Q8 = gguf.GGMLQuantizationType.Q8_0
+Q8, Q5, Q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q4_0
+TYPES = {"q8_0": Q8, "q5_0": Q5, "q4_0": Q4}
 
 
 def gamma(n: int, dtype: type[np.floating]) -> float:
@@ -32,13 +33,15 @@ def gamma(n: int, dtype: type[np.floating]) -> float:
     return n * u / (1 - n * u)
 
 
-@pytest.fixture(scope="module")
-def q8_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("q8") / "m.gguf"
+@pytest.fixture(scope="module", params=list(TYPES))
+def q_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp(request.param) / "m.gguf"
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((ROWS, COLS)) * rng.uniform(0.01, 3.0, (ROWS, 1))).astype(np.float32)
+    w[7] = 0  # an all-zero row: zero block scales
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", gguf.quants.quantize(w, Q8), raw_dtype=Q8)
+    qtype = TYPES[request.param]
+    writer.add_tensor("token_embd.weight", gguf.quants.quantize(w, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -47,14 +50,14 @@ def q8_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_rows_and_products_match_the_dequantized_matrix(q8_file: Path, dtype: type[np.floating]) -> None:
-    f = open_gguf(q8_file)
+def test_rows_and_products_match_the_dequantized_matrix(q_file: Path, dtype: type[np.floating]) -> None:
+    f = open_gguf(q_file)
     t = f.tensors["token_embd.weight"]
-    m = Q8Rows.load(f, t, dtype)
+    m = QRows.load(f, t, dtype)
     w = dequantize(t).astype(dtype)  # (ROWS, COLS): the reference weights
     assert m.shape == w.shape and m.dtype == dtype and m.nbytes < w.nbytes * 0.7
-    ids = np.array([0, 1, CHUNK_ROWS - 1, CHUNK_ROWS, ROWS - 1, 5, 5])
-    assert np.array_equal(m[ids], w[ids])
+    ids = np.array([0, 1, 7, CHUNK_ROWS - 1, CHUNK_ROWS, ROWS - 1, 5, 5])
+    assert np.array_equal(m[ids], w[ids]) and np.array_equal(np.asarray(m), w)
     x = (np.random.default_rng(4).standard_normal((3, COLS)) * 10).astype(dtype)
     ref = x.astype(np.float64) @ w.T.astype(np.float64)  # (3, ROWS), exact but for float64's own rounding
     size = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)  # sum_j |x_j w_ij|
@@ -67,11 +70,14 @@ def test_rows_and_products_match_the_dequantized_matrix(q8_file: Path, dtype: ty
     assert not np.array_equal(m.project_fast(x[:1]), np.zeros((1, ROWS)))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_engine_keeps_a_q8_0_head_quantized_and_its_greedy_matches(tmp_path: Path, dtype: str) -> None:
-    path = g3.write_gemma3(tmp_path / "q.gguf", g3.make_weights(6, n_layer=3), wtype=Q8)
+@pytest.mark.parametrize(("dtype", "wtype"), [("float32", Q8), ("float64", Q8), ("float32", Q5)])
+def test_engine_keeps_weights_quantized_and_its_greedy_matches(
+    tmp_path: Path, dtype: str, wtype: gguf.GGMLQuantizationType
+) -> None:
+    path = g3.write_gemma3(tmp_path / "q.gguf", g3.make_weights(6, n_layer=3), wtype=wtype)
     e = NumpyEngine(path, dtype=dtype)
-    assert isinstance(e.weights.output, Q8Rows) and e.weights.output is e.weights.token_embd  # tied, quantized
+    assert isinstance(e.weights.output, QRows) and e.weights.output is e.weights.token_embd  # tied, quantized
+    assert all(isinstance(layer.w_up, QRows) and isinstance(layer.wk, QRows) for layer in e.weights.layers)
     tol = TOL_F32 if dtype == "float32" else TOL_F64
     for prompt in PROMPTS:
         ids = e.greedy(prompt, N_NEW)

@@ -85,11 +85,15 @@ def gelu_tanh(x: Array) -> Array:
     return out
 
 
-def geglu_ffn(x: Array, w_gate: Array, w_up: Array, w_down: Array, tap: Tap = no_tap, il: int = -1) -> Array:
-    """LLM_FFN_GELU + LLM_FFN_PAR (ggml_geglu_split): down(gelu(gate(x)) * up(x)); taps ffn_up, ffn_gate, ffn_geglu."""
-    up = tap("ffn_up", il, linear(x, w_up))  # (n, f)
-    gate = tap("ffn_gate", il, linear(x, w_gate))  # (n, f)
-    return linear(tap("ffn_geglu", il, gelu_tanh(gate) * up), w_down)  # (n, d)
+def geglu_ffn(
+    x: Array, w_gate: Matrix, w_up: Matrix, w_down: Matrix, tap: Tap = no_tap, il: int = -1, fast: bool = False
+) -> Array:
+    """LLM_FFN_GELU + LLM_FFN_PAR (ggml_geglu_split): down(gelu(gate(x)) * up(x)); taps ffn_up, ffn_gate, ffn_geglu.
+
+    `fast`: quantized weights multiply block by block (ops.linear)."""
+    up = tap("ffn_up", il, linear(x, w_up, None, fast))  # (n, f)
+    gate = tap("ffn_gate", il, linear(x, w_gate, None, fast))  # (n, f)
+    return linear(tap("ffn_geglu", il, gelu_tanh(gate) * up), w_down, None, fast)  # (n, d)
 
 
 def sliding_window_mask(n: int, n_swa: int) -> Array:
@@ -242,12 +246,13 @@ def gemma3_block(
     kv: KVCache | None = None,
 ) -> Array:
     """One Gemma 3 block: x + post_norm(attn(norm(x))); then + post_norm(ffn(norm(.))). Taps llama.cpp's names;
-    with `kv`, k and v join the cache and `allowed` is the (n, n_kv) mask over it."""
-    n = x.shape[0]
+    with `kv`, k and v join the cache and `allowed` is the (n, n_kv) mask over it, and quantized weights multiply
+    block by block (ops.linear's `fast`)."""
+    n, fast = x.shape[0], kv is not None
     h = tap("attn_norm", il, rms_norm(x, layer.attn_norm, p.rms_eps))  # (n, d)
-    q = linear(h, layer.wq).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
-    k = linear(h, layer.wk).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
-    v = linear(h, layer.wv).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
+    q = linear(h, layer.wq, None, fast).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
+    k = linear(h, layer.wk, None, fast).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
+    v = linear(h, layer.wv, None, fast).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
     q = tap("Qcur_normed", il, rms_norm(q, layer.q_norm, p.rms_eps))  # (n, h, hd): norm over hd, per head
     q = tap("Qcur", il, rope_neox(q, cos, sin))  # (n, h, hd): after RoPE, before the scale
     k = tap("Kcur_normed", il, rms_norm(k, layer.k_norm, p.rms_eps))  # (n, hk, hd)
@@ -257,10 +262,10 @@ def gemma3_block(
         k, v = kv.store(il, k, v)  # (n_kv, hk, hd) each
     q = q * x.dtype.type(p.attn_scale)  # (n, h, hd): the graph scales Q, then attends with scale 1
     a = tap("kqv_out", il, attention(q, k, v, 1.0, allowed))  # (n, h*hd): before wo
-    a = tap("attn_post_norm", il, rms_norm(linear(a, layer.wo), layer.attn_post_norm, p.rms_eps))  # (n, d)
+    a = tap("attn_post_norm", il, rms_norm(linear(a, layer.wo, None, fast), layer.attn_post_norm, p.rms_eps))  # (n, d)
     x = tap("sa_out", il, x + a)  # (n, d)
     h = tap("ffn_norm", il, rms_norm(x, layer.ffn_norm, p.rms_eps))  # (n, d)
-    h = tap("ffn_out", il, geglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down, tap, il))  # (n, d)
+    h = tap("ffn_out", il, geglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down, tap, il, fast))  # (n, d)
     return tap("l_out", il, x + tap("ffn_post_norm", il, rms_norm(h, layer.ffn_post_norm, p.rms_eps)))  # (n, d)
 
 

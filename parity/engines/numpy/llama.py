@@ -107,12 +107,13 @@ def llama_block(
     allowed: Array | None = None,
 ) -> Array:
     """One llama block: x + attn(norm(x)); then + ffn(norm(.)). `tap` sees llama.cpp's named tensors of layer il;
-    with `kv`, k and v join the cache and the queries attend over it (`allowed`: their (n, n_kv) mask)."""
-    n = x.shape[0]
+    with `kv`, k and v join the cache and the queries attend over it (`allowed`: their (n, n_kv) mask), and
+    quantized weights multiply block by block (ops.linear's `fast`)."""
+    n, fast, bias = x.shape[0], kv is not None, layer.biases.get
     h = tap("attn_norm", il, rms_norm(x, layer.attn_norm, p.rms_eps))  # (n, d)
-    q = linear(h, layer.wq, layer.biases.get("attn_q")).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
-    k = linear(h, layer.wk, layer.biases.get("attn_k")).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
-    v = linear(h, layer.wv, layer.biases.get("attn_v")).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
+    q = linear(h, layer.wq, bias("attn_q"), fast).reshape(n, p.n_head, p.head_dim)  # (n, h, hd)
+    k = linear(h, layer.wk, bias("attn_k"), fast).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
+    v = linear(h, layer.wv, bias("attn_v"), fast).reshape(n, p.n_head_kv, p.head_dim)  # (n, hk, hd)
     q = tap("Qcur", il, rope(q, cos, sin))  # (n, h, hd): after RoPE, as llama.cpp names it
     k = tap("Kcur", il, rope(k, cos, sin))  # (n, hk, hd)
     v = tap("Vcur", il, v)  # (n, hk, hd)
@@ -122,9 +123,9 @@ def llama_block(
     # llama.cpp's llama graph never reads `attention.scale` (only granite-style archs set it)
     scale = 1.0 / np.sqrt(x.dtype.type(p.head_dim))  # ()
     a = tap("kqv_out", il, attention(q, k, v, scale, allowed))  # (n, h*hd)
-    x = tap("ffn_inp", il, x + tap("attn_out", il, linear(a, layer.wo, layer.biases.get("attn_output"))))  # (n, d)
+    x = tap("ffn_inp", il, x + tap("attn_out", il, linear(a, layer.wo, bias("attn_output"), fast)))  # (n, d)
     h = tap("ffn_norm", il, rms_norm(x, layer.ffn_norm, p.rms_eps))  # (n, d)
-    f = tap("ffn_out", il, swiglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down, layer.biases, tap, il))  # (n, d)
+    f = tap("ffn_out", il, swiglu_ffn(h, layer.w_gate, layer.w_up, layer.w_down, layer.biases, tap, il, fast))
     return tap("l_out", il, x + f)  # (n, d)
 
 

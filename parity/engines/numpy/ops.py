@@ -16,14 +16,14 @@ import numpy as np
 import numpy.typing as npt
 
 from parity.engines.numpy.loader import dequantized
-from parity.engines.numpy.qrows import Q8Rows, is_q8_rows
+from parity.engines.numpy.qrows import QRows, holds
 from parity.errors import ModelFormatError
 from parity.gguf.reader import GGUFFile
 
 Array = npt.NDArray[Any]
 FloatType = type[np.floating[Any]]
-# A vocabulary matrix (token_embd, output): an array, or a Q8_0 one kept quantized (parity.engines.numpy.qrows)
-Matrix = Array | Q8Rows
+# A weight matrix: an array, or a Q8_0/Q5_0/Q4_0 one kept quantized (parity.engines.numpy.qrows)
+Matrix = Array | QRows
 DTYPES: dict[str, FloatType] = {"float32": np.float32, "float64": np.float64}
 
 # A tap point: (op, layer or -1, tensor) -> the tensor the graph continues with (parity.engines.numpy.taps).
@@ -52,10 +52,22 @@ def rms_norm(x: Array, w: Array, eps: float) -> Array:
     return out
 
 
-def linear(x: Array, w: Array, b: Array | None = None) -> Array:
-    """y = x @ W.T (+ b): W is (out, in) in numpy order, i.e. ggml's [in, out]."""
-    y = x @ w.T  # (n, out)
+def linear(x: Array, w: Matrix, b: Array | None = None, fast: bool = False) -> Array:
+    """y = x @ W.T (+ b): W is (out, in) in numpy order, i.e. ggml's [in, out].
+
+    A quantized W (QRows) multiplies by its dequantized weights, or with `fast` (the KV-cached greedy: a few
+    rows) block by block from its integers (QRows.project_fast: the same sum, rounded in another order).
+    """
+    y = times_transposed(x, w, fast)  # (n, out)
     return y if b is None else y + b  # (n, out)
+
+
+def times_transposed(x: Array, w: Matrix, fast: bool = False) -> Array:
+    """x @ W.T for an array or a QRows W (`linear`)."""
+    if isinstance(w, QRows):
+        return w.project_fast(x) if fast else w.project(x)  # (n, out)
+    out: Array = x @ w.T  # (n, out)
+    return out
 
 
 def rope_cos_sin(
@@ -201,23 +213,30 @@ def silu(x: Array) -> Array:
         return x / (1.0 + np.exp(-x))
 
 
-def tapped_linear(x: Array, w: Array, b: Array | None, tap: Tap, op: str, il: int) -> Array:
+def tapped_linear(x: Array, w: Matrix, b: Array | None, tap: Tap, op: str, il: int, fast: bool = False) -> Array:
     """`linear` with llama.cpp's build_ffn names: the matmul is `op`, the biased sum `op_b` (when there is a bias)."""
-    y = tap(op, il, x @ w.T)  # (n, out)
+    y = tap(op, il, linear(x, w, None, fast))  # (n, out)
     return y if b is None else tap(op + "_b", il, y + b)  # (n, out)
 
 
 def swiglu_ffn(
-    x: Array, w_gate: Array, w_up: Array, w_down: Array, biases: dict[str, Array], tap: Tap = no_tap, il: int = -1
+    x: Array,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+    biases: dict[str, Array],
+    tap: Tap = no_tap,
+    il: int = -1,
+    fast: bool = False,
 ) -> Array:
     """LLM_FFN_SILU + LLM_FFN_PAR: down(silu(gate(x)) * up(x)); build_ffn's tap points ffn_up, ffn_gate, ffn_swiglu."""
-    up = tapped_linear(x, w_up, biases.get("ffn_up"), tap, "ffn_up", il)  # (n, f)
-    gate = tapped_linear(x, w_gate, biases.get("ffn_gate"), tap, "ffn_gate", il)  # (n, f)
+    up = tapped_linear(x, w_up, biases.get("ffn_up"), tap, "ffn_up", il, fast)  # (n, f)
+    gate = tapped_linear(x, w_gate, biases.get("ffn_gate"), tap, "ffn_gate", il, fast)  # (n, f)
     par = tap("ffn_swiglu", il, silu(gate) * up)  # (n, f)
     down_b = biases.get("ffn_down")
     if down_b is None:
-        return linear(par, w_down)  # (n, d)
-    return tap("ffn_down", il, linear(par, w_down)) + down_b  # (n, d)
+        return linear(par, w_down, None, fast)  # (n, d)
+    return tap("ffn_down", il, linear(par, w_down, None, fast)) + down_b  # (n, d)
 
 
 def output_head(
@@ -225,15 +244,11 @@ def output_head(
 ) -> Array:
     """The final RMSNorm (tap `result_norm`) and the output matmul, (n, d) -> (n, V); the last row when `last_only`.
 
-    llama.cpp also skips the head for rows it does not output. A quantized head (Q8Rows) multiplies by its
-    dequantized weights, or with `fast` (the KV-cached greedy) by its quants block by block.
+    llama.cpp also skips the head for rows it does not output. `fast`: see `linear`.
     """
     if last_only:
         x = x[-1:]  # (1, d)
-    h = tap("result_norm", -1, rms_norm(x, output_norm, eps))  # (n, d)
-    if isinstance(output, Q8Rows):
-        return output.project_fast(h) if fast else output.project(h)  # (n, V)
-    return linear(h, output)  # (n, V)
+    return linear(tap("result_norm", -1, rms_norm(x, output_norm, eps)), output, None, fast)  # (n, V)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,18 +391,19 @@ class BlockWeights:
     """The weights every llama-shaped block has (architectures add their own), dequantized; (out, in) order."""
 
     attn_norm: Array  # (d,)
-    wq: Array  # (h*hd, d)
-    wk: Array  # (hk*hd, d)
-    wv: Array  # (hk*hd, d)
-    wo: Array  # (d, h*hd)
+    wq: Matrix  # (h*hd, d)
+    wk: Matrix  # (hk*hd, d)
+    wv: Matrix  # (hk*hd, d)
+    wo: Matrix  # (d, h*hd)
     ffn_norm: Array  # (d,)
-    w_gate: Array  # (f, d)
-    w_up: Array  # (f, d)
-    w_down: Array  # (d, f)
+    w_gate: Matrix  # (f, d)
+    w_up: Matrix  # (f, d)
+    w_down: Matrix  # (d, f)
 
 
-def block_weights(f: GGUFFile, il: int, p: Hparams, dtype: FloatType) -> dict[str, Array]:
-    """Block `il`'s BlockWeights fields, by field name (names as in llama.cpp's LLM_TENSOR table)."""
+def block_weights(f: GGUFFile, il: int, p: Hparams, dtype: FloatType) -> dict[str, Any]:
+    """Block `il`'s BlockWeights fields, by field name (names as in llama.cpp's LLM_TENSOR table); Q8_0, Q5_0 and
+    Q4_0 matrices stay quantized (`load_matrix`)."""
     d, f_, q_out, kv_out = p.n_embd, p.n_ff, p.n_head * p.head_dim, p.n_head_kv * p.head_dim
     shapes = {
         "attn_norm": ("attn_norm", (d,)),
@@ -400,17 +416,20 @@ def block_weights(f: GGUFFile, il: int, p: Hparams, dtype: FloatType) -> dict[st
         "w_up": ("ffn_up", (f_, d)),
         "w_down": ("ffn_down", (d, f_)),
     }
-    return {
-        field: require_tensor(f, f"blk.{il}.{name}.weight", shape, dtype) for field, (name, shape) in shapes.items()
-    }
+    out: dict[str, Any] = {}
+    for field, (name, shape) in shapes.items():
+        full = f"blk.{il}.{name}.weight"
+        m = load_matrix(f, full, shape, dtype) if len(shape) == 2 else None
+        out[field] = require_tensor(f, full, shape, dtype) if m is None else m
+    return out
 
 
-def load_matrix(f: GGUFFile, name: str, shape: tuple[int, int], dtype: FloatType) -> Matrix | None:
-    """`load_tensor` for a vocabulary matrix: a Q8_0 one stays quantized (Q8Rows), any other is dequantized."""
+def load_matrix(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: FloatType) -> Matrix | None:
+    """`load_tensor` for a matrix: Q8_0, Q5_0 and Q4_0 ones stay quantized (QRows), any other is dequantized."""
     t = f.tensors.get(name)
-    if t is None or t.shape != shape or not is_q8_rows(t):
+    if t is None or t.shape != shape or not holds(t):
         return load_tensor(f, name, shape, dtype, required=False)
-    return Q8Rows.load(f, t, dtype)
+    return QRows.load(f, t, dtype)
 
 
 def embeddings_and_head(f: GGUFFile, p: Hparams, dtype: FloatType) -> tuple[Matrix, Array, Matrix]:
