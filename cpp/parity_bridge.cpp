@@ -147,9 +147,11 @@ int check_batch(parity_model * m, const int32_t * tokens, int32_t n_tokens, char
     return check_tokens(m, tokens, n_tokens, limit, "min(n_batch, n_ctx)", err, err_len);
 }
 
-// Decodes tokens[0..n) at positions pos0.. as one batch; marks every position (or only the last) for logits.
+// Decodes tokens[0..n) at positions pos0.. as one batch; marks every position (or only the last) for logits,
+// or, given `outputs` (n flags), exactly the positions flagged (llama.cpp then computes the output head for
+// those rows only, as llama-perplexity does for the half of a chunk it scores).
 int decode(parity_model * m, const int32_t * tokens, int32_t n, int32_t pos0, bool all_logits, char * err,
-           size_t err_len) {
+           size_t err_len, const std::vector<int8_t> * outputs = nullptr) {
     llama_batch batch = llama_batch_init(n, 0, 1);
     batch.n_tokens = n;  // llama_batch_init leaves it at 0
     for (int32_t i = 0; i < n; i++) {
@@ -157,7 +159,7 @@ int decode(parity_model * m, const int32_t * tokens, int32_t n, int32_t pos0, bo
         batch.pos[i] = pos0 + i;
         batch.n_seq_id[i] = 1;
         batch.seq_id[i][0] = 0;
-        batch.logits[i] = (all_logits || i == n - 1) ? 1 : 0;
+        batch.logits[i] = outputs != nullptr ? (*outputs)[static_cast<size_t>(i)] : (all_logits || i == n - 1) ? 1 : 0;
     }
     const int32_t rc = llama_decode(m->ctx, batch);
     llama_batch_free(batch);
@@ -479,6 +481,40 @@ int parity_eval(parity_model * m, const int32_t * tokens, int32_t n_tokens, floa
     }
     for (int32_t i = 0; i < n_tokens; i++) {
         if (int rc = copy_logits(m, i, out_logits + static_cast<size_t>(i) * m->n_vocab, err, err_len)) {
+            return rc;
+        }
+    }
+    return PARITY_OK;
+    PARITY_GUARD_END
+}
+
+int parity_eval_rows(parity_model * m, const int32_t * tokens, int32_t n_tokens, const int32_t * rows, int32_t n_rows,
+                     float * out_logits, char * err, size_t err_len) {
+    PARITY_GUARD_BEGIN
+    if (int rc = check_batch(m, tokens, n_tokens, err, err_len)) {
+        return rc;
+    }
+    if (out_logits == nullptr || n_rows < 0 || (n_rows > 0 && rows == nullptr)) {
+        return set_err(err, err_len, PARITY_E_INVALID, "parity_eval_rows: bad rows/output");
+    }
+    std::vector<int8_t> outputs(static_cast<size_t>(n_tokens), 0);
+    for (int32_t k = 0; k < n_rows; k++) {
+        if (rows[k] < 0 || rows[k] >= n_tokens || (k > 0 && rows[k] <= rows[k - 1])) {
+            return set_err(err, err_len, PARITY_E_INVALID,
+                           "parity_eval_rows: rows must increase strictly within [0, %d); row %d is %d", n_tokens, k,
+                           rows[k]);
+        }
+        outputs[static_cast<size_t>(rows[k])] = 1;
+    }
+    clear_memory(m);
+    if (n_rows == 0) {
+        return PARITY_OK;
+    }
+    if (int rc = decode(m, tokens, n_tokens, 0, false, err, err_len, &outputs)) {
+        return rc;
+    }
+    for (int32_t k = 0; k < n_rows; k++) {
+        if (int rc = copy_logits(m, rows[k], out_logits + static_cast<size_t>(k) * m->n_vocab, err, err_len)) {
             return rc;
         }
     }

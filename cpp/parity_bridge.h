@@ -82,6 +82,13 @@ int parity_detokenize(parity_model * m, const int32_t * tokens, int32_t n_tokens
  * out_logits holds n_tokens * n_vocab floats, row-major by position. */
 int parity_eval(parity_model * m, const int32_t * tokens, int32_t n_tokens, float * out_logits,
                 char * err, size_t err_len);
+/* Logits of the positions `rows` only (n_rows of them, strictly increasing within [0, n_tokens)), from the same
+ * ONE llama_decode as parity_eval, with only those positions marked for output: llama.cpp computes the output
+ * head (and, in most graphs, the last layer after its attention) for those rows only. out_logits holds
+ * n_rows * n_vocab floats, row k = position rows[k]. A row's values may differ from parity_eval's in the last
+ * bits (the matrix products see fewer rows); llama-perplexity's KL-divergence mode evaluates this way. */
+int parity_eval_rows(parity_model * m, const int32_t * tokens, int32_t n_tokens, const int32_t * rows, int32_t n_rows,
+                     float * out_logits, char * err, size_t err_len);
 /* Logits evaluating one token per llama_decode (positions 0..n-1), from an empty cache. */
 int parity_eval_stepwise(parity_model * m, const int32_t * tokens, int32_t n_tokens, float * out_logits,
                          char * err, size_t err_len);

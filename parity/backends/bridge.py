@@ -243,6 +243,18 @@ class BridgeModel:
         """Logits (n_tokens, n_vocab) from one llama_decode of the whole sequence."""
         return self._eval(self.b.lib.parity_eval, tokens)
 
+    def eval_rows(self, tokens: list[int], rows: list[int]) -> np.ndarray:
+        """Logits (len(rows), n_vocab) of the positions `rows` (strictly increasing) from one llama_decode of the
+        whole sequence that computes the output head for those positions only (parity_eval_rows)."""
+        ffi = self.b.ffi
+        arr = ffi.new("int32_t[]", tokens)
+        c_rows = ffi.new("int32_t[]", rows or [0])
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        err = self.b._err()
+        buf = ffi.from_buffer("float[]", out) if rows else ffi.new("float[]", 1)
+        self.b.check(self.b.lib.parity_eval_rows(self.h, arr, len(tokens), c_rows, len(rows), buf, err, ERR_LEN), err)
+        return out
+
     def eval_stepwise(self, tokens: list[int]) -> np.ndarray:
         """Logits (n_tokens, n_vocab) decoding one token at a time."""
         return self._eval(self.b.lib.parity_eval_stepwise, tokens)

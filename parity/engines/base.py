@@ -1,6 +1,7 @@
 """The Implementation interface: what every command compares (docs/ARCHITECTURE.md, "Layers").
 
-An implementation turns token ids into logits at every position and decodes greedily. The numpy engine and
+An implementation turns token ids into logits at every position (`logits`; `logits_at` for chosen positions
+only, by default a slice of `logits`) and decodes greedily. The numpy engine and
 each bridged C++ backend (under any context parameters) are implementations; parity.engines.registry makes
 them from spec strings such as `numpy:dtype=float64` or `llama:type_k=f16,flash_attn=on`.
 """
@@ -57,6 +58,18 @@ class Implementation(ABC):
     @abstractmethod
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits at every position of `tokens`: float array (len(tokens), vocab)."""
+
+    def logits_at(self, tokens: Sequence[int], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Logits at `positions` only (strictly increasing indexes into `tokens`): float array (len(positions),
+        vocab), row k for position positions[k], from the same evaluation of the whole sequence as `logits`.
+
+        The default slices `logits(tokens)`, so every implementation has it. An engine that can skip the rows
+        nobody reads overrides it (the bridged llama.cpp: only those positions go through the output head, as
+        llama-perplexity evaluates; parity suite's `--score perplexity` asks for half a chunk's rows). An
+        override's rows may differ from `logits`' in the last bits, never in meaning.
+        """
+        arr = np.asarray(self.logits(tokens))
+        return np.ascontiguousarray(arr[np.asarray(positions, dtype=np.int64)])
 
     @abstractmethod
     def greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:

@@ -98,6 +98,13 @@ class BridgedImplementation(Implementation):
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         return self.evaluate(tokens, self.eval_shape)
 
+    def logits_at(self, tokens: Sequence[int], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Batch shape: one decode computing the output head for `positions` only (parity_eval_rows); stepwise
+        evaluation computes every position anyway, so it slices `logits`."""
+        if self.eval_shape != "batch":
+            return super().logits_at(tokens, positions)
+        return np.asarray(self._model.eval_rows(list(tokens), [int(p) for p in positions]))
+
     def open_variant(self, params: BackendParams) -> RemoteModel:
         """The same model file under other context parameters, in this worker (the reference's own variation,
         check/floor.py); the caller closes it."""

@@ -2,9 +2,10 @@
 
 A `Side` is everything needed to open an implementation of the registry (parity.engines.registry) in another
 process: a local worker process or a Ray actor opens both sides once and keeps them (models loaded once per
-worker). `Pair.evaluate` runs one item: the reference's logits at every position, then the implementation's,
-reduced at once to per-position statistics (parity.suite.stats.compute) — only the scored positions' rows
-are kept, and the logit matrices are dropped before the next item, so memory is bounded by one item.
+worker). `Pair.evaluate` runs one item: the reference's logits at the scored positions (`Implementation.logits_at`:
+the bridged llama.cpp computes the output head for those rows only), then the implementation's, reduced at
+once to per-position statistics (parity.suite.stats.compute); the logit rows are dropped before the next
+item, so memory is bounded by one item.
 
 A side that fails (a C++ crash or hang: WorkerError; an external engine's garbage) fails that item only: the
 pair is closed and reopened for the next item.
@@ -103,8 +104,8 @@ class Pair:
         try:
             ref, impl = self._ensure()
             positions = stats.scored_positions(len(item.tokens), self.mode)
-            ref_rows = _rows(ref.logits(item.tokens), len(item.tokens), positions, ref.spec)
-            impl_rows = _rows(impl.logits(item.tokens), len(item.tokens), positions, impl.spec)
+            ref_rows = _rows(ref.logits_at(item.tokens, positions), positions, ref.spec)
+            impl_rows = _rows(impl.logits_at(item.tokens, positions), positions, impl.spec)
             values = stats.compute(ref_rows, impl_rows, item.tokens, mode=self.mode, item=item.index)
             evidence = verdicts.evidence(ref_rows, impl_rows, values) if self.sides[0].evidence else None
         except ParityError as exc:  # a side failed (worker crash/hang, bad reply): this item only
@@ -137,12 +138,14 @@ def _describe(impl: Implementation) -> dict[str, Any]:
         return {"spec": impl.spec, "describe_error": str(exc)}
 
 
-def _rows(logits: np.ndarray, n: int, positions: np.ndarray, spec: str) -> np.ndarray:
-    """The scored positions' rows of a side's logits (a copy: the full matrix can be freed at once)."""
+def _rows(logits: np.ndarray, positions: np.ndarray, spec: str) -> np.ndarray:
+    """A side's rows of the scored positions, checked: one row per position, every value finite."""
     from parity.errors import WorkerError
 
     arr = np.asarray(logits)
-    if arr.ndim != 2 or arr.shape[0] != n or not np.isfinite(arr[positions]).all():
-        what = f"shape {arr.shape}" if arr.ndim != 2 or arr.shape[0] != n else "non-finite values"
-        raise WorkerError(f"{spec} returned unusable logits for {n} tokens ({what})")
-    return np.ascontiguousarray(arr[positions])
+    shape_ok = arr.ndim == 2 and arr.shape[0] == len(positions)
+    # every value finite <=> max and min finite (a NaN anywhere makes both NaN); no n x vocab boolean temporary
+    if not shape_ok or (arr.size and not np.isfinite([arr.max(), arr.min()]).all()):
+        what = f"shape {arr.shape}" if not shape_ok else "non-finite values"
+        raise WorkerError(f"{spec} returned unusable logits for {len(positions)} scored positions ({what})")
+    return arr

@@ -64,6 +64,29 @@ def test_bridge_reports_bad_input_without_dying(llama_plan: build.BuildPlan, tmp
         assert m.detokenize(m.tokenize("Hello world", False, False)) == "Hello world"
 
 
+def test_eval_rows_are_eval_rows_and_refuse_bad_rows(llama_plan: build.BuildPlan) -> None:
+    """parity_eval_rows (the output head for some positions only) gives those positions' rows of parity_eval,
+    bit for bit, through the worker's out-of-band framing; rows out of range or out of order are exit-2 input."""
+    from parity.engines import spec as impl_specs
+    from parity.engines.bridged import BridgedImplementation
+    from parity.models.modelgen import default_model
+
+    gguf = default_model("f32")[0]
+    tokens = [1, 5, 9, 2, 7, 3, 11, 4]
+    rows = [1, 4, 5, 7]
+    spec = impl_specs.parse("llama")
+    with BridgedImplementation(spec, llama_plan, gguf, BackendParams(n_ctx=16, n_batch=16, n_ubatch=16)) as impl:
+        full = impl.logits(tokens)
+        at = impl.logits_at(tokens, rows)
+        assert at.shape == (len(rows), full.shape[1]) and at.dtype == np.float32
+        assert np.array_equal(at, full[rows])
+        assert impl.logits_at(tokens, []).shape == (0, full.shape[1])
+        for bad in ([3, 3], [5, 2], [-1], [len(tokens)]):
+            with pytest.raises(WorkerError, match="rows must increase strictly"):
+                impl.logits_at(tokens, bad)
+        assert np.array_equal(impl.logits(tokens), full)  # the worker is still good
+
+
 def test_killed_worker_becomes_an_error(llama_plan: build.BuildPlan) -> None:
     with Worker("llama", llama_plan.bridge_path) as w:
         os.kill(w.pid, signal.SIGKILL)

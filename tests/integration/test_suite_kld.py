@@ -5,7 +5,8 @@ would only add a conversion) against its Q4_0 requantisation by the pinned llama
 (`--allow-requantize`). The text: Python's own reference documentation as the interpreter ships it
 (pydoc_data.topics, PSF licence), every topic in sorted order. llama-perplexity writes the base file
 (`-m BASE --kl-divergence-base FILE`) and scores Q4_0 against it (`--kl-divergence`); parity evaluates both
-models through its bridge (BridgedImplementation.logits, one chunk per decode, F32 KV cache, flash
+models through its bridge (BridgedImplementation.logits_at, one chunk per decode computing the output head for
+the scored rows only, as llama-perplexity does, F32 KV cache, flash
 attention off, the same threads: what parity.backends.perplexity gives llama-perplexity) and computes
 parity.suite.stats in the "perplexity" mode over the chunks parity cuts from the same tokens.
 
@@ -130,14 +131,14 @@ def agreement(plan: build.BuildPlan, s: Setup, n_ctx: int, n_chunks: int, thread
         bos = ref.tokenize("", add_special=True, parse_special=False) or []  # [BOS] when the vocab adds one
         chunks = stats.perplexity_chunks(stored.tokens.tolist(), n_ctx, bos[0] if bos else None)
         parts, same_codes, n_codes = [], 0, 0
+        pos = stats.scored_positions(n_ctx, "perplexity")
         for i, chunk in enumerate(chunks):
-            ref_rows = ref.logits(chunk)
-            parts.append(stats.compute(ref_rows, q.logits(chunk), chunk, mode="perplexity", item=i))
+            ref_rows = ref.logits_at(chunk, pos)  # what parity suite asks: the scored rows only
+            parts.append(stats.compute(ref_rows, q.logits_at(chunk, pos), chunk, mode="perplexity", item=i))
             if i == 0:  # the stored uint16 codes against stats.encode_base of parity's logits
                 _, _, codes = perplexity.read_base_rows(base_path, 0)
-                pos = stats.scored_positions(n_ctx, "perplexity")
-                for k, p in enumerate(pos):
-                    same_codes += int(np.count_nonzero(stats.encode_base(ref_rows[p])[2] == codes[k]))
+                for k in range(len(pos)):
+                    same_codes += int(np.count_nonzero(stats.encode_base(ref_rows[k])[2] == codes[k]))
                     n_codes += codes.shape[1]
     parity_seconds = time.perf_counter() - t0
     ours = stats.summarize(stats.concat(parts))
