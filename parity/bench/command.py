@@ -97,6 +97,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "pair (names or paths as --model) over parity/data/corpus.txt; the receipt's suite_rate (target ratio 0.8)",
     )
     p.add_argument("--suite-rate-ctx", type=int, default=256, metavar="N", help="chunk size of --suite-rate (256)")
+    p.add_argument(
+        "--suite-ray",
+        nargs=2,
+        metavar=("BASE", "OTHER"),
+        help="also time that suite on 2 Ray actors against 1 local worker (wall and steady state); the receipt's "
+        "suite_ray (parity/bench/suite_ray.py; needs the ray package)",
+    )
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout (default text)")
     p.add_argument("--verbose", action="store_true", help="stream build output")
     p.add_argument(
@@ -128,6 +135,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         harness_overhead=args.harness_overhead,
         suite_rate=tuple(args.suite_rate) if args.suite_rate else None,
         suite_rate_ctx=args.suite_rate_ctx,
+        suite_ray=tuple(args.suite_ray) if args.suite_ray else None,
     )
 
 

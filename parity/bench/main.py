@@ -100,6 +100,7 @@ class BenchOptions:
     harness_overhead: bool = True  # time `parity run` against the engines' own work (parity.bench.overhead)
     suite_rate: tuple[str, str] | None = None  # BASE, OTHER: parity suite vs llama-perplexity (bench.suite_rate)
     suite_rate_ctx: int = 256
+    suite_ray: tuple[str, str] | None = None  # BASE, OTHER: 2 Ray actors vs 1 local worker (bench.suite_ray)
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the flag."""
@@ -385,6 +386,13 @@ def run_bench(opts: BenchOptions, open_lane: bench_lanes.LaneOpener = bench_lane
         base, other = (inputs.resolve_model(m).path for m in opts.suite_rate)
         receipt["suite_rate"] = suite_rate.measure(
             base, other, suite_rate.TEXT, out_dir / "suite_rate", ctx=opts.suite_rate_ctx, threads=opts.threads
+        )
+    if opts.suite_ray:
+        from parity.bench import suite_ray
+
+        base, other = (inputs.resolve_model(m).path for m in opts.suite_ray)
+        receipt["suite_ray"] = suite_ray.measure(
+            base, other, suite_ray.TEXT, out_dir / "suite_ray", ctx=opts.suite_rate_ctx, chunks=suite_ray.CHUNKS
         )
     return receipt
 

@@ -11,13 +11,16 @@ One model pair (BASE as the reference, OTHER as the implementation), one text, o
   worker, every chunk evaluated on both sides, statistics, receipt).
 
 The figure is tokens per second (chunks x ctx over wall seconds) of each, and their ratio; the issue's target
-is ratio >= TARGET_RATIO. Both printouts are parsed, so the figure also says whether the two agree on mean
+is ratio >= TARGET_RATIO. On a shared machine wall time carries the other processes' load, so each side's CPU
+seconds (user + system of the process tree, getrusage) are recorded too, and `cpu_ratio` (llama-perplexity's
+CPU seconds over parity's: the same work costs parity 1/cpu_ratio times the CPU). Both printouts are parsed, so the figure also says whether the two agree on mean
 KLD, same top p and RMS dp. parity.bench calls `measure()`; the commands it ran are in the result.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import shlex
 import sys
 import time
@@ -25,8 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from parity.backends import lock, perplexity, tools
+from parity.bench.suite_ray import load_average
 from parity.core import paths
 from parity.core.proc import CommandError, run
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process of this one and their waited-for children."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
 
 TARGET_RATIO = 0.8
 TEXT = paths.project_root() / "parity" / "data" / "corpus.txt"  # what `parity bench --suite-rate` reads
@@ -68,21 +79,24 @@ def measure(
         ppl.binary, base_model, text, base_file, n_ctx=ctx, n_chunks=-1 if chunks is None else chunks, threads=threads
     )
     kld_cmd = perplexity.kld_command(ppl.binary, other_model, base_file, n_ctx=ctx, threads=threads)
+    cpu0 = _children_cpu()
     base_run = perplexity.run_tool(base_cmd, workdir / "llama-perplexity-base.log")
     chunks = _chunks_of(base_file)
     kld_run = perplexity.run_tool(kld_cmd, workdir / "llama-perplexity-kld.log")
+    ppl_cpu = _children_cpu() - cpu0
     base_file.unlink(missing_ok=True)  # n_vocab x 2 bytes per scored position: large, and not needed again
     theirs = perplexity.parse_output(kld_run.output)
 
     out_dir = workdir / "suite"
     cmd = suite_command(base_model, other_model, text, out_dir, ctx=ctx, chunks=chunks, threads=threads)
-    t0 = time.perf_counter()
+    cpu0, t0 = _children_cpu(), time.perf_counter()
     try:
         run(cmd, log_file=workdir / "parity-suite.log")
     except CommandError as exc:
         if exc.returncode != 1:  # 1: an item's verdict failed, which does not change what was timed
             raise
     suite_seconds = time.perf_counter() - t0
+    suite_cpu = _children_cpu() - cpu0
     ours = json.loads((out_dir / "suite.json").read_text(encoding="utf-8"))
     tokens = ctx * chunks
     ppl_seconds = base_run.seconds + kld_run.seconds
@@ -96,17 +110,21 @@ def measure(
             "seconds_base": round(base_run.seconds, 3),
             "seconds_kld": round(kld_run.seconds, 3),
             "tokens_per_s": tokens / ppl_seconds,
+            "cpu_seconds": round(ppl_cpu, 3),
             "commands": [shlex.join(base_cmd), shlex.join(kld_cmd)],
         },
         "parity_suite": {
             "seconds": round(suite_seconds, 3),
             "tokens_per_s": tokens / suite_seconds,
+            "cpu_seconds": round(suite_cpu, 3),
             "command": shlex.join(cmd),
         },
         "ratio": ratio,
+        "cpu_ratio": ppl_cpu / suite_cpu if suite_cpu > 0 else None,
         "target": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
         "agreement": _agreement(theirs, ours),
+        "load_average": load_average(),
     }
 
 

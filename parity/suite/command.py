@@ -96,7 +96,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--max-kld-p99", type=float, metavar="X", help="and its 99th KLD percentile <= X")
     p.add_argument("--min-same-top", type=float, metavar="P", help="and its same-top fraction >= P (0..1)")
-    p.add_argument("--threads", type=int, help="threads of each C++ side (default [tool.parity] threads)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="threads of each side in each worker (default: [tool.parity] threads shared by the --workers)",
+    )
     p.add_argument("--timeout", type=float, help="seconds one side may take on one item before its worker is killed")
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary on stdout")
     p.add_argument(
@@ -217,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
     }
     out = Path(args.out_dir or DEFAULT_OUT)
     opts = options.resolve({**given, "out_dir": str(out)})
+    from parity.suite.executors import slot_threads
+
+    opts = dataclasses.replace(opts, threads=slot_threads(opts.threads, args.workers, explicit="threads" in given))
     prepared = prepare(
         args.impl or "numpy",
         args.reference or "llama",

@@ -39,6 +39,17 @@ def thread_env(threads: int) -> dict[str, str]:
     return {k: str(threads) for k in BLAS_ENV}
 
 
+def slot_threads(threads: int, workers: int, *, explicit: bool) -> int:
+    """Threads of each side in each slot: `--threads` as given, else the configured budget ([tool.parity]
+    threads, PARITY_THREADS) shared by the slots, at least 1.
+
+    Every slot evaluates at once: N slots each running the budget's threads would put N x threads busy
+    threads on `threads` cores (llama.cpp's workers spin while they wait for each other), so 2 Ray actors on
+    2 cores get 1 thread each (parity.bench.suite_ray measures it).
+    """
+    return threads if explicit else max(1, threads // max(1, workers))
+
+
 class Executor(abc.ABC):
     """`workers` slots evaluating items; send() one item to an idle slot, receive() the next outcome."""
 
