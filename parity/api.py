@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parity import options
-from parity.check import job, summary
+
+if TYPE_CHECKING:  # imported by check(), after the workers are started (check/prestart.py)
+    from parity.check import job
 
 
 @dataclass
@@ -42,14 +44,20 @@ class CheckResult:
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary (`parity run --format json`)."""
+        from parity.check import summary
+
         return summary.as_dict(self.shared, self.lanes, self.exit_code)
 
     def text(self) -> str:
         """The text summary (`parity run`)."""
+        from parity.check import summary
+
         return summary.as_text(self.shared, self.lanes, self.exit_code)
 
     def render(self, fmt: str | None = None) -> str:
         """The summary in `fmt` (text or json; default: the format the options asked for)."""
+        from parity.check import summary
+
         return summary.render(fmt or self.format, self.shared, self.lanes, self.exit_code)
 
 
@@ -76,5 +84,14 @@ def check(
         **settings,
     }
     opts = options.resolve(given)
-    shared, lanes = job.run(opts, list(reference))
+    # The reference backends' worker processes start first, while the main job is imported (~0.3 s each way)
+    from parity.check import prestart
+
+    spawned = prestart.spawn(opts, list(reference))
+    try:
+        from parity.check import job
+
+        shared, lanes = job.run(opts, list(reference), spawned)
+    finally:
+        prestart.discard(spawned)  # the ones the job did not take
     return CheckResult(shared, lanes, job.exit_code(lanes), opts.format)

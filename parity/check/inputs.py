@@ -8,6 +8,7 @@ builds it unless --no-repair or CI). tests/unit/test_gguf_fuzz.py runs mutated f
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,23 +209,30 @@ def tokenize_in_backends(
     metadata: dict[str, Any],
     hf: HFTokenizer | None,
     backend_ids: dict[str, list[int]],
+    started: dict[str, Future[tuple[Worker, RemoteModel]]] | None = None,
 ) -> tuple[str, str | None, dict[str, Any] | None]:
     """Format the prompt, tokenize it in every backend (vocabulary only) and check each against the tokenizer
     authority (exit 2 on a mismatch). Fills `backend_ids` and `spare` (the started workers, by plan key).
+    `started`: workers with the vocabulary already opened (check/early.py), by plan key; taken from it.
     Returns (template, formatted prompt, chat template record)."""
     formatted: str | None = None
     template = opts.prompt_template  # set with the first backend, which says whether the vocabulary adds BOS
     chat_record: dict[str, Any] | None = None
     for b, p in plans.items():
         kind = by_key[b].kind
-        w = spare[b] = Worker(
-            kind,
-            p.bridge_path,
-            log_dir=Path(opts.out_dir) / "logs",
-            log_level=3 if opts.verbose else 1,
-            timeout=opts.timeout,
-        )
-        vm = open_vocab(w, kind, lane_models.get(kind, model_path))
+        early = (started or {}).pop(b, None)
+        if early is not None:
+            w, vm = early.result()  # its error (e.g. the backend refuses the file: exit 2) is raised here
+            spare[b] = w
+        else:
+            w = spare[b] = Worker(
+                kind,
+                p.bridge_path,
+                log_dir=Path(opts.out_dir) / "logs",
+                log_level=3 if opts.verbose else 1,
+                timeout=opts.timeout,
+            )
+            vm = open_vocab(w, kind, lane_models.get(kind, model_path))
         try:
             if formatted is None:  # a chat template's own leading BOS is dropped when llama.cpp adds one
                 template, formatted, chat_record = apply_template(

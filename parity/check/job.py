@@ -21,13 +21,13 @@ import numpy as np
 from parity.backends import build
 from parity.backends.bridge import BackendParams
 from parity.backends.worker import Worker
+from parity.check import early, inputs, mirror, pieces
 from parity.check import floor as noise_floor
-from parity.check import inputs, mirror, pieces
 from parity.check import locate as localisation
 from parity.compare import metrics, receipts, report_html
 from parity.engines import spec as impl_specs
 from parity.engines.base import Implementation
-from parity.engines.bridged import BridgedImplementation, apply_spec
+from parity.engines.bridged import apply_spec
 from parity.engines.registry import OpenContext, open_implementation
 from parity.engines.spec import ImplSpec
 from parity.errors import (
@@ -78,6 +78,8 @@ class Shared:
     vocab: pieces.Vocab | None = None
     # report.html, written beside the receipts once every lane has run (compare/report_html.py).
     report: Path | None = None
+    # Lanes whose model prepare() loaded in the background while the implementation ran (check/early.py).
+    opened: dict[str, early.OpenedLane] = field(default_factory=dict)
 
     @property
     def sequence(self) -> list[int]:
@@ -90,6 +92,8 @@ class Shared:
     def close_workers(self) -> None:
         while self.spare_workers:
             self.spare_workers.popitem()[1].close()
+        while self.opened:
+            early.discard_lane(self.opened.popitem()[1])
 
 
 @dataclass
@@ -137,22 +141,27 @@ def lane_params(backend: str, opts: RunOptions, n_tokens: int) -> BackendParams:
     )
 
 
-def prepare(opts: RunOptions, refs: list[ImplSpec]) -> tuple[Shared, dict[str, build.BuildPlan]]:
+def prepare(
+    opts: RunOptions, refs: list[ImplSpec], spawned: dict[str, Any] | None = None
+) -> tuple[Shared, dict[str, build.BuildPlan]]:
     """Validate input, preflight backends, tokenize, check token parity, run the implementation under test once.
 
-    `refs` are the reference lanes (inputs.reference_specs). Returns the shared work and one build plan per
-    plan key (ImplSpec.plan_key: a kind, or kind@source), the references' and a bridged --impl's."""
+    `refs` are the reference lanes (inputs.reference_specs); `spawned`: check/prestart.py's started workers by plan
+    key (taken from it). Returns the shared work and one build plan per plan key (ImplSpec.plan_key: a kind,
+    or kind@source), the references' and a bridged --impl's."""
     spare: dict[str, Worker] = {}  # the tokenizer workers, handed to the lanes (Shared.take_worker)
+    bg = early.Background(spawned=spawned if spawned is not None else {})  # check/early.py
     try:
-        return _prepare(opts, refs, spare)
+        return _prepare(opts, refs, spare, bg)
     except BaseException:
+        bg.discard()
         for w in spare.values():
             w.close()
         raise
 
 
 def _prepare(
-    opts: RunOptions, refs: list[ImplSpec], spare: dict[str, Worker]
+    opts: RunOptions, refs: list[ImplSpec], spare: dict[str, Worker], bg: early.Background
 ) -> tuple[Shared, dict[str, build.BuildPlan]]:
     impl_spec = impl_specs.parse(opts.impl)
     lane_backends = list(dict.fromkeys(r.kind for r in refs))
@@ -177,10 +186,11 @@ def _prepare(
         model_path, default_tok = modelgen.default_model(opts.variant)
         tok_path = Path(opts.tokenizer).expanduser().resolve() if opts.tokenizer else default_tok
     lane_models = {b: lane for b, lane in lane_models.items() if lane != model_path}
-    checked = inputs.check_input(opts, lane_backends, model_path, tok_path, lane_models)
-    gguf, hf = checked.gguf, checked.hf
     # one build per plan key: a kind, or kind@source for another source tree of that engine
     by_key = {r.plan_key: r for r in refs}
+    bg.start_vocabs(by_key, lambda kind: lane_models.get(kind, model_path), opts)  # while the input is checked
+    checked = inputs.check_input(opts, lane_backends, model_path, tok_path, lane_models)
+    gguf, hf = checked.gguf, checked.hf
     plans = {key: inputs.preflight(r.kind, opts, r.get("source")) for key, r in by_key.items()}
     impl_plan: build.BuildPlan | None = plans.get(impl_spec.plan_key)
     if impl_spec.bridged and impl_plan is None:
@@ -192,7 +202,7 @@ def _prepare(
     t1 = time.perf_counter()
     backend_ids: dict[str, list[int]] = {}
     template, formatted, chat_record = inputs.tokenize_in_backends(
-        opts, plans, by_key, spare, lane_models, model_path, gguf.metadata, hf, backend_ids
+        opts, plans, by_key, spare, lane_models, model_path, gguf.metadata, hf, backend_ids, bg.started
     )
     assert formatted is not None, "prepare() needs at least one backend"
     first = next(iter(backend_ids.values()))
@@ -222,6 +232,12 @@ def _prepare(
             f"context of {checked.n_ctx_train} tokens",
             fix="shorten --prompt or lower --max-tokens",
         )
+
+    def params_of(r: ImplSpec) -> BackendParams:
+        return apply_spec(r, lane_params(r.kind, opts, n_total))
+
+    # each lane's first worker loads the whole model while the implementation under test runs (check/early.py)
+    bg.opened.update(early.open_lanes(refs, plans, spare, lambda k: lane_models.get(k, model_path), params_of, opts))
     t2 = time.perf_counter()
     # The implementation under test, once. Its own tokenizer (if it has one) joins the token parity check
     # (exit 2); its crash, hang or garbage is recorded and becomes an error in every lane (exit 1).
@@ -258,6 +274,7 @@ def _prepare(
     )
     shared.chat_template = chat_record
     shared.spare_workers = spare
+    shared.opened = dict(bg.opened)  # each lane collects its own (Shared.close_workers the rest)
     shared.implementation = described
     shared.impl_error = impl_error
     if opts.locate != "off":  # localisation reopens the implementation under test
@@ -299,7 +316,7 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
     if lane.options:  # the default lanes' receipts stay as they were
         base["reference"] = {"spec": lane.text, "lane": label}
     lane_model = shared.lane_models.get(backend, shared.model_path)
-    if shared.impl_error is not None:
+    if shared.impl_error is not None:  # (a model loaded for it is closed by Shared.close_workers)
         return _error_lane(label, p, base, f"the implementation under test failed: {shared.impl_error}", out_dir)
     ours, base["numerics"] = mirror.lane_logits(
         backend, lane_model, shared.sequence, shared.logits, shared.seconds, opts, params, eval_shape
@@ -314,19 +331,12 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
         base["implementation"]["model"] = {"path": str(shared.model_path), "sha256": shared.model_sha256}
         base["model"]["quantized_by"] = ternary_model.provenance(lane_model)
     t0 = time.perf_counter()
+    opened = shared.opened.pop(label, None)  # its model loaded in the background (check/early.py)
     try:
-        with BridgedImplementation(
-            lane,
-            p,
-            lane_model,
-            params,
-            eval_shape=eval_shape,
-            log_dir=out_dir / "logs",
-            log_name=label,
-            verbose=opts.verbose,
-            timeout=opts.timeout,
-            worker=shared.take_worker(lane.plan_key),
-        ) as ref:
+        ref, opened_s = early.lane_reference(
+            opened, lane, p, lane_model, params, eval_shape, opts, out_dir, lambda: shared.take_worker(lane.plan_key)
+        )
+        with ref:
             base["backend_info"]["api_generation"] = ref.hello["api_generation"]
             base["backend_info"]["system_info"] = ref.hello["system_info"]
             ref_logits = ref.logits(shared.sequence)
@@ -381,6 +391,7 @@ def run_lane(lane: ImplSpec | str, p: build.BuildPlan, shared: Shared, opts: Run
     base["seconds"] = {
         **{k: round(v, 4) for k, v in shared.seconds.items()},
         "lane": round(time.perf_counter() - t0, 4),
+        **({"lane_open": round(opened_s, 4)} if opened_s is not None else {}),
         **({"floor": floor["seconds"]} if floor is not None else {}),
     }
     path = out_dir / f"receipt_{label}.json"
@@ -443,12 +454,15 @@ def _receipt_base(
     }
 
 
-def run(opts: RunOptions, lane_specs: list[str]) -> tuple[Shared, list[LaneResult]]:
-    """Prepare once, then run every reference lane to completion (a failed lane never stops the others)."""
+def run(
+    opts: RunOptions, lane_specs: list[str], spawned: dict[str, Any] | None = None
+) -> tuple[Shared, list[LaneResult]]:
+    """Prepare once, then run every reference lane to completion (a failed lane never stops the others).
+    `spawned`: started workers by plan key (check/prestart.py; the ones used are taken from it)."""
     out_dir = Path(opts.out_dir)
     inputs.ensure_out_dir(out_dir)
     lanes = inputs.reference_specs(lane_specs)
-    shared, plans = prepare(opts, lanes)
+    shared, plans = prepare(opts, lanes, spawned)
     try:
         return _run_lanes(opts, lanes, shared, plans, out_dir)
     finally:

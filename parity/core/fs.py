@@ -12,13 +12,10 @@ import json
 import os
 import secrets
 import sys
-import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
-
-from filelock import FileLock, Timeout
 
 from parity.errors import ParityError, PermissionDenied, UsageError
 
@@ -211,6 +208,8 @@ def safe_extract(archive: Path, dest: Path, *, member_prefix: str = "", strip: s
     of files extracted.
     """
     count = 0
+    import tarfile  # imported here: most parity commands never extract an archive (startup time, issue 15)
+
     with tarfile.open(archive, "r:*") as tar:
         for m in tar:
             name = m.name
@@ -254,6 +253,8 @@ def _normalised_within(p: PurePosixPath) -> bool:
 @contextmanager
 def file_lock(path: Path, *, what: str, timeout: float = 3600.0) -> Iterator[None]:
     """Hold an exclusive lock file while a cache entry is built; concurrent runs wait for each other."""
+    from filelock import FileLock, Timeout  # imported here: ~0.05 s that a warm `parity run` never needs
+
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:

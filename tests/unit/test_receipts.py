@@ -95,6 +95,26 @@ def test_write_refuses_invalid_and_load_roundtrips(tmp_path: Path) -> None:
     assert receipts.load(tmp_path / "r.json")["status"] == "pass"
 
 
+def test_load_trusts_only_the_exact_bytes_this_process_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "r.json"
+    receipts.write(p, v2())
+    real = receipts.validation_errors
+    calls: list[Any] = []
+
+    def counting(data: Any, schema_path: Path = receipts.SCHEMA_PATH) -> list[str]:
+        calls.append(data)
+        return real(data, schema_path)
+
+    monkeypatch.setattr(receipts, "validation_errors", counting)
+    assert receipts.load(p) == v2() and calls == []  # validated when written
+    r = json.loads(p.read_text())
+    del r["rows"]
+    p.write_text(json.dumps(r, indent=2, ensure_ascii=False) + "\n")  # changed on disk since
+    with pytest.raises(UsageError, match="not a valid parity receipt"):
+        receipts.load(p)
+    assert len(calls) == 1
+
+
 def test_load_errors_name_the_file(tmp_path: Path) -> None:
     p = tmp_path / "r.json"
     p.write_text("{")
