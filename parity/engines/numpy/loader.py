@@ -47,7 +47,7 @@ def q8_0_into(data: Array, out: Array) -> None:
     np.multiply(blocks[:, 2:].view(np.int8), d, out=out.reshape(-1, 32), dtype=np.float32, casting="unsafe")
 
 
-def empty(shape: tuple[int, ...], dtype: FloatType) -> Array:
+def empty(shape: tuple[int, ...], dtype: type[np.generic]) -> Array:
     """An uninitialised array; one of HUGE_BYTES or more in 4 KiB pages (an anonymous memory map).
 
     numpy asks the kernel for transparent huge pages for every array of 4 MB or more; where the kernel's THP

@@ -14,10 +14,11 @@ byte a weight), and dequantizes a chunk of rows at a time into a buffer that sta
   float32 rounding), measured here at the speed of streaming the float32 matrix (the cast of the int8 chunk and
   the in-cache products cost what reading 4 bytes a weight from memory costs), from under a third of the bytes.
 
-Layout: the rows are cut into chunks of R = min(CHUNK_ROWS, rows) rows; a chunk stores its quants block-major, (nb, R, 32)
-with nb = cols/32, and its scales (nb, R), so that one block's quants of the chunk's rows are one contiguous
-(R, 32) matrix (the fast product is a batched matrix-vector product over the nb blocks) and the scales multiply
-contiguous rows.
+Layout: the rows are cut into chunks of R = min(CHUNK_ROWS, rows) rows, and a chunk is stored transposed: its
+integers (cols, R) and scales (nb, R), nb = cols/32. Scaling a chunk then runs along contiguous rows of R values
+(one scale per (row, block) broadcast over 32 integers costs a numpy inner loop per 32 values, 2-3x slower), the
+chunk (cols, R) is W.T for the matrix product, and block b's integers are its rows b*32..b*32+31, so the fast
+product is one batched matrix product over the nb blocks.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from gguf.constants import GGMLQuantizationType as Q
 
-from parity.errors import ModelFormatError
-from parity.gguf.dequant import DEQUANTIZERS
+from parity.engines.numpy.loader import empty
 from parity.gguf.reader import GGUFFile, TensorInfo
 
 Array = npt.NDArray[Any]
@@ -41,8 +41,11 @@ QK = 32  # values per Q8_0 block
 BLOCK_BYTES = 2 + QK  # f16 scale, 32 int8 quants
 CHUNK_ROWS = 1024  # rows dequantized at a time: 640 columns x 1024 rows x 4 bytes = 2.6 MB of buffer
 LOAD_THREADS = max(1, min(2, os.cpu_count() or 1))
-Q8_0 = int(Q.Q8_0)
-BLOCK_BYTES_OF = {Q8_0: 34, int(Q.Q5_0): 22, int(Q.Q4_0): 18}  # each block: f16 d first, then its 32 integers
+Q8_0, Q5_0 = int(Q.Q8_0), int(Q.Q5_0)
+BLOCK_BYTES_OF = {Q8_0: 34, Q5_0: 22, int(Q.Q4_0): 18}  # each block: f16 d first, then its 32 integers
+TILE_ROWS = 64
+# every f16 bit pattern as float32 (exact): a lookup is ~20x faster than numpy's f16 -> f32 cast here
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view("<f2").astype(np.float32)
 FAST_ROWS = 4  # project_fast's products stay in cache up to this many rows of x; more go through `project`
 
 
@@ -52,10 +55,10 @@ class QRows:
     ndim = 2
 
     def __init__(self, qs: Array, d: Array, rows: int, dtype: FloatType) -> None:
-        self.qs = qs  # (C, nb, R, 32) int8: chunk c holds rows c*R .. c*R+R-1, block-major
-        self.d = d  # (C, nb, R) float32: the block scales
-        self.chunk = qs.shape[2]  # R
-        self.shape = (rows, qs.shape[1] * QK)
+        self.qs = qs  # (C, cols, R) int8: chunk c holds rows c*R .. c*R+R-1, transposed
+        self.d = d  # (C, nb, R) float32: the block scales, transposed alike
+        self.chunk = int(qs.shape[2])  # R
+        self.shape = (rows, qs.shape[1])
         self.dtype: np.dtype[Any] = np.dtype(dtype)
         self.nbytes = qs.nbytes + d.nbytes
 
@@ -67,13 +70,12 @@ class QRows:
         row_bytes = nb * block_bytes
         chunk = min(CHUNK_ROWS, rows)
         n_chunks = -(-rows // chunk)
-        qs = np.empty((n_chunks, nb, chunk, QK), dtype=np.int8)
-        d = np.empty((n_chunks, nb, chunk), dtype=np.float32)
+        qs = empty((n_chunks, cols, chunk), np.int8)  # (C, cols, R); see loader.empty (huge pages)
+        d = empty((n_chunks, nb, chunk), np.float32)  # (C, nb, R)
         pad = n_chunks * chunk - rows
         if pad:  # the last chunk's padding rows: zero weights, never returned
             qs[-1, :, chunk - pad :] = 0
             d[-1, :, chunk - pad :] = 0
-        dequantize = DEQUANTIZERS[t.ggml_type]  # type: ignore[index]  # IntEnum keys hash like their ids
         fd = os.open(f.path, os.O_RDONLY)
         try:
 
@@ -84,20 +86,11 @@ class QRows:
                 if len(raw) != n * row_bytes:  # the reader checked the file's size; a file truncated since
                     raise OSError(f"{f.path}: short read of tensor '{t.name}' at row {r0}")
                 blocks = np.frombuffer(raw, dtype=np.uint8).reshape(n, nb, block_bytes)
-                scales = np.ascontiguousarray(blocks[:, :, :2]).view("<f2")[:, :, 0].astype(np.float32)  # (n, nb)
-                if t.ggml_type == Q8_0:
-                    ints = blocks[:, :, 2:].view(np.int8)  # (n, nb, 32)
-                else:  # the integers of the exact weights d * k: k = w / d exactly (an exact quotient rounds to itself)
-                    w = dequantize(blocks.reshape(-1)).reshape(n, nb, QK)
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        k = np.where(scales[:, :, None] != 0, w / scales[:, :, None], np.float32(0))
-                    ints = k.astype(np.int8)
-                    if not np.array_equal(ints * scales[:, :, None], w):
-                        raise ModelFormatError(
-                            f"{f.path}: tensor '{t.name}' has block scales that are not finite",
-                            fix="the file is damaged; fetch or convert it again",
-                        )
-                np.copyto(qs[c, :, :n], ints.transpose(1, 0, 2))
+                scales = F16_TO_F32[np.ascontiguousarray(blocks[:, :, :2]).view("<u2")[:, :, 0]]  # (n, nb)
+                ints = integers(t.ggml_type, blocks)  # (n, nb, 32) int8
+                dst = qs[c].reshape(nb, QK, chunk)  # (nb, 32, R)
+                for i in range(0, n, TILE_ROWS):  # a transposing copy is 2x faster in tiles that stay in cache
+                    np.copyto(dst[:, :, i : min(n, i + TILE_ROWS)], ints[i : i + TILE_ROWS].transpose(1, 2, 0))
                 np.copyto(d[c, :, :n], scales.T)
 
             with ThreadPoolExecutor(LOAD_THREADS) as pool:
@@ -110,9 +103,9 @@ class QRows:
         """Rows `ids` (n,), dequantized: (n, cols) in the engine dtype, exactly as parity.gguf.dequant gives them."""
         idx = np.asarray(ids)
         c, j = np.divmod(idx, self.chunk)  # (n,) each
-        q = self.qs[c, :, j]  # (n, nb, 32) int8
+        q = self.qs[c, :, j]  # (n, cols) int8
         scale = self.d[c, :, j]  # (n, nb)
-        w = np.multiply(q, scale[:, :, None], dtype=np.float32)  # (n, nb, 32): exact products d * k
+        w = np.multiply(q.reshape(idx.shape[0], -1, QK), scale[:, :, None], dtype=np.float32)  # (n, nb, 32): d * k
         return w.reshape(idx.shape[0], -1).astype(self.dtype, copy=False)  # (n, cols)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> Array:
@@ -120,22 +113,20 @@ class QRows:
         out = self[np.arange(self.shape[0])]
         return out if dtype is None else out.astype(dtype, copy=False)
 
-    def _weights(self, c: int, w: Array) -> Array:
-        """Chunk c's exact weights into `w` (R, nb, 32); returns them as (rows of the chunk, cols)."""
-        np.copyto(w, self.qs[c].transpose(1, 0, 2), casting="unsafe")  # the integers, exact in float
-        np.multiply(w, self.d[c].T[:, :, None], out=w)  # (R, nb, 32): d * k, exact
-        r0 = c * self.chunk
-        return w.reshape(self.chunk, self.shape[1])[: min(self.shape[0], r0 + self.chunk) - r0]
+    def _rows(self, c: int) -> int:
+        return min(self.shape[0] - c * self.chunk, self.chunk)
 
     def project(self, x: Array) -> Array:
         """x @ W.T for x (n, cols): (n, rows), multiplying by the dequantized weights of each chunk."""
         rows, cols = self.shape
         out = np.empty((x.shape[0], rows), dtype=self.dtype)  # (n, rows)
-        w = np.empty((self.chunk, cols // QK, QK), dtype=self.dtype)  # (R, nb, 32): one chunk's weights
+        wt = np.empty((cols, self.chunk), dtype=self.dtype)  # (cols, R): one chunk's weights, W.T
+        scaled = wt.reshape(cols // QK, QK, self.chunk)  # (nb, 32, R)
         for c in range(self.qs.shape[0]):
-            r0 = c * self.chunk
-            wc = self._weights(c, w)  # (r, cols)
-            out[:, r0 : r0 + wc.shape[0]] = x @ wc.T  # (n, r)
+            np.copyto(wt, self.qs[c], casting="unsafe")  # the integers, exact in float
+            np.multiply(scaled, self.d[c][:, None, :], out=scaled)  # d * k, exact
+            r0, r = c * self.chunk, self._rows(c)
+            out[:, r0 : r0 + r] = x @ wt[:, :r]  # (n, r)
         return out
 
     def project_fast(self, x: Array) -> Array:
@@ -143,21 +134,35 @@ class QRows:
         n, cols = x.shape
         if n > FAST_ROWS:
             return self.project(x)
-        rows, nb, r = self.shape[0], cols // QK, self.chunk
-        xb = np.ascontiguousarray(x.reshape(n, nb, QK).transpose(1, 2, 0))  # (nb, 32, n)
-        out = np.empty((n, rows), dtype=self.dtype)  # (n, rows)
-        quants = np.empty((nb, r, QK), dtype=self.dtype)  # (nb, R, 32): one chunk's integers
-        sums = np.empty((nb, r, n), dtype=self.dtype)  # (nb, R, n): per-block dot products
-        total = np.empty((r, n), dtype=self.dtype)  # (R, n)
+        nb, r = cols // QK, self.chunk
+        xb = np.ascontiguousarray(x.reshape(n, nb, QK).transpose(1, 0, 2))  # (nb, n, 32)
+        out = np.empty((n, self.shape[0]), dtype=self.dtype)  # (n, rows)
+        ints = np.empty((nb, QK, r), dtype=self.dtype)  # (nb, 32, R): one chunk's integers
+        sums = np.empty((nb, n, r), dtype=self.dtype)  # (nb, n, R): per-block dot products
         for c in range(self.qs.shape[0]):
-            np.copyto(quants, self.qs[c], casting="unsafe")
-            np.matmul(quants, xb, out=sums)  # (nb, R, n): k_b . x_b for every row of the chunk
-            np.multiply(sums, self.d[c][:, :, None], out=sums)  # (nb, R, n): times d_b
-            np.add.reduce(sums, axis=0, out=total)  # (R, n): the blocks in order
-            r0 = c * r
-            r1 = min(rows, r0 + r)
-            out[:, r0:r1] = total[: r1 - r0].T
+            np.copyto(ints.reshape(-1, r), self.qs[c], casting="unsafe")
+            np.matmul(xb, ints, out=sums)  # (nb, n, R): k_b . x_b for every row of the chunk
+            np.multiply(sums, self.d[c][:, None, :], out=sums)  # times d_b
+            r0, rc = c * r, self._rows(c)
+            out[:, r0 : r0 + rc] = np.add.reduce(sums, axis=0)[:, :rc]  # (n, rc): the blocks in order
         return out
+
+
+def integers(ggml_type: int, blocks: Array) -> Array:
+    """The integers k of blocks (n, nb, block bytes) as int8 (n, nb, 32), as ggml's dequantize_row_* reads them.
+
+    Q8_0: qs[32] as int8. Q4_0: qs[16] holds element j in its low nibble and j + 16 in its high one, k = q - 8.
+    Q5_0: the same nibbles, plus a fifth bit for element j at bit j of qh[4] (a little-endian uint32), k = q - 16.
+    tests/unit/test_engine_qrows.py checks d * k against parity.gguf.dequant for each type.
+    """
+    if ggml_type == Q8_0:
+        return blocks[:, :, 2:].view(np.int8)
+    qs = blocks[:, :, -16:]  # (n, nb, 16)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (n, nb, 32) uint8
+    if ggml_type == Q5_0:
+        q |= np.unpackbits(blocks[:, :, 2:6], axis=-1, bitorder="little") << 4  # bit j of qh: element j's fifth bit
+        return (q.view(np.int8) - np.int8(16)).astype(np.int8, copy=False)
+    return (q.view(np.int8) - np.int8(8)).astype(np.int8, copy=False)
 
 
 def holds(t: TensorInfo) -> bool:
