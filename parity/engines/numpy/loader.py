@@ -47,8 +47,13 @@ def q8_0_into(data: Array, out: Array) -> None:
     np.multiply(blocks[:, 2:].view(np.int8), d, out=out.reshape(-1, 32), dtype=np.float32, casting="unsafe")
 
 
-def empty(shape: tuple[int, ...], dtype: type[np.generic]) -> Array:
-    """An uninitialised array; one of HUGE_BYTES or more in 4 KiB pages (an anonymous memory map).
+def empty(shape: tuple[int, ...], dtype: type[np.generic], mapped_from: int = HUGE_BYTES) -> Array:
+    """An uninitialised array; one of `mapped_from` bytes or more in 4 KiB pages (an anonymous memory map).
+
+    A mapped array goes back to the system when it is freed. The heap does not always: after a malloc'd block
+    of a few MB is freed, glibc raises its mmap threshold and serves later blocks up to that size from arenas
+    that keep their pages, so an engine's weights may stay resident after the engine is gone (engines/numpy/qrows.py
+    maps all of its arrays).
 
     numpy asks the kernel for transparent huge pages for every array of 4 MB or more; where the kernel's THP
     defrag is `madvise`, faulting them in may compact memory first. Measured here (2-core EPYC, 24 GB, page
@@ -57,7 +62,7 @@ def empty(shape: tuple[int, ...], dtype: type[np.generic]) -> Array:
     in both (105 ms).
     """
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if size < HUGE_BYTES:
+    if size < mapped_from or size == 0:
         return np.empty(shape, dtype=dtype)
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
@@ -71,7 +76,7 @@ def dequantized(f: GGUFFile, t: TensorInfo, dtype: FloatType) -> Array:
     fn = DEQUANTIZERS[t.ggml_type]  # type: ignore[index]  # IntEnum keys hash like their ids
     row_bytes = t.n_bytes // rows
     step = max(1, CHUNK_BYTES // row_bytes)
-    out = empty(t.shape, dtype)
+    out = empty(t.shape, dtype, 1 << 20)  # mapped from 1 MB: freed weights leave no resident heap (`empty`)
     fd = os.open(f.path, os.O_RDONLY)
     try:
 

@@ -24,6 +24,7 @@ product is one batched matrix product over the nb blocks.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -70,8 +71,8 @@ class QRows:
         row_bytes = nb * block_bytes
         chunk = min(CHUNK_ROWS, rows)
         n_chunks = -(-rows // chunk)
-        qs = empty((n_chunks, cols, chunk), np.int8)  # (C, cols, R); see loader.empty (huge pages)
-        d = empty((n_chunks, nb, chunk), np.float32)  # (C, nb, R)
+        qs = empty((n_chunks, cols, chunk), np.int8, 1)  # (C, cols, R), mapped: see loader.empty
+        d = empty((n_chunks, nb, chunk), np.float32, 1)  # (C, nb, R)
         pad = n_chunks * chunk - rows
         if pad:  # the last chunk's padding rows: zero weights, never returned
             qs[-1, :, chunk - pad :] = 0
@@ -120,7 +121,7 @@ class QRows:
         """x @ W.T for x (n, cols): (n, rows), multiplying by the dequantized weights of each chunk."""
         rows, cols = self.shape
         out = np.empty((x.shape[0], rows), dtype=self.dtype)  # (n, rows)
-        wt = np.empty((cols, self.chunk), dtype=self.dtype)  # (cols, R): one chunk's weights, W.T
+        wt = scratch("w", (cols, self.chunk), self.dtype)  # (cols, R): one chunk's weights, W.T
         scaled = wt.reshape(cols // QK, QK, self.chunk)  # (nb, 32, R)
         for c in range(self.qs.shape[0]):
             np.copyto(wt, self.qs[c], casting="unsafe")  # the integers, exact in float
@@ -137,8 +138,8 @@ class QRows:
         nb, r = cols // QK, self.chunk
         xb = np.ascontiguousarray(x.reshape(n, nb, QK).transpose(1, 0, 2))  # (nb, n, 32)
         out = np.empty((n, self.shape[0]), dtype=self.dtype)  # (n, rows)
-        ints = np.empty((nb, QK, r), dtype=self.dtype)  # (nb, 32, R): one chunk's integers
-        sums = np.empty((nb, n, r), dtype=self.dtype)  # (nb, n, R): per-block dot products
+        ints = scratch("w", (nb, QK, r), self.dtype)  # (nb, 32, R): one chunk's integers
+        sums = scratch("s", (nb, n, r), self.dtype)  # (nb, n, R): per-block dot products
         for c in range(self.qs.shape[0]):
             np.copyto(ints.reshape(-1, r), self.qs[c], casting="unsafe")
             np.matmul(xb, ints, out=sums)  # (nb, n, R): k_b . x_b for every row of the chunk
@@ -146,6 +147,19 @@ class QRows:
             r0, rc = c * r, self._rows(c)
             out[:, r0 : r0 + rc] = np.add.reduce(sums, axis=0)[:, :rc]  # (n, rc): the blocks in order
         return out
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(role: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
+    """A buffer for `role` of this shape, reused by every later call on this thread (no allocation per step)."""
+    cache: dict[tuple[str, int, str], Array] = _SCRATCH.__dict__.setdefault("buffers", {})
+    size = int(np.prod(shape))
+    buf = cache.get((role, size, dtype.str))
+    if buf is None:
+        buf = cache[(role, size, dtype.str)] = np.empty(size, dtype=dtype)
+    return buf.reshape(shape)
 
 
 def integers(ggml_type: int, blocks: Array) -> Array:
