@@ -282,8 +282,16 @@ def gemma3_forward(
     x = tap("embd", -1, w.token_embd[tokens])  # (n, d)
     x = tap("inp_scaled", -1, x * np.sqrt(t(p.n_embd)))  # (n, d): sqrtf(n_embd) in the float32 engine
     positions = np.arange(n) if kv is None else kv.positions(n)  # (n,)
-    rope_global = rope_cos_sin(positions, p.n_rot, p.rope_base, p.rope_freq_scale, None, t)  # (n, n_rot/2) x2
-    rope_local = rope_cos_sin(positions, p.n_rot, p.rope_base_swa, 1.0, None, t)  # (n, n_rot/2) x2
+
+    def global_table(pos: Array) -> tuple[Array, Array]:
+        return rope_cos_sin(pos, p.n_rot, p.rope_base, p.rope_freq_scale, None, t)
+
+    def local_table(pos: Array) -> tuple[Array, Array]:
+        return rope_cos_sin(pos, p.n_rot, p.rope_base_swa, 1.0, None, t)
+
+    # (n, n_rot/2) x2 each; global before local, in this order on every path (tests/planted counts the calls)
+    rope_global = global_table(positions) if kv is None else kv.rows("rope_global", n, global_table)
+    rope_local = local_table(positions) if kv is None else kv.rows("rope_local", n, local_table)
     if kv is None:
         mask_global = causal_mask(n)  # (n, n)
         mask_local = sliding_window_mask(n, p.n_swa) if p.n_swa > 0 else mask_global  # (n, n)

@@ -141,9 +141,11 @@ def llama_forward(
     positions = np.arange(n) if kv is None else kv.positions(n)  # (n,)
     allowed = None if kv is None else causal_mask_at(positions, kv.n + n)  # (n, n_kv)
     x = tap("embd", -1, w.token_embd[tokens])  # (n, d)
-    cos, sin = rope_cos_sin(
-        positions, p.n_rot, p.rope_base, p.rope_freq_scale, w.rope_freqs, x.dtype.type
-    )  # (n, hd/2) each
+
+    def rope_table(pos: Array) -> tuple[Array, Array]:
+        return rope_cos_sin(pos, p.n_rot, p.rope_base, p.rope_freq_scale, w.rope_freqs, x.dtype.type)
+
+    cos, sin = rope_table(positions) if kv is None else kv.rows("rope", n, rope_table)  # (n, hd/2) each
     for il, layer in enumerate(w.layers):
         x = llama_block(x, layer, p, cos, sin, il, tap, kv, allowed)  # (n, d)
     if kv is not None:

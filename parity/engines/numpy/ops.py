@@ -159,6 +159,16 @@ class KVCache:
         self.k: Array = np.zeros((n_layer, capacity, n_head_kv, head_dim), dtype=dtype)  # (L, cap, hk, hd)
         self.v: Array = np.zeros_like(self.k)  # (L, cap, hk, hd)
         self.n = 0  # positions stored
+        self.tables: dict[str, tuple[Array, ...]] = {}  # per-position tables over the whole capacity (`rows`)
+
+    def rows(self, name: str, n: int, build: Callable[[Array], tuple[Array, ...]]) -> tuple[Array, ...]:
+        """Rows of the next `n` positions of the tables `build(positions)` (e.g. RoPE's cos, sin), built once for
+        every position the cache holds: a table's rows are computed independently, so a row is the same value
+        whatever else is computed with it (the prompt pass stays bit-identical, tests/unit/test_engine_fast.py)."""
+        tables = self.tables.get(name)
+        if tables is None:
+            tables = self.tables[name] = build(np.arange(self.k.shape[1]))
+        return tuple(t[self.n : self.n + n] for t in tables)
 
     def positions(self, n: int) -> Array:
         """Positions of the next `n` tokens."""
