@@ -7,8 +7,11 @@ One model pair (BASE as the reference, OTHER as the implementation), one text, o
   statistics). Both runs are timed whole (process start, model load, warm-up, evaluation, statistics): the
   two of them are what a KL-divergence comparison costs, and they evaluate the same two models parity does.
 - `parity suite --text TEXT --ctx N --chunks K --score perplexity --reference llama:model=BASE --impl
-  llama:model=OTHER`, timed whole the same way (interpreter start, tokenization, both models loaded in one
-  worker, every chunk evaluated on both sides, statistics, receipt).
+  llama:model=OTHER --verdict fixed`, timed whole the same way (interpreter start, tokenization, both models
+  loaded in one worker, every chunk evaluated on both sides, statistics, verdicts, receipt, report). `--verdict
+  fixed`: llama-perplexity judges nothing, and the default calibrated verdict adds a job it has no counterpart
+  for (parity.suite.calibrate measures the reference's own variation on sampled items, a stepwise pass among
+  others, cached per user after the first run).
 
 The figure is tokens per second (chunks x ctx over wall seconds) of each, and their ratio; the issue's target
 is ratio >= TARGET_RATIO. On a shared machine wall time carries the other processes' load, so each side's CPU
@@ -50,7 +53,7 @@ def suite_command(
     return [
         *(sys.executable, "-m", "parity", "suite", "--text", str(text), "--ctx", str(ctx), "--chunks", str(chunks)),
         *("--score", "perplexity", "--reference", f"llama:model={base_model}", "--impl", f"llama:model={other_model}"),
-        *("--threads", str(threads), "--out-dir", str(out_dir), "--format", "json"),
+        *("--threads", str(threads), "--verdict", "fixed", "--out-dir", str(out_dir), "--format", "json"),
     ]
 
 

@@ -57,7 +57,8 @@ def suite_command(
     return [
         *(sys.executable, "-m", "parity", "suite", "--text", str(text), "--ctx", str(ctx), "--chunks", str(chunks)),
         *("--score", "perplexity", "--reference", f"llama:model={base_model}", "--impl", f"llama:model={other_model}"),
-        *("--executor", executor, "--workers", str(workers), "--out-dir", str(out_dir), "--format", "json"),
+        *("--executor", executor, "--workers", str(workers), "--verdict", "fixed"),
+        *("--out-dir", str(out_dir), "--format", "json"),
     ]
 
 

@@ -75,7 +75,7 @@ def _open_model(path: Path) -> Model:
 
     g = open_gguf(path)  # missing / non-GGUF / truncated / malformed -> exit 2
     n_ctx = g.get_int(f"{g.architecture}.context_length", min=1)
-    return Model(path, sha256_file(path), n_ctx, g.metadata)
+    return Model(path, g.sha256(), n_ctx, g.metadata)  # remembered per file stamp: not 500 MB hashed every run
 
 
 def prepare(
