@@ -83,12 +83,13 @@ def check(
         "prompt": prompt,
         **settings,
     }
-    opts = options.resolve(given)
-    # The reference backends' worker processes start first, while the main job is imported (~0.3 s each way)
+    # The reference backends' worker processes start first, while the options are validated and the main job
+    # is imported (~0.3 s each way; check/prestart.py)
     from parity.check import prestart
 
-    spawned = prestart.spawn(opts, list(reference))
+    spawned = prestart.spawn(options.resolve(given, validate=False), list(reference))
     try:
+        opts = options.resolve(given)
         from parity.check import job
 
         shared, lanes = job.run(opts, list(reference), spawned)

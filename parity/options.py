@@ -144,8 +144,11 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
-def resolve(cli: dict[str, Any], pyproject: Path | None = None) -> RunOptions:
-    """Merge defaults < [tool.parity] < env < CLI (CLI values of None mean 'not given')."""
+def resolve(cli: dict[str, Any], pyproject: Path | None = None, *, validate: bool = True) -> RunOptions:
+    """Merge defaults < [tool.parity] < env < CLI (CLI values of None mean 'not given').
+
+    validate=False skips RunOptions.validate (it imports numpy and the engines): only for check/prestart.py,
+    which starts workers from these options while the validated ones are being made."""
     merged: dict[str, Any] = {}
     merged.update(project_defaults(pyproject))
     merged.update(env_overrides())
@@ -161,6 +164,8 @@ def resolve(cli: dict[str, Any], pyproject: Path | None = None) -> RunOptions:
         flags = " and ".join("--" + k.replace("_", "-") for k in tolerances)
         raise UsageError(f"{flags} only apply with --verdict fixed", fix="drop them, or pass --verdict fixed")
     opts = RunOptions(**merged)
+    if not validate:
+        return opts
     opts.validate()
     from parity.engines import spec
 

@@ -68,11 +68,11 @@ def spawn(opts: RunOptions, references: list[str]) -> dict[str, Future[Worker]]:
     for text in references:
         try:
             ref = impl_specs.parse(text)
-        except ParityError:
-            continue  # the job says why
-        if not ref.bridged or ref.plan_key in started:
+            if not ref.bridged or ref.plan_key in started:
+                continue
+            plan = built_plan(ref.kind, ref.get("source"))
+        except Exception:  # whatever is wrong, the job finds it and says so in its own order
             continue
-        plan = built_plan(ref.kind, ref.get("source"))
         if plan is not None:
             started[ref.plan_key] = spawn_worker(ref.kind, plan, opts)
     return started

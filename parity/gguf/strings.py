@@ -50,6 +50,21 @@ class StringArray(Sequence[str]):
         for b, e in zip(self._begin.tolist(), self._end.tolist(), strict=True):
             yield text[b:e]
 
+    def __contains__(self, value: object) -> bool:
+        """Whether an entry equals `value`: str.find over the one text, each hit checked against the entry
+        offsets (no object per entry; a 262k vocabulary answers in milliseconds)."""
+        if not isinstance(value, str):
+            return False
+        if not value:
+            return bool(np.any(self._begin == self._end))
+        start = 0
+        while (at := self._text.find(value, start)) >= 0:
+            lo, hi = np.searchsorted(self._begin, [at, at + 1])  # the entries that begin at this character
+            if np.any(self._end[lo:hi] == at + len(value)):
+                return True
+            start = at + 1
+        return False
+
     def tolist(self) -> list[str]:
         """Every entry as a list of str (one object per entry: only for code that needs them all)."""
         return list(self)

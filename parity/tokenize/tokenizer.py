@@ -177,10 +177,9 @@ def resolve_template(name: str, chat_template: str | None, model_path: Path, voc
         return name
     if chat_template and chat_template.strip():
         return GGUF_TEMPLATE
-    if vocab is not None:
-        known = set(vocab)
+    if vocab is not None:  # `in` on the GGUF's StringArray finds a token without an object per entry
         for markers, template in VOCAB_MARKERS:
-            if all(m in known for m in markers):
+            if all(m in vocab for m in markers):
                 return template
     lowered = model_path.name.lower()
     if "llama-3" in lowered or "llama3" in lowered:
@@ -197,7 +196,7 @@ def apply_template(
     the tokenizer adds a BOS itself, and then a leading BOS text is stripped from the render (llama.cpp's rule).
     """
     raw = metadata.get(chat_template.GGUF_KEY)
-    tokens = metadata.get("tokenizer.ggml.tokens")  # only `auto` without a chat template looks (a set, once)
+    tokens = metadata.get("tokenizer.ggml.tokens")  # only `auto` without a chat template looks
     template = resolve_template(
         name,
         raw if isinstance(raw, str) else None,

@@ -80,6 +80,14 @@ def test_string_array_is_a_read_only_sequence() -> None:
         hash(array)
 
 
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.text(alphabet="ab<>é", max_size=4), max_size=12), st.text(alphabet="ab<>é", max_size=5))
+def test_contains_equals_list_membership(texts: list[str], probe: str) -> None:
+    array, _ = scan(encode([t.encode() for t in texts]), 0, len(texts))
+    assert (probe in array) == (probe in texts)  # a hit inside or across entries is no member
+    assert all(t in array for t in texts) and 3 not in array  # type: ignore[comparison-overlap]
+
+
 def test_sha256_cache_follows_the_file(tmp_path: Path) -> None:
     f = tmp_path / "model.gguf"
     f.write_bytes(b"one")
