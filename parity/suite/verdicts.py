@@ -37,7 +37,7 @@ from parity.compare import calibrate, metrics
 from parity.suite import stats
 
 DEFAULT_MAX_MEAN_KLD = 1e-3
-KL32_MIN = 1e-4  # an item's mean KL from which its evidence computes KL in float32 (verdicts.evidence)
+KL32_MIN = 1e-5  # an item's mean KL from which its evidence computes KL with float32 exponentials (evidence())
 Z = 3.0  # standard errors of an item's mean KL the calibrated floor allows for (verdicts.judge)
 N_WORST = 10
 # log10 bins of per-position KLD in nats: 1e-12 .. 1e2, four per decade
@@ -100,8 +100,8 @@ Rule = Thresholds | Calibrated
 def evidence(ref_rows: np.ndarray, impl_rows: np.ndarray, values: stats.PositionStats) -> dict[str, Any]:
     """What a calibrated verdict needs of one item, per scored position (computed in the worker, where the rows
     are, and kept in the item's record): `kl` KL(ref || impl) (the statistics' own in their float64 encoding,
-    else computed here, as llama-perplexity's 16-bit numerics are far coarser than an F32 floor: in float32
-    when the item's mean KL is at least KL32_MIN, else in float64);
+    else computed here, as llama-perplexity's 16-bit numerics are far coarser than an F32 floor: with float32
+    exponentials when the item's mean KL is at least KL32_MIN, else in float64);
     `scale` max |ref logit| and `std` the std of the ref logits (the rounding model's inputs); `max_abs` max
     |impl - ref|; `flips`: where the top-1 tokens differ, the reference's logit lead of its top-1 over the
     implementation's and the gap of their probabilities."""
@@ -110,12 +110,12 @@ def evidence(ref_rows: np.ndarray, impl_rows: np.ndarray, values: stats.Position
     n = ref.shape[0]
     if values.encoding == "float64":
         kl = np.asarray(values.kld, dtype=np.float64)
-    else:  # float32 where its ~4e-7 absolute error is < 0.5% of the item's mean KL, else float64 (3x the cost)
-        kl = _kl(impl, ref, np.float32)
+    else:  # float32 exponentials where their ~2e-8 error is < 0.2% of the item's mean KL, else float64
+        kl = metrics.kl_divergence_f32(impl, ref)
         if not (kl.size and kl.mean() >= KL32_MIN):
-            kl = _kl(impl, ref, np.float64)
+            kl = _kl64(impl, ref)
     scale = np.abs(ref).max(axis=-1) if n else np.zeros(0)
-    std = ref.std(axis=-1, dtype=np.float64) if n else np.zeros(0)
+    std = ref.std(axis=-1) if n else np.zeros(0)  # float32 sums: ample for a rounding model's scale
     max_abs = np.array([float(np.abs(impl[i] - ref[i]).max()) for i in range(n)])
     top_ref, top_impl = ref.argmax(axis=-1), impl.argmax(axis=-1)
     flips = []
@@ -134,11 +134,11 @@ def evidence(ref_rows: np.ndarray, impl_rows: np.ndarray, values: stats.Position
     }
 
 
-def _kl(impl: np.ndarray, ref: np.ndarray, dtype: type[np.floating[Any]]) -> np.ndarray:
-    """KL(ref || impl) per row, in blocks of rows (bounded temporaries), as float64."""
+def _kl64(impl: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """KL(ref || impl) per row in float64, in blocks of rows (bounded temporaries)."""
     step = max(1, (1 << 22) // max(ref.shape[1], 1))
-    parts = [metrics.kl_divergence(impl[i : i + step], ref[i : i + step], dtype) for i in range(0, ref.shape[0], step)]
-    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+    parts = [metrics.kl_divergence(impl[i : i + step], ref[i : i + step]) for i in range(0, ref.shape[0], step)]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def judge(ev: Mapping[str, Any], rule: Calibrated) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def test_evidence_kl_is_the_exact_kl_in_either_encoding() -> None:
     # llama-perplexity's 16-bit numerics: the evidence holds the exact KL, not the coarse one; in float32
     # (error ~4e-7 nats) where the item's mean KL is >= KL32_MIN, else in float64
     tokens = np.arange(13) % 64
-    for impl12, precise in ((_logits(12, seed=3), False), (_logits(12) + np.float32(1e-3) * _logits(12, seed=4), True)):
+    for impl12, precise in ((_logits(12, seed=3), False), (_logits(12) + np.float32(1e-4) * _logits(12, seed=4), True)):
         ppl = stats.compute(_logits(12), impl12, tokens, mode="all", encoding="uint16")
         ev16 = verdicts.evidence(_logits(12), impl12, ppl)
         exact = metrics.kl_divergence(impl12, _logits(12))
@@ -70,6 +70,15 @@ def test_evidence_kl_is_the_exact_kl_in_either_encoding() -> None:
         assert precise or not np.allclose(ev16["kl"], exact, rtol=1e-9, atol=0)  # the float32 path ran
     assert ev["scale"] == [float(x) for x in np.abs(ref).max(axis=-1)]
     assert ev["max_abs"] == pytest.approx(np.abs(impl - ref).max(axis=-1).tolist())
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.03, 0.003])
+def test_float32_exponentials_kl_is_within_5e_8_of_float64(noise: float) -> None:
+    rng = np.random.default_rng(5)
+    ref = (rng.normal(size=(20, 4096)) * 3 + 5).astype(np.float32)
+    impl = (ref + noise * rng.normal(size=ref.shape)).astype(np.float32)
+    exact = metrics.kl_divergence(impl, ref)
+    assert np.abs(metrics.kl_divergence_f32(impl, ref, rows=7) - exact).max() < 5e-8
 
 
 def test_a_port_as_precise_as_the_reference_passes_and_ten_times_its_noise_fails() -> None:
