@@ -225,8 +225,9 @@ def test_a_side_that_crashes_fails_its_items_not_the_run_and_resume_retries_them
     items = tmp_path / "items.jsonl"
     items.write_text('{"tokens": [1, 20, 30, 40]}\n{"tokens": [1, 50, 60, 70]}\n', encoding="utf-8")
     out = tmp_path / "out"
-    # llama.cpp's worker aborts in every eval, as a C++ abort would: each item is an error, the run exit 1
-    r = run_cli(*_suite_args(items, out), env={"PARITY_FAULT_INJECT": "abort:eval"})
+    # llama.cpp's worker aborts in every item's evaluation (the scored rows: eval_rows), as a C++ abort would:
+    # each item is an error, the run exit 1 (the calibrated verdict's floor, measured with eval, still runs)
+    r = run_cli(*_suite_args(items, out), env={"PARITY_FAULT_INJECT": "abort:eval_rows"})
     assert r.returncode == 1, r.stderr[-2000:]
     rec = json.loads(r.stdout)
     assert rec["status"] == "error" and rec["verdict"]["n_error"] == 2 and rec["n_done"] == 0
