@@ -1,6 +1,7 @@
 """The suite's HTML report (issue 16): `report.html` beside suite.json, written by `parity suite` and `merge`.
 
-From the suite receipt (parity/schema/suite.schema.json): the verdict, what ran, the statistics as printed
+From the suite receipt (parity/schema/suite.schema.json): the verdict (its mode and rule; calibrated: how the
+reference's own variation was measured, and every item's ratio to its floor and that floor), what ran, the statistics as printed
 (llama-perplexity's KL-divergence definitions, parity.suite.stats), a KLD histogram (the receipt's log10 bins,
 with the positions below and above them), the KLD CDF, and the per-item table, worst items first (errors, then
 failures, then by mean KLD). The CDF is exact when the per-position KLD values are at hand (passed in, or read
