@@ -5,6 +5,10 @@
     parity suite ... --executor ray [--ray-address ADDR] --workers 2
     parity suite ... --shard 2/3 --out-dir out/shard2    then    parity suite merge out/shard* --out-dir out/all
     parity suite ... --resume                             computes only the items not yet done
+    parity suite ... --verdict fixed --max-mean-kld 0.05  thresholds instead of the reference's own variation
+
+Each item's verdict is calibrated by default: within k x the reference's own variation on it (parity.suite.
+verdicts; the floor is measured beside the items by parity.suite.calibrate).
 
 Exit codes: 0 every item passes, 1 an item fails or could not be evaluated (a side crashed), 2 bad input or
 an incomplete merge, 3 a Ray cluster that cannot be reached.
