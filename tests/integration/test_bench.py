@@ -186,7 +186,9 @@ def test_baseline_then_pass_then_slowdown_fails(
         assert code == 1, out
         failed = [line.split() for line in out.splitlines() if line.rstrip().endswith("FAIL")]
         subjects = {(cells[0], cells[2], cells[3]) for cells in failed}
-        assert ("throughput", "numpy", "pp") in subjects, out
+        # The slowed figure FAILs, or (seen once under load ~10, the throughput row's band widened by CPU pressure
+        # to "noisy") the same-run ratio that holds it.
+        assert subjects & {("throughput", "numpy", "pp"), ("ratio", "numpy/llama", "pp")}, out
         assert "bench: FAIL (exit 1)" in out and "regressed or missing vs the baseline" in out
         assert slow["status"] == "fail"
     # The numpy/llama ratio shows the slowdown too (-90% or worse). Whether its row FAILs depends on the load:
