@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
+from parity.engines.numpy import blas
 from parity.engines.numpy.engine import NumpyEngine
 from parity.engines.numpy.qrows import CHUNK_ROWS, QRows
 from parity.gguf.dequant import dequantize
@@ -85,3 +86,23 @@ def test_engine_keeps_weights_quantized_and_its_greedy_matches(
         ref = e.logits(prompt + ids[:-1])
         fast = stepped_logits(e, prompt, ids[:-1])
         assert float(np.max(np.abs(fast - ref))) <= tol * float(np.max(np.abs(ref)))
+
+
+def test_one_thread_sets_openblas_to_one_thread_and_restores_it() -> None:
+    found = blas.openblas_setters()
+    config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    if found is None:  # only when numpy's BLAS is not OpenBLAS
+        assert "openblas" not in str(config.get("name", "")).lower()
+        return
+    setter, getter = found
+    before = int(getter())
+    setter(2)
+    try:
+        with blas.one_thread():
+            assert int(getter()) == 1
+            with blas.one_thread():  # nested: still one, and the outer block restores
+                assert int(getter()) == 1
+            assert int(getter()) == 1
+        assert int(getter()) == 2
+    finally:
+        setter(before)

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from parity.engines.numpy.blas import one_thread
 from parity.engines.numpy.loader import dequantized
 from parity.engines.numpy.qrows import QRows, holds
 from parity.errors import ModelFormatError
@@ -480,6 +481,7 @@ def bound(weights: W, forward: Callable[[W, Array, bool, Tap, KVCache | None], A
     """`forward` bound to its loaded `weights`."""
 
     def run(tokens: Array, last_only: bool, tap: Tap = no_tap, kv: KVCache | None = None) -> Array:
-        return forward(weights, tokens, last_only, tap, kv)
+        with one_thread():  # numpy's BLAS on one thread: see engines/numpy/engine.py
+            return forward(weights, tokens, last_only, tap, kv)
 
     return Bound(run, weights.params, weights)

@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from gguf.constants import GGMLQuantizationType as Q
 
+from parity.engines.numpy.blas import one_thread
 from parity.engines.numpy.loader import empty
 from parity.gguf.reader import GGUFFile, TensorInfo
 
@@ -119,6 +120,10 @@ class QRows:
 
     def project(self, x: Array) -> Array:
         """x @ W.T for x (n, cols): (n, rows), multiplying by the dequantized weights of each chunk."""
+        with one_thread():  # hundreds of small BLAS calls: see engines/numpy/blas.py
+            return self._project(x)
+
+    def _project(self, x: Array) -> Array:
         rows, cols = self.shape
         out = np.empty((x.shape[0], rows), dtype=self.dtype)  # (n, rows)
         wt = scratch("w", (cols, self.chunk), self.dtype)  # (cols, R): one chunk's weights, W.T
@@ -132,9 +137,13 @@ class QRows:
 
     def project_fast(self, x: Array) -> Array:
         """x @ W.T for x (n, cols) as sum_b d_b (k_b . x_b), block by block; `project` when n > FAST_ROWS."""
-        n, cols = x.shape
-        if n > FAST_ROWS:
+        if x.shape[0] > FAST_ROWS:
             return self.project(x)
+        with one_thread():
+            return self._project_fast(x)
+
+    def _project_fast(self, x: Array) -> Array:
+        n, cols = x.shape
         nb, r = cols // QK, self.chunk
         xb = np.ascontiguousarray(x.reshape(n, nb, QK).transpose(1, 0, 2))  # (nb, n, 32)
         out = np.empty((n, self.shape[0]), dtype=self.dtype)  # (n, rows)
