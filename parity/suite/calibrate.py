@@ -24,6 +24,7 @@ suite needs `--verdict fixed` there (exit 2, `check_reference`).
 from __future__ import annotations
 
 import functools
+import json
 import math
 import threading
 import time
@@ -213,14 +214,14 @@ class Background:
 
 
 def read(dirs: Sequence[Path]) -> dict[str, Any] | None:
-    """The first floor record found in these out directories (a merge reads its shards'), or None."""
-    import json
-
+    """The floor record of these out directories (a merge reads its shards'): the first measured one, else the
+    first found (an error record), else None."""
+    found = []
     for d in dirs:
         try:
             data = json.loads((d / FLOOR_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("version") == FLOOR_VERSION:
-            return data
-    return None
+            found.append(data)
+    return next((f for f in found if f.get("status") == "measured"), found[0] if found else None)

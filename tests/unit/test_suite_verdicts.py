@@ -285,3 +285,33 @@ def test_cli_calibrated_needs_a_cpp_reference_and_merge_reads_the_shards_floor(
     rec = json.loads(capsys.readouterr().out)
     assert rec["verdict"]["mode"] == "calibrated" and rec["floor"] == _floor() and rec["n_done"] == 4
     assert all(row["status"] == "pass" and row["ratio"] > 0 for row in rec["items"])
+
+
+class _FailingSide:
+    """A reference whose worker cannot start: a parity error (a crash) or a bug."""
+
+    spec, plan, params, model = "llama", None, None, "/m.gguf"
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def open(self, worker_name: str = "") -> Any:
+        raise self.exc
+
+
+def test_a_reference_that_fails_the_floor_is_an_error_record_and_a_bug_is_raised(tmp_path: Path) -> None:
+    from parity.errors import WorkerError
+
+    items = [Item(0, "a", (1, 2, 3))]
+    crashed = calibrate.Background(
+        _FailingSide(WorkerError("worker died (signal 11)\nstderr...")), items, "a" * 64, tmp_path
+    )  # type: ignore[arg-type]
+    rec = crashed.result()
+    assert rec["status"] == "error" and rec["error"] == "WorkerError: worker died (signal 11)"
+    assert calibrate.read([tmp_path]) == rec  # written for merge, as a measured one is
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / calibrate.FLOOR_FILE).write_text(json.dumps(_floor()), encoding="utf-8")
+    assert calibrate.read([tmp_path, tmp_path / "other"]) == _floor()  # a shard's measured floor wins
+    bug = calibrate.Background(_FailingSide(RuntimeError("a bug")), items, "a" * 64, None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="a bug"):
+        bug.result()
