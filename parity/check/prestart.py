@@ -63,8 +63,13 @@ def spawn_worker(kind: str, plan: build.BuildPlan, opts: RunOptions) -> Future[W
 
 
 def spawn(opts: RunOptions, references: list[str]) -> dict[str, Future[Worker]]:
-    """A started worker per plan key of the reference specs whose backend is built (the first spec of a key)."""
+    """A started worker per plan key of the reference specs whose backend is built (the first spec of a key).
+
+    Only into an out directory an earlier run made (its logs/ exists): the options are not validated yet,
+    and a run that then fails on a bad flag must not create directories (the job starts its workers itself)."""
     started: dict[str, Future[Worker]] = {}
+    if not (Path(opts.out_dir) / "logs").is_dir():
+        return started
     for text in references:
         try:
             ref = impl_specs.parse(text)

@@ -3,6 +3,9 @@ unvalidated options it starts workers from are the same merge the job validates.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from pathlib import Path
+
 import pytest
 
 from parity import options
@@ -13,6 +16,24 @@ from parity.errors import UsageError
 def test_specs_the_job_rejects_start_nothing() -> None:
     opts = options.resolve({}, validate=False)
     assert prestart.spawn(opts, ["cmd:./engine", "numpy", "no-such-engine", "llama:=", ""]) == {}
+
+
+def test_workers_start_early_only_into_an_out_dir_a_run_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned: list[str] = []
+    monkeypatch.setattr(prestart, "built_plan", lambda kind, source=None: object())
+
+    def spawn_worker(kind: str, plan: object, opts: object) -> Future[object]:
+        spawned.append(kind)
+        return Future()
+
+    monkeypatch.setattr(prestart, "spawn_worker", spawn_worker)
+    fresh = options.resolve({"out_dir": str(tmp_path / "fresh")}, validate=False)
+    assert prestart.spawn(fresh, ["llama"]) == {} and spawned == []
+    assert not (tmp_path / "fresh").exists()  # nothing created before the options are validated
+    (tmp_path / "warm" / "logs").mkdir(parents=True)
+    warm = options.resolve({"out_dir": str(tmp_path / "warm")}, validate=False)
+    assert set(prestart.spawn(warm, ["llama", "llama:type_k=f16", "bitnet"])) == {"llama", "bitnet"}
+    assert spawned == ["llama", "bitnet"]  # one per plan key
 
 
 def test_unvalidated_options_are_the_same_merge() -> None:
@@ -27,8 +48,6 @@ def test_unvalidated_options_are_the_same_merge() -> None:
 
 
 def test_discard_closes_what_the_job_did_not_take() -> None:
-    from concurrent.futures import Future
-
     class W:
         closed = 0
 
