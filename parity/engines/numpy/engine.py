@@ -100,9 +100,11 @@ class NumpyEngine:
     def greedy(self, tokens: Sequence[int], n_new: int) -> list[int]:
         """Argmax continuation of `n_new` tokens: the prompt in one pass, then one token per pass over a KV cache.
 
-        Checked against `greedy_reference` (tests/unit/test_engine_fast.py): the prompt pass is the plain
-        computation bit for bit; each later step multiplies one query row against the cached keys instead of
-        recomputing the prefix, so its logits differ from the reference's by float rounding only.
+        Checked against `greedy_reference` (tests/unit/test_engine_fast.py, test_engine_qrows.py): the prompt pass
+        is the plain computation bit for bit, except that quantized matrices (QRows) multiply up to 4 rows (the
+        head's last row, short prompts) block by block; each later step multiplies one query row against the
+        cached keys instead of recomputing the prefix, so its logits differ from the reference's by float
+        rounding only.
         """
         ids = self._greedy_ids(tokens, n_new)
         if not n_new:
