@@ -98,17 +98,18 @@ def _top2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def config_distance(base: np.ndarray, other: np.ndarray) -> dict[str, np.ndarray]:
     """Per position: KL(base || other), max |dlogit|, the move of base's top-1 vs top-2 lead, top-1 flip."""
-    d = metrics.distances(np.asarray(other), np.asarray(base))
-    rows = np.arange(d.ref.shape[0])
-    a, b = _top2(d.ref)
-    lead_base = d.ref[rows, a] - d.ref[rows, b]  # (n,)
-    lead_other = d.ours[rows, a] - d.ours[rows, b]  # (n,)
-    return {
-        "kl": np.maximum(d.kl, 0.0),
-        "max_abs": np.abs(d.diff).max(axis=-1),
-        "lead_move": np.abs(lead_base - lead_other),
-        "top1_flip": d.ours.argmax(axis=-1) != a,
-    }
+    parts: dict[str, list[np.ndarray]] = {"kl": [], "max_abs": [], "lead_move": [], "top1_flip": []}
+    for d in metrics.iter_distances(np.asarray(other), np.asarray(base)):  # a few rows at a time, same numbers
+        rows = np.arange(d.ref.shape[0])
+        a, b = _top2(d.ref)
+        lead_base = d.ref[rows, a] - d.ref[rows, b]  # (k,)
+        lead_other = d.ours[rows, a] - d.ours[rows, b]  # (k,)
+        parts["kl"].append(np.maximum(d.kl, 0.0))
+        parts["max_abs"].append(d.max_abs)
+        parts["lead_move"].append(np.abs(lead_base - lead_other))
+        parts["top1_flip"].append(d.ours.argmax(axis=-1) != a)
+    empty = {"kl": np.zeros(0), "max_abs": np.zeros(0), "lead_move": np.zeros(0), "top1_flip": np.zeros(0, bool)}
+    return {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
 
 
 def measure_floor(
@@ -202,17 +203,26 @@ def is_tie(ref_lead: float, prob_gap: float | None, floor_row: Mapping[str, Any]
     return ref_lead <= k * move or (prob_gap is not None and prob_gap < tie_margin)
 
 
+def _argmax64(x: np.ndarray) -> np.ndarray:
+    """argmax per row of x as float64 (n,), without a float64 copy of x where the conversion is exact (the
+    same index: an exact, order-preserving conversion keeps the first maximum first)."""
+    x = np.asarray(x)
+    exact = x.dtype in (np.float16, np.float32, np.float64)
+    out: np.ndarray = (x if exact else np.asarray(x, dtype=np.float64)).argmax(axis=-1)
+    return out
+
+
 def top1_flips(
     ours: np.ndarray, ref: np.ndarray, floor_rows: list[dict[str, Any]], k: float, tie_margin: float
 ) -> dict[str, Any]:
     """Positions where the implementation's top-1 differs from the reference's: ties vs decisive flips."""
-    ours64, ref64 = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    mine, theirs = ours64.argmax(axis=-1), ref64.argmax(axis=-1)
+    mine, theirs = _argmax64(ours), _argmax64(ref)
     ties: list[dict[str, Any]] = []
     decisive: list[dict[str, Any]] = []
     for i in np.flatnonzero(mine != theirs).tolist():
-        lead = float(ref64[i, theirs[i]] - ref64[i, mine[i]])
-        p = np.exp(ref64[i] - ref64[i].max())
+        r = np.asarray(ref[i], dtype=np.float64)  # (V,)
+        lead = float(r[theirs[i]] - r[mine[i]])
+        p = np.exp(r - r.max())
         gap = float((p[theirs[i]] - p[mine[i]]) / p.sum())
         row = {"pos": i, "ref_lead": lead, "ref_prob_gap": gap, "ref_lead_move": floor_rows[i]["lead_move"]}
         (ties if is_tie(lead, gap, floor_rows[i], k, tie_margin) else decisive).append(row)
@@ -248,9 +258,9 @@ def verdict(
 
     `first` is the first position to look at when the lane fails (a decisive flip, or KL or max |dlogit|
     above k x that position's own floor), None when it passes."""
-    d = metrics.distances(np.asarray(ours), np.asarray(ref))
-    kl = np.maximum(d.kl, 0.0)  # (n,)
-    max_abs = np.abs(d.diff).max(axis=-1) if d.diff.size else np.zeros(0)  # (n,)
+    chunks = [(np.maximum(d.kl, 0.0), d.max_abs) for d in metrics.iter_distances(ours, ref)]  # same numbers
+    kl = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0)  # (n,)
+    max_abs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0)  # (n,)
     flips = top1_flips(ours, ref, floor_rows, k, tie_margin)
     checks = [
         floor_check(

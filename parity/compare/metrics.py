@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,61 @@ def distances(ours: np.ndarray, ref: np.ndarray) -> Distances:
     return Distances(ours=a, ref=b, cosine=cos, diff=a - b, logp_ref=lp_b, kl=_kl(lp_a, lp_b))
 
 
+CHUNK_ELEMENTS = 1 << 20  # elements per float64 buffer of iter_distances (8 MiB; 4 rows of a 262k vocabulary)
+
+
+@dataclass(frozen=True)
+class ChunkDistances(Distances):
+    """distances() of rows start .. start + n of the two matrices, plus max |diff| per row."""
+
+    start: int
+    max_abs: np.ndarray  # (n,): max |ours - ref|
+
+
+def _log_softmax_into(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+    """_log_softmax(x) written to `out`, `tmp` as scratch: the same operations, without temporaries."""
+    np.subtract(x, x.max(axis=-1, keepdims=True), out=out)  # z (n, V)
+    np.exp(out, out=tmp)  # (n, V)
+    np.subtract(out, np.log(tmp.sum(axis=-1, keepdims=True)), out=out)
+
+
+def iter_distances(ours: np.ndarray, ref: np.ndarray, rows: int | None = None) -> Iterator[ChunkDistances]:
+    """distances() a few rows at a time in six reused float64 buffers (no matrix-sized temporaries: on a 262k
+    vocabulary those cost more in page faults than in arithmetic). The numbers are distances()' to the bit:
+    every per-row value comes from the same operations, in the same order, on the same contiguous row
+    (tests/unit/test_metrics_chunks.py). The arrays of a chunk are overwritten by the next one: copy what
+    must outlive it. `rows` per chunk defaults to CHUNK_ELEMENTS // V (at least 1)."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    if ours.shape != ref.shape:
+        raise ValueError(f"logit shapes differ: {ours.shape} vs {ref.shape}")
+    n, width = ours.shape
+    step = rows or max(1, CHUNK_ELEMENTS // max(width, 1))
+    bufs = np.empty((6, min(step, n), width))  # a, b, diff, log p(ours), log p(ref), scratch
+    for i in range(0, n, step):
+        k = min(step, n - i)
+        a, b, diff, lp_a, lp_b, tmp = (buf[:k] for buf in bufs)
+        np.copyto(a, ours[i : i + k])
+        np.copyto(b, ref[i : i + k])
+        np.multiply(a, b, out=tmp)
+        dot = tmp.sum(-1)  # (k,)
+        np.multiply(a, a, out=tmp)  # np.linalg.norm(axis=-1): sqrt(add.reduce(x * x))
+        norm_a = np.sqrt(np.add.reduce(tmp, axis=-1))
+        np.multiply(b, b, out=tmp)
+        norm_b = np.sqrt(np.add.reduce(tmp, axis=-1))
+        cos = dot / (norm_a * norm_b + 1e-300)  # (k,)
+        _log_softmax_into(a, lp_a, tmp)
+        _log_softmax_into(b, lp_b, tmp)
+        np.subtract(a, b, out=diff)
+        np.exp(lp_b, out=tmp)  # _kl: (exp(lp_ref) * (lp_ref - lp_ours)).sum(-1)
+        np.subtract(lp_b, lp_a, out=lp_a)
+        np.multiply(tmp, lp_a, out=tmp)
+        kl = tmp.sum(-1)  # (k,)
+        np.abs(diff, out=tmp)
+        yield ChunkDistances(
+            ours=a, ref=b, cosine=cos, diff=diff, logp_ref=lp_b, kl=kl, start=i, max_abs=tmp.max(axis=-1)
+        )
+
+
 def _kl(lp_ours: np.ndarray, lp_ref: np.ndarray) -> np.ndarray:
     out: np.ndarray = (np.exp(lp_ref) * (lp_ref - lp_ours)).sum(-1)  # (n,)
     return out
@@ -102,8 +158,9 @@ def kl_divergence_f32(ours: np.ndarray, ref: np.ndarray, rows: int = 16) -> np.n
 
 def logit_gap(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """min cosine, max |delta| and mean KL(ref || ours) over positions (a receipt's `engine_shape_gap` numbers)."""
-    d = distances(ours, ref)
-    return {"min_cosine": float(d.cosine.min()), "max_abs": float(np.abs(d.diff).max()), "mean_kl": float(d.kl.mean())}
+    chunks = [(c.cosine, c.max_abs, c.kl) for c in iter_distances(ours, ref)]
+    cos, max_abs, kl = (np.concatenate([c[j] for c in chunks]) if chunks else np.zeros(0) for j in range(3))
+    return {"min_cosine": float(cos.min()), "max_abs": float(max_abs.max()), "mean_kl": float(kl.mean())}
 
 
 def position_rows(
@@ -112,34 +169,36 @@ def position_rows(
     """One row per position: cosine, L2, MSE, max-abs, KL(ref || ours), top-k agreement and top-1 margin.
 
     KL is null unless "kl" is in `metrics`, top-k agreement null unless "topk" is (top-5 ids are always kept).
+    The distances come from iter_distances (a few rows at a time, the same numbers as distances()).
     """
-    dist = distances(ours, ref)
-    a, b, diff, cos, lp_b, kl = dist.ours, dist.ref, dist.diff, dist.cosine, dist.logp_ref, dist.kl
     rows = []
-    for i in range(a.shape[0]):
-        top_a = _top(a[i], TOPK)
-        top_b = _top(b[i], TOPK)
-        second_b = b[i, top_b[1]] if b.shape[1] > 1 else b[i, top_b[0]]
-        p_b = np.exp(lp_b[i, top_b[:2]])  # probabilities of the reference's top-2
-        rows.append(
-            {
-                "pos": i,
-                "token_id": int(tokens[i]),
-                "cosine": float(cos[i]),
-                "l2": float(np.linalg.norm(diff[i])),
-                "mse": float(np.mean(diff[i] ** 2)),
-                "max_abs": float(np.max(np.abs(diff[i]))),
-                "kl": float(max(kl[i], 0.0)) if "kl" in metrics else None,
-                "top1_agree": bool(top_a[0] == top_b[0]),
-                "topk_agree": float(len(set(top_a.tolist()) & set(top_b.tolist())) / TOPK)
-                if "topk" in metrics
-                else None,
-                "ref_top1_margin": float(b[i, top_b[0]] - second_b),
-                "ref_top1_prob_margin": float(p_b[0] - p_b[-1]),
-                "top5_ours": [int(t) for t in top_a],
-                "top5_ref": [int(t) for t in top_b],
-            }
-        )
+    for chunk in iter_distances(ours, ref):
+        a, b, diff, cos, lp_b, kl = chunk.ours, chunk.ref, chunk.diff, chunk.cosine, chunk.logp_ref, chunk.kl
+        for j in range(a.shape[0]):
+            i = chunk.start + j
+            top_a = _top(a[j], TOPK)
+            top_b = _top(b[j], TOPK)
+            second_b = b[j, top_b[1]] if b.shape[1] > 1 else b[j, top_b[0]]
+            p_b = np.exp(lp_b[j, top_b[:2]])  # probabilities of the reference's top-2
+            rows.append(
+                {
+                    "pos": i,
+                    "token_id": int(tokens[i]),
+                    "cosine": float(cos[j]),
+                    "l2": float(np.linalg.norm(diff[j])),
+                    "mse": float(np.mean(diff[j] ** 2)),
+                    "max_abs": float(chunk.max_abs[j]),
+                    "kl": float(max(kl[j], 0.0)) if "kl" in metrics else None,
+                    "top1_agree": bool(top_a[0] == top_b[0]),
+                    "topk_agree": float(len(set(top_a.tolist()) & set(top_b.tolist())) / TOPK)
+                    if "topk" in metrics
+                    else None,
+                    "ref_top1_margin": float(b[j, top_b[0]] - second_b),
+                    "ref_top1_prob_margin": float(p_b[0] - p_b[-1]),
+                    "top5_ours": [int(t) for t in top_a],
+                    "top5_ref": [int(t) for t in top_b],
+                }
+            )
     return rows
 
 
