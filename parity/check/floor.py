@@ -223,7 +223,7 @@ def judge(
     calibrated judges against the floor, and the summary's all_passed / first_divergence follow that verdict."""
     if opts.verdict == "fixed" or floor is None:
         return calibrate.fixed_verdict(summary, opts.cos_tol, opts.mse_tol), greedy, summary
-    v = calibrate.verdict(ours, ref, floor["rows"], floor["summary"], opts.tie_margin)
+    v = calibrate.verdict(ours, ref, floor["rows"], floor["summary"], opts.tie_margin, rows=rows)
     greedy = calibrate.greedy_with_floor(greedy, floor["rows"], n_prompt, v["k"])
     first = None if v["first"] is None else metrics.divergence_record(rows[v["first"]])
     return v, greedy, {**summary, "all_passed": v["passed"], "first_divergence": first}

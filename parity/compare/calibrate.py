@@ -33,7 +33,7 @@ with room for the floor's own sampling error (a mean over a few dozen heavy-tail
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -253,14 +253,21 @@ def verdict(
     floor_summary: Mapping[str, Any],
     tie_margin: float,
     k: float = K,
+    rows: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The calibrated verdict of a lane (see the module docstring) with its one-line reason.
 
     `first` is the first position to look at when the lane fails (a decisive flip, or KL or max |dlogit|
-    above k x that position's own floor), None when it passes."""
-    chunks = [(np.maximum(d.kl, 0.0), d.max_abs) for d in metrics.iter_distances(ours, ref)]  # same numbers
-    kl = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0)  # (n,)
-    max_abs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0)  # (n,)
+    above k x that position's own floor), None when it passes. `rows`: metrics.position_rows of the same
+    ours and ref, whose KL and max |dlogit| are these (the same numbers: the KL clamped at 0 either way),
+    so they are not computed again; without them (or without KL in them) they are."""
+    if rows is not None and len(rows) == len(ours) and all(r["kl"] is not None for r in rows):
+        kl = np.maximum(np.array([r["kl"] for r in rows], dtype=np.float64), 0.0)  # (n,)
+        max_abs = np.array([r["max_abs"] for r in rows], dtype=np.float64)  # (n,)
+    else:
+        chunks = [(np.maximum(d.kl, 0.0), d.max_abs) for d in metrics.iter_distances(ours, ref)]  # same numbers
+        kl = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0)  # (n,)
+        max_abs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0)  # (n,)
     flips = top1_flips(ours, ref, floor_rows, k, tie_margin)
     checks = [
         floor_check(

@@ -35,15 +35,17 @@ def parse_metrics(spec: str) -> frozenset[str]:
     return names
 
 
-def _top(row: np.ndarray, k: int) -> np.ndarray:
+def _top(row: np.ndarray, k: int, scratch: np.ndarray | None = None) -> np.ndarray:
     """Indices of the k largest values, largest first, ties broken by the lower index (as a stable sort).
 
-    argpartition keeps this O(V) per position: a full sort of a 262k vocabulary per position dominated runs.
+    A partition keeps this O(V) per position: a full sort of a 262k vocabulary per position dominated runs.
+    `scratch` (row's shape and dtype) saves an allocation per call.
     """
     k = min(k, row.shape[0])
-    part = np.argpartition(-row, k - 1)[:k]  # (k,) unordered
-    # The k-th value may be tied with values outside `part`: take every index tied with it, then order.
-    kth = row[part].min()
+    neg = np.negative(row, out=scratch)
+    neg.partition(k - 1)  # neg[k - 1]: the k-th smallest of -row (NaN sorts last, as in argpartition)
+    # The k-th value may be tied with values outside the top k: take every index tied with it, then order.
+    kth = -neg[k - 1]
     cand = np.flatnonzero(row >= kth)  # (>= k,)
     order = np.lexsort((cand, -row[cand]))  # by value desc, then index asc
     return cand[order][:k]
@@ -172,12 +174,13 @@ def position_rows(
     The distances come from iter_distances (a few rows at a time, the same numbers as distances()).
     """
     rows = []
+    scratch = np.empty(np.shape(ours)[-1])  # (V,) one row, reused
     for chunk in iter_distances(ours, ref):
         a, b, diff, cos, lp_b, kl = chunk.ours, chunk.ref, chunk.diff, chunk.cosine, chunk.logp_ref, chunk.kl
         for j in range(a.shape[0]):
             i = chunk.start + j
-            top_a = _top(a[j], TOPK)
-            top_b = _top(b[j], TOPK)
+            top_a = _top(a[j], TOPK, scratch)
+            top_b = _top(b[j], TOPK, scratch)
             second_b = b[j, top_b[1]] if b.shape[1] > 1 else b[j, top_b[0]]
             p_b = np.exp(lp_b[j, top_b[:2]])  # probabilities of the reference's top-2
             rows.append(
@@ -186,7 +189,7 @@ def position_rows(
                     "token_id": int(tokens[i]),
                     "cosine": float(cos[j]),
                     "l2": float(np.linalg.norm(diff[j])),
-                    "mse": float(np.mean(diff[j] ** 2)),
+                    "mse": float(np.mean(np.square(diff[j], out=scratch))),
                     "max_abs": float(chunk.max_abs[j]),
                     "kl": float(max(kl[j], 0.0)) if "kl" in metrics else None,
                     "top1_agree": bool(top_a[0] == top_b[0]),

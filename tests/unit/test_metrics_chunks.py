@@ -16,8 +16,8 @@ def _rows_oracle(ours: np.ndarray, ref: np.ndarray, tokens: list[int], want: fro
     a, b, diff, cos, lp_b, kl = dist.ours, dist.ref, dist.diff, dist.cosine, dist.logp_ref, dist.kl
     rows = []
     for i in range(a.shape[0]):
-        top_a = metrics._top(a[i], metrics.TOPK)
-        top_b = metrics._top(b[i], metrics.TOPK)
+        top_a = _top_oracle(a[i], metrics.TOPK)
+        top_b = _top_oracle(b[i], metrics.TOPK)
         second_b = b[i, top_b[1]] if b.shape[1] > 1 else b[i, top_b[0]]
         p_b = np.exp(lp_b[i, top_b[:2]])
         rows.append(
@@ -40,6 +40,27 @@ def _rows_oracle(ours: np.ndarray, ref: np.ndarray, tokens: list[int], want: fro
             }
         )
     return rows
+
+
+def _top_oracle(row: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, row.shape[0])
+    part = np.argpartition(-row, k - 1)[:k]
+    kth = row[part].min()
+    cand = np.flatnonzero(row >= kth)
+    order = np.lexsort((cand, -row[cand]))
+    return cand[order][:k]
+
+
+def test_top_equals_the_argpartition_top() -> None:
+    rng = np.random.default_rng(5)
+    rows = [rng.normal(size=1000), np.round(rng.normal(size=300), 1), np.zeros(9), np.array([1.0, -0.0, 0.0, 0.0])]
+    with_nan = rng.normal(size=50)
+    with_nan[[3, 7]] = np.nan
+    rows += [with_nan, np.array([np.nan, 1.0, np.nan]), np.array([2.0])]
+    for row in rows:
+        for k in (1, 2, 5):
+            assert metrics._top(row, k).tolist() == _top_oracle(row, k).tolist()
+            assert metrics._top(row, k, np.empty_like(row)).tolist() == _top_oracle(row, k).tolist()
 
 
 def _config_distance_oracle(base: np.ndarray, other: np.ndarray) -> dict[str, np.ndarray]:
@@ -129,6 +150,13 @@ def test_verdict_floor_and_gap_equal_the_whole_matrix_code() -> None:
         kl, max_abs = np.maximum(d.kl, 0.0), np.abs(d.diff).max(axis=-1)
         assert v["checks"][0]["value"] == float(kl.mean()) and v["checks"][1]["value"] == float(max_abs.max())
         assert v["top1"] == _top1_flips_oracle(ours, ref, floor_rows, calibrate.K, 0.01)
+        for wanted in (frozenset(metrics.METRICS), frozenset({"mse"})):  # from the lane's rows, or without KL in them
+            rows = metrics.position_rows(ours, ref, list(range(6)), wanted)
+            assert calibrate.verdict(ours, ref, floor_rows, summary, tie_margin=0.01, rows=rows) == v
+        exact = np.zeros((3, 8))  # KL exactly 0 (and its sign) the same from rows as computed
+        assert calibrate.verdict(
+            exact, exact, floor_rows[:3], summary, 0.01, rows=metrics.position_rows(exact, exact, [1, 2, 3])
+        ) == calibrate.verdict(exact, exact, floor_rows[:3], summary, 0.01)
         assert {f["pos"] for f in v["top1"]["ties"] + v["top1"]["decisive"]} >= {2}  # the planted flip is seen
     finally:
         metrics.CHUNK_ELEMENTS = old
