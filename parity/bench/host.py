@@ -4,7 +4,6 @@ process waited for a CPU (the contention term of parity.bench.noise). Re-exporte
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import platform
 import sys
@@ -68,25 +67,9 @@ def machine_info() -> dict[str, Any]:
 
 def _openblas_setters() -> tuple[Any, Any, str] | None:
     """(set_num_threads, get_num_threads, library path) of the OpenBLAS numpy loads into this process, if any."""
-    import numpy  # noqa: F401 - loads the BLAS library
+    from parity.engines.numpy.blas import openblas_library
 
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return None
-    paths = sorted({ln.split()[-1] for ln in maps if "openblas" in ln.rsplit("/", 1)[-1].lower() and "/" in ln})
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                if setter is not None and getter is not None:
-                    return setter, getter, path
-    return None
+    return openblas_library()
 
 
 @contextlib.contextmanager

@@ -18,16 +18,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 Setters = tuple[Callable[[int], object], Callable[[], int]]
-_found: list[Setters | None] = []  # the lookup, done once per process
+_found: list[tuple[Callable[[int], object], Callable[[], int], str] | None] = []  # the lookup, done once per process
 
 
-def openblas_setters() -> Setters | None:
-    """(set_num_threads, get_num_threads) of the OpenBLAS numpy loaded into this process, or None."""
+def openblas_library() -> tuple[Callable[[int], object], Callable[[], int], str] | None:
+    """(set_num_threads, get_num_threads, library path) of the OpenBLAS numpy loaded into this process, or None.
+
+    One lookup per process (parity.bench.host.blas_threads uses it too)."""
     if _found:
         return _found[0]
     import numpy  # noqa: F401 - loads the BLAS library
 
-    found: Setters | None = None
+    found: tuple[Callable[[int], object], Callable[[], int], str] | None = None
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
@@ -43,9 +45,15 @@ def openblas_setters() -> Setters | None:
                 setter = getattr(lib, f"{name}_set_num_threads{suffix}", None)
                 getter = getattr(lib, f"{name}_get_num_threads{suffix}", None)
                 if found is None and setter is not None and getter is not None:
-                    found = (setter, getter)
+                    found = (setter, getter, path)
     _found.append(found)
     return found
+
+
+def openblas_setters() -> Setters | None:
+    """(set_num_threads, get_num_threads) of the OpenBLAS numpy loaded into this process, or None."""
+    found = openblas_library()
+    return None if found is None else (found[0], found[1])
 
 
 @contextlib.contextmanager
