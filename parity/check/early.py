@@ -81,18 +81,7 @@ def open_lane(
 
     def work() -> BridgedImplementation:
         try:
-            return BridgedImplementation(
-                lane,
-                plan,
-                model,
-                params,
-                eval_shape=eval_shape,
-                log_dir=out_dir / "logs",
-                log_name=lane.label,
-                verbose=opts.verbose,
-                timeout=opts.timeout,
-                worker=worker,
-            )
+            return _reference(lane, plan, model, params, eval_shape, opts, out_dir, worker)
         finally:
             opened.seconds = time.perf_counter() - opened.started
 
@@ -161,7 +150,21 @@ def lane_reference(
         return opened.ref.result(), opened.seconds
     if opened is not None:
         discard_lane(opened)
-    ref = BridgedImplementation(
+    return _reference(lane, plan, model, params, eval_shape, opts, out_dir, worker()), None
+
+
+def _reference(
+    lane: ImplSpec,
+    plan: BuildPlan,
+    model: Path,
+    params: BackendParams,
+    eval_shape: str,
+    opts: RunOptions,
+    out_dir: Path,
+    worker: Worker | None,
+) -> BridgedImplementation:
+    """The lane's reference as job.run_lane opens it (its log beside the run's, named after the lane)."""
+    return BridgedImplementation(
         lane,
         plan,
         model,
@@ -171,9 +174,8 @@ def lane_reference(
         log_name=lane.label,
         verbose=opts.verbose,
         timeout=opts.timeout,
-        worker=worker(),
+        worker=worker,
     )
-    return ref, None
 
 
 @dataclass
