@@ -25,7 +25,7 @@ def _rows_oracle(ours: np.ndarray, ref: np.ndarray, tokens: list[int], want: fro
                 "pos": i,
                 "token_id": int(tokens[i]),
                 "cosine": float(cos[i]),
-                "l2": float(np.linalg.norm(diff[i])),
+                "l2": float(np.sqrt(np.add.reduce(diff[i] ** 2))),
                 "mse": float(np.mean(diff[i] ** 2)),
                 "max_abs": float(np.max(np.abs(diff[i]))),
                 "kl": float(max(kl[i], 0.0)) if "kl" in want else None,
