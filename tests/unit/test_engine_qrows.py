@@ -106,3 +106,41 @@ def test_one_thread_sets_openblas_to_one_thread_and_restores_it() -> None:
         assert int(getter()) == 2
     finally:
         setter(before)
+
+
+def test_one_thread_blocks_overlapping_in_threads_keep_one_thread_until_the_last_leaves() -> None:
+    """Thread A enters, B enters, A leaves: B still runs on one thread; the count comes back when B leaves."""
+    import threading
+
+    found = blas.openblas_setters()
+    if found is None:  # only when numpy's BLAS is not OpenBLAS
+        assert "openblas" not in str(np.show_config(mode="dicts")["Build Dependencies"]["blas"].get("name", "")).lower()
+        return
+    setter, getter = found
+    before = int(getter())
+    setter(2)
+    a_in, a_out, b_in = threading.Event(), threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def a() -> None:
+        with blas.one_thread():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(5)
+        with blas.one_thread():
+            b_in.set()
+            a_out.wait(5)
+            seen.append(int(getter()))
+
+    try:
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen == [1] and int(getter()) == 2
+    finally:
+        setter(before)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 Setters = tuple[Callable[[int], object], Callable[[], int]]
+_lock = threading.Lock()
+_depth = [0, 1]  # blocks inside one_thread() now, and the thread count the first of them found
 _found: list[tuple[Callable[[int], object], Callable[[], int], str] | None] = []  # the lookup, done once per process
 
 
@@ -58,14 +61,25 @@ def openblas_setters() -> Setters | None:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """OpenBLAS on one thread inside the block (nothing changes when it already is, or without OpenBLAS)."""
+    """OpenBLAS on one thread inside the block (nothing changes when it already is, or without OpenBLAS).
+
+    Blocks may overlap in threads of one process (the windows workflow's numpy alternates, parallel lanes): the
+    first to enter sets one thread, the last to leave restores the count, so no forward pass ever runs part of
+    its calls on more threads because another pass finished first."""
     found = openblas_setters()
-    before = int(found[1]()) if found is not None else 1
-    if found is None or before <= 1:
+    if found is None:
         yield
         return
-    found[0](1)
+    with _lock:
+        if _depth[0] == 0:
+            _depth[1] = int(found[1]())
+            if _depth[1] > 1:
+                found[0](1)
+        _depth[0] += 1
     try:
         yield
     finally:
-        found[0](before)
+        with _lock:
+            _depth[0] -= 1
+            if _depth[0] == 0 and _depth[1] > 1:
+                found[0](_depth[1])
