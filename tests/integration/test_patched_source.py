@@ -43,12 +43,19 @@ def test_a_patched_llama_cpp_tree_is_built_and_compared(llama_plan: build.BuildP
 
     patched = f"llama:source={tree}"
     out = tmp_path / "out"
-    # no auto-repair in CI: the run names the command that builds the tree ...
-    if os.environ.get("CI") and not build.is_built(plan):
-        refused = run_cli("run", "--reference", patched, "--out-dir", str(out))
-        assert refused.returncode == 2 and f"--backend llama --source {tree}" in refused.stderr, refused.stderr
-        built = run_cli("setup-cpp", "--backend", "llama", "--source", str(tree))  # ... which a user then runs
-        assert built.returncode == 0, built.stderr[-3000:]
+    if os.environ.get("CI"):  # no auto-repair in CI: a tree not built yet is refused with the command that builds it
+        unbuilt = tree
+        if build.is_built(plan):  # (a warm cache): a copy with a newer mtime is another tree, never built
+            unbuilt = tmp_path / "llama.cpp-unbuilt"
+            shutil.copytree(tree, unbuilt)
+            (unbuilt / "src" / "models" / "llama.cpp").touch()
+            assert not build.is_built(build.plan(lock.get_spec("llama"), unbuilt))
+        refused = run_cli("run", "--reference", f"llama:source={unbuilt}", "--out-dir", str(tmp_path / "refused"))
+        assert refused.returncode == 2 and f"--backend llama --source {unbuilt}" in refused.stderr, refused.stderr
+        assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").glob("receipt_*.json"))
+        if unbuilt == tree:  # ... which a user then runs
+            built = run_cli("setup-cpp", "--backend", "llama", "--source", str(tree))
+            assert built.returncode == 0, built.stderr[-3000:]
     proc = run_cli("run", "--reference", "llama", "--reference", patched, "--out-dir", str(out), "--format", "json")
     assert proc.returncode == 1, proc.stderr[-3000:]
     lanes = json.loads(proc.stdout)["lanes"]
