@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from parity.bench import lanes
+from parity.bench import command, lanes
 from parity.bench import main as bench
 
 MACHINE = "consistency-check"
@@ -64,6 +64,13 @@ def _verdicts(receipt: dict[str, Any], code: int) -> dict[str, Any]:
     }
 
 
+def _options(flags: list[str]) -> bench.BenchOptions:
+    """The BenchOptions `parity bench FLAGS` runs with (its own parser)."""
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers(dest="cmd"))
+    return command.options_from_args(parser.parse_args(["bench", *flags]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append((f"unchanged-{i + 1}", cli(f"unchanged-{i + 1}")))
         print(results[-1][0], results[-1][1], flush=True)
     for i in range(a.slowed):
-        opts = bench.BenchOptions(out_dir=str(out / f"slowed-{i + 1}"), harness_overhead=False)
+        opts = _options([*a.bench_flags, "--no-harness-overhead", "--out-dir", str(out / f"slowed-{i + 1}")])
         receipt = bench.run_bench(opts, open_lane=_slowed_opener)
         code = bench.finish(receipt, opts)
         results.append((f"slowed-{i + 1}", _verdicts(receipt, code)))
