@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import resource
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ def measure(
     theirs = perplexity.parse_output(kld_run.output)
 
     out_dir = workdir / "suite"
+    shutil.rmtree(out_dir, ignore_errors=True)  # the last bench's suite: a new run, not a resume of it
     cmd = suite_command(base_model, other_model, text, out_dir, ctx=ctx, chunks=chunks, threads=threads)
     cpu0, t0 = _children_cpu(), time.perf_counter()
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def measure(
     runs = {}
     for name, executor, n in (("local", "local", 1), ("ray", "ray", workers)):
         out = workdir / name
+        shutil.rmtree(out, ignore_errors=True)  # the last bench's suite: a new run, not a resume of it
         cmd = suite_command(base_model, other_model, text, out, ctx=ctx, chunks=chunks, executor=executor, workers=n)
         runs[name] = one_run(cmd, out, workdir / f"{name}.log", n) | {"executor": executor, "workers": n}
     local, ray = runs["local"], runs["ray"]
