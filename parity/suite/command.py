@@ -227,7 +227,11 @@ def run(args: argparse.Namespace) -> int:
     opts = options.resolve({**given, "out_dir": str(out)})
     from parity.suite.executors import slot_threads
 
-    opts = dataclasses.replace(opts, threads=slot_threads(opts.threads, args.workers, explicit="threads" in given))
+    threads = slot_threads(opts.threads, args.workers, explicit="threads" in given)
+    if args.resume and "threads" not in given:  # the run resumed decided its threads (part of its key): keep them,
+        old = Store.read_manifest(out)  # whatever --workers is now
+        threads = old["threads"] if old is not None and isinstance(old.get("threads"), int) else threads
+    opts = dataclasses.replace(opts, threads=threads)
     prepared = prepare(
         args.impl or "numpy",
         args.reference or "llama",

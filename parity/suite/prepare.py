@@ -199,6 +199,7 @@ def prepare(
         "suite_key": key,
         "mode": mode,
         "shard": list(shard) if shard else None,
+        "threads": opts.threads,  # each side's, in each slot (in the key too): a --resume without --threads keeps it
         "input": {
             "mode": "prompts" if prompts is not None else "text",
             "path": str(source),

@@ -94,7 +94,7 @@ class Store:
         if old is not None:
             if old.get("suite_key") != manifest["suite_key"]:
                 raise UsageError(
-                    f"{root} holds another suite (other items, sides, models or scoring mode)",
+                    f"{root} holds another suite (other items, sides, models, threads or scoring mode)",
                     fix="use another --out-dir (or delete this one)",
                 )
             if old.get("shard") != manifest["shard"]:

@@ -268,3 +268,20 @@ def test_two_files_of_one_model_through_one_engine(llama_plan: build.BuildPlan, 
         f"llama:model={f32}",
     )
     assert r.returncode == 2 and "different vocabularies" in r.stderr, r.stderr[-2000:]
+
+
+def test_resume_keeps_the_threads_of_the_run_it_resumes(llama_plan: build.BuildPlan, tmp_path: Path) -> None:
+    """Without --threads, the slots share the configured threads (--workers 2: 1 each); a --resume with other
+    --workers keeps the threads the resumed run decided (they are in its suite key) instead of refusing it."""
+    items = _suite(tmp_path / "items.jsonl", n_ids=3)
+    out = tmp_path / "out"
+    base = ["suite", "--prompts", str(items), "--verdict", "fixed", "--out-dir", str(out), "--format", "json"]
+    first = run_cli(*base, "--workers", "2", env={"PARITY_THREADS": "2"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((out / store.MANIFEST).read_text())["threads"] == 1
+    for f in (out / "items").glob("000001.*"):  # as if killed before it finished item 1
+        f.unlink()
+    resumed = run_cli(*base, "--resume", env={"PARITY_THREADS": "2"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rec = json.loads(resumed.stdout)
+    assert rec["complete"] and rec["n_done"] == rec["n_items"] == 5
