@@ -112,3 +112,27 @@ def test_uint16_rows_decode_only_candidates_yet_equal_the_whole_code() -> None:
             got = stats._row_uint16(r.copy(), q.copy(), tok, np.empty(vocab, np.float32))
             lr, lq, kld, same = _uint16_by_full_code(r, q, tok)
             assert (got[0], got[1], got[2], got[5]) == (lr, lq, kld, same)
+
+
+def _through_pipe(obj: Any, pool: list[bytearray]) -> Any:
+    r, w = os.pipe()
+    with os.fdopen(r, "rb") as rf, os.fdopen(w, "wb") as wf:
+        t = threading.Thread(target=worker._send, args=(wf, obj))
+        t.start()
+        got = worker._recv(rf, pool)
+        t.join()
+    return got
+
+
+def test_reply_buffers_are_reused_only_once_nothing_holds_them() -> None:
+    pool: list[bytearray] = []
+    first = _through_pipe(np.full((2, worker.POOL_MIN // 8 + 1), 1.0, np.float32), pool)
+    second = _through_pipe(np.full(first.shape, 2.0, np.float32), pool)  # the first is still held: a new buffer
+    assert (first == 1.0).all() and (second == 2.0).all()
+    assert not np.shares_memory(first, second)
+    base = first.ctypes.data
+    del first
+    third = _through_pipe(np.full(second.shape, 3.0, np.float32), pool)  # the first's buffer is free again
+    assert third.ctypes.data == base and (third == 3.0).all() and (second == 2.0).all()
+    small = _through_pipe(np.ones(16, np.float32), pool)  # below POOL_MIN: never pooled
+    assert small.sum() == 16 and len(pool) == 2
