@@ -5,10 +5,10 @@ would only add a conversion) against its Q4_0 requantisation by the pinned llama
 (`--allow-requantize`). The text: Python's own reference documentation as the interpreter ships it
 (pydoc_data.topics, PSF licence), every topic in sorted order. llama-perplexity writes the base file
 (`-m BASE --kl-divergence-base FILE`) and scores Q4_0 against it (`--kl-divergence`); parity evaluates both
-models through its bridge (BridgedImplementation.logits_at, one chunk per decode computing the output head for
-the scored rows only, as llama-perplexity does, F32 KV cache, flash
-attention off, the same threads: what parity.backends.perplexity gives llama-perplexity) and computes
-parity.suite.stats in the "perplexity" mode over the chunks parity cuts from the same tokens.
+models through its bridge (BridgedImplementation.logits_at, as parity suite does: one chunk per decode with
+only the scored positions marked for output, as llama-perplexity marks them; F32 KV cache, flash attention off,
+the same threads: what parity.backends.perplexity gives llama-perplexity) and computes parity.suite.stats in
+the "perplexity" mode over the chunks parity cuts from the same tokens.
 
 What can differ, hence the tolerances (see AGREEMENT): the logits should be bit-identical (same build, same
 graph, same batch), so the base file's uint16 codes are reproduced code for code; what remains is float
@@ -20,7 +20,10 @@ reproduced; at 8 x 64 both printouts identical character for character; at 2 x 1
 apart in the 6th decimal (one base row of 126 had its float32 log-sum-exp, hence its log-probs, one ulp off: numpy's
 expf and pairwise sum against glibc's expf and a loop, across a rounding boundary); at 16 x 256 (2032 positions) identical
 but for two KLD figures one unit apart in the 6th decimal (mean 0.406074 vs 0.406075, maximum 4.238413 vs
-4.238412: per-position KLDs agree to ~1e-7 relative, float32's epsilon).
+4.238412: per-position KLDs agree to ~1e-7 relative, float32's epsilon); at the issue's 64 x 256 (8128 scored
+positions, scored rows only as now) both printouts identical character for character, every uint16 code of the
+first chunk reproduced, and the unrounded differences within the printout's own rounding: mean KLD 1.4e-7
+(printed to 1e-6), RMS dp 3.6e-4 % and same top p 4.6e-4 % (printed to 1e-3 %).
 
 CI runs a small size (CI_CTX x CI_CHUNKS: 2 chunks of 128 tokens, 126 scored positions: the fewest passes
 that still make llama-perplexity print statistics (100+ positions) and replace a chunk's first token by BOS;
