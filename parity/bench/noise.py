@@ -4,9 +4,14 @@ same-run ratios and the llama-bench cross-check).
 Each side of a comparison is a list of samples (tokens/s, or a same-run ratio). On a log scale:
 
     d     = log(median_current / median_baseline)           (the change; 0 = unchanged)
-    se    = 1.2533 * 1.4826 * MAD(log samples) / sqrt(n)     (standard error of a median, from the samples' own
-                                                              dispersion; MAD, not stdev: one pre-empted sample
-                                                              barely moves it)
+    sigma = max(1.4826 * MAD, IQR / 1.349)                  (the log samples' spread, two robust estimates of
+                                                              one sigma: MAD, not stdev, so one pre-empted sample
+                                                              barely moves it; the interquartile range (inclusive
+                                                              quartiles), so a second mode holding 2 of 5 samples
+                                                              does - seen on an idle 2-core VM: llama.cpp's pp
+                                                              samples sat near 18k or 31k tokens/s, 3 + 2, and a
+                                                              MAD of the 3 FAILed unchanged code at -40%)
+    se    = 1.2533 * sigma / sqrt(n)                         (standard error of a median)
     wait  = -log(1 - max(cpu_wait, cpu_pressure))           (how busy the CPU was: cpu_wait is the fraction of the
                                                               lane's runnable time spent waiting for a CPU, from
                                                               /proc/<pid>/task/*/schedstat; cpu_pressure the
@@ -39,7 +44,9 @@ from typing import Any
 
 Z = 2.0
 MIN_SAMPLES = 3
-SE_MEDIAN = 1.2533 * 1.4826  # se(median) = 1.2533 sigma / sqrt(n) for normal samples; sigma = 1.4826 MAD
+SE_MEDIAN = 1.2533  # se(median) = 1.2533 sigma / sqrt(n) for normal samples
+MAD_SIGMA = 1.4826  # sigma = 1.4826 MAD for normal samples
+IQR_SIGMA = 1.349  # sigma = IQR / 1.349 for normal samples
 MAX_WAIT = 0.99
 PASS, FAIL, NOISY = "pass", "FAIL", "noisy"
 
@@ -62,7 +69,11 @@ def estimate(samples: Sequence[float], cpu_wait: float | None = None, cpu_pressu
     med = statistics.median(logs)
     n = len(logs)
     mad = statistics.median(abs(x - med) for x in logs)
-    se = SE_MEDIAN * mad / math.sqrt(n) if n >= MIN_SAMPLES else math.inf
+    if n >= MIN_SAMPLES:
+        q1, _, q3 = statistics.quantiles(logs, n=4, method="inclusive")
+        se = SE_MEDIAN * max(MAD_SIGMA * mad, (q3 - q1) / IQR_SIGMA) / math.sqrt(n)
+    else:
+        se = math.inf
     wait = -math.log(1.0 - min(max(cpu_wait or 0.0, cpu_pressure or 0.0, 0.0), MAX_WAIT))
     return Estimate(med, se, wait, n)
 
