@@ -265,9 +265,8 @@ def verdict(
         kl = np.maximum(np.array([r["kl"] for r in rows], dtype=np.float64), 0.0)  # (n,)
         max_abs = np.array([r["max_abs"] for r in rows], dtype=np.float64)  # (n,)
     else:
-        chunks = [(np.maximum(d.kl, 0.0), d.max_abs) for d in metrics.iter_distances(ours, ref)]  # same numbers
-        kl = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0)  # (n,)
-        max_abs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0)  # (n,)
+        _, max_abs, kl = metrics.row_distances(ours, ref)  # (n,) each
+        kl = np.maximum(kl, 0.0)
     flips = top1_flips(ours, ref, floor_rows, k, tie_margin)
     checks = [
         floor_check(

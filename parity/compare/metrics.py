@@ -158,10 +158,16 @@ def kl_divergence_f32(ours: np.ndarray, ref: np.ndarray, rows: int = 16) -> np.n
     return out
 
 
-def logit_gap(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """min cosine, max |delta| and mean KL(ref || ours) over positions (a receipt's `engine_shape_gap` numbers)."""
+def row_distances(ours: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position (n,): cosine, max |ours - ref| and KL(ref || ours), unclamped; iter_distances' numbers."""
     chunks = [(c.cosine, c.max_abs, c.kl) for c in iter_distances(ours, ref)]
     cos, max_abs, kl = (np.concatenate([c[j] for c in chunks]) if chunks else np.zeros(0) for j in range(3))
+    return cos, max_abs, kl
+
+
+def logit_gap(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """min cosine, max |delta| and mean KL(ref || ours) over positions (a receipt's `engine_shape_gap` numbers)."""
+    cos, max_abs, kl = row_distances(ours, ref)
     return {"min_cosine": float(cos.min()), "max_abs": float(max_abs.max()), "mean_kl": float(kl.mean())}
 
 
